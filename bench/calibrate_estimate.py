@@ -1,0 +1,221 @@
+"""Calibrate lalo's memory estimate against a real llama-server: estimate vs measured RSS.
+
+For each generated random-weight model (several shapes, quantizations) and context size,
+start llama-server, send one request that fills the context, read the process RSS and the
+buffer sizes llama-server logs, and compare with `launcher.estimate.estimate_memory`.
+Writes docs/memory-estimate.md (table) and docs/memory-estimate.json (raw rows).
+
+    python bench/calibrate_estimate.py [--server PATH] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from launcher.estimate import ModelFacts, estimate_memory
+from launcher.models.gguf_file import read_gguf
+from launcher.models.synthetic import SHAPES, write_synthetic_model
+from launcher.units import format_size
+
+MIB = 1024**2
+ROOT = Path(__file__).resolve().parent.parent
+_BUFFER = re.compile(r"(\w[\w ]*?) buffer size =\s+([\d.]+) MiB")
+
+# (shape name, file type); F16/Q8_0 are written directly, K-quants go through llama-quantize
+MODELS = [
+    ("tiny", "F16"),
+    ("demo", "F16"),
+    ("llama-350m", "Q4_K_M"),
+    ("lfm2-350m", "Q4_K_M"),
+    ("lfm2-350m", "Q8_0"),
+    ("qwen2.5-0.5b", "Q4_K_M"),
+    ("tinyllama-1.1b", "Q4_K_M"),
+    ("lfm2-1.2b", "Q4_K_M"),
+]
+CONTEXTS = [512, 2048, 8192]
+QUICK_MODELS = [("demo", "F16"), ("lfm2-350m", "Q4_K_M")]
+QUICK_CONTEXTS = [512, 4096]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_model(workdir: Path, shape_name: str, file_type: str, quantize: Path) -> Path:
+    out = workdir / f"{shape_name}-{file_type.lower()}.gguf"
+    if out.exists():
+        return out
+    if file_type in ("F16", "F32", "Q8_0", "Q4_0"):
+        return write_synthetic_model(out, SHAPES[shape_name], tensor_type=file_type)
+    if not quantize.exists():
+        raise SystemExit(f"{quantize} not found (it is built with llama-server)")
+    f16 = write_synthetic_model(workdir / f"{shape_name}-f16.tmp.gguf", SHAPES[shape_name])
+    subprocess.run([str(quantize), str(f16), str(out), file_type], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    f16.unlink()
+    return out
+
+
+def measure(server: Path, model: Path, ctx: int, parallel: int, log_path: Path) -> dict[str, Any]:
+    port = free_port()
+    argv = [str(server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "-c", str(ctx), "-np", str(parallel), "-t", str(os.cpu_count() or 2), "-v"]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(timeout=600) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"llama-server exited {proc.returncode}: see {log_path}")
+                try:
+                    if client.get(base + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("llama-server did not become ready")
+                time.sleep(0.1)
+            info = psutil.Process(proc.pid)
+            rss_ready = info.memory_info().rss
+            vocab = read_gguf(model).vocab_size
+            props = client.get(base + "/props").json()
+            per_slot = int(props["default_generation_settings"]["n_ctx"])
+            generate = 16
+            rng = random.Random(0)
+            for slot in range(parallel):
+                # token ids directly: exactly fills the slot's context
+                prompt = [rng.randrange(300, vocab) for _ in range(per_slot - generate - 4)]
+                response = client.post(base + "/completion", json={
+                    "prompt": prompt, "n_predict": generate, "ignore_eos": True,
+                    "cache_prompt": True, "id_slot": slot,
+                })
+                response.raise_for_status()
+            rss_full = info.memory_info().rss
+            hwm = _peak_rss(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    buffers: dict[str, float] = {}
+    text = log_path.read_text(errors="replace")
+    # llama-server loads twice (a dry-run fit, then for real): keep the last figures
+    for name, mib in _BUFFER.findall(text):
+        buffers[name.strip()] = float(mib) * MIB
+    return {"rss_ready": rss_ready, "rss_full": rss_full, "rss_peak": hwm, "buffers": buffers}
+
+
+def _peak_rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", type=Path, help="llama-server binary (default: as lalo finds it)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lalo-calibrate")
+    parser.add_argument("--quick", action="store_true", help="two models, two contexts")
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = parser.parse_args()
+
+    if args.server:
+        server = args.server
+    else:
+        from launcher.engines.registry import find_llama_server
+
+        found = find_llama_server()
+        if found is None:
+            raise SystemExit("no llama-server: run `lalo engine build` first")
+        server = found.path
+    quantize = server.parent / "llama-quantize"
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    models = QUICK_MODELS if args.quick else MODELS
+    contexts = QUICK_CONTEXTS if args.quick else CONTEXTS
+    rows: list[dict[str, Any]] = []
+    for shape_name, file_type in models:
+        path = make_model(args.workdir, shape_name, file_type, quantize)
+        facts = ModelFacts.from_gguf(read_gguf(path))
+        for ctx in contexts:
+            result = measure(server, path, ctx, args.parallel, args.workdir / "server.log")
+            estimate = estimate_memory(facts, ctx, args.parallel)
+            row = {
+                "model": f"{shape_name} {file_type}",
+                "file_bytes": path.stat().st_size,
+                "ctx_size": ctx,
+                "parallel": args.parallel,
+                "estimate": estimate.as_dict(),
+                **result,
+            }
+            row["error"] = (estimate.total - result["rss_full"]) / result["rss_full"]
+            rows.append(row)
+            print(f"{row['model']:<22} ctx {ctx:>5}: estimate {format_size(estimate.total):>10} "
+                  f"measured {format_size(result['rss_full']):>10} ({row['error']:+.1%}) "
+                  f"buffers {({k: round(v / MIB, 1) for k, v in result['buffers'].items()})}",
+                  flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "memory-estimate.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_table(rows, args.out / "memory-estimate.md", server)
+
+
+def write_table(rows: list[dict[str, Any]], path: Path, server: Path) -> None:
+    version = subprocess.run([str(server), "--version"], capture_output=True, text=True).stderr
+    version_line = next((line for line in version.splitlines() if "version" in line), "?")
+    lines = [
+        "# Memory estimate vs measured RSS",
+        "",
+        "Made by `python bench/calibrate_estimate.py` on generated random-weight models",
+        f"(same shapes as the catalog's real models) with llama-server `{version_line.strip()}`, ",
+        "`-np 1`, after one request that fills the whole context. Measured = RSS of the",
+        "llama-server process (psutil) after that request. Error = (estimate - measured) / measured.",
+        "",
+        "| model | file | ctx | estimate | measured | error | weights | KV | compute | overhead |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        e = row["estimate"]
+        lines.append(
+            f"| {row['model']} | {format_size(row['file_bytes'])} | {row['ctx_size']} | "
+            f"{format_size(e['total'])} | {format_size(row['rss_full'])} | {row['error']:+.1%} | "
+            f"{format_size(e['weights'])} | {format_size(e['kv_cache'])} | "
+            f"{format_size(e['compute'])} | {format_size(e['overhead'])} |"
+        )
+    big = [abs(r["error"]) for r in rows if r["file_bytes"] >= 100 * 1000**2]
+    small = [abs(r["error"]) for r in rows if r["file_bytes"] < 100 * 1000**2]
+    lines += ["", f"Models of 100 MB and more: worst error {max(big):.1%}, "
+              f"mean {sum(big) / len(big):.1%} over {len(big)} cases (target: within 10 %)."
+              if big else ""]
+    if small:
+        lines.append(f"Smaller models: worst error {max(small):.1%} over {len(small)} cases "
+                     "(process overhead dominates; the estimate errs high on purpose).")
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""lalo: run local llama.cpp models behind one OpenAI-compatible port."""
+
+__version__ = "0.1.0"

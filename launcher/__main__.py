@@ -1,0 +1,5 @@
+"""`python -m launcher` is the `lalo` command."""
+
+from launcher.cli.app import main
+
+main()

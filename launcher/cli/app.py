@@ -1,0 +1,80 @@
+"""The `lalo` command: builds the typer app from one module per command group, maps errors to exit codes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+from typer.exceptions import TyperException
+
+from launcher import __version__
+from launcher.errors import LaloError
+
+app = typer.Typer(
+    name="lalo",
+    help="Run local llama.cpp models behind one OpenAI-compatible port, sized to this machine's RAM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lalo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what lalo does to stderr."),
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _register() -> None:
+    # Each module adds its commands to `app`; imported here so `app` exists first.
+    from launcher.cli import (  # noqa: F401
+        commands_doctor,
+        commands_engine,
+        commands_inspect,
+        commands_models,
+        commands_run,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one clear line on stderr and the error's exit code, never a traceback."""
+    _register()
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="lalo")
+    except LaloError as exc:
+        _fail(str(exc), exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        _fail("interrupted", 130)
+    except TyperException as exc:  # usage errors: typer prints them with the usage line
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        sys.exit(int(getattr(exc, "exit_code", 2)))
+    except BrokenPipeError:
+        # stdout closed early (`lalo ... | head`): not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"lalo: error: {message}", err=True)
+    sys.exit(code)

@@ -1,0 +1,107 @@
+"""`lalo inspect FILE` and `lalo plan`: what a model is, and what would load within the RAM budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import psutil
+import typer
+
+from launcher.cli.app import app
+from launcher.config import LoadedConfig, load_config
+from launcher.demo import demo_config
+from launcher.estimate import ModelFacts, estimate_memory
+from launcher.models.gguf_file import read_gguf
+from launcher.measurements import Measurements, with_measurements
+from launcher.models.catalog import catalog_resolver
+from launcher.models.resolve import resolve_models
+from launcher.planner import Plan, compute_budget, make_plan
+from launcher.units import format_size
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Config file (default: lookup order).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A GGUF model file.")],
+    ctx_size: Annotated[int, typer.Option("--ctx-size", min=128, help="Context for the estimate.")] = 2048,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, help="Slots for the estimate.")] = 1,
+    as_json: JsonOption = False,
+) -> None:
+    """Facts from a GGUF header (instant, reads no weights) and a memory estimate."""
+    info = read_gguf(file)
+    estimate = estimate_memory(ModelFacts.from_gguf(info), ctx_size, parallel)
+    if as_json:
+        typer.echo(json.dumps({**info.summary(), "estimate": estimate.as_dict()}, indent=2))
+        return
+    s = info.summary()
+    rows = [
+        ("file", f"{s['path']} ({format_size(s['file_size'])})"),
+        ("name", s["name"] or "-"),
+        ("architecture", s["architecture"]),
+        ("parameters", f"{s['parameters']:,}"),
+        ("quantization", f"{s['file_type']} ({s['bits_per_weight']} bits/weight)"),
+        ("layers", f"{s['layers']} ({s['attention_layers']} with attention)"),
+        ("embedding", s["embedding_length"]),
+        ("feed forward", s["feed_forward_length"]),
+        ("heads / kv heads", f"{s['heads']} / {s['kv_heads']}"),
+        ("training context", s["context_length"]),
+        ("vocabulary", s["vocab_size"]),
+        ("chat template", "yes" if s["chat_template"] else "no"),
+        ("tensor data", f"{format_size(s['tensor_bytes'])} in {s['tensors']} tensors"),
+    ]
+    if s["synthetic"]:
+        rows.append(("note", "random weights (made by lalo for tests; produces noise)"))
+    rows.append((
+        "memory estimate",
+        f"{format_size(estimate.total)} at ctx_size {ctx_size}, parallel {parallel}: "
+        f"weights {format_size(estimate.weights)} + KV {format_size(estimate.kv_cache)} + "
+        f"state {format_size(estimate.recurrent_state)} + compute {format_size(estimate.compute)} + "
+        f"overhead {format_size(estimate.overhead)}",
+    ))
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+def load(config: Path | None) -> LoadedConfig:
+    """The config by lookup order; the built-in default is the demo."""
+    return load_config(config, default=demo_config())
+
+
+def build_plan(loaded: LoadedConfig) -> Plan:
+    resources = loaded.config.resources
+    budget = compute_budget(resources.ram_budget, resources.ram_reserve,
+                            psutil.virtual_memory().available)
+    models = with_measurements(resolve_models(loaded, catalog=catalog_resolver()), Measurements())
+    return make_plan([m.candidate() for m in models], budget, resources.max_loaded)
+
+
+@app.command()
+def plan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """What `lalo up` would load now, each model's memory estimate, and what does not fit."""
+    loaded = load(config)
+    result = build_plan(loaded)
+    if as_json:
+        typer.echo(json.dumps({"config": loaded.describe_source(), **result.to_json()}, indent=2))
+        return
+    typer.echo(f"config: {loaded.describe_source()}")
+    typer.echo(f"budget: {format_size(result.budget.bytes)} ({result.budget.source})")
+    if result.max_loaded:
+        typer.echo(f"max_loaded: {result.max_loaded}")
+    if not result.decisions:
+        typer.echo("no models configured")
+        return
+    width = max(len(d.name) for d in result.decisions)
+    for decision in result.decisions:
+        typer.echo(f"  {decision.name:<{width}}  {decision.action:<10} {format_size(decision.required):>10}  "
+                   f"{decision.reason}")
+        for hint in decision.suggestions:
+            typer.echo(f"  {'':<{width}}  {'':<10} {'':>10}  - {hint}")
+    typer.echo(f"preload total: {format_size(result.preload_total)}, "
+               f"left for on-demand models: {format_size(result.remaining)}")

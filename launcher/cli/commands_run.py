@@ -1,0 +1,241 @@
+"""`lalo up/down/status/logs`: run the supervisor and proxy, and talk to a running instance."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from launcher import paths
+from launcher.cli.app import app
+from launcher.cli.commands_inspect import ConfigOption, JsonOption
+from launcher.config import LoadedConfig, load_config, validate
+from launcher.demo import demo_config
+from launcher.errors import LaloError, NotRunningError, StartupError
+from launcher.models.catalog import catalog_resolver
+from launcher.models.resolve import CatalogResolver
+from launcher.runner import UpOptions, log_dir, serve
+from launcher.supervisor.instance import InstanceInfo, read_instance, require_instance
+from launcher.supervisor.logs import read_tail
+from launcher.units import format_size
+
+DETACH_TIMEOUT = 600.0  # a first run may build the engine
+
+
+def _announce(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _catalog_resolver() -> CatalogResolver:
+    return catalog_resolver()
+
+
+def load_for_up(config: Path | None, demo: bool) -> LoadedConfig:
+    if demo:
+        return LoadedConfig(validate(demo_config(), label="demo"), None)
+    return load_config(config, default=demo_config())
+
+
+@app.command()
+def up(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option("--host", help="Proxy address (default: config).")] = None,
+    port: Annotated[int | None, typer.Option("--port", "-p", min=1, max=65535,
+                                             help="Proxy port (default: config, 8080).")] = None,
+    detach: Annotated[bool, typer.Option("--detach", "-d",
+                                         help="Run in the background; return once it answers.")] = False,
+    demo: Annotated[bool, typer.Option("--demo", help="Serve a generated random-weight model "
+                                       "(no download, no config needed).")] = False,
+) -> None:
+    """Plan, start the preload models and serve the OpenAI API and dashboard (Ctrl+C stops)."""
+    loaded = load_for_up(config, demo)
+    if detach:
+        _detach(config, host, port, demo)
+        return
+    code = asyncio.run(serve(loaded, UpOptions(host=host, port=port), _announce,
+                             catalog=_catalog_resolver()))
+    raise typer.Exit(code)
+
+
+def _detach(config: Path | None, host: str | None, port: int | None, demo: bool) -> None:
+    running = read_instance()
+    if running is not None:
+        from launcher.errors import AlreadyRunningError
+
+        raise AlreadyRunningError(f"lalo is already running at {running.url} (pid {running.pid})")
+    argv = _self_command() + ["up"]
+    if config is not None:
+        argv += ["--config", str(config.resolve())]
+    if host:
+        argv += ["--host", host]
+    if port:
+        argv += ["--port", str(port)]
+    if demo:
+        argv.append("--demo")
+    out = paths.state_dir() / "lalo.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {}
+    if sys.platform == "win32":
+        kwargs["creationflags"] = 0x00000008 | 0x00000200  # DETACHED_PROCESS | NEW_PROCESS_GROUP
+    else:
+        kwargs["start_new_session"] = True
+    with out.open("ab") as log_file:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                 stderr=subprocess.STDOUT, **kwargs)
+    deadline = time.monotonic() + DETACH_TIMEOUT
+    while time.monotonic() < deadline:
+        code = child.poll()
+        if code is not None:
+            tail = "\n".join(read_tail(out, 8))
+            raise StartupError(f"lalo exited with code {code} while starting; log {out}:\n{tail}")
+        info = read_instance()
+        if info is not None and info.pid == child.pid and _answers(info.url):
+            typer.echo(f"lalo is running at {info.url} (pid {info.pid}); log: {out}; "
+                       "stop it with `lalo down`")
+            return
+        time.sleep(0.1)
+    child.terminate()
+    raise StartupError(f"lalo did not answer within {DETACH_TIMEOUT:g} s; log: {out}")
+
+
+def _self_command() -> list[str]:
+    if getattr(sys, "frozen", False):  # the single-binary lalo-ai
+        return [sys.executable]
+    return [sys.executable, "-m", "launcher"]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1.0, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _client(info: InstanceInfo) -> httpx.Client:
+    return httpx.Client(base_url=info.url, timeout=10.0, trust_env=False,
+                        headers={"Authorization": f"Bearer {info.admin_token}"})
+
+
+@app.command()
+def down(
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for it to stop.")] = 60.0,
+) -> None:
+    """Stop the running lalo and wait until every model server has exited."""
+    info = require_instance()
+    try:
+        with _client(info) as client:
+            client.post("/api/shutdown").raise_for_status()
+    except httpx.HTTPError:
+        # not answering: fall back to a signal, which runs the same staged shutdown
+        os.kill(info.pid, 15)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not info.is_alive():
+            typer.echo(f"lalo stopped (was pid {info.pid} at {info.url})")
+            return
+        time.sleep(0.1)
+    raise LaloError(f"lalo (pid {info.pid}) did not stop within {timeout:g} s")
+
+
+def fetch_status() -> dict[str, Any]:
+    info = require_instance()
+    try:
+        with _client(info) as client:
+            response = client.get("/api/status")
+            response.raise_for_status()
+            data: dict[str, Any] = response.json()
+    except httpx.HTTPError as exc:
+        raise NotRunningError(f"lalo (pid {info.pid}) does not answer at {info.url}: {exc}") from None
+    data["url"] = info.url
+    return data
+
+
+@app.command()
+def status(as_json: JsonOption = False) -> None:
+    """The running instance's models: state, port, pid, memory estimate vs actual, restarts."""
+    data = fetch_status()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    ram = data["ram"]
+    typer.echo(f"lalo {data['version']} at {data['url']}, up {_duration(data['uptime_s'])}; "
+               f"RAM {format_size(ram['available'])} free of {format_size(ram['total'])}, "
+               f"budget {format_size(ram['budget'])}")
+    header = ("MODEL", "ENGINE", "STATE", "PORT", "PID", "ESTIMATE", "ACTUAL", "UPTIME",
+              "RESTARTS", "REQUESTS")
+    rows = [header]
+    for m in data["models"]:
+        state = m["state"]
+        if m.get("restart_in_s") is not None:
+            state += f" (restart in {m['restart_in_s']:g}s)"
+        rows.append((
+            m["name"], m["engine"], state, str(m["port"] or "-"), str(m["pid"] or "-"),
+            format_size(m["ram_estimate"]), format_size(m["rss"]) if m["rss"] else "-",
+            _duration(m["uptime_s"]) if m["uptime_s"] is not None else "-",
+            str(m["restarts"]), str(m["requests"]),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    for m in data["models"]:
+        if m.get("last_error"):
+            typer.echo(f"{m['name']}: last error: {m['last_error'].splitlines()[0]}")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@app.command()
+def logs(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    lines: Annotated[int, typer.Option("-n", "--lines", min=0, help="Lines to show.")] = 50,
+) -> None:
+    """A model server's log (its own output plus lalo's notes on starts and exits)."""
+    path = log_dir() / f"{name}.log"
+    if not path.exists():
+        info = read_instance()
+        if info is not None:
+            _names = [m["name"] for m in fetch_status()["models"]]
+            if name not in _names:
+                raise NotRunningError(f"no model {name!r}; known: {', '.join(_names)}")
+        raise NotRunningError(f"no log for {name!r} yet ({path})")
+    for line in read_tail(path, lines):
+        typer.echo(line)
+    if not follow:
+        return
+    with path.open("rb") as handle:
+        handle.seek(0, 2)
+        position = handle.tell()
+        while True:
+            chunk = handle.read()
+            if chunk:
+                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+                sys.stdout.flush()
+                position = handle.tell()
+                continue
+            try:
+                if path.stat().st_size < position:  # rotated: reopen the new file
+                    handle.close()
+                    handle = path.open("rb")
+                    position = 0
+                    continue
+            except FileNotFoundError:
+                pass
+            time.sleep(0.2)

@@ -1,0 +1,436 @@
+"""`lalo.yaml`: found in a fixed lookup order, parsed once into frozen, validated models.
+
+Every problem is a ConfigError naming the YAML path (and line when known), e.g.
+`lalo.yaml:7: models.qwen.ctx_size: must be >= 128, got 0`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import psutil
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from launcher import paths
+from launcher.errors import ConfigError
+from launcher.units import format_size, parse_size
+
+CONFIG_NAME = "lalo.yaml"
+EngineKind = Literal["llama-server", "llamafile", "llama-cpp-python"]
+ENGINE_KINDS: tuple[str, ...] = ("llama-server", "llamafile", "llama-cpp-python")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"must be a size such as 512MiB or 6GiB, got {value!r}")
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ProxyConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    api_keys: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    max_body_size: int = 16 * 1024**2
+    queue_size: Annotated[int, Field(ge=0, le=100_000)] = 64
+    upstream_timeout: Annotated[float, Field(gt=0)] = 600.0
+
+    @field_validator("max_body_size", mode="before")
+    @classmethod
+    def _body(cls, value: Any) -> int:
+        size = _size(value)
+        if size < 1024:
+            raise ValueError(f"must be >= 1KiB, got {value!r}")
+        return size
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:
+            if not key or key != key.strip():
+                raise ValueError("api keys must be non-empty and have no surrounding spaces")
+        return keys
+
+
+class ResourcesConfig(_Section):
+    ram_budget: int | Literal["auto"] = "auto"
+    ram_reserve: int = 1024**3
+    max_loaded: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("ram_budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> int | str:
+        if value == "auto":
+            return "auto"
+        size = _size(value)
+        if size <= 0:
+            raise ValueError(f"must be 'auto' or a positive size, got {value!r}")
+        return size
+
+    @field_validator("ram_reserve", mode="before")
+    @classmethod
+    def _reserve(cls, value: Any) -> int:
+        return _size(value)
+
+
+class LlamaServerEngineConfig(_Section):
+    path: str = "auto"
+    variant: Literal["native", "portable"] = "native"
+
+
+class LlamafileEngineConfig(_Section):
+    runtime: str | None = None
+
+
+class LlamaCppPythonEngineConfig(_Section):
+    python: str = "auto"
+
+
+class EnginesConfig(_Section):
+    llama_server: LlamaServerEngineConfig = LlamaServerEngineConfig()
+    llamafile: LlamafileEngineConfig = LlamafileEngineConfig()
+    llama_cpp_python: LlamaCppPythonEngineConfig = LlamaCppPythonEngineConfig()
+
+
+class SupervisorConfig(_Section):
+    load_timeout: Annotated[float, Field(gt=0)] = 120.0
+    health_interval: Annotated[float, Field(gt=0)] = 2.0
+    liveness_timeout: Annotated[float, Field(gt=0)] = 10.0
+    stop_timeout: Annotated[float, Field(gt=0)] = 10.0
+    max_failures: Annotated[int, Field(ge=1)] = 5
+    stable_after: Annotated[float, Field(gt=0)] = 60.0
+    backoff_initial: Annotated[float, Field(gt=0)] = 1.0
+    backoff_max: Annotated[float, Field(gt=0)] = 30.0
+
+
+class ModelConfig(_Section):
+    file: str | None = None
+    catalog: str | None = None
+    engine: EngineKind | None = None
+    ctx_size: Annotated[int, Field(ge=128, le=4_194_304)] = 2048
+    threads: int | Literal["auto"] = "auto"
+    parallel: Annotated[int, Field(ge=1, le=256)] = 1
+    preload: bool = True
+    ttl: Annotated[float, Field(ge=0)] = 0.0
+    aliases: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    args: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    env: Mapping[str, str] = Field(default_factory=dict)
+    license: str | None = None
+    embeddings: bool = False
+    load_timeout: Annotated[float, Field(gt=0)] | None = None
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, value: Any) -> int | str:
+        if value == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+            raise ValueError(f"must be 'auto' or an integer from 1 to 1024, got {value!r}")
+        return value
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, aliases: tuple[str, ...]) -> tuple[str, ...]:
+        for alias in aliases:
+            if not _NAME.match(alias):
+                raise ValueError(f"alias {alias!r} must match {_NAME.pattern}")
+        return aliases
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelConfig:
+        if (self.file is None) == (self.catalog is None):
+            raise ValueError("give exactly one of 'file' or 'catalog'")
+        return self
+
+    @property
+    def engine_kind(self) -> EngineKind:
+        """The engine to run: as configured, else llamafile for `.llamafile` files."""
+        if self.engine is not None:
+            return self.engine
+        if self.file is not None and self.file.endswith(".llamafile"):
+            return "llamafile"
+        return "llama-server"
+
+
+class Config(_Section):
+    proxy: ProxyConfig = ProxyConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    engines: EnginesConfig = EnginesConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    models: Mapping[str, ModelConfig] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models: Mapping[str, ModelConfig]) -> Mapping[str, ModelConfig]:
+        for name in models:
+            if not _NAME.match(name):
+                raise ValueError(f"model name {name!r} must match {_NAME.pattern}")
+        return models
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config and where it came from (None: built in)."""
+
+    config: Config
+    source: Path | None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent if self.source is not None else Path.cwd()
+
+    def model_path(self, name: str) -> Path:
+        """Absolute path of a file model (relative paths are relative to the config file)."""
+        model = self.config.models[name]
+        if model.file is None:
+            raise ConfigError(f"models.{name}: is a catalog model; resolve it first")
+        return resolve_path(model.file, self.base_dir)
+
+    def resolve_name(self, name: str) -> str | None:
+        """Model name for a name or alias, or None."""
+        if name in self.config.models:
+            return name
+        for model_name, model in self.config.models.items():
+            if name in model.aliases:
+                return model_name
+        return None
+
+    def describe_source(self) -> str:
+        return str(self.source) if self.source is not None else "built-in default"
+
+
+def resolve_path(text: str, base: Path) -> Path:
+    path = Path(os.path.expandvars(text)).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def find_config_file(explicit: Path | None = None) -> Path | None:
+    """The config file by lookup order, or None for the built-in default."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"{explicit}: config file not found")
+        return explicit
+    env = os.environ.get("LALO_CONFIG")
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found (from $LALO_CONFIG)")
+        return path
+    for candidate in (Path.cwd() / CONFIG_NAME, paths.config_dir() / CONFIG_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(
+    explicit: Path | None = None,
+    *,
+    total_ram: int | None = None,
+    default: Mapping[str, Any] | None = None,
+    check_files: bool = True,
+) -> LoadedConfig:
+    """Find, read and validate the config; `default` is the built-in used when no file is found."""
+    source = find_config_file(explicit)
+    if source is None:
+        return LoadedConfig(
+            config=validate(dict(default or {}), label="built-in default", total_ram=total_ram),
+            source=None,
+        )
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text") from exc
+    loaded = LoadedConfig(config=parse_config(text, label=str(source), total_ram=total_ram),
+                          source=source.resolve())
+    if check_files:
+        check_model_files(loaded)
+    return loaded
+
+
+def parse_config(text: str, *, label: str, total_ram: int | None = None) -> Config:
+    """YAML text to a Config; errors carry `label:line: path: message`."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{label}{where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: the top level must be a mapping, got {type(data).__name__}")
+    return validate(data, label=label, total_ram=total_ram, lines=_line_index(node))
+
+
+def validate(
+    data: dict[str, Any],
+    *,
+    label: str,
+    total_ram: int | None = None,
+    lines: Mapping[tuple[str, ...], int] | None = None,
+) -> Config:
+    lines = lines or {}
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc, label, lines)) from None
+    _check_names(config, label, lines)
+    budget = config.resources.ram_budget
+    total = total_ram if total_ram is not None else psutil.virtual_memory().total
+    if budget != "auto" and budget > total:
+        where = _where(label, lines, ("resources", "ram_budget"))
+        raise ConfigError(
+            f"{where}resources.ram_budget: {format_size(budget)} is more than this "
+            f"machine's RAM ({format_size(total)})"
+        )
+    return config
+
+
+def _check_names(config: Config, label: str, lines: Mapping[tuple[str, ...], int]) -> None:
+    """Every model name and alias routes to exactly one model."""
+    owner = {name: name for name in config.models}
+    for name, model in config.models.items():
+        for position, alias in enumerate(model.aliases):
+            if alias == name:
+                continue
+            if alias in owner:
+                path = ("models", name, "aliases", str(position))
+                other = owner[alias]
+                what = "the name of model" if other == alias else "already an alias of"
+                raise ConfigError(
+                    f"{_where(label, lines, path)}models.{name}.aliases: {alias!r} is {what} "
+                    f"{other!r}"
+                )
+            owner[alias] = name
+
+
+def check_model_files(loaded: LoadedConfig) -> None:
+    for name, model in loaded.config.models.items():
+        if model.file is None:
+            continue
+        path = loaded.model_path(name)
+        if not path.is_file():
+            raise ConfigError(f"{loaded.describe_source()}: models.{name}.file: {path} does not exist")
+
+
+def _line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    """YAML path -> 1-based line of its key (for mappings) or item."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(current: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                child = (*path, str(key.value))
+                index[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(current, yaml.SequenceNode):
+            for position, item in enumerate(current.value):
+                child = (*path, str(position))
+                index[child] = item.start_mark.line + 1
+                walk(item, child)
+
+    if node is not None:
+        walk(node, ())
+    return index
+
+
+def _where(label: str, lines: Mapping[tuple[str, ...], int], path: Sequence[str]) -> str:
+    path = tuple(path)
+    while path:
+        if path in lines:
+            return f"{label}:{lines[path]}: "
+        path = path[:-1]
+    return f"{label}: "
+
+
+_MESSAGES = {
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "dict_type": "must be a mapping",
+    "tuple_type": "must be a list",
+    "literal_error": "must be one of {expected}",
+    "missing": "is required",
+}
+
+
+def _first_error(exc: ValidationError, label: str, lines: Mapping[tuple[str, ...], int]) -> str:
+    errors = exc.errors(include_url=False)
+    # Prefer the most specific error: union members report one error each; keep the first path.
+    error = errors[0]
+    loc = [str(part) for part in error["loc"] if not _is_union_tag(part)]
+    path = ".".join(loc) or "(top level)"
+    kind = error["type"]
+    got = error.get("input")
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = ", ".join(parent.model_fields) if parent is not None else ""
+        message = f"unknown key{f' (known keys: {known})' if known else ''}"
+    elif kind == "value_error":
+        message = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+        got = None
+    elif kind in _MESSAGES:
+        message = _MESSAGES[kind].format(**error.get("ctx", {}))
+    else:
+        message = error["msg"][0].lower() + error["msg"][1:]
+    if got is not None and kind not in ("missing", "extra_forbidden"):
+        message += f", got {got!r}"
+    return f"{_where(label, lines, loc)}{path}: {message}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic adds the failing union member to loc, e.g. ('load_timeout', 'constrained-float')
+    text = str(part)
+    return text in ("int", "str", "float", "bool") or text.startswith(
+        ("literal[", "constrained-", "function-")
+    )
+
+
+def _model_at(loc: Sequence[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    position = 0
+    while position < len(loc):
+        part = loc[position]
+        if model is Config and part == "models":
+            if position + 1 >= len(loc):
+                return None
+            model = ModelConfig
+            position += 2
+            continue
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            position += 1
+            continue
+        return None
+    return model

@@ -1,0 +1,46 @@
+"""llama.cpp's `llama-server`: the default engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.engines.base import LaunchSpec, ServerSettings, base_url
+
+
+@dataclass(frozen=True)
+class LlamaServerEngine:
+    binary: Path
+    kind: str = "llama-server"
+
+    def launch_spec(self, settings: ServerSettings) -> LaunchSpec:
+        argv = [str(self.binary), *server_args(settings)]
+        return LaunchSpec(
+            argv=tuple(argv),
+            # The key goes through the environment, not argv: /proc/PID/environ is private to
+            # the user, /proc/PID/cmdline is readable by everyone on the machine.
+            env={"LLAMA_API_KEY": settings.api_key, **settings.env},
+            base_url=base_url(settings.host, settings.port),
+            ready_path="/health",
+            health_path="/health",
+            health_needs_key=False,
+        )
+
+
+def server_args(settings: ServerSettings, *, metrics: bool = True) -> list[str]:
+    """llama.cpp server flags shared by llama-server and llamafile's server mode."""
+    args = [
+        "--model", str(settings.model_path),
+        "--host", settings.host,
+        "--port", str(settings.port),
+        "--ctx-size", str(settings.ctx_size),
+        "--parallel", str(settings.parallel),
+    ]
+    if metrics:
+        args.append("--metrics")
+    if settings.threads is not None:
+        args += ["--threads", str(settings.threads)]
+    if settings.embeddings:
+        args.append("--embeddings")
+    args += list(settings.extra_args)
+    return args

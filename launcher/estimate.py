@@ -1,0 +1,190 @@
+"""Memory a llama-server needs for a model: weights + KV cache + recurrent state + compute + overhead.
+
+Pure functions over `ModelFacts` (from a GGUF header or a catalog entry). The constants
+were calibrated against RSS of the llama-server lalo builds (bench/calibrate_estimate.py,
+docs/memory-estimate.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launcher.models.gguf_file import GGUFInfo
+
+MIB = 1024**2
+KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+CTX_PAD = 256  # llama.cpp pads the context to a multiple of 256
+UBATCH = 512  # llama-server's default -ub: the compute graph is sized for this many tokens
+
+# Calibrated constants (bench/calibrate_estimate.py); see docs/memory-estimate.md.
+PROCESS_OVERHEAD = 56 * MIB  # binary, libc, threads, HTTP server, chat template engine
+VOCAB_OVERHEAD_PER_TOKEN = 200  # tokenizer tables in RAM, bytes per vocab entry
+COMPUTE_PER_UBATCH_EMBD = 4 * 24  # bytes per (token x n_embd) of activations in the graph
+COMPUTE_PER_UBATCH_FF = 4 * 3  # bytes per (token x n_ff)
+COMPUTE_FIXED = 4 * MIB
+
+# Approximate bits per weight of llama.cpp's file types (for "what would fit" hints).
+QUANT_BITS = {
+    "F32": 32.0,
+    "F16": 16.0,
+    "BF16": 16.0,
+    "Q8_0": 8.5,
+    "Q6_K": 6.56,
+    "Q5_K_M": 5.69,
+    "Q5_K_S": 5.54,
+    "Q4_K_M": 4.85,
+    "Q4_K_S": 4.58,
+    "Q4_0": 4.55,
+    "IQ4_XS": 4.25,
+    "Q3_K_M": 3.91,
+    "Q3_K_S": 3.5,
+    "Q2_K": 2.96,
+}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The architecture facts that decide memory, from a GGUF header or a catalog entry."""
+
+    architecture: str
+    parameters: int
+    weight_bytes: int
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_vocab: int
+    # per layer: (kv heads, key length, value length); kv heads 0 = no attention (recurrent/conv)
+    kv_heads: tuple[int, ...]
+    key_length: int
+    value_length: int
+    n_ctx_train: int = 0
+    # bytes of per-sequence recurrent state per non-attention layer (conv / SSM), f32
+    recurrent_state_per_layer: int = 0
+    file_type: str = "unknown"
+
+    @classmethod
+    def from_gguf(cls, info: GGUFInfo) -> ModelFacts:
+        kv_heads = tuple(info.head_count_kv_per_layer())
+        recurrent = 0
+        if info.architecture.startswith("lfm2"):
+            l_cache = int(info.arch_value("shortconv.l_cache", 3))
+            recurrent = (l_cache - 1) * info.embedding_length * 4
+        return cls(
+            architecture=info.architecture,
+            parameters=info.parameter_count,
+            weight_bytes=info.tensor_bytes,
+            n_layer=info.block_count,
+            n_embd=info.embedding_length,
+            n_ff=info.feed_forward_length,
+            n_head=info.head_count,
+            n_vocab=info.vocab_size,
+            kv_heads=kv_heads,
+            key_length=info.key_length,
+            value_length=info.value_length,
+            n_ctx_train=info.context_length,
+            recurrent_state_per_layer=recurrent,
+            file_type=info.file_type,
+        )
+
+    @property
+    def attention_layers(self) -> int:
+        return sum(1 for heads in self.kv_heads if heads)
+
+    def kv_bytes_per_token(self, kv_type: str = "f16") -> float:
+        width = KV_TYPE_BYTES[kv_type]
+        return sum(heads * (self.key_length + self.value_length) for heads in self.kv_heads) * width
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes, by component; `total` is what the planner reserves for the model."""
+
+    weights: int
+    kv_cache: int
+    recurrent_state: int
+    compute: int
+    overhead: int
+    ctx_size: int
+    parallel: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.recurrent_state + self.compute + self.overhead
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "weights": self.weights,
+            "kv_cache": self.kv_cache,
+            "recurrent_state": self.recurrent_state,
+            "compute": self.compute,
+            "overhead": self.overhead,
+            "total": self.total,
+            "ctx_size": self.ctx_size,
+            "parallel": self.parallel,
+        }
+
+
+def padded_ctx(ctx_size: int) -> int:
+    return -(-ctx_size // CTX_PAD) * CTX_PAD
+
+
+def estimate_memory(
+    facts: ModelFacts, ctx_size: int, parallel: int = 1, kv_type: str = "f16"
+) -> MemoryEstimate:
+    """Resident memory of llama-server serving `facts` with `-c ctx_size -np parallel`.
+
+    llama-server's KV cache is unified: `ctx_size` is shared by all slots, so KV size
+    depends on `ctx_size` only; recurrent state and output buffers scale with `parallel`.
+    """
+    ctx = padded_ctx(ctx_size)
+    kv = int(ctx * facts.kv_bytes_per_token(kv_type))
+    recurrent_layers = facts.n_layer - facts.attention_layers
+    recurrent = facts.recurrent_state_per_layer * recurrent_layers * parallel
+    ubatch = min(UBATCH, ctx)
+    compute = (
+        COMPUTE_FIXED
+        + ubatch * (facts.n_embd * COMPUTE_PER_UBATCH_EMBD + facts.n_ff * COMPUTE_PER_UBATCH_FF)
+        + ubatch * facts.n_vocab * 4  # logits of one ubatch
+    )
+    overhead = PROCESS_OVERHEAD + facts.n_vocab * VOCAB_OVERHEAD_PER_TOKEN + parallel * facts.n_vocab * 4
+    return MemoryEstimate(
+        weights=facts.weight_bytes,
+        kv_cache=kv,
+        recurrent_state=recurrent,
+        compute=compute,
+        overhead=overhead,
+        ctx_size=ctx_size,
+        parallel=parallel,
+    )
+
+
+def largest_fitting_ctx(facts: ModelFacts, budget: int, parallel: int = 1) -> int | None:
+    """The largest ctx_size (a multiple of 256, at least 256) whose estimate fits `budget`."""
+    low, high = 1, max(1, (facts.n_ctx_train or 131072) // CTX_PAD)
+    if estimate_memory(facts, low * CTX_PAD, parallel).total > budget:
+        return None
+    while low < high:
+        middle = (low + high + 1) // 2
+        if estimate_memory(facts, middle * CTX_PAD, parallel).total <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low * CTX_PAD
+
+
+def fitting_quantizations(
+    facts: ModelFacts, ctx_size: int, budget: int, parallel: int = 1
+) -> list[tuple[str, int]]:
+    """Smaller file types whose estimate at `ctx_size` fits, best quality first: (type, bytes)."""
+    current = QUANT_BITS.get(facts.file_type)
+    found: list[tuple[str, int]] = []
+    for name, bits in sorted(QUANT_BITS.items(), key=lambda item: -item[1]):
+        if current is not None and bits >= current:
+            continue
+        weights = int(facts.parameters * bits / 8)
+        smaller = ModelFacts(**{**facts.__dict__, "weight_bytes": weights, "file_type": name})
+        total = estimate_memory(smaller, ctx_size, parallel).total
+        if total <= budget:
+            found.append((name, total))
+    return found

@@ -1,0 +1,105 @@
+"""From config entries to models with their facts and memory estimates (the planner's input)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.config import LoadedConfig, ModelConfig
+from launcher.errors import ConfigError, GGUFError
+from launcher.estimate import MemoryEstimate, ModelFacts, estimate_memory
+from launcher.models.gguf_file import GGUFInfo, read_gguf
+from launcher.planner import Candidate
+
+# name -> (path of the GGUF to load, or None when not available yet, facts when known without a file)
+CatalogResolver = Callable[[str, ModelConfig], tuple[Path | None, ModelFacts | None]]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    config: ModelConfig
+    path: Path | None  # None: a catalog model not downloaded yet
+    info: GGUFInfo | None
+    facts: ModelFacts | None
+    estimate: MemoryEstimate | None
+    measured: int | None = None  # RSS measured on an earlier load with the same file and settings
+    error: str | None = None  # the file is unusable (not a GGUF, truncated): never started
+
+    @property
+    def required(self) -> int:
+        if self.measured is not None:
+            return self.measured
+        return self.estimate.total if self.estimate is not None else 0
+
+    def candidate(self) -> Candidate:
+        return Candidate(
+            name=self.name,
+            required=self.required,
+            preload=self.config.preload,
+            measured=self.measured is not None,
+            facts=self.facts,
+            ctx_size=self.config.ctx_size,
+            parallel=self.config.parallel,
+            invalid=self.error,
+        )
+
+
+def resolve_model(
+    loaded: LoadedConfig,
+    name: str,
+    *,
+    catalog: CatalogResolver | None = None,
+    measured: Mapping[str, int] | None = None,
+) -> ResolvedModel:
+    model = loaded.config.models[name]
+    info: GGUFInfo | None = None
+    if model.file is not None:
+        path: Path | None = loaded.model_path(name)
+        assert path is not None
+        try:
+            info = read_gguf_model(path)
+        except GGUFError as exc:
+            # one broken file must not keep the other models from running
+            return ResolvedModel(name=name, config=model, path=path, info=None, facts=None,
+                                 estimate=None, error=str(exc))
+        facts = ModelFacts.from_gguf(info)
+    else:
+        if catalog is None:
+            raise ConfigError(f"models.{name}.catalog: catalog models are not available here")
+        path, catalog_facts = catalog(name, model)
+        if path is not None:
+            info = read_gguf_model(path)
+            facts = ModelFacts.from_gguf(info)
+        elif catalog_facts is not None:
+            facts = catalog_facts
+        else:
+            raise ConfigError(f"models.{name}.catalog: {model.catalog!r} has no file and no facts")
+    estimate = estimate_memory(facts, model.ctx_size, model.parallel)
+    return ResolvedModel(
+        name=name,
+        config=model,
+        path=path,
+        info=info,
+        facts=facts,
+        estimate=estimate,
+        measured=(measured or {}).get(name),
+    )
+
+
+def resolve_models(
+    loaded: LoadedConfig,
+    *,
+    catalog: CatalogResolver | None = None,
+    measured: Mapping[str, int] | None = None,
+) -> list[ResolvedModel]:
+    return [
+        resolve_model(loaded, name, catalog=catalog, measured=measured)
+        for name in loaded.config.models
+    ]
+
+
+def read_gguf_model(path: Path) -> GGUFInfo:
+    """The GGUF facts of a model file (a plain .gguf; llamafiles hold theirs inside)."""
+    return read_gguf(path)

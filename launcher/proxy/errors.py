@@ -1,0 +1,44 @@
+"""The one JSON envelope for every error the proxy itself makes, so clients can tell them from upstream's."""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+from starlette.responses import Response
+
+# status -> (type, code)
+KINDS: Final[dict[int, tuple[str, str]]] = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "model_not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "queue_full"),
+    500: ("server_error", "internal_error"),
+    502: ("upstream_error", "upstream_failed"),
+    503: ("unavailable_error", "model_unavailable"),
+    504: ("timeout_error", "upstream_timeout"),
+}
+
+
+def error_body(status: int, message: str, code: str | None = None) -> bytes:
+    kind, default_code = KINDS.get(status, ("server_error", "error"))
+    return json.dumps(
+        {"error": {"message": message, "type": kind, "code": code or default_code}}
+    ).encode()
+
+
+def error_response(
+    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        error_body(status, message, code), status_code=status,
+        media_type="application/json", headers=headers,
+    )
+
+
+def sse_error_event(status: int, message: str, code: str | None = None) -> bytes:
+    """An error inside an event stream: what a client sees when upstream breaks mid-stream."""
+    return b"data: " + error_body(status, message, code) + b"\n\n"

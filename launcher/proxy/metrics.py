@@ -1,0 +1,84 @@
+"""Prometheus metrics: per-request counters and histograms, plus gauges read from the supervisor at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from launcher.supervisor.supervisor import Supervisor
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _SupervisorCollector(Collector):
+    """Gauges that already live in the supervisor: read them when scraped, never per request."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        sup = self._supervisor
+        in_flight = GaugeMetricFamily("lalo_requests_in_flight", "Requests being served", labels=["model"])
+        queued = GaugeMetricFamily("lalo_queue_depth", "Requests waiting for a slot or a load",
+                                   labels=["model"])
+        ready = GaugeMetricFamily("lalo_model_ready", "1 when the model's server is ready",
+                                  labels=["model", "state"])
+        rss = GaugeMetricFamily("lalo_model_rss_bytes", "Resident memory of the model's server",
+                                labels=["model"])
+        estimate = GaugeMetricFamily("lalo_model_ram_estimate_bytes", "Memory lalo estimated",
+                                     labels=["model"])
+        loads = CounterMetricFamily("lalo_model_loads", "Loads started by lalo", labels=["model"])
+        evictions = CounterMetricFamily("lalo_model_evictions", "Unloads to make room",
+                                        labels=["model"])
+        restarts = CounterMetricFamily("lalo_model_restarts", "Automatic restarts after a crash",
+                                       labels=["model"])
+        tokens = CounterMetricFamily("lalo_completion_tokens", "Tokens generated",
+                                     labels=["model"])
+        for name, model in sup.models.items():
+            usage = sup.usage[name]
+            in_flight.add_metric([name], usage.in_flight)
+            queued.add_metric([name], usage.waiting)
+            ready.add_metric([name, str(model.state)], 1.0 if model.state == "ready" else 0.0)
+            rss.add_metric([name], float(model.rss or 0))
+            estimate.add_metric([name], float(sup.info[name].estimate))
+            loads.add_metric([name], sup.loads[name])
+            evictions.add_metric([name], sup.evictions[name])
+            restarts.add_metric([name], model.restarts)
+            tokens.add_metric([name], usage.completion_tokens)
+        budget = GaugeMetricFamily("lalo_ram_budget_bytes", "RAM budget for model servers")
+        budget.add_metric([], float(sup.budget().bytes))
+        yield from (in_flight, queued, ready, rss, estimate, loads, evictions, restarts, tokens, budget)
+
+
+class ProxyMetrics:
+    """Owns a private registry (several apps can live in one process, e.g. in tests)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "lalo_requests", "Requests answered, by model, route and status",
+            ["model", "route", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lalo_request_seconds", "Time from request to the last byte of the answer",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "lalo_time_to_first_token_seconds", "Time from request to the first streamed byte",
+            ["model"], buckets=_TTFT_BUCKETS, registry=self.registry,
+        )
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_SupervisorCollector(supervisor))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

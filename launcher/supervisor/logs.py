@@ -1,0 +1,94 @@
+"""Per-model server logs: a size-capped file with rotation, plus a bounded in-memory tail."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import re
+from pathlib import Path
+from typing import BinaryIO
+
+DEFAULT_MAX_BYTES = 10 * 1024**2
+DEFAULT_BACKUPS = 3
+TAIL_LINES = 500
+_BUFFER = re.compile(rb"(\w[\w ]*?) buffer size =\s+([\d.]+) MiB")
+
+
+class ModelLog:
+    """Where one model's server output goes. Only the owning ManagedModel writes to it."""
+
+    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES,
+                 backups: int = DEFAULT_BACKUPS) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.buffers: dict[str, int] = {}  # last buffer sizes the server logged, bytes
+        self._file: BinaryIO | None = None
+        self._size = 0
+
+    def open(self) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("ab")
+            self._size = self._file.tell()
+
+    def note(self, text: str) -> None:
+        """A line from lalo itself (start, exit), marked so it stands out in the log."""
+        self.write(f"--- lalo: {text}\n".encode())
+
+    def write(self, line: bytes) -> None:
+        self.open()
+        assert self._file is not None
+        if self._size + len(line) > self.max_bytes:
+            self._rotate()
+            assert self._file is not None
+        self._file.write(line)
+        self._file.flush()
+        self._size += len(line)
+        text = line.decode("utf-8", errors="replace").rstrip("\n")
+        self.tail.append(text)
+        match = _BUFFER.search(line)
+        if match:
+            self.buffers[match.group(1).decode().strip()] = int(float(match.group(2)) * 1024**2)
+
+    def last_lines(self, count: int) -> list[str]:
+        if count <= 0:
+            return []
+        return list(self.tail)[-count:]
+
+    def _rotate(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        for index in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{index}")
+            if older.exists():
+                older.replace(self.path.with_name(f"{self.path.name}.{index + 1}"))
+        if self.backups > 0 and self.path.exists():
+            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        self._file = self.path.open("wb")
+        self._size = 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
+def read_tail(path: Path, count: int) -> list[str]:
+    """The last `count` lines of a log file (and its rotated predecessor if needed)."""
+    lines: list[str] = []
+    for candidate in (path, path.with_name(f"{path.name}.1")):
+        if len(lines) >= count or not candidate.exists():
+            break
+        with candidate.open("rb") as handle:
+            handle.seek(0, 2)
+            size = handle.tell()
+            chunk = min(size, max(65536, count * 400))
+            handle.seek(size - chunk)
+            data = handle.read().decode("utf-8", errors="replace").splitlines()
+            if chunk < size:
+                data = data[1:]  # first line is probably cut
+        lines = data[-(count - len(lines)):] + lines
+    return lines[-count:] if count > 0 else []

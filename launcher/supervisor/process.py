@@ -1,0 +1,578 @@
+"""One model server's lifecycle: the only code that starts, watches, restarts and stops it.
+
+States and what `ensure_ready()` does in each (it is the only way to start a server):
+
+    state      ensure_ready()
+    stopped    starts it and waits until ready (or the start fails)
+    starting   waits on the start already under way (concurrent callers share one start)
+    ready      returns the endpoint at once
+    stopping   waits for the stop, then starts again
+    failed     restart scheduled (backoff): waits for it; for good: raises ModelFailedError
+
+Transitions (each logged as `name: a -> b`):
+    stopped -> starting -> ready -> stopping -> stopped
+    starting -> failed (exit, timeout)    ready -> failed (crash, hang)
+    failed -> starting (after backoff, or an explicit restart)    failed -> stopped (unload)
+    stopped -> failed (the model file is unusable: never started)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from launcher.engines.base import Engine, LaunchSpec, ServerSettings
+from launcher.errors import (
+    EngineError,
+    ModelFailedError,
+    ModelStartError,
+    ModelStoppedError,
+)
+from launcher.supervisor import platform
+from launcher.supervisor.logs import ModelLog
+from launcher.supervisor.policy import RestartPolicy
+
+log = logging.getLogger(__name__)
+
+Spawner = Callable[[LaunchSpec], Awaitable[asyncio.subprocess.Process]]
+PortAllocator = Callable[[str], int]
+_PORT_RETRIES = 3
+_LOG_LINES_IN_ERRORS = 8
+
+
+class ModelState(enum.StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+_ALLOWED: dict[ModelState, frozenset[ModelState]] = {
+    ModelState.STOPPED: frozenset({ModelState.STARTING, ModelState.FAILED}),
+    ModelState.STARTING: frozenset({ModelState.READY, ModelState.FAILED, ModelState.STOPPING}),
+    ModelState.READY: frozenset({ModelState.STOPPING, ModelState.FAILED}),
+    ModelState.STOPPING: frozenset({ModelState.STOPPED}),
+    ModelState.FAILED: frozenset({ModelState.STARTING, ModelState.STOPPING, ModelState.STOPPED}),
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a ready server answers, and the key it wants."""
+
+    base_url: str
+    api_key: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    load_timeout: float = 120.0
+    health_interval: float = 2.0
+    liveness_timeout: float = 10.0
+    stop_timeout: float = 10.0
+    probe_interval: float = 0.05  # readiness polling while starting
+
+
+class ProcessEvents:
+    """Hooks the supervisor uses to record children and learn measured memory."""
+
+    def spawned(self, name: str, pid: int, created: float, port: int) -> None: ...
+
+    def exited(self, name: str, pid: int) -> None: ...
+
+    def measured(self, name: str, rss: int) -> None: ...
+
+    def changed(self, name: str, state: ModelState) -> None: ...
+
+
+async def _default_spawner(spec: LaunchSpec) -> asyncio.subprocess.Process:
+    return await platform.spawn(spec.argv, spec.env)
+
+
+class ManagedModel:
+    """Owns one model server process and its state; all methods run on the event loop."""
+
+    def __init__(
+        self,
+        name: str,
+        engine: Engine,
+        settings: ServerSettings,
+        log_sink: ModelLog,
+        http: httpx.AsyncClient,
+        *,
+        timeouts: Timeouts = Timeouts(),
+        policy: RestartPolicy | None = None,
+        events: ProcessEvents | None = None,
+        spawner: Spawner = _default_spawner,
+        port_allocator: PortAllocator = platform.free_port,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.engine = engine
+        self.settings = settings
+        self.log = log_sink
+        self.timeouts = timeouts
+        self.policy = policy or RestartPolicy()
+        self._http = http
+        self._events = events or ProcessEvents()
+        self._spawner = spawner
+        self._ports = port_allocator
+        self._clock = clock
+
+        self._state = ModelState.STOPPED
+        self._process: asyncio.subprocess.Process | None = None
+        self._endpoint: Endpoint | None = None
+        self._spec: LaunchSpec | None = None
+        self._outcome: asyncio.Future[Endpoint] | None = None  # next start's result
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._start_task: asyncio.Task[None] | None = None
+        self._restart_task: asyncio.Task[None] | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._stopped.set()
+        self._kill_reason: str | None = None
+
+        self.started_at: float | None = None  # clock() when it became ready
+        self.ready_at_wall: float | None = None
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.restart_at: float | None = None  # clock() of a scheduled restart
+        self.rss: int | None = None
+        self.rss_peak: int | None = None
+        self.load_seconds: float | None = None
+        self.spawn_count = 0
+
+    # --- reading ------------------------------------------------------------------------------
+    @property
+    def state(self) -> ModelState:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def port(self) -> int | None:
+        return self.settings.port if self._process is not None else None
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        return self._endpoint if self._state == ModelState.READY else None
+
+    @property
+    def failed_for_good(self) -> bool:
+        return self._state == ModelState.FAILED and self._restart_task is None
+
+    def uptime(self) -> float | None:
+        if self._state != ModelState.READY or self.started_at is None:
+            return None
+        return self._clock() - self.started_at
+
+    def mark_invalid(self, reason: str) -> None:
+        """A model that must not be started (its file is unusable): failed until a restart."""
+        self.last_error = reason
+        self.log.note(f"not started: {reason}")
+        self._set_state(ModelState.FAILED)
+
+    # --- the door -----------------------------------------------------------------------------
+    async def ensure_ready(self) -> Endpoint:
+        """The ready endpoint, starting the server if needed (see the table in the module doc)."""
+        while True:
+            state = self._state
+            if state == ModelState.READY and self._endpoint is not None:
+                return self._endpoint
+            if state == ModelState.STOPPING:
+                await self._stopped.wait()
+                continue
+            outcome = self.start_soon()
+            if outcome is None:
+                continue
+            return await asyncio.shield(outcome)
+
+    def start_soon(self) -> asyncio.Future[Endpoint] | None:
+        """Begin a start if stopped and return the future of the start under way or scheduled.
+
+        Synchronous, so a caller holding a lock (the supervisor's admission) knows the model
+        is `starting` before it lets go. None when ready or stopping: call `ensure_ready()`.
+        """
+        state = self._state
+        if state in (ModelState.READY, ModelState.STOPPING):
+            return None
+        if state == ModelState.FAILED and self._restart_task is None:
+            raise ModelFailedError(f"{self.name}: failed: {self.last_error}")
+        if state == ModelState.STOPPED:
+            self._begin_start()
+        assert self._outcome is not None
+        return self._outcome
+
+    async def restart(self) -> Endpoint:
+        """Explicit restart (admin, dashboard): forgets past failures, stops, starts."""
+        self.policy.reset()
+        await self.stop("restart requested")
+        return await self.ensure_ready()
+
+    async def stop(self, reason: str = "stop requested") -> None:
+        """Stop the server (TERM, wait, KILL the group) and wait until it has exited. Safe twice."""
+        if self._state == ModelState.STOPPED:
+            return
+        if self._state == ModelState.STOPPING:
+            await self._stopped.wait()
+            return
+        if self._state == ModelState.FAILED and self._process is None:
+            self._cancel(self._restart_task)
+            self._restart_task = None
+            self.restart_at = None
+            self._fail_outcome(ModelStoppedError(f"{self.name}: stopped ({reason})"))
+            self._set_state(ModelState.STOPPED)
+            return
+        self._set_state(ModelState.STOPPING)
+        self._stopped.clear()
+        self.log.note(f"stopping: {reason}")
+        tasks = [t for t in (self._start_task, self._restart_task, self._health_task) if t]
+        for task in tasks:
+            self._cancel(task)
+        # let them unwind first: a start cancelled mid-spawn still hands over its process
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._start_task = self._restart_task = self._health_task = None
+        self.restart_at = None
+        self._fail_outcome(ModelStoppedError(f"{self.name}: stopped ({reason})"))
+        await self._terminate()
+        self._set_state(ModelState.STOPPED)
+        self._stopped.set()
+
+    async def close(self) -> None:
+        await self.stop("lalo is shutting down")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.log.close()
+
+    # --- starting -----------------------------------------------------------------------------
+    def _begin_start(self, delay: float = 0.0) -> None:
+        """Schedule a start (after `delay`); the outcome future is what ensure_ready waits on."""
+        if self._outcome is None or self._outcome.done():
+            self._outcome = asyncio.get_running_loop().create_future()
+            self._outcome.add_done_callback(_consume_exception)
+        if delay > 0:
+            self.restart_at = self._clock() + delay
+            self._restart_task = self._spawn_task(self._delayed_start(delay), "restart")
+        else:
+            self._set_state(ModelState.STARTING)
+            self._start_task = self._spawn_task(self._start(), "start")
+
+    async def _delayed_start(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._restart_task = None
+        self.restart_at = None
+        if self._state == ModelState.FAILED:
+            self._set_state(ModelState.STARTING)
+            self._start_task = self._spawn_task(self._start(), "start")
+
+    async def _start(self) -> None:
+        try:
+            endpoint = await self._start_attempts()
+        except asyncio.CancelledError:
+            raise
+        except (ModelStartError, EngineError, OSError) as exc:
+            self._after_failure(str(exc), uptime=None, error=exc)
+            return
+        self._start_task = None
+        self.started_at = self._clock()
+        self.ready_at_wall = time.time()
+        self._endpoint = endpoint
+        self._set_state(ModelState.READY)
+        self.log.note(f"ready on {endpoint.base_url} (pid {endpoint.pid}) in {self.load_seconds:.2f} s")
+        self._sample_memory()
+        self._health_task = self._spawn_task(self._watch(), "health")
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_result(endpoint)
+
+    async def _start_attempts(self) -> Endpoint:
+        """Spawn and wait for readiness; a port someone else took is retried on a fresh port."""
+        for attempt in range(_PORT_RETRIES):
+            port = self._ports(self.settings.host)
+            self.settings = dataclasses.replace(
+                self.settings, port=port, api_key=secrets.token_urlsafe(24)
+            )
+            try:
+                return await self._start_once()
+            except ModelStartError:
+                if attempt + 1 < _PORT_RETRIES and platform.port_in_use(self.settings.host, port):
+                    self.log.note(f"port {port} was taken by another process; trying another port")
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    async def _start_once(self) -> Endpoint:
+        spec = self.engine.launch_spec(self.settings)
+        self._spec = spec
+        began = self._clock()
+        self.log.note("starting: " + " ".join(spec.argv))
+        spawning = asyncio.ensure_future(self._spawner(spec))
+        try:
+            process = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            # finish spawning so that whoever cancelled us can stop the process: no orphan
+            with contextlib.suppress(Exception):
+                self._process = await spawning
+            raise
+        self.spawn_count += 1
+        self._process = process
+        self._kill_reason = None
+        created = platform.create_time(process.pid) or time.time()
+        self._events.spawned(self.name, process.pid, created, self.settings.port)
+        if process.stdout is not None:
+            self._reader_task = self._spawn_task(self._read_output(process.stdout), "output")
+        exited = asyncio.ensure_future(process.wait())
+        ready = asyncio.ensure_future(self._poll_ready(spec))
+        try:
+            done, _ = await asyncio.wait(
+                {exited, ready}, timeout=self.timeouts.load_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        except asyncio.CancelledError:
+            exited.cancel()
+            raise
+        finally:
+            ready.cancel()
+        if ready in done and not ready.cancelled() and ready.exception() is None:
+            exited.cancel()
+            self.load_seconds = self._clock() - began
+            return Endpoint(spec.base_url, self.settings.api_key, process.pid)
+        if exited in done:
+            code = exited.result()
+            await self._finish_process()
+            raise ModelStartError(
+                f"{self.name}: server exited while starting ({_describe_exit(code)})"
+                + self._log_excerpt()
+            )
+        exited.cancel()
+        await self._terminate()
+        raise ModelStartError(
+            f"{self.name}: not ready within load_timeout={self.timeouts.load_timeout:g} s; killed"
+            + self._log_excerpt()
+        )
+
+    async def _poll_ready(self, spec: LaunchSpec) -> None:
+        url = spec.base_url + spec.ready_path
+        headers = {"Authorization": f"Bearer {self.settings.api_key}"}
+        while True:
+            try:
+                response = await self._http.get(url, headers=headers, timeout=2.0)
+                if response.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(self.timeouts.probe_interval)
+
+    # --- while ready --------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        """Race the process's exit against periodic health checks; a hang is killed."""
+        process = self._process
+        spec = self._spec
+        assert process is not None and spec is not None
+        exited = asyncio.ensure_future(process.wait())
+        last_ok = self._clock()
+        try:
+            while True:
+                done, _ = await asyncio.wait({exited}, timeout=self.timeouts.health_interval)
+                if exited in done:
+                    break
+                if await self._healthy(spec):
+                    last_ok = self._clock()
+                    self._sample_memory()
+                elif self._clock() - last_ok >= self.timeouts.liveness_timeout:
+                    self._kill_reason = (
+                        f"no answer to {spec.health_path} for "
+                        f"{self.timeouts.liveness_timeout:g} s (hung); killed"
+                    )
+                    self.log.note(self._kill_reason)
+                    platform.stop_signal_continue(process.pid)
+                    platform.kill_group(process.pid)
+                    await exited
+                    break
+        finally:
+            if not exited.done():
+                exited.cancel()
+        code = exited.result()
+        uptime = self.uptime()
+        await self._finish_process()
+        reason = self._kill_reason or f"server exited ({_describe_exit(code)})"
+        self._health_task = None
+        self._after_failure(reason + self._log_excerpt(), uptime=uptime, error=None)
+
+    async def _healthy(self, spec: LaunchSpec) -> bool:
+        headers = {"Authorization": f"Bearer {self.settings.api_key}"} if spec.health_needs_key else {}
+        try:
+            response = await self._http.get(
+                spec.base_url + spec.health_path, headers=headers,
+                timeout=min(self.timeouts.liveness_timeout, 5.0),
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def _sample_memory(self) -> None:
+        if self._process is None:
+            return
+        rss = platform.rss_of(self._process.pid)
+        if rss is None:
+            return
+        self.rss = rss
+        if self.rss_peak is None or rss > self.rss_peak:
+            self.rss_peak = rss
+            self._events.measured(self.name, rss)
+
+    # --- failures -----------------------------------------------------------------------------
+    def _after_failure(self, reason: str, *, uptime: float | None, error: Exception | None) -> None:
+        """A start failed or a ready server died: failed, then a restart after backoff or never."""
+        self._start_task = None
+        self._endpoint = None
+        self.last_error = reason
+        self.log.note(f"failed: {reason.splitlines()[0]}")
+        log.warning("%s", reason.splitlines()[0])
+        self._set_state(ModelState.FAILED)
+        delay = self.policy.on_failure(uptime)
+        if self._outcome is not None and not self._outcome.done():
+            # callers waiting on this start learn why at once; a retry gets a new future
+            self._outcome.set_exception(error or ModelStartError(reason))
+        if delay is None:
+            self.log.note(f"giving up after {self.policy.failures} failures; "
+                          "failed until an explicit restart")
+            return
+        self.restarts += 1
+        self._begin_start(delay)
+
+    def _fail_outcome(self, error: Exception) -> None:
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_exception(error)
+
+    # --- processes ----------------------------------------------------------------------------
+    async def _terminate(self) -> None:
+        """TERM the group, wait stop_timeout, KILL the group, reap. Safe when nothing runs."""
+        process = self._process
+        if process is None:
+            return
+        if process.returncode is None:
+            platform.stop_signal_continue(process.pid)
+            platform.terminate_group(process.pid)
+            try:
+                await asyncio.wait_for(asyncio.shield(process.wait()), self.timeouts.stop_timeout)
+            except TimeoutError:
+                self.log.note(f"no exit {self.timeouts.stop_timeout:g} s after SIGTERM; killing")
+                platform.kill_group(process.pid)
+                await process.wait()
+        # stragglers in the group (a llamafile's children) go too
+        platform.kill_group(process.pid)
+        await self._finish_process()
+
+    async def _finish_process(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        if self._reader_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._reader_task), 2.0)
+            self._cancel(self._reader_task)
+            self._reader_task = None
+        self.log.note(f"pid {process.pid} exited ({_describe_exit(process.returncode)})")
+        self._events.exited(self.name, process.pid)
+        self._process = None
+        self._endpoint = None
+        self.started_at = None
+        self.rss = None
+
+    async def _read_output(self, stream: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line longer than the stream limit: take what is there
+                line = await stream.read(65536)
+            if not line:
+                return
+            self.log.write(line)
+
+    def _log_excerpt(self) -> str:
+        lines = [line for line in self.log.last_lines(40) if not line.startswith("--- lalo:")]
+        lines = lines[-_LOG_LINES_IN_ERRORS:]
+        return ("\n" + "\n".join("  | " + line for line in lines)) if lines else ""
+
+    # --- plumbing -----------------------------------------------------------------------------
+    def _set_state(self, new: ModelState) -> None:
+        old = self._state
+        if new == old:
+            return
+        if new not in _ALLOWED[old]:
+            raise AssertionError(f"{self.name}: illegal transition {old} -> {new}")
+        self._state = new
+        log.info("%s: %s -> %s", self.name, old, new)
+        self._events.changed(self.name, new)
+
+    def _spawn_task(self, coro: Any, label: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}:{label}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: internal error in %s", self.name, task.get_name(),
+                      exc_info=task.exception())
+
+    @staticmethod
+    def _cancel(task: asyncio.Task[Any] | None) -> None:
+        if task is not None and not task.done():
+            task.cancel()
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self._clock()
+        uptime = self.uptime()
+        return {
+            "state": str(self._state),
+            "pid": self.pid,
+            "port": self.port if self._state in (ModelState.STARTING, ModelState.READY) else None,
+            "rss": self.rss,
+            "rss_peak": self.rss_peak,
+            "uptime_s": round(uptime, 1) if uptime is not None else None,
+            "restarts": self.restarts,
+            "failures": self.policy.failures,
+            "last_error": self.last_error,
+            "restart_in_s": round(max(0.0, self.restart_at - now), 1)
+            if self.restart_at is not None else None,
+            "load_seconds": round(self.load_seconds, 3) if self.load_seconds is not None else None,
+            "buffers": dict(self.log.buffers),
+        }
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _consume_exception(future: asyncio.Future[Any]) -> None:
+    # a start may fail with nobody waiting; don't let asyncio log "exception never retrieved"
+    if not future.cancelled():
+        future.exception()

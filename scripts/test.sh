@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install lalo and everything its tests need, then run the whole test suite.
+# This is the README's test command and exactly what CI (.ci/run) runs.
+#   ./scripts/test.sh                 everything (builds llama-server once into the user cache)
+#   ./scripts/test.sh -m "not integration"   fast unit tests only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages: a compiler and cmake to build llama-server, Debian's chromium for the
+# dashboard's browser tests (Playwright's own browser download needs the internet),
+# unzip to check llamafiles.
+need=()
+command -v cmake >/dev/null || need+=(cmake)
+command -v g++ >/dev/null || need+=(g++)
+command -v chromium >/dev/null || need+=(chromium)
+command -v unzip >/dev/null || need+=(unzip)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "installing system packages: ${need[*]}" >&2
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[dev,llama-cpp-python]'
+exec .venv/bin/python -m pytest "$@"

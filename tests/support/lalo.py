@@ -1,0 +1,148 @@
+"""Run the real `lalo up` as a subprocess against a config, and wait on conditions with deadlines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import psutil
+import yaml
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
+               message: str = "condition") -> T:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = condition()
+        except (httpx.HTTPError, OSError, KeyError, ValueError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {message}; last: {last!r}")
+
+
+def write_config(path: Path, models: Mapping[str, Mapping[str, Any]], **sections: Any) -> Path:
+    data: dict[str, Any] = {**sections, "models": {k: dict(v) for k, v in models.items()}}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class LaloUp:
+    """`python -m launcher up --config C --port P` with its own state dir; always cleaned up."""
+
+    def __init__(self, config: Path, env: Mapping[str, str], port: int | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.config = config
+        self.env = dict(env)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.extra = extra
+        self.proc: subprocess.Popen[str] | None = None
+        self.log_path = config.parent / f"lalo-up-{self.port}.log"
+
+    def start(self) -> LaloUp:
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "launcher", "up", "--config", str(self.config),
+             "--port", str(self.port), *self.extra],
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT, text=True,
+        )
+        wait_until(self.answers, 60, message=f"lalo up to answer on {self.url}")
+        return self
+
+    def answers(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"lalo up exited with {self.proc.returncode}:\n{self.output()}")
+        try:
+            return httpx.get(self.url + "/health", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def output(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def status(self) -> dict[str, Any]:
+        response = httpx.get(self.url + "/api/status", timeout=5.0, headers=self.headers())
+        response.raise_for_status()
+        return dict(response.json())
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def model(self, name: str) -> dict[str, Any]:
+        return next(m for m in self.status()["models"] if m["name"] == name)
+
+    def wait_state(self, name: str, state: str, timeout: float = 60.0) -> dict[str, Any]:
+        return wait_until(lambda: (m := self.model(name))["state"] == state and m, timeout,
+                          message=f"{name} to be {state}")
+
+    def children(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        children = self.children()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for child in children:  # never leave servers behind a failed test
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self._log.close()
+
+    def __enter__(self) -> LaloUp:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def lalo_env(state_dir: Path, config_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"LALO_STATE_DIR": str(state_dir), "LALO_CONFIG_DIR": str(config_dir),
+                "PYTHONUNBUFFERED": "1"})
+    env.pop("LALO_CONFIG", None)
+    env.pop("LALO_API_KEYS", None)
+    env.update(extra or {})
+    return env

@@ -1,0 +1,115 @@
+"""Planner decisions on crafted budgets, and eviction choices."""
+
+from __future__ import annotations
+
+from launcher.estimate import ModelFacts, estimate_memory
+from launcher.planner import (
+    Budget,
+    Candidate,
+    Loaded,
+    choose_evictions,
+    compute_budget,
+    make_plan,
+)
+
+MIB = 1024**2
+GIB = 1024**3
+
+
+def facts(params: int = 1_200_000_000, file_type: str = "Q8_0", bits: float = 8.5) -> ModelFacts:
+    return ModelFacts(
+        architecture="llama", parameters=params, weight_bytes=int(params * bits / 8),
+        n_layer=16, n_embd=2048, n_ff=8192, n_head=32, n_vocab=65536,
+        kv_heads=(8,) * 16, key_length=64, value_length=64, n_ctx_train=32768,
+        file_type=file_type,
+    )
+
+
+def test_auto_budget_is_available_minus_reserve() -> None:
+    budget = compute_budget("auto", 1 * GIB, 7 * GIB)
+    assert budget.bytes == 6 * GIB
+    assert budget.source == "auto: 7.00 GiB available - 1.00 GiB reserve"
+    assert compute_budget("auto", 2 * GIB, 1 * GIB).bytes == 0
+
+
+def test_configured_budget_notes_when_above_available() -> None:
+    budget = compute_budget(6 * GIB, 1 * GIB, 4 * GIB)
+    assert budget.bytes == 6 * GIB
+    assert "more than the 4.00 GiB available now" in budget.source
+
+
+def test_preload_models_start_in_order_while_they_fit() -> None:
+    plan = make_plan(
+        [Candidate("a", 3 * GIB, True), Candidate("b", 2 * GIB, True), Candidate("c", 2 * GIB, True),
+         Candidate("d", 1 * GIB, False)],
+        Budget(6 * GIB, "test"),
+    )
+    assert [d.action for d in plan.decisions] == ["start", "start", "on-demand", "on-demand"]
+    assert plan.preload_total == 5 * GIB
+    assert plan.remaining == 1 * GIB
+    assert plan.decision("c").reason == (
+        "needs 2.00 GiB but only 1.00 GiB is left beside a, b; loads on first request, "
+        "unloading idle models"
+    )
+    assert plan.decision("d").reason == "loads on first request; needs 1.00 GiB (estimated)"
+
+
+def test_max_loaded_caps_preloads() -> None:
+    plan = make_plan([Candidate(n, 100 * MIB, True) for n in "abc"], Budget(GIB, "t"), max_loaded=2)
+    assert [d.action for d in plan.decisions] == ["start", "start", "on-demand"]
+    assert "max_loaded=2 reached by a, b" in plan.decision("c").reason
+
+
+def test_a_model_that_cannot_fit_alone_gets_numbers_and_what_would_fit() -> None:
+    model_facts = facts()
+    need = estimate_memory(model_facts, 32768).total
+    budget = Budget(estimate_memory(model_facts, 4096).total, "test")
+    plan = make_plan([Candidate("big", need, True, facts=model_facts, ctx_size=32768)], budget)
+    decision = plan.decision("big")
+    assert decision.action == "cannot-fit"
+    assert decision.reason.startswith(f"needs {need / GIB:.2f} GiB (estimated), more than the whole budget")
+    assert decision.suggestions[0].startswith("ctx_size: ")
+    assert decision.suggestions[0] == "ctx_size: 4096 would fit"
+    assert len(decision.suggestions) == 1  # the KV cache at 32k is the problem, not the weights
+
+
+def test_a_smaller_quantization_is_suggested_when_it_would_fit() -> None:
+    model_facts = facts()
+    q4 = ModelFacts(**{**model_facts.__dict__, "weight_bytes": int(model_facts.parameters * 4.85 / 8)})
+    budget = Budget(estimate_memory(q4, 2048).total + MIB, "test")
+    need = estimate_memory(model_facts, 2048).total
+    plan = make_plan([Candidate("m", need, True, facts=model_facts, ctx_size=2048)], budget)
+    hints = plan.decision("m").suggestions
+    assert hints[-1].startswith("a Q4_K_M file (~") and hints[-1].endswith("would fit at ctx_size 2048")
+
+
+def test_nothing_fits_says_so() -> None:
+    plan = make_plan([Candidate("big", 5 * GIB, True, facts=facts(), ctx_size=2048)],
+                     Budget(100 * MIB, "t"))
+    assert plan.decision("big").suggestions == (
+        "no smaller context or quantization fits; use a smaller model or free RAM",
+    )
+
+
+def test_measured_figure_is_reported() -> None:
+    plan = make_plan([Candidate("a", GIB, True, measured=True)], Budget(2 * GIB, "t"))
+    assert "(measured)" in plan.decision("a").reason
+
+
+def test_evicts_least_recently_used_idle_unpinned() -> None:
+    loaded = [
+        Loaded("old", 2 * GIB, last_used=1.0, busy=False, pinned=False),
+        Loaded("busy", 2 * GIB, last_used=0.5, busy=True, pinned=False),
+        Loaded("pinned", 2 * GIB, last_used=0.1, busy=False, pinned=True),
+        Loaded("recent", 2 * GIB, last_used=9.0, busy=False, pinned=False),
+    ]
+    assert choose_evictions(loaded, 8 * GIB, 1 * GIB) == ["old"]
+    assert choose_evictions(loaded, 8 * GIB, 3 * GIB) == ["old", "recent"]
+    assert choose_evictions(loaded, 8 * GIB, 5 * GIB) is None  # busy and pinned stay
+    assert choose_evictions(loaded, 9 * GIB, 1 * GIB) == []
+
+
+def test_eviction_respects_max_loaded() -> None:
+    loaded = [Loaded("a", MIB, 1.0, False, False), Loaded("b", MIB, 2.0, False, False)]
+    assert choose_evictions(loaded, GIB, MIB, max_loaded=2) == ["a"]
+    assert choose_evictions(loaded, GIB, MIB, max_loaded=3) == []

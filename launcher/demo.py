@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from launcher import paths
-from launcher.models.synthetic import SHAPES, write_synthetic_model
 
 DEMO_MODEL = "demo"
 DEMO_FILE = "demo-llama-6m-random-weights-f16.gguf"
@@ -16,6 +15,9 @@ def ensure_demo_model(directory: Path | None = None) -> Path:
     """The demo GGUF in the cache, written on first use (well under a second)."""
     path = (directory or paths.synthetic_dir()) / DEMO_FILE
     if not path.is_file():
+        # imported here: the writer pulls in gguf-py and numpy, which a running lalo does not need
+        from launcher.models.synthetic import SHAPES, write_synthetic_model
+
         write_synthetic_model(
             path, SHAPES["demo"], tensor_type="F16",
             name="lalo demo llama 6M (random weights)",

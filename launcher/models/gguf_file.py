@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
-
 from launcher.errors import GGUFError
+from launcher.models.ggml_types import FILE_TYPES, TENSOR_TYPES
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -57,10 +56,8 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
-        try:
-            return GGMLQuantizationType(self.ggml_type).name
-        except ValueError:
-            return f"type{self.ggml_type}"
+        known = TENSOR_TYPES.get(self.ggml_type)
+        return known[0] if known else f"type{self.ggml_type}"
 
 
 @dataclass(frozen=True)
@@ -98,10 +95,7 @@ class GGUFInfo:
         """Quantization name as llama.cpp reports it (Q4_K_M, F16, ...)."""
         value = self.metadata.get("general.file_type")
         if isinstance(value, int):
-            try:
-                return LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-            except ValueError:
-                return f"type{value}"
+            return FILE_TYPES.get(value, f"type{value}")
         return self.dominant_tensor_type
 
     @property
@@ -368,10 +362,10 @@ def _read_array(cursor: _Cursor, key: str, item_type: int, count: int) -> Any:
 
 
 def _tensor_bytes(path: Path, name: str, shape: tuple[int, ...], ggml_type: int) -> int:
-    try:
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-    except (ValueError, KeyError):
-        raise GGUFError(f"{path}: tensor {name!r} has unknown type {ggml_type}") from None
+    known = TENSOR_TYPES.get(ggml_type)
+    if known is None:
+        raise GGUFError(f"{path}: tensor {name!r} has unknown type {ggml_type}")
+    _, block, type_size = known
     elements = 1
     for dim in shape:
         elements *= dim

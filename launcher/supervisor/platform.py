@@ -110,9 +110,14 @@ def create_time(pid: int) -> float | None:
 
 
 def is_same_process(pid: int, created: float) -> bool:
-    """True if `pid` is still the process that was started at `created` (pids get reused)."""
-    current = create_time(pid)
-    return current is not None and abs(current - created) < 0.05
+    """True if `pid` is still the running process started at `created` (pids get reused;
+    a zombie waiting for its parent to reap it has exited and does not count)."""
+    try:
+        process = psutil.Process(pid)
+        return abs(process.create_time() - created) < 0.05 and \
+            process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def reap_recorded(pid: int, created: float) -> bool:

@@ -37,8 +37,9 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, llama_server_bin: Path, smal
             "alpha": {"file": str(small_model), "ctx_size": 8192, "aliases": ["first"]},
             "beta": {"file": str(small_model_b), "ctx_size": 1024},
             "lazy": {"file": str(small_model), "ctx_size": 512, "preload": False},
+            # a generative model has no pooling of its own: OpenAI embeddings need one
             "embed": {"file": str(small_model_b), "ctx_size": 512, "embeddings": True,
-                      "preload": False},
+                      "preload": False, "args": ["--pooling", "mean"]},
         },
         engines={"llama_server": {"path": str(llama_server_bin)}},
         supervisor=FAST,

@@ -95,3 +95,14 @@ def test_reading_is_instant_on_a_large_file(tmp_path: Path) -> None:
     info = read_gguf(path)
     assert info.file_size == 2 * 1024**3
     assert info.parameter_count == SHAPES[0].parameter_count()
+
+
+def test_type_tables_match_gguf_py() -> None:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+    from launcher.models.ggml_types import FILE_TYPES, TENSOR_TYPES
+
+    for kind in GGMLQuantizationType:
+        assert TENSOR_TYPES[int(kind)] == (kind.name, *GGML_QUANT_SIZES[kind])
+    for file_type in LlamaFileType:
+        assert FILE_TYPES[int(file_type)] == file_type.name.removeprefix("MOSTLY_").removeprefix("ALL_")

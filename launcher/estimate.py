@@ -7,7 +7,9 @@ docs/memory-estimate.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from launcher.models.gguf_file import GGUFInfo
 
@@ -17,11 +19,36 @@ CTX_PAD = 256  # llama.cpp pads the context to a multiple of 256
 UBATCH = 512  # llama-server's default -ub: the compute graph is sized for this many tokens
 
 # Calibrated constants (bench/calibrate_estimate.py); see docs/memory-estimate.md.
-PROCESS_OVERHEAD = 56 * MIB  # binary, libc, threads, HTTP server, chat template engine
+PROCESS_OVERHEAD = 18 * MIB  # binary, libc, threads, HTTP server, chat template engine
 VOCAB_OVERHEAD_PER_TOKEN = 200  # tokenizer tables in RAM, bytes per vocab entry
-COMPUTE_PER_UBATCH_EMBD = 4 * 24  # bytes per (token x n_embd) of activations in the graph
-COMPUTE_PER_UBATCH_FF = 4 * 3  # bytes per (token x n_ff)
-COMPUTE_FIXED = 4 * MIB
+CTX_OVERHEAD_PER_TOKEN = 400  # prompt-cache bookkeeping that grows with the context
+COMPUTE_PER_EMBD = 4 * 5.5  # graph activations: bytes per (ubatch token x n_embd)
+COMPUTE_PER_FF = 4 * 2.45  # bytes per (ubatch token x n_ff)
+COMPUTE_PER_VOCAB = 16  # bytes per vocab entry
+MASK_BYTES = 2  # the f16 attention mask: ubatch x context
+
+# Tensor types llama.cpp's CPU backend repacks into an interleaved copy (repack.cpp), by CPU.
+# The copy is anonymous memory; the file pages it came from stay mapped (and in RSS).
+_REPACK_X86_AVX2 = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"})
+_REPACK_ARM_DOTPROD = frozenset({"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q8_0", "MXFP4"})
+
+
+def repack_types_for(machine: str, features: frozenset[str] | set[str]) -> frozenset[str]:
+    """Which tensor types llama.cpp repacks on a CPU with `features` (cpuinfo flag names)."""
+    if machine in ("x86_64", "amd64") and "avx2" in features:
+        return _REPACK_X86_AVX2 | ({"Q2_K"} if "avx512f" in features else set())
+    if machine in ("arm64", "aarch64") and ("dotprod" in features or "asimddp" in features):
+        return _REPACK_ARM_DOTPROD
+    return frozenset()
+
+
+@functools.cache
+def local_repack_types() -> frozenset[str]:
+    from launcher.doctor import cpu_info  # the CPU facts live with `lalo doctor`
+
+    info = cpu_info()
+    return repack_types_for(info.machine, set(info.features))
+
 
 # Approximate bits per weight of llama.cpp's file types (for "what would fit" hints).
 QUANT_BITS = {
@@ -62,6 +89,8 @@ class ModelFacts:
     # bytes of per-sequence recurrent state per non-attention layer (conv / SSM), f32
     recurrent_state_per_layer: int = 0
     file_type: str = "unknown"
+    # bytes of matrix-multiply weights by tensor type: what the CPU backend may repack
+    matmul_bytes_by_type: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_gguf(cls, info: GGUFInfo) -> ModelFacts:
@@ -71,6 +100,7 @@ class ModelFacts:
             l_cache = int(info.arch_value("shortconv.l_cache", 3))
             recurrent = (l_cache - 1) * info.embedding_length * 4
         return cls(
+            matmul_bytes_by_type=_repackable_bytes(info),
             architecture=info.architecture,
             parameters=info.parameter_count,
             weight_bytes=info.tensor_bytes,
@@ -96,11 +126,29 @@ class ModelFacts:
         return sum(heads * (self.key_length + self.value_length) for heads in self.kv_heads) * width
 
 
+def _repackable_bytes(info: GGUFInfo) -> dict[str, int]:
+    """Bytes per type of the weights that feed matrix multiplies with rows in groups of 8.
+
+    The token embedding is only looked up (never multiplied) unless it is tied to the
+    output, where llama.cpp loads it a second time as the output matrix.
+    """
+    by_type: dict[str, int] = {}
+    has_output = any(t.name == "output.weight" for t in info.tensors)
+    for tensor in info.tensors:
+        if len(tensor.shape) != 2 or tensor.shape[1] % 8:
+            continue
+        if tensor.name == "token_embd.weight" and has_output:
+            continue
+        by_type[tensor.type_name] = by_type.get(tensor.type_name, 0) + tensor.n_bytes
+    return by_type
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes, by component; `total` is what the planner reserves for the model."""
 
     weights: int
+    repacked: int  # a second, interleaved copy of some weights (see repack_types_for)
     kv_cache: int
     recurrent_state: int
     compute: int
@@ -110,11 +158,13 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.recurrent_state + self.compute + self.overhead
+        return (self.weights + self.repacked + self.kv_cache + self.recurrent_state
+                + self.compute + self.overhead)
 
     def as_dict(self) -> dict[str, int]:
         return {
             "weights": self.weights,
+            "repacked": self.repacked,
             "kv_cache": self.kv_cache,
             "recurrent_state": self.recurrent_state,
             "compute": self.compute,
@@ -130,26 +180,36 @@ def padded_ctx(ctx_size: int) -> int:
 
 
 def estimate_memory(
-    facts: ModelFacts, ctx_size: int, parallel: int = 1, kv_type: str = "f16"
+    facts: ModelFacts,
+    ctx_size: int,
+    parallel: int = 1,
+    kv_type: str = "f16",
+    repack_types: frozenset[str] | None = None,
 ) -> MemoryEstimate:
-    """Resident memory of llama-server serving `facts` with `-c ctx_size -np parallel`.
+    """Resident memory (RSS) of llama-server serving `facts` with `-c ctx_size -np parallel`.
 
-    llama-server's KV cache is unified: `ctx_size` is shared by all slots, so KV size
+    llama-server's KV cache is unified: `ctx_size` is shared by all slots, so the KV cache
     depends on `ctx_size` only; recurrent state and output buffers scale with `parallel`.
+    `repack_types`: tensor types this CPU repacks (default: this machine's).
     """
     ctx = padded_ctx(ctx_size)
+    kinds = local_repack_types() if repack_types is None else repack_types
+    repacked = sum(size for kind, size in facts.matmul_bytes_by_type.items() if kind in kinds)
     kv = int(ctx * facts.kv_bytes_per_token(kv_type))
     recurrent_layers = facts.n_layer - facts.attention_layers
     recurrent = facts.recurrent_state_per_layer * recurrent_layers * parallel
     ubatch = min(UBATCH, ctx)
-    compute = (
-        COMPUTE_FIXED
-        + ubatch * (facts.n_embd * COMPUTE_PER_UBATCH_EMBD + facts.n_ff * COMPUTE_PER_UBATCH_FF)
-        + ubatch * facts.n_vocab * 4  # logits of one ubatch
+    compute = int(
+        ubatch * (facts.n_embd * COMPUTE_PER_EMBD + facts.n_ff * COMPUTE_PER_FF)
+        + facts.n_vocab * COMPUTE_PER_VOCAB
+        + ubatch * ctx * MASK_BYTES
     )
-    overhead = PROCESS_OVERHEAD + facts.n_vocab * VOCAB_OVERHEAD_PER_TOKEN + parallel * facts.n_vocab * 4
+    overhead = (PROCESS_OVERHEAD + facts.n_vocab * VOCAB_OVERHEAD_PER_TOKEN
+                + ctx * CTX_OVERHEAD_PER_TOKEN
+                + parallel * facts.n_vocab * 4)  # logits of each slot's last token
     return MemoryEstimate(
         weights=facts.weight_bytes,
+        repacked=repacked,
         kv_cache=kv,
         recurrent_state=recurrent,
         compute=compute,
@@ -183,8 +243,24 @@ def fitting_quantizations(
         if current is not None and bits >= current:
             continue
         weights = int(facts.parameters * bits / 8)
-        smaller = ModelFacts(**{**facts.__dict__, "weight_bytes": weights, "file_type": name})
+        smaller = replace(facts, weight_bytes=weights, file_type=name,
+                          matmul_bytes_by_type=approximate_matmul_bytes(name, weights))
         total = estimate_memory(smaller, ctx_size, parallel).total
         if total <= budget:
             found.append((name, total))
     return found
+
+
+# The tensor type most of a file type's matrices use, and the share of the weights they hold
+# (measured on llama.cpp's Q4_K_M files of several shapes: 62-72 %).
+_MAIN_TYPE = {"Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K",
+              "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K", "Q2_K": "Q2_K", "Q6_K": "Q6_K",
+              "Q8_0": "Q8_0", "Q4_0": "Q4_0", "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL",
+              "F16": "F16", "BF16": "BF16", "F32": "F32"}
+MAIN_TYPE_SHARE = 0.7
+
+
+def approximate_matmul_bytes(file_type: str, weight_bytes: int) -> dict[str, int]:
+    """`matmul_bytes_by_type` for a model known only by its file type and size (no file yet)."""
+    main = _MAIN_TYPE.get(file_type.upper())
+    return {main: int(weight_bytes * MAIN_TYPE_SHARE)} if main else {}

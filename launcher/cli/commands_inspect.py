@@ -60,7 +60,8 @@ def inspect(
     rows.append((
         "memory estimate",
         f"{format_size(estimate.total)} at ctx_size {ctx_size}, parallel {parallel}: "
-        f"weights {format_size(estimate.weights)} + KV {format_size(estimate.kv_cache)} + "
+        f"weights {format_size(estimate.weights)} + repacked {format_size(estimate.repacked)} + "
+        f"KV {format_size(estimate.kv_cache)} + "
         f"state {format_size(estimate.recurrent_state)} + compute {format_size(estimate.compute)} + "
         f"overhead {format_size(estimate.overhead)}",
     ))

@@ -551,6 +551,7 @@ class ManagedModel:
             "uptime_s": round(uptime, 1) if uptime is not None else None,
             "restarts": self.restarts,
             "failures": self.policy.failures,
+            "max_failures": self.policy.max_failures,
             "last_error": self.last_error,
             "restart_in_s": round(max(0.0, self.restart_at - now), 1)
             if self.restart_at is not None else None,

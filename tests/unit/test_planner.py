@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from launcher.estimate import ModelFacts, estimate_memory
+import re
+from dataclasses import replace
+
+from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes, estimate_memory
 from launcher.planner import (
     Budget,
     Candidate,
@@ -75,12 +78,20 @@ def test_a_model_that_cannot_fit_alone_gets_numbers_and_what_would_fit() -> None
 
 def test_a_smaller_quantization_is_suggested_when_it_would_fit() -> None:
     model_facts = facts()
-    q4 = ModelFacts(**{**model_facts.__dict__, "weight_bytes": int(model_facts.parameters * 4.85 / 8)})
+    weights = int(model_facts.parameters * 4.85 / 8)
+    q4 = replace(model_facts, weight_bytes=weights,
+                 matmul_bytes_by_type=approximate_matmul_bytes("Q4_K_M", weights))
     budget = Budget(estimate_memory(q4, 2048).total + MIB, "test")
     need = estimate_memory(model_facts, 2048).total
     plan = make_plan([Candidate("m", need, True, facts=model_facts, ctx_size=2048)], budget)
     hints = plan.decision("m").suggestions
-    assert hints[-1].startswith("a Q4_K_M file (~") and hints[-1].endswith("would fit at ctx_size 2048")
+    match = re.fullmatch(r"a (\S+) file \(~.+\) would fit at ctx_size 2048", hints[-1])
+    assert match, hints
+    named = match.group(1)
+    suggested = replace(model_facts, weight_bytes=int(model_facts.parameters * QUANT_BITS[named] / 8),
+                        matmul_bytes_by_type=approximate_matmul_bytes(
+                            named, int(model_facts.parameters * QUANT_BITS[named] / 8)))
+    assert estimate_memory(suggested, 2048).total <= budget.bytes
 
 
 def test_nothing_fits_says_so() -> None:

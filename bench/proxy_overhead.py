@@ -1,0 +1,321 @@
+"""What lalo's proxy costs: the same llama-server measured directly and through lalo, interleaved.
+
+Also llama-server's own router mode (`--models-dir`) on the same model files, as the peer.
+Measures, in one run:
+  - streamed decode tokens/s (350M-shape Q4_K_M random-weight model), ratio lalo / direct
+  - time to first token on a tiny model (where proxy cost shows most): p50 / p99 added
+  - 32 concurrent streams: errors and aggregate tokens/s ratio
+  - the proxy's own CPU seconds per 1,000 streamed tokens
+Writes docs/proxy-benchmark.md, docs/proxy-benchmark.json and docs/proxy-benchmark.png.
+
+    python bench/proxy_overhead.py [--samples 60] [--server PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+from launcher.models.synthetic import SHAPES, ModelShape, write_synthetic_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ModelShape(n_embd=64, n_layer=2, n_head=4, n_head_kv=4, n_ff=256, n_vocab=32000)
+
+
+@dataclass
+class Target:
+    name: str
+    url: str  # base URL up to and excluding /v1
+    model: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prepare_models(workdir: Path, server: Path) -> tuple[Path, Path]:
+    tiny = workdir / "tiny.gguf"
+    if not tiny.exists():
+        write_synthetic_model(tiny, TINY, tensor_type="F16", name="bench tiny (random weights)")
+    medium = workdir / "medium.gguf"
+    if not medium.exists():
+        f16 = write_synthetic_model(workdir / "medium-f16.tmp", SHAPES["llama-350m"],
+                                    name="bench 350M (random weights)")
+        subprocess.run([str(server.parent / "llama-quantize"), str(f16), str(medium), "Q4_K_M"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        f16.unlink()
+    return tiny, medium
+
+
+async def stream_once(client: httpx.AsyncClient, target: Target, max_tokens: int,
+                      prompt: str = "Hello") -> tuple[float, list[float]]:
+    """(time to first token, arrival times of every token) for one streamed completion."""
+    body = {"model": target.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "temperature": 0, "ignore_eos": True, "cache_prompt": False}
+    started = time.perf_counter()
+    arrivals: list[float] = []
+    async with client.stream("POST", target.url + "/v1/completions", json=body,
+                             headers=target.headers) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{target.name}: HTTP {response.status_code}: {await response.aread()!r}")
+        async for line in response.aiter_lines():
+            if line.startswith("data:") and '"text"' in line:
+                arrivals.append(time.perf_counter())
+    if not arrivals:
+        raise RuntimeError(f"{target.name}: no tokens")
+    return arrivals[0] - started, arrivals
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def measure(targets_tiny: list[Target], targets_medium: list[Target], samples: int,
+                  lalo_pid: int) -> dict[str, Any]:
+    results: dict[str, Any] = {"ttft": {}, "decode": {}, "concurrent": {}, "cpu": {}}
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=300, limits=limits, trust_env=False) as client:
+        for target in targets_tiny + targets_medium:  # warm up: loads, caches, connections
+            await stream_once(client, target, 8)
+        # time to first token, tiny model, interleaved
+        ttft: dict[str, list[float]] = {t.name: [] for t in targets_tiny}
+        for _ in range(samples):
+            for target in targets_tiny:
+                first, _ = await stream_once(client, target, 1)
+                ttft[target.name].append(first)
+        results["ttft"] = ttft
+        # streamed decode speed, 350M model, interleaved
+        decode: dict[str, list[float]] = {t.name: [] for t in targets_medium}
+        for _ in range(max(5, samples // 10)):
+            for target in targets_medium:
+                _, arrivals = await stream_once(client, target, 128)
+                decode[target.name].append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
+        results["decode"] = decode
+        # 32 concurrent streams on the tiny model (4 slots), and the proxy's CPU per token
+        lalo = psutil.Process(lalo_pid)
+        for target in targets_tiny:
+            cpu_before = sum(lalo.cpu_times()[:2])
+            started = time.perf_counter()
+            outcomes = await asyncio.gather(
+                *(stream_once(client, target, 64) for _ in range(32)), return_exceptions=True)
+            wall = time.perf_counter() - started
+            cpu = sum(lalo.cpu_times()[:2]) - cpu_before
+            tokens = sum(len(o[1]) for o in outcomes if not isinstance(o, BaseException))
+            errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
+            results["concurrent"][target.name] = {
+                "streams": 32, "errors": len(errors), "error_examples": errors[:3],
+                "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            }
+            results["cpu"][target.name] = {"lalo_cpu_seconds": cpu, "tokens": tokens}
+    return results
+
+
+def start_router(server: Path, models_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(server), "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port", str(port),
+         "-c", "4096", "-np", "4"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_http(url: str, timeout: float = 120, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1, headers=headers or {}, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def child_key(pid: int) -> str:
+    for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        if item.startswith(b"LLAMA_API_KEY="):
+            return item.split(b"=", 1)[1].decode()
+    raise RuntimeError("no key")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=60)
+    parser.add_argument("--server", type=Path)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lalo-bench")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = parser.parse_args()
+    if args.server is None:
+        from launcher.engines.registry import require_llama_server
+
+        args.server = require_llama_server().path
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    tiny, medium = prepare_models(args.workdir, args.server)
+    models_dir = args.workdir / "router-models"
+    models_dir.mkdir(exist_ok=True)
+    for path in (tiny, medium):
+        link = models_dir / path.name
+        if not link.exists():
+            link.symlink_to(path)
+
+    state = args.workdir / "state"
+    shutil.rmtree(state, ignore_errors=True)
+    config = args.workdir / "lalo.yaml"
+    config.write_text(yaml.safe_dump({
+        "engines": {"llama_server": {"path": str(args.server)}},
+        "models": {
+            "tiny": {"file": str(tiny), "ctx_size": 4096, "parallel": 4},
+            "medium": {"file": str(medium), "ctx_size": 4096, "parallel": 4},
+        },
+    }))
+    port = free_port()
+    env = {**os.environ, "LALO_STATE_DIR": str(state)}
+    lalo = subprocess.Popen([sys.executable, "-m", "launcher", "up", "--config", str(config),
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    router_port = free_port()
+    router = start_router(args.server, models_dir, router_port)
+    try:
+        lalo_url = f"http://127.0.0.1:{port}"
+        wait_http(lalo_url + "/health")
+        deadline = time.monotonic() + 120
+        while True:
+            status = httpx.get(lalo_url + "/api/status", trust_env=False).json()
+            models = {m["name"]: m for m in status["models"]}
+            if all(m["state"] == "ready" for m in models.values()):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"models not ready: {models}")
+            time.sleep(0.2)
+        wait_http(f"http://127.0.0.1:{router_port}/health")
+
+        def direct(name: str) -> Target:
+            model = models[name]
+            return Target("direct", f"http://127.0.0.1:{model['port']}", name,
+                          {"Authorization": f"Bearer {child_key(model['pid'])}"})
+
+        def via_lalo(name: str) -> Target:
+            return Target("lalo", lalo_url, name)
+
+        def via_router(path: Path) -> Target:
+            return Target("router", f"http://127.0.0.1:{router_port}", path.stem)
+
+        tiny_targets = [direct("tiny"), via_lalo("tiny"), via_router(tiny)]
+        medium_targets = [direct("medium"), via_lalo("medium"), via_router(medium)]
+        results = asyncio.run(measure(tiny_targets, medium_targets, args.samples, lalo.pid))
+        results["lalo_rss"] = psutil.Process(lalo.pid).memory_info().rss
+    finally:
+        lalo.terminate()
+        lalo.wait(60)
+        os.killpg(router.pid, 15)
+        router.wait(30)
+    report(results, args.out, args.samples)
+
+
+def report(results: dict[str, Any], out: Path, samples: int) -> None:
+    ttft = results["ttft"]
+    decode = results["decode"]
+    ms = {name: [v * 1000 for v in values] for name, values in ttft.items()}
+    summary: dict[str, Any] = {"samples": samples}
+    for name in ms:
+        summary[name] = {
+            "ttft_p50_ms": statistics.median(ms[name]),
+            "ttft_p99_ms": percentile(ms[name], 99),
+            "decode_tok_s": statistics.median(decode[name]),
+            "concurrent": results["concurrent"][name],
+        }
+    for name in ("lalo", "router"):
+        summary[name]["ttft_added_p50_ms"] = summary[name]["ttft_p50_ms"] - summary["direct"]["ttft_p50_ms"]
+        summary[name]["ttft_added_p99_ms"] = summary[name]["ttft_p99_ms"] - summary["direct"]["ttft_p99_ms"]
+        summary[name]["decode_ratio"] = summary[name]["decode_tok_s"] / summary["direct"]["decode_tok_s"]
+        summary[name]["concurrent_ratio"] = (summary[name]["concurrent"]["tokens_per_s"]
+                                             / summary["direct"]["concurrent"]["tokens_per_s"])
+    cpu = results["cpu"]["lalo"]
+    summary["lalo"]["cpu_s_per_1000_tokens"] = cpu["lalo_cpu_seconds"] / cpu["tokens"] * 1000
+    summary["lalo_rss"] = results["lalo_rss"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "proxy-benchmark.json").write_text(json.dumps({"summary": summary, "raw": results}, indent=1))
+    plot(ms, decode, out / "proxy-benchmark.png")
+    lalo, router, direct = summary["lalo"], summary["router"], summary["direct"]
+    lines = [
+        "# Proxy overhead: llama-server direct vs through lalo vs llama-server router mode",
+        "",
+        "Made by `python bench/proxy_overhead.py` in one run, requests interleaved "
+        "(direct, lalo, router) so machine noise hits all three alike. Random-weight models: "
+        "a tiny one (64 wide, 2 layers, 32k vocab) for time to first token and concurrency, a "
+        "350M-shape Q4_K_M one for decode speed. Same llama-server binary; the direct target is "
+        "the very child process lalo started.",
+        "",
+        "| | direct | lalo | router mode |",
+        "|---|---:|---:|---:|",
+        f"| TTFT p50 (ms, tiny model, {samples} samples) | {direct['ttft_p50_ms']:.2f} | "
+        f"{lalo['ttft_p50_ms']:.2f} | {router['ttft_p50_ms']:.2f} |",
+        f"| TTFT p99 (ms) | {direct['ttft_p99_ms']:.2f} | {lalo['ttft_p99_ms']:.2f} | "
+        f"{router['ttft_p99_ms']:.2f} |",
+        f"| added TTFT p50 / p99 (ms) | - | {lalo['ttft_added_p50_ms']:+.2f} / "
+        f"{lalo['ttft_added_p99_ms']:+.2f} | {router['ttft_added_p50_ms']:+.2f} / "
+        f"{router['ttft_added_p99_ms']:+.2f} |",
+        f"| streamed decode tok/s (350M Q4_K_M, 128 tokens) | {direct['decode_tok_s']:.1f} | "
+        f"{lalo['decode_tok_s']:.1f} | {router['decode_tok_s']:.1f} |",
+        f"| decode ratio vs direct | 1 | {lalo['decode_ratio']:.3f} | {router['decode_ratio']:.3f} |",
+        f"| 32 concurrent streams: errors | {direct['concurrent']['errors']} | "
+        f"{lalo['concurrent']['errors']} | {router['concurrent']['errors']} |",
+        f"| 32 concurrent streams: aggregate tok/s | {direct['concurrent']['tokens_per_s']:.0f} | "
+        f"{lalo['concurrent']['tokens_per_s']:.0f} | {router['concurrent']['tokens_per_s']:.0f} |",
+        f"| aggregate ratio vs direct | 1 | {lalo['concurrent_ratio']:.3f} | "
+        f"{router['concurrent_ratio']:.3f} |",
+        "",
+        f"lalo's own CPU: {lalo['cpu_s_per_1000_tokens']:.3f} CPU seconds per 1,000 streamed tokens "
+        f"(32 concurrent streams); lalo's RSS {summary['lalo_rss'] / 2**20:.0f} MiB.",
+        "",
+        "Targets: decode ratio >= 0.98, added TTFT p50 <= 2 ms and p99 <= 5 ms, 32 streams with "
+        "0 errors and aggregate ratio >= 0.95.",
+        "",
+        "![TTFT and decode speed](proxy-benchmark.png)",
+    ]
+    (out / "proxy-benchmark.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def plot(ttft_ms: dict[str, list[float]], decode: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(ttft_ms)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.boxplot([ttft_ms[n] for n in names], showfliers=True)
+    left.set_xticks(range(1, len(names) + 1), names)
+    left.set_ylabel("time to first token (ms)")
+    left.set_title("tiny model, interleaved samples")
+    right.bar(names, [statistics.median(decode[n]) for n in names], color=["#777", "#2a7", "#57a"])
+    right.set_ylabel("streamed decode tokens/s (median)")
+    right.set_title("350M Q4_K_M, 128 tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+if __name__ == "__main__":
+    main()

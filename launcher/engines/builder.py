@@ -1,0 +1,538 @@
+"""`lalo engine build`: configure and compile llama-server with cmake, install it atomically into
+`engines_dir()/<key>/` with a manifest.json, reporting progress through a callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal, Protocol
+
+from launcher import __version__, paths
+from launcher.engines import source as sources
+from launcher.engines.registry import (
+    MANIFEST,
+    SERVER,
+    EngineManifest,
+    ManifestFile,
+    cached_engines,
+    engine_key,
+    exe_name,
+    file_sha256,
+    platform_tag,
+    read_manifest,
+)
+from launcher.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+Variant = Literal["native", "portable"]
+Stage = Literal["source", "configure", "build", "install"]
+
+QUANTIZE = "llama-quantize"
+TARGETS = (SERVER, QUANTIZE)
+# Offline configure (FACTS.md): no curl, no web UI download, no tests or examples.
+COMMON_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+)
+VARIANT_FLAGS: dict[str, tuple[str, ...]] = {
+    # Tuned to this CPU, one static binary.
+    "native": ("-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF"),
+    # As llama.cpp's releases: one libggml-cpu-<variant>.so per x86/arm level, the best one
+    # picked at run time; shared libs found beside the binary through rpath $ORIGIN.
+    # No OpenSSL, so the binaries do not need this machine's libssl (lalo downloads models).
+    "portable": (
+        "-DGGML_NATIVE=OFF",
+        "-DGGML_BACKEND_DL=ON",
+        "-DGGML_CPU_ALL_VARIANTS=ON",
+        "-DBUILD_SHARED_LIBS=ON",
+        "-DCMAKE_INSTALL_RPATH=$ORIGIN",
+        "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+        "-DLLAMA_OPENSSL=OFF",
+    ),
+}
+_CPU_VARIANT_TARGET = re.compile(r"\b(ggml-cpu-[A-Za-z0-9_.]+)\b")
+_MAKE_PERCENT = re.compile(r"^\[\s*(\d{1,3})%\]\s*(.*)")
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]\s*(.*)")
+# The first line like this is usually the cause; what follows it is its context.
+_FIRST_ERROR = re.compile(r"\berror\b|CMake Error|undefined reference|\bfatal\b", re.IGNORECASE)
+ERROR_TAIL_LINES = 15
+STOP_TIMEOUT = 10.0
+
+# (tool, what it is, Debian package)
+_TOOLS = (
+    ("cmake", "cmake", "cmake"),
+    ("cc", "C compiler", "gcc"),
+    ("c++", "C++ compiler", "g++"),
+)
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """One progress report: `percent` is set for compile steps, None for stage messages."""
+
+    stage: Stage
+    message: str
+    percent: int | None = None
+
+
+ProgressCallback = Callable[[BuildProgress], None]
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    key: str
+    path: Path  # the engine directory
+    server: Path
+    manifest: EngineManifest
+    already_built: bool
+    log_path: Path | None
+
+
+class CommandRunner(Protocol):
+    """Runs argv in `cwd`, passing each output line (stdout and stderr merged) to `on_line`;
+    returns the exit code. Must stop the command before re-raising if interrupted."""
+
+    def __call__(
+        self, argv: Sequence[str], *, cwd: Path, on_line: Callable[[str], None]
+    ) -> int: ...
+
+
+def run_command(argv: Sequence[str], *, cwd: Path, on_line: Callable[[str], None]) -> int:
+    """The real CommandRunner: own session, so Ctrl+C reaches lalo, which then stops the group."""
+    try:
+        proc = subprocess.Popen(
+            list(argv), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
+            start_new_session=os.name != "nt",
+        )
+    except OSError as exc:
+        raise EngineError(f"cannot run {argv[0]}: {exc}") from exc
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            on_line(line.rstrip("\r\n"))
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """TERM the command's process group, wait, then KILL it; always reap."""
+    def signal_group(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.name == "nt":
+                proc.kill()
+            else:
+                os.killpg(proc.pid, sig)
+
+    signal_group(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        signal_group(signal.SIGKILL if os.name != "nt" else signal.SIGTERM)
+        proc.wait()
+
+
+def parse_progress(line: str) -> tuple[int, str] | None:
+    """(percent, rest of line) from cmake's Makefile `[ 42%] ...` or Ninja's `[12/345] ...`."""
+    match = _MAKE_PERCENT.match(line)
+    if match:
+        return min(int(match.group(1)), 100), match.group(2)
+    match = _NINJA_STEP.match(line)
+    if match and int(match.group(2)) > 0:
+        return min(100 * int(match.group(1)) // int(match.group(2)), 100), match.group(3)
+    return None
+
+
+def relevant_tail(lines: Sequence[str], count: int = ERROR_TAIL_LINES) -> list[str]:
+    """Up to `count` output lines from the first error on, or the last `count` if none looks
+    like one; progress lines are left out (with -j N they interleave with the error)."""
+    kept = [line for line in lines if line.strip() and parse_progress(line) is None]
+    for index, line in enumerate(kept):
+        if _FIRST_ERROR.search(line):
+            return kept[index : index + count]
+    return kept[-count:]
+
+
+def check_tools(which: Callable[[str], str | None] = shutil.which) -> dict[str, str]:
+    """Paths of cmake and the C/C++ compilers ($CC/$CXX honoured); EngineError names what is
+    missing and the Debian package that provides it."""
+    found: dict[str, str] = {}
+    for tool, what, package in _TOOLS:
+        override = {"cc": os.environ.get("CC"), "c++": os.environ.get("CXX")}.get(tool)
+        names = [override] if override else [tool, {"cc": "gcc", "c++": "g++"}.get(tool, tool)]
+        path = next((p for p in (which(n) for n in names) if p), None)
+        if path is None:
+            hint = f"`apt-get install {package}`"
+            if package != "cmake":
+                hint += " (or build-essential)"
+            named = what if what == names[0] else f"{what} `{names[0]}`"
+            raise EngineError(f"{named} not found; install it, e.g. {hint}")
+        found[tool] = path
+    return found
+
+
+def compiler_version(compiler: str) -> str:
+    try:
+        done = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, errors="replace",
+            timeout=30, check=False, stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return compiler
+    first = (done.stdout or done.stderr).strip().splitlines()
+    return first[0] if first else compiler
+
+
+def cmake_flags(variant: str) -> tuple[str, ...]:
+    if variant not in VARIANT_FLAGS:
+        raise EngineError(f"unknown engine variant {variant!r}; use native or portable")
+    flags = (*COMMON_FLAGS, *VARIANT_FLAGS[variant])
+    if sys.platform == "darwin":  # macOS spells "the binary's own directory" differently
+        flags = tuple(f.replace("$ORIGIN", "@loader_path") for f in flags)
+    return flags
+
+
+def _shared_library(name: str) -> bool:
+    return name.endswith((".dll", ".dylib")) or ".so" in name.split("/")[-1]
+
+
+class EngineBuilder:
+    """Builds one engine; every outside dependency is a constructor parameter for tests."""
+
+    def __init__(
+        self,
+        *,
+        engines_root: Path | None = None,
+        cache_root: Path | None = None,
+        runner: CommandRunner = run_command,
+        which: Callable[[str], str | None] = shutil.which,
+        fetch_pinned: Callable[[Callable[[str], None]], sources.LlamaCppSource] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        compiler_probe: Callable[[str], str] = compiler_version,
+    ) -> None:
+        self.engines_root = engines_root if engines_root is not None else paths.engines_dir()
+        self.cache_root = cache_root if cache_root is not None else paths.cache_dir()
+        self.runner = runner
+        self.which = which
+        self.fetch_pinned = fetch_pinned or self._fetch_pinned
+        self.clock = clock
+        self.compiler_probe = compiler_probe
+
+    def _fetch_pinned(self, note: Callable[[str], None]) -> sources.LlamaCppSource:
+        return sources.pinned_source(cache=self.cache_root / "sources", progress=note)
+
+    def build(
+        self,
+        variant: str = "native",
+        source: Path | None = None,
+        jobs: int | None = None,
+        progress: ProgressCallback | None = None,
+        *,
+        force: bool = False,
+    ) -> BuiltEngine:
+        """Build (or find already built) the engine for `variant` from `source` (None: pinned
+        sdist). Blocks for minutes; interrupting it leaves no engine directory behind."""
+        flags = cmake_flags(variant)
+        report = progress or (lambda event: None)
+        if jobs is not None and jobs < 1:
+            raise EngineError(f"--jobs must be >= 1, got {jobs}")
+
+        # Decide "already built" before any slow step: for the pinned sdist from manifests,
+        # so a second call needs neither the source nor cmake.
+        tree: sources.LlamaCppSource | None = None
+        if source is not None:
+            tree = sources.user_source(source)
+            existing = None if force else self._existing(engine_key(tree.commit, variant))
+        else:
+            existing = None if force else self._built_from(sources.SDIST_LABEL, variant)
+        if existing is not None:
+            return existing
+
+        tools = check_tools(self.which)
+        if tree is None:
+            tree = self.fetch_pinned(lambda text: report(BuildProgress("source", text)))
+        key = engine_key(tree.commit, variant)
+        self.engines_root.mkdir(parents=True, exist_ok=True)
+        with self._lock(key):
+            return self._build_locked(key, tree, variant, flags, tools, jobs, report, force)
+
+    def _built_from(self, label: str, variant: str) -> BuiltEngine | None:
+        for engine_dir, manifest in cached_engines(self.engines_root):
+            if manifest.source == label and manifest.variant == variant:
+                return self._existing(engine_dir.name)
+        return None
+
+    def _existing(self, key: str) -> BuiltEngine | None:
+        engine_dir = self.engines_root / key
+        if not engine_dir.is_dir():
+            return None
+        try:
+            manifest = read_manifest(engine_dir)
+        except EngineError as exc:
+            log.warning("%s; it will be rebuilt", exc)
+            return None
+        return BuiltEngine(
+            key=key, path=engine_dir, server=engine_dir / "bin" / exe_name(SERVER),
+            manifest=manifest, already_built=True, log_path=None,
+        )
+
+    @contextlib.contextmanager
+    def _lock(self, key: str) -> Iterator[None]:
+        """One build per key at a time: they would share the build tree and the staging names."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks worth having here
+            yield
+            return
+        lock_path = self.engines_root / f".lock-{key}"
+        with lock_path.open("w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise EngineError(f"another `lalo engine build` of {key} is running") from exc
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _build_locked(
+        self,
+        key: str,
+        tree: sources.LlamaCppSource,
+        variant: str,
+        flags: tuple[str, ...],
+        tools: dict[str, str],
+        jobs: int | None,
+        report: ProgressCallback,
+        force: bool,
+    ) -> BuiltEngine:
+        if not force:  # built by another process meanwhile, or from another source label
+            existing = self._existing(key)
+            if existing is not None:
+                return existing
+        for stale in self.engines_root.glob(f".*-{key}-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock
+
+        build_dir = self.cache_root / "build" / key
+        if force or _configured_elsewhere(build_dir, tree.tree):
+            shutil.rmtree(build_dir, ignore_errors=True)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.cache_root / "logs" / f"engine-build-{key}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = self.clock()
+        # Line-buffered so `tail -f` on the log follows a running build.
+        with log_path.open("w", encoding="utf-8", buffering=1) as log_file:
+            session = _BuildSession(self.runner, log_file, log_path, report)
+            log_file.write(f"# lalo {__version__}: building {key} from {tree.label}\n")
+            report(BuildProgress("configure", f"configuring {key}"))
+            session.run(
+                # Resolved, as CMakeCache.txt records it: a symlinked cache must not look moved.
+                "configure",
+                [tools["cmake"], "-S", str(tree.tree.resolve()), "-B", str(build_dir), *flags],
+                cwd=build_dir,
+            )
+            targets = list(TARGETS)
+            if variant == "portable":
+                targets += self._cpu_variant_targets(session, tools["cmake"], build_dir)
+            parallel = jobs or os.cpu_count() or 1
+            what = f"compiling {', '.join(targets)} with {parallel} jobs"
+            report(BuildProgress("build", what, 0))
+            session.run(
+                "build",
+                [tools["cmake"], "--build", str(build_dir), "--config", "Release",
+                 "--parallel", str(parallel), "--target", *targets],
+                cwd=build_dir,
+            )
+        report(BuildProgress("install", f"installing into {self.engines_root / key}"))
+        manifest_fields = {
+            "commit": tree.commit,
+            "commit_origin": tree.commit_origin,
+            "source": tree.label,
+            "compiler": self.compiler_probe(tools["cc"]),
+        }
+        engine_dir = self._install(
+            key, variant, flags, build_dir, manifest_fields, lambda: self.clock() - started
+        )
+        manifest = read_manifest(engine_dir)
+        return BuiltEngine(
+            key=key, path=engine_dir, server=engine_dir / "bin" / exe_name(SERVER),
+            manifest=manifest, already_built=False, log_path=log_path,
+        )
+
+    def _cpu_variant_targets(
+        self, session: _BuildSession, cmake: str, build_dir: Path
+    ) -> list[str]:
+        """The `ggml-cpu-<level>` libraries the portable build loads at run time."""
+        listing: list[str] = []
+        session.run(
+            "configure", [cmake, "--build", str(build_dir), "--target", "help"],
+            cwd=build_dir, collect=listing,
+        )
+        found = sorted({m.group(1) for line in listing for m in _CPU_VARIANT_TARGET.finditer(line)})
+        if not found:
+            raise EngineError(
+                f"portable build: cmake defined no ggml-cpu-* variant targets; log: {session.path}"
+            )
+        return found
+
+    def _install(
+        self,
+        key: str,
+        variant: str,
+        flags: tuple[str, ...],
+        build_dir: Path,
+        fields: dict[str, str],
+        elapsed: Callable[[], float],
+    ) -> Path:
+        """Copy the outputs into a staging directory beside the destination, write the manifest
+        last, then rename into place, so the final name only ever holds a complete engine."""
+        bin_dirs = [d for d in (build_dir / "bin", build_dir / "bin" / "Release") if d.is_dir()]
+        staging = self.engines_root / f".staging-{key}-{os.getpid()}"
+        destination = self.engines_root / key
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            (staging / "bin").mkdir(parents=True)
+            files: list[ManifestFile] = []
+            for name in TARGETS:
+                built = next((d / exe_name(name) for d in bin_dirs
+                              if (d / exe_name(name)).is_file()), None)
+                if built is None:
+                    raise EngineError(f"build finished but produced no {exe_name(name)} in "
+                                      f"{build_dir / 'bin'}")
+                files.append(_copy(built, staging, f"bin/{exe_name(name)}"))
+            if variant == "portable":
+                for lib_dir in bin_dirs:
+                    for lib in sorted(lib_dir.iterdir()):
+                        if _shared_library(lib.name) and (lib.is_file() or lib.is_symlink()):
+                            files.append(_copy(lib, staging, f"bin/{lib.name}"))
+            manifest = EngineManifest(
+                key=key, commit=fields["commit"], commit_origin=fields["commit_origin"],
+                source=fields["source"], variant=variant, platform=platform_tag(),
+                cmake_flags=flags, compiler=fields["compiler"], files=tuple(files),
+                build_seconds=round(elapsed(), 1), lalo_version=__version__,
+                built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            )
+            _write_json(staging / MANIFEST, manifest)
+            old = None
+            if destination.exists():
+                old = self.engines_root / f".old-{key}-{os.getpid()}"
+                destination.rename(old)
+            staging.rename(destination)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return destination
+
+
+class _BuildSession:
+    """Runs the build's commands, teeing their output to the log and progress to the callback."""
+
+    def __init__(
+        self, runner: CommandRunner, log_file: IO[str], path: Path, report: ProgressCallback
+    ) -> None:
+        self.runner = runner
+        self.log_file = log_file
+        self.path = path
+        self.report = report
+        self.percent = 0
+
+    def run(
+        self, stage: Stage, argv: Sequence[str], *, cwd: Path, collect: list[str] | None = None
+    ) -> None:
+        recent: list[str] = []
+
+        def on_line(line: str) -> None:
+            self.log_file.write(line + "\n")
+            recent.append(line)
+            del recent[:-2000]  # only the first error and what follows it are shown
+            if collect is not None:
+                collect.append(line)
+            parsed = parse_progress(line) if stage == "build" else None
+            if parsed is not None:
+                # Make prints per-target percentages: keep the bar from going backwards.
+                self.percent = max(self.percent, parsed[0])
+                self.report(BuildProgress(stage, parsed[1], self.percent))
+
+        self.log_file.write("$ " + " ".join(argv) + "\n")
+        self.log_file.flush()
+        try:
+            code = self.runner(argv, cwd=cwd, on_line=on_line)
+        except BaseException:
+            self.log_file.write("# interrupted\n")
+            raise
+        finally:
+            self.log_file.flush()
+        if code != 0:
+            tail = "\n".join("  " + line for line in relevant_tail(recent))
+            raise EngineError(
+                f"llama.cpp {stage} failed (`{Path(argv[0]).name}` exit {code}); last lines:\n"
+                f"{tail}\nfull log: {self.path}"
+            )
+
+
+def _configured_elsewhere(build_dir: Path, tree: Path) -> bool:
+    """True when the build tree was configured for another source directory (cmake refuses)."""
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.is_file():
+        return False
+    for line in cache.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("CMAKE_HOME_DIRECTORY:"):
+            home = line.partition("=")[2].strip()
+            return Path(home).resolve() != tree.resolve()
+    return True
+
+
+def _copy(source_path: Path, staging: Path, rel: str) -> ManifestFile:
+    target = staging / rel
+    if source_path.is_symlink():
+        # Shared libraries come as libggml.so -> libggml.so.0 -> libggml.so.0.9.4; the binaries
+        # ask for the SONAME, so keep the chain rather than three copies.
+        link = os.readlink(source_path)
+        if "/" in link:
+            raise EngineError(f"{source_path}: links outside its directory ({link})")
+        target.symlink_to(link)
+        return ManifestFile(path=rel, link=link)
+    shutil.copy2(source_path, target)
+    return ManifestFile(path=rel, size=target.stat().st_size, sha256=file_sha256(target))
+
+
+def _write_json(path: Path, manifest: EngineManifest) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        json.dump(manifest.to_json(), handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def build_engine(
+    variant: Variant | str = "native",
+    source: Path | None = None,
+    jobs: int | None = None,
+    progress: ProgressCallback | None = None,
+    *,
+    force: bool = False,
+) -> BuiltEngine:
+    """Build llama-server into the user cache (see EngineBuilder.build)."""
+    return EngineBuilder().build(variant, source, jobs, progress, force=force)

@@ -1,0 +1,60 @@
+"""Integration fixtures: the real llama-server, built once by `lalo engine build` into lalo's
+cache (the user cache unless LALO_CACHE_DIR says otherwise), so later runs reuse it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher.engines.builder import BuildProgress, build_engine
+from launcher.engines.registry import cached_engines
+from launcher.engines.source import SDIST_LABEL
+
+# A first build compiles llama.cpp: ~6 min on 2 cores, plus ~1 min to fetch the source.
+BUILD_TIMEOUT = 3600
+
+
+def _native_engine_built() -> bool:
+    return any(
+        manifest.variant == "native" and manifest.source == SDIST_LABEL
+        for _, manifest in cached_engines()
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # pytest-timeout counts fixture setup against the test that first needs it; only a run
+    # that has to compile gets the long limit, so hangs are still caught once it is built.
+    if _native_engine_built():
+        return
+    for item in items:
+        if "llama_server_bin" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(BUILD_TIMEOUT))
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin(pytestconfig: pytest.Config) -> Path:
+    """Path of the native llama-server in lalo's cache, building it first if it is missing."""
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+    shown = [-10]
+
+    def say(text: str) -> None:
+        # Output capture would hide a silent multi-minute step until it ends.
+        if reporter is None:
+            return
+        if capture is None:
+            reporter.write_line(text)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(text)
+
+    def progress(event: BuildProgress) -> None:
+        if event.percent is None:
+            say(f"lalo engine build: {event.stage}: {event.message}")
+        elif event.percent // 10 * 10 > shown[0]:
+            shown[0] = event.percent // 10 * 10
+            say(f"lalo engine build: [{event.percent:3d}%] {event.message}")
+
+    built = build_engine("native", progress=progress)
+    return built.server

@@ -1,0 +1,655 @@
+"""`lalo engine build/list` without compiling: naming, progress parsing, missing tools, manifests,
+atomic install, source commits and engine lookup, with an injected command runner."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from launcher.cli.app import _register, app
+from launcher.cli.commands_engine import ProgressPrinter
+from launcher.engines import source as sources
+from launcher.engines.builder import (
+    BuildProgress,
+    EngineBuilder,
+    check_tools,
+    cmake_flags,
+    parse_progress,
+    relevant_tail,
+    run_command,
+)
+from launcher.engines.registry import (
+    CONFIG_KEY,
+    EngineManifest,
+    ManifestFile,
+    cached_engines,
+    engine_key,
+    file_sha256,
+    find_llama_server,
+    find_tool,
+    list_engines,
+    manifest_from_json,
+    parse_version,
+    platform_tag,
+    read_manifest,
+    require_llama_server,
+    verify_engine,
+)
+from launcher.errors import EngineError
+
+COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+
+# Recorded from `cmake --build ... --target llama-server llama-quantize` (Makefile generator).
+CMAKE_OUTPUT = """\
+[  1%] Building C object ggml/src/CMakeFiles/ggml-base.dir/ggml.c.o
+[  1%] Building CXX object ggml/src/CMakeFiles/ggml-base.dir/ggml.cpp.o
+[  2%] Building C object ggml/src/CMakeFiles/ggml-base.dir/ggml-alloc.c.o
+In file included from /src/ggml/src/ggml-cpu/ops.cpp:3:
+/src/ggml/src/ggml-cpu/ops.cpp:123:5: warning: unused variable 'x' [-Wunused-variable]
+[ 10%] Linking CXX shared library ../../bin/libggml-base.so
+[ 10%] Built target ggml-base
+[ 52%] Building CXX object src/CMakeFiles/llama.dir/llama-model.cpp.o
+[  8%] Building CXX object tools/quantize/CMakeFiles/llama-quantize.dir/quantize.cpp.o
+[100%] Linking CXX executable ../../bin/llama-server
+[100%] Built target llama-server
+""".splitlines()
+
+
+def which_all(name: str) -> str | None:
+    return f"/usr/bin/{name}"
+
+
+class FakeCMake:
+    """Stands in for cmake: answers configure, `--target help` and builds with files and lines."""
+
+    def __init__(
+        self,
+        *,
+        fail_build: int = 0,
+        interrupt_build: bool = False,
+        outputs: Sequence[str] = ("llama-server", "llama-quantize"),
+    ) -> None:
+        self.calls: list[list[str]] = []
+        self.fail_build = fail_build
+        self.interrupt_build = interrupt_build
+        self.outputs = outputs
+
+    def __call__(
+        self, argv: Sequence[str], *, cwd: Path, on_line: Callable[[str], None]
+    ) -> int:
+        argv = list(argv)
+        self.calls.append(argv)
+        if "-S" in argv:
+            build = Path(argv[argv.index("-B") + 1])
+            source = argv[argv.index("-S") + 1]
+            (build / "CMakeCache.txt").write_text(f"CMAKE_HOME_DIRECTORY:INTERNAL={source}\n")
+            on_line("-- Configuring done")
+            return 0
+        build = Path(argv[argv.index("--build") + 1])
+        if argv[-1] == "help":
+            for name in ("all (the default if no target is provided)", "ggml-cpu-x64",
+                         "ggml-cpu-haswell", "llama-server"):
+                on_line(f"... {name}")
+            return 0
+        for line in CMAKE_OUTPUT[:6]:
+            on_line(line)
+        if self.interrupt_build:
+            raise KeyboardInterrupt
+        if self.fail_build:
+            on_line("/src/tools/server/server.cpp:10:1: error: 'foo' was not declared")
+            on_line("gmake[2]: *** [tools/server/Makefile:76: server.cpp.o] Error 1")
+            on_line("[ 60%] Building CXX object common/CMakeFiles/common.dir/arg.cpp.o")
+            return self.fail_build
+        bin_dir = build / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        for name in self.outputs:
+            write_exe(bin_dir / name, f"#!/bin/sh\necho 'version: 7 (0c1e570)' >&2\n# {name}\n")
+        if "ggml-cpu-haswell" in argv:
+            (bin_dir / "libggml.so.0.9.4").write_bytes(b"lib")
+            (bin_dir / "libggml.so.0").symlink_to("libggml.so.0.9.4")
+            (bin_dir / "libggml-cpu-haswell.so").write_bytes(b"haswell")
+        for line in CMAKE_OUTPUT[6:]:
+            on_line(line)
+        return 0
+
+
+def write_exe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "llama.cpp"
+    (root / "tools" / "server").mkdir(parents=True)
+    (root / "CMakeLists.txt").write_text("project(llama.cpp)\n")
+    return root
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("LALO_CACHE_DIR", str(root))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    return root
+
+
+def make_builder(cache: Path, runner: FakeCMake, tree: Path) -> EngineBuilder:
+    def fetch(note: Callable[[str], None]) -> sources.LlamaCppSource:
+        note("pretend download")
+        return sources.LlamaCppSource(tree, COMMIT, "git", sources.SDIST_LABEL)
+
+    return EngineBuilder(
+        engines_root=cache / "engines", cache_root=cache, runner=runner, which=which_all,
+        fetch_pinned=fetch, compiler_probe=lambda cc: "cc (Fake) 12.2.0",
+    )
+
+
+# --- naming -------------------------------------------------------------------------------
+
+
+def test_key_and_platform_naming() -> None:
+    assert engine_key(COMMIT, "native", "linux-x86_64") == "llama.cpp-0c1e570-native-linux-x86_64"
+    assert engine_key(COMMIT, "portable").startswith("llama.cpp-0c1e570-portable-")
+    system, _, machine = platform_tag().partition("-")
+    assert system in {"linux", "macos", "windows"} or system == sys.platform
+    assert machine and machine != "amd64"
+    with pytest.raises(EngineError, match="unknown engine variant 'fast'"):
+        engine_key(COMMIT, "fast")
+
+
+def test_flags_match_the_offline_recipe() -> None:
+    native, portable = cmake_flags("native"), cmake_flags("portable")
+    offline = ("-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DCMAKE_BUILD_TYPE=Release")
+    for flag in offline:
+        assert flag in native and flag in portable
+    assert {"-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF"} <= set(native)
+    assert {"-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON",
+            "-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON"} <= set(portable)
+
+
+# --- progress and errors ------------------------------------------------------------------
+
+
+def test_progress_parsed_from_recorded_cmake_output() -> None:
+    parsed = [parse_progress(line) for line in CMAKE_OUTPUT]
+    assert [p[0] if p else None for p in parsed] == [1, 1, 2, None, None, 10, 10, 52, 8, 100, 100]
+    assert parsed[-1] == (100, "Built target llama-server")
+    assert parse_progress("[12/48] Building CXX object src/llama.cpp.o") == (
+        25, "Building CXX object src/llama.cpp.o"
+    )
+    assert parse_progress("-- Configuring done") is None
+
+
+def test_progress_never_goes_backwards_and_printer_steps_by_ten(
+    cache: Path, tree: Path
+) -> None:
+    events: list[BuildProgress] = []
+    make_builder(cache, FakeCMake(), tree).build("native", tree, progress=events.append)
+    percents = [e.percent for e in events if e.stage == "build" and e.percent is not None]
+    assert percents == sorted(percents) and percents[-1] == 100
+    assert {e.stage for e in events} == {"configure", "build", "install"}
+
+    out = io.StringIO()
+    printer = ProgressPrinter(out, interactive=False)
+    for event in events:
+        printer(event)
+    lines = out.getvalue().splitlines()
+    shown = [int(line[1:4]) for line in lines if line.startswith("[")]
+    assert shown == [0, 10, 52, 100]
+    assert lines[0] == f"configure: configuring {engine_key(tree_commit(tree), 'native')}"
+
+
+def test_interactive_printer_rewrites_one_line() -> None:
+    out = io.StringIO()
+    printer = ProgressPrinter(out, interactive=True)
+    printer(BuildProgress("build", "Building a", 5))
+    printer(BuildProgress("build", "Building b", 6))
+    printer.close()
+    assert "\n" not in out.getvalue()
+    assert out.getvalue().count("\r\x1b[K") == 3
+
+
+def test_relevant_tail_starts_at_first_error() -> None:
+    lines = [f"[ {i}%] Building x{i}.o" for i in range(30)]
+    lines[10:10] = ["src/a.cpp:1:2: error: boom", "  1 | int x = ;", "      ^"]
+    assert relevant_tail(lines) == ["src/a.cpp:1:2: error: boom", "  1 | int x = ;", "      ^"]
+    assert relevant_tail([f"line {i}" for i in range(40)])[0] == "line 25"
+
+
+def test_failed_build_names_the_error_and_the_log(cache: Path, tree: Path) -> None:
+    with pytest.raises(EngineError) as caught:
+        make_builder(cache, FakeCMake(fail_build=2), tree).build("native", tree)
+    message = str(caught.value)
+    assert "llama.cpp build failed (`cmake` exit 2)" in message
+    assert "error: 'foo' was not declared" in message
+    assert "[ 60%]" not in message
+    key = engine_key(tree_commit(tree), "native")
+    log = cache / "logs" / f"engine-build-{key}.log"
+    assert message.endswith(f"full log: {log}")
+    assert "error: 'foo' was not declared" in log.read_text()
+    assert [p.name for p in (cache / "engines").iterdir()] == [f".lock-{key}"]
+
+
+@pytest.mark.parametrize(
+    ("missing", "words"),
+    [
+        ("cmake", ["cmake", "apt-get install cmake"]),
+        ("cc", ["C compiler", "gcc", "build-essential"]),
+        ("c++", ["C++ compiler", "g++", "build-essential"]),
+    ],
+)
+def test_missing_tool_named_with_its_package(
+    missing: str, words: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    fallbacks = {"cc": "gcc", "c++": "g++"}
+
+    def which(name: str) -> str | None:
+        return None if name in (missing, fallbacks.get(missing)) else f"/usr/bin/{name}"
+
+    with pytest.raises(EngineError) as caught:
+        check_tools(which)
+    message = str(caught.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_missing_tool_checked_before_any_build(cache: Path, tree: Path) -> None:
+    runner = FakeCMake()
+    builder = make_builder(cache, runner, tree)
+    builder.which = lambda name: None if name == "cmake" else "/usr/bin/x"
+    with pytest.raises(EngineError, match="cmake"):
+        builder.build("native", tree)
+    assert runner.calls == []
+
+
+def test_cc_and_cxx_environment_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "clang-17")
+    monkeypatch.setenv("CXX", "clang++-17")
+    seen: list[str] = []
+    tools = check_tools(lambda name: seen.append(name) or f"/opt/{name}")
+    assert tools == {"cmake": "/opt/cmake", "cc": "/opt/clang-17", "c++": "/opt/clang++-17"}
+
+
+# --- install, manifest, idempotence -------------------------------------------------------
+
+
+def test_build_installs_engine_with_valid_manifest(cache: Path, tree: Path) -> None:
+    runner = FakeCMake()
+    built = make_builder(cache, runner, tree).build("native", tree, jobs=3)
+    key = engine_key(tree_commit(tree), "native")
+    assert built.key == key and not built.already_built
+    assert built.path == cache / "engines" / key
+    assert built.server == built.path / "bin" / "llama-server"
+    assert os.access(built.server, os.X_OK)
+    assert (built.path / "bin" / "llama-quantize").is_file()
+    assert built.log_path == cache / "logs" / f"engine-build-{key}.log"
+
+    data = json.loads((built.path / "manifest.json").read_text())
+    assert data["commit"] == tree_commit(tree) and data["commit_origin"] == "tree-hash"
+    assert data["variant"] == "native" and data["platform"] == platform_tag()
+    assert data["compiler"] == "cc (Fake) 12.2.0"
+    assert "-DGGML_NATIVE=ON" in data["cmake_flags"]
+    assert {f["path"] for f in data["files"]} == {"bin/llama-server", "bin/llama-quantize"}
+    for entry in data["files"]:
+        assert entry["sha256"] == file_sha256(built.path / entry["path"])
+        assert entry["size"] == (built.path / entry["path"]).stat().st_size
+    for field in ("build_seconds", "lalo_version", "built_at", "source"):
+        assert field in data
+    assert verify_engine(built.path).key == key
+
+    build_argv = runner.calls[-1]
+    assert build_argv[build_argv.index("--parallel") + 1] == "3"
+    assert build_argv[build_argv.index("--target") + 1:] == ["llama-server", "llama-quantize"]
+    # nothing but the engine and the lock left beside it
+    assert sorted(p.name for p in (cache / "engines").iterdir()) == [f".lock-{key}", key]
+
+
+def tree_commit(tree: Path) -> str:
+    return sources.tree_commit(tree)[0]
+
+
+def test_second_build_is_a_no_op(cache: Path, tree: Path) -> None:
+    runner = FakeCMake()
+    builder = make_builder(cache, runner, tree)
+    first = builder.build("native", tree)
+    calls = len(runner.calls)
+    again = builder.build("native", tree)
+    assert again.already_built and again.path == first.path and len(runner.calls) == calls
+
+    forced = builder.build("native", tree, force=True)
+    assert not forced.already_built and len(runner.calls) > calls
+    assert read_manifest(forced.path).built_at >= first.manifest.built_at
+
+
+def test_pinned_source_no_op_needs_neither_source_nor_cmake(cache: Path, tree: Path) -> None:
+    runner = FakeCMake()
+    builder = make_builder(cache, runner, tree)
+    first = builder.build("native", None)
+    assert first.manifest.source == sources.SDIST_LABEL
+    assert first.key == engine_key(COMMIT, "native")
+
+    def no_fetch(note: Callable[[str], None]) -> sources.LlamaCppSource:
+        raise AssertionError("source fetched for an engine already built")
+
+    builder.fetch_pinned = no_fetch
+    builder.which = lambda name: None
+    assert builder.build("native", None).already_built
+
+
+def test_interrupted_build_leaves_nothing_installed(cache: Path, tree: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        make_builder(cache, FakeCMake(interrupt_build=True), tree).build("native", tree)
+    engines = cache / "engines"
+    assert [p.name for p in engines.iterdir() if not p.name.startswith(".lock-")] == []
+    assert find_llama_server(engines_root=engines, which=lambda n: None) is None
+    assert "# interrupted" in next((cache / "logs").iterdir()).read_text()
+
+
+def test_failed_install_leaves_nothing_installed(cache: Path, tree: Path) -> None:
+    runner = FakeCMake(outputs=("llama-server",))  # llama-quantize missing
+    with pytest.raises(EngineError, match="produced no llama-quantize"):
+        make_builder(cache, runner, tree).build("native", tree)
+    assert [p.name for p in (cache / "engines").iterdir() if not p.name.startswith(".lock")] == []
+
+
+def test_directory_without_valid_manifest_is_not_an_engine(cache: Path, tree: Path) -> None:
+    built = make_builder(cache, FakeCMake(), tree).build("native", tree)
+    engines = cache / "engines"
+    half = engines / engine_key("1" * 40, "native")
+    (half / "bin").mkdir(parents=True)
+    write_exe(half / "bin" / "llama-server", "#!/bin/sh\n")
+    assert [d for d, _ in cached_engines(engines)] == [built.path]
+
+    (built.path / "bin" / "llama-quantize").write_text("truncated")
+    with pytest.raises(EngineError, match="wrong size"):
+        read_manifest(built.path)
+    assert list(cached_engines(engines)) == []
+
+
+def test_verify_detects_changed_bytes(cache: Path, tree: Path) -> None:
+    built = make_builder(cache, FakeCMake(), tree).build("native", tree)
+    server = built.server.read_bytes()
+    built.server.write_bytes(server[:-1] + b"X")
+    read_manifest(built.path)  # same size: the cheap check passes
+    with pytest.raises(EngineError, match="bin/llama-server does not match its sha256"):
+        verify_engine(built.path)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda d: d.pop("files"), "files: missing"),
+        (lambda d: d.update(variant="fast"), "variant"),
+        (lambda d: d.update(schema=99), "schema"),
+        (lambda d: d["files"][0].update(sha256="xyz"), "bad sha256"),
+        (lambda d: d["files"][0].update(path="../evil"), "bad path"),
+        (lambda d: d.update(files=[d["files"][1]]), "no bin/llama-server"),
+        (lambda d: d.update(build_seconds="fast"), "build_seconds"),
+    ],
+)
+def test_manifest_validation(
+    change: Callable[[dict[str, object]], object], error: str
+) -> None:
+    manifest = EngineManifest(
+        key="k", commit=COMMIT, commit_origin="git", source="s", variant="native",
+        platform="linux-x86_64", cmake_flags=("-DX=1",), compiler="cc", build_seconds=1.0,
+        files=(ManifestFile("bin/llama-server", 3, "a" * 64),
+               ManifestFile("bin/llama-quantize", 3, "b" * 64)),
+        lalo_version="0", built_at="2026-01-01T00:00:00+00:00",
+    )
+    data = json.loads(json.dumps(manifest.to_json()))
+    assert manifest_from_json(data) == manifest
+    change(data)
+    with pytest.raises(ValueError, match=error):
+        manifest_from_json(data)
+
+
+def test_portable_build_installs_cpu_variants_and_links(cache: Path, tree: Path) -> None:
+    runner = FakeCMake()
+    built = make_builder(cache, runner, tree).build("portable", tree)
+    build_argv = runner.calls[-1]
+    assert build_argv[build_argv.index("--target") + 1:] == [
+        "llama-server", "llama-quantize", "ggml-cpu-haswell", "ggml-cpu-x64"
+    ]
+    files = {f.path: f for f in built.manifest.files}
+    assert files["bin/libggml.so.0"].link == "libggml.so.0.9.4"
+    assert files["bin/libggml-cpu-haswell.so"].size == len(b"haswell")
+    assert (built.path / "bin" / "libggml.so.0").resolve() == built.path / "bin/libggml.so.0.9.4"
+    assert built.key.split("-")[2] == "portable"
+
+
+def test_build_tree_of_another_source_is_reconfigured(cache: Path, tree: Path) -> None:
+    builder = make_builder(cache, FakeCMake(), tree)
+    key = engine_key(tree_commit(tree), "native")
+    stale = cache / "build" / key
+    stale.mkdir(parents=True)
+    (stale / "CMakeCache.txt").write_text("CMAKE_HOME_DIRECTORY:INTERNAL=/elsewhere\n")
+    (stale / "old.o").write_text("")
+    builder.build("native", tree)
+    assert not (stale / "old.o").exists()
+
+
+# --- the real runner ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups")
+def test_run_command_stops_the_child_group_when_interrupted(tmp_path: Path) -> None:
+    pids: list[int] = []
+
+    def on_line(line: str) -> None:
+        pids.append(int(line))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_command(["sh", "-c", "sleep 60 & echo $!; wait"], cwd=tmp_path, on_line=on_line)
+    grandchild = pids[0]
+    # The child is reaped by run_command; the grandchild got the group's SIGTERM and is gone,
+    # or a zombie where PID 1 does not reap orphans.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{grandchild}/status").read_text()
+        except FileNotFoundError:
+            return
+        if "State:\tZ" in status:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"process {grandchild} still running after the build was interrupted")
+
+
+def test_run_command_returns_exit_code_and_lines(tmp_path: Path) -> None:
+    lines: list[str] = []
+    code = run_command([sys.executable, "-c", "print('a'); print('b'); raise SystemExit(3)"],
+                       cwd=tmp_path, on_line=lines.append)
+    assert (code, lines) == (3, ["a", "b"])
+
+
+# --- source -------------------------------------------------------------------------------
+
+
+def test_commit_from_git_metadata_without_git(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources.shutil, "which", lambda name: None)
+    gitdir = tree.parent / "modules" / "llama.cpp"
+    (gitdir / "refs" / "heads").mkdir(parents=True)
+    (tree / ".git").write_text("gitdir: ../modules/llama.cpp\n")
+    (gitdir / "HEAD").write_text(COMMIT + "\n")
+    assert sources.tree_commit(tree) == (COMMIT, "gitdir")
+
+    (gitdir / "HEAD").write_text("ref: refs/heads/master\n")
+    (gitdir / "packed-refs").write_text(f"# pack-refs\n{'e' * 40} refs/heads/master\n")
+    assert sources.tree_commit(tree) == ("e" * 40, "gitdir")
+    (gitdir / "refs" / "heads" / "master").write_text("f" * 40 + "\n")
+    assert sources.tree_commit(tree) == ("f" * 40, "gitdir")
+
+
+def test_commit_falls_back_to_a_tree_hash(tree: Path) -> None:
+    commit, origin = sources.tree_commit(tree)
+    assert origin == "tree-hash" and len(commit) == 64
+    (tree / "CMakeLists.txt").write_text("project(llama.cpp) # changed\n")
+    assert sources.tree_commit(tree)[0] != commit
+
+
+def test_user_source_must_be_a_llama_cpp_tree(tmp_path: Path, tree: Path) -> None:
+    with pytest.raises(EngineError, match="does not exist"):
+        sources.user_source(tmp_path / "nope")
+    with pytest.raises(EngineError, match=r"no CMakeLists\.txt"):
+        sources.user_source(tmp_path)
+    assert sources.user_source(tree).tree == tree.resolve()
+
+
+def make_sdist(archive: Path, tree_files: dict[str, str]) -> None:
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, text in tree_files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{sources.SDIST_NAME}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_pinned_source_extracted_once_from_cached_archive(tmp_path: Path) -> None:
+    root = tmp_path / "sources"
+    make_sdist(root / f"{sources.SDIST_NAME}.tar.gz", {
+        "vendor/llama.cpp/CMakeLists.txt": "project(llama.cpp)\n",
+        "vendor/llama.cpp/tools/server/CMakeLists.txt": "",
+    })
+    notes: list[str] = []
+    got = sources.pinned_source(cache=root, progress=notes.append, python="/nonexistent")
+    assert got.tree == root / sources.SDIST_NAME / "vendor" / "llama.cpp"
+    assert got.label == sources.SDIST_LABEL and notes == [f"extracting {sources.SDIST_NAME}.tar.gz"]
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
+    notes.clear()
+    assert sources.pinned_source(cache=root, progress=notes.append).tree == got.tree
+    assert notes == []
+
+
+def test_failed_download_says_how_to_build_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LALO_CACHE_DIR", str(tmp_path / "cache"))
+    python = write_exe(
+        tmp_path / "python", "#!/bin/sh\necho 'ERROR: No matching distribution'\nexit 1\n"
+    )
+    with pytest.raises(EngineError) as caught:
+        sources.pinned_source(cache=tmp_path / "sources", python=str(python))
+    message = str(caught.value)
+    assert "pip could not download llama-cpp-python==0.3.36 (exit 1)" in message
+    assert "--source DIR" in message and "No matching distribution" in message
+    assert not (tmp_path / "sources" / f"{sources.SDIST_NAME}.tar.gz").exists()
+
+
+# --- registry -----------------------------------------------------------------------------
+
+
+def install_fake(cache: Path, tree: Path, variant: str) -> Path:
+    return make_builder(cache, FakeCMake(), tree).build(variant, tree).server
+
+
+def test_lookup_order_config_then_cache_then_path(
+    cache: Path, tree: Path, tmp_path: Path
+) -> None:
+    engines = cache / "engines"
+    on_path = write_exe(tmp_path / "llama-server", "#!/bin/sh\necho 'version: 9 (abcdef1)' >&2\n")
+
+    def which(name: str) -> str | None:
+        return str(on_path)
+
+    found = find_llama_server(engines_root=engines, which=which)
+    assert found is not None and found.origin == "PATH"
+    assert (found.version, found.commit, found.variant) == ("9 (abcdef1)", "abcdef1", None)
+
+    portable = install_fake(cache, tree, "portable")
+    found = find_llama_server(variant="native", engines_root=engines, which=which)
+    assert found is not None and (found.origin, found.path) == ("cache", portable)
+    native = install_fake(cache, tree, "native")
+    found = find_llama_server(variant="native", engines_root=engines, which=which)
+    assert found is not None and found.path == native and found.variant == "native"
+    assert found.version == "7 (0c1e570)"
+    assert found.manifest == native.parent.parent / "manifest.json"
+    found = find_llama_server(variant="portable", engines_root=engines, which=which)
+    assert found is not None and found.path == portable
+
+    found = find_llama_server(str(on_path), engines_root=engines, which=which)
+    assert found is not None and (found.origin, found.path) == ("config", on_path)
+
+    assert [e.origin for e in list_engines(engines_root=engines, which=which)] == [
+        "cache", "cache", "PATH"
+    ]
+    listed = list_engines(str(on_path), engines_root=engines, which=which)
+    assert [e.origin for e in listed] == ["config", "cache", "cache"]  # PATH is the same file
+
+
+def test_version_output_parsed_in_both_formats() -> None:
+    assert parse_version(
+        "load_backend: loaded CPU backend from ./libggml-cpu-haswell.so\n"
+        "version: 0.5.0-dev (build 1, commit 0c1e570)\nbuilt with GNU 12.2.0 for Linux x86_64\n"
+    ) == ("0.5.0-dev (build 1, commit 0c1e570)", "0c1e570")
+    assert parse_version("version: 4589 (0c1e570)\n") == ("4589 (0c1e570)", "0c1e570")
+    assert parse_version("version: 0.5.0-dev (build 1, commit unknown)") == (
+        "0.5.0-dev (build 1, commit unknown)", None
+    )
+    assert parse_version("usage: llama-server [options]") is None
+
+
+def test_configured_path_missing_names_the_config_key(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match=f"^{CONFIG_KEY}: .*/missing does not exist$"):
+        find_llama_server(str(tmp_path / "missing"))
+
+
+def test_nothing_found(tmp_path: Path) -> None:
+    assert find_llama_server(engines_root=tmp_path, which=lambda n: None) is None
+    with pytest.raises(EngineError, match=r"no llama-server found; run `lalo engine build`"):
+        require_llama_server(engines_root=tmp_path, which=lambda n: None)
+
+
+def test_find_tool_beside_the_server(cache: Path, tree: Path) -> None:
+    install_fake(cache, tree, "native")
+    engine = require_llama_server(engines_root=cache / "engines", which=lambda n: None)
+    assert find_tool(engine, "llama-quantize") == engine.path.parent / "llama-quantize"
+    assert find_tool(engine, "llama-bench") is None
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def test_cli_list_json_and_table(cache: Path, tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = install_fake(cache, tree, "native")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.chdir(tree)
+    monkeypatch.setenv("LALO_CONFIG_DIR", str(cache / "config"))
+    monkeypatch.delenv("LALO_CONFIG", raising=False)
+    _register()
+    runner = CliRunner()
+    result = runner.invoke(app, ["engine", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(result.stdout)
+    assert entry["path"] == str(server) and entry["selected"] and entry["origin"] == "cache"
+    result = runner.invoke(app, ["engine", "list"])
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[1].startswith("*  cache   native")
+
+
+def test_cli_build_when_already_built_says_so(cache: Path, tree: Path) -> None:
+    built = make_builder(cache, FakeCMake(), tree).build("native", None)
+    _register()
+    result = CliRunner().invoke(app, ["engine", "build", "--variant", "native"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"already built: {built.server}\n"
+    result = CliRunner().invoke(app, ["engine", "build", "--variant", "fast"])
+    assert result.exit_code == 2

@@ -44,6 +44,7 @@ def _root(
 def _register() -> None:
     # Each module adds its commands to `app`; imported here so `app` exists first.
     from launcher.cli import (  # noqa: F401
+        commands_build,
         commands_doctor,
         commands_engine,
         commands_inspect,

@@ -1,0 +1,198 @@
+"""`lalo models list|pull|rm`: the catalog and the local Hugging Face cache."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import psutil
+import typer
+
+from launcher.cli.app import app
+from launcher.config import ResourcesConfig
+from launcher.errors import UsageError
+from launcher.estimate import estimate_memory
+from launcher.licenses import check_redistribution
+from launcher.models.catalog import CatalogEntry, default_catalog, describe_entry
+from launcher.models.hub import HF_SCHEME, HubClient, HubFile, PullResult
+from launcher.planner import compute_budget
+from launcher.units import format_size
+
+models_app = typer.Typer(
+    help="The model catalog and the local cache (Hugging Face hub; honours HF_HOME, "
+    "HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE).",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+TargetArgument = Annotated[
+    str,
+    typer.Argument(help="A catalog id (see `lalo models list`) or hf://owner/repo/file.gguf[@rev]."),
+]
+
+
+def _target(target: str, revision: str | None) -> tuple[HubFile, CatalogEntry | None]:
+    if target.startswith(HF_SCHEME):
+        return HubFile.parse(target, revision), None
+    catalog = default_catalog()
+    if target not in catalog:
+        raise UsageError(
+            f"unknown model {target!r}: use a catalog id ({', '.join(catalog.entries)}) or "
+            "hf://owner/repo/file.gguf[@revision]"
+        )
+    entry = catalog.get(target)
+    return entry.hub_file(revision), entry
+
+
+@models_app.command("list")
+def list_models(as_json: JsonOption = False) -> None:
+    """Catalog models (size, licence, cached?, fits this machine?) and other cached GGUF files."""
+    catalog = default_catalog()
+    client = HubClient()
+    reserve = ResourcesConfig().ram_reserve
+    memory = psutil.virtual_memory()
+    budget = compute_budget("auto", reserve, memory.available)
+    rows: list[dict[str, Any]] = []
+    catalog_files: set[tuple[str, str]] = set()
+    for entry in catalog:
+        catalog_files.add((entry.repo, entry.file))
+        path = client.cached_path(entry.hub_file())
+        need = estimate_memory(entry.facts(), entry.default_ctx).total
+        gate = check_redistribution(entry.id, entry.license.id)
+        rows.append(
+            {
+                **describe_entry(entry),
+                "cached": path is not None,
+                "path": str(path) if path else None,
+                "estimate": need,
+                "fits_now": need <= budget.bytes,
+                "fits_machine": need <= memory.total - reserve,
+                "redistributable_by_default": gate.allowed,
+            }
+        )
+    others: list[dict[str, Any]] = [
+        {"ref": file.ref, "path": str(path), "size": path.stat().st_size}
+        for file, path in client.cached_files()
+        if (file.repo, file.filename) not in catalog_files
+    ]
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "cache_dir": str(client.settings.cache_dir),
+                    "budget": budget.bytes,
+                    "models": rows,
+                    "other_cached": others,
+                },
+                indent=2,
+            )
+        )
+        return
+    width = max(len(row["id"]) for row in rows)
+    typer.echo(f"{'id':<{width}}  {'size':>9}  {'licence':<10}  cached  {'needs':>9}  fits  purpose")
+    for row in rows:
+        fits = "yes" if row["fits_now"] else ("free" if row["fits_machine"] else "no")
+        licence = row["license"] + ("" if row["redistributable_by_default"] else "*")
+        typer.echo(
+            f"{row['id']:<{width}}  {format_size(row['size']):>9}  {licence:<10}  "
+            f"{'yes' if row['cached'] else 'no':<6}  {format_size(row['estimate']):>9}  "
+            f"{fits:<4}  {row['purpose']}"
+        )
+    typer.echo(
+        f"needs: memory estimate at each model's default context; fits: within "
+        f"{format_size(budget.bytes)} free now ('free': after freeing RAM)"
+    )
+    if any(not row["redistributable_by_default"] for row in rows):
+        typer.echo("*: not on the default redistribution allow-list (see docs/models.md)")
+    unpinned = [row["id"] for row in rows if not row["pinned"]]
+    if unpinned:
+        typer.echo(f"unpinned revision (a branch, not a commit): {', '.join(unpinned)}")
+    typer.echo(f"cache: {client.settings.cache_dir}")
+    for other in others:
+        typer.echo(f"also cached: {other['ref']} ({format_size(other['size'])})")
+
+
+@models_app.command("pull")
+def pull(
+    target: TargetArgument,
+    revision: Annotated[
+        str | None,
+        typer.Option("--revision", help="Branch, tag or commit (overrides the catalog pin)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Download a model into the Hugging Face cache (resumes; checks sha256 and disk space)."""
+    file, entry = _target(target, revision)
+    client = HubClient()
+    show = not quiet and not as_json
+    result = client.pull(file, show_progress=show)
+    _report_pull(target, result, entry, as_json)
+
+
+def _report_pull(target: str, result: PullResult, entry: CatalogEntry | None, as_json: bool) -> None:
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "target": target,
+                    "ref": result.file.ref,
+                    "path": str(result.path),
+                    "commit": result.commit,
+                    "size": result.size,
+                    "sha256": result.sha256,
+                    "source": result.source,
+                    "note": result.note,
+                    "resumed_from": result.resumed_from,
+                },
+                indent=2,
+            )
+        )
+        return
+    if result.note:
+        typer.echo(f"lalo: {result.note}", err=True)
+    how = {"downloaded": "downloaded", "cache": "already cached", "offline-cache": "cached"}[result.source]
+    if result.resumed_from:
+        how += f" (resumed at {format_size(result.resumed_from)})"
+    verified = f", sha256 {result.sha256}" if result.sha256 else ""
+    typer.echo(f"{target}: {how}: {result.path} ({format_size(result.size)}{verified})")
+    if entry is not None and not entry.pinned and result.commit:
+        typer.echo(
+            f"note: revision {entry.revision!r} is {result.commit}; pin that commit in the "
+            "catalog for reproducible pulls"
+        )
+    if entry is not None:
+        gate = check_redistribution(entry.id, entry.license.id)
+        if not gate.allowed:
+            typer.echo(f"licence: {gate.reason}")
+
+
+@models_app.command("rm")
+def remove(
+    target: TargetArgument,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a model's file from the cache (every cached revision of it)."""
+    file, _ = _target(target, None)
+    client = HubClient()
+    cached = [
+        path
+        for hub_file, path in client.cached_files(suffix=file.filename.rsplit("/", 1)[-1])
+        if hub_file.repo == file.repo and hub_file.filename == file.filename
+    ]
+    if not cached:
+        typer.echo(f"{target}: not in the cache at {client.settings.cache_dir}")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"{target}: pass --yes to delete without a prompt")
+        total = sum(path.stat().st_size for path in cached)
+        typer.confirm(f"delete {target} ({format_size(total)}) from {client.settings.cache_dir}?", abort=True)
+    removed = client.remove(file)
+    freed = [path for path in removed if "blobs" in path.parts]
+    typer.echo(
+        f"{target}: removed {len(removed)} cache entries"
+        f"{' (' + str(len(freed)) + ' blob(s))' if freed else ''}"
+    )

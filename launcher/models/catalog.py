@@ -1,0 +1,396 @@
+"""The model catalog (`catalog.yaml`): validated, frozen entries with hub coordinates, licence
+and the architecture facts that let lalo estimate memory before anything is downloaded.
+
+`catalog_resolver()` is the `CatalogResolver` that `resolve_models` takes: a config entry
+`catalog: ID` becomes the cached GGUF (or None while it is not downloaded) and its facts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from launcher.config import LoadedConfig, ModelConfig
+from launcher.errors import ConfigError, HubError
+from launcher.estimate import QUANT_BITS, ModelFacts
+from launcher.licenses import lookup
+from launcher.models.hub import HubClient, HubFile, ProgressCallback, PullResult
+from launcher.models.resolve import CatalogResolver
+
+CATALOG_ENV = "LALO_CATALOG"  # another catalog file instead of the packaged one
+_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class LicenseInfo(_Strict):
+    """An SPDX id, or a custom licence's id (as the hub names it) with its name and URL."""
+
+    id: str
+    name: str | None = None
+    url: str | None = None
+    source: str  # where the licence was read (the model card)
+
+    @model_validator(mode="after")
+    def _custom_needs_name(self) -> LicenseInfo:
+        known = lookup(self.id)
+        if (known is None or not known.spdx) and not (self.name and self.url):
+            raise ValueError(f"custom licence {self.id!r} needs `name` and `url`")
+        return self
+
+    @property
+    def display_name(self) -> str:
+        known = lookup(self.id)
+        return self.name or (known.name if known else self.id)
+
+    @property
+    def link(self) -> str | None:
+        known = lookup(self.id)
+        return self.url or (known.url if known else None)
+
+
+class Architecture(_Strict):
+    """The config.json facts that decide memory and speed."""
+
+    name: str
+    parameters: Annotated[int, Field(gt=0)]
+    n_layer: Annotated[int, Field(gt=0)]
+    n_embd: Annotated[int, Field(gt=0)]
+    n_ff: Annotated[int, Field(gt=0)]
+    n_head: Annotated[int, Field(gt=0)]
+    n_head_kv: Annotated[int, Field(gt=0)]
+    head_dim: Annotated[int, Field(gt=0)]
+    n_vocab: Annotated[int, Field(gt=0)]
+    n_ctx_train: Annotated[int, Field(gt=0)]
+    # Hybrid models (lfm2): the layers with attention; the others are short convolutions.
+    attention_layers: Annotated[tuple[int, ...], Field(strict=False)] | None = None
+    conv_l_cache: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _layers(self) -> Architecture:
+        if self.n_head % self.n_head_kv:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_head_kv ({self.n_head_kv})")
+        for layer in self.attention_layers or ():
+            if not 0 <= layer < self.n_layer:
+                raise ValueError(f"attention_layers: {layer} is not a layer of a {self.n_layer}-layer model")
+        if (self.attention_layers is None) != (self.conv_l_cache is None):
+            raise ValueError("attention_layers and conv_l_cache go together (hybrid models)")
+        return self
+
+    def kv_heads(self) -> tuple[int, ...]:
+        if self.attention_layers is None:
+            return (self.n_head_kv,) * self.n_layer
+        with_attention = set(self.attention_layers)
+        return tuple(self.n_head_kv if i in with_attention else 0 for i in range(self.n_layer))
+
+
+class CatalogEntry(_Strict):
+    """One model file on the hub and what lalo knows of it without downloading it."""
+
+    id: str
+    name: str
+    repo: str
+    file: str
+    revision: str
+    file_type: str
+    size: Annotated[int, Field(gt=0)]
+    size_exact: bool = False
+    sha256: str | None = None
+    license: LicenseInfo
+    base_model: str
+    purpose: str
+    context: Annotated[int, Field(gt=0)]
+    default_ctx: Annotated[int, Field(ge=128)]
+    bench_shape: str | None = None
+    architecture: Architecture
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _ID.match(value):
+            raise ValueError(f"must match {_ID.pattern}")
+        return value
+
+    @field_validator("repo", "base_model")
+    @classmethod
+    def _repo(cls, value: str) -> str:
+        if not _REPO.match(value):
+            raise ValueError("must be a hub repository id such as Owner/Name")
+        return value
+
+    @field_validator("file")
+    @classmethod
+    def _file(cls, value: str) -> str:
+        if not value.endswith(".gguf") or value.startswith("/") or ".." in value.split("/"):
+            raise ValueError("must be a relative .gguf path inside the repository")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256.match(value):
+            raise ValueError("must be 64 lowercase hex digits")
+        return value
+
+    @field_validator("file_type")
+    @classmethod
+    def _file_type(cls, value: str) -> str:
+        if value not in QUANT_BITS:
+            raise ValueError(f"must be one of {', '.join(QUANT_BITS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _ctx(self) -> CatalogEntry:
+        if self.default_ctx > self.context:
+            raise ValueError(f"default_ctx {self.default_ctx} is above the model's context {self.context}")
+        return self
+
+    @property
+    def pinned(self) -> bool:
+        """Whether `revision` is a commit (immutable) rather than a branch or tag."""
+        return bool(_COMMIT.match(self.revision))
+
+    def hub_file(self, revision: str | None = None) -> HubFile:
+        size = self.size if self.size_exact else None
+        return HubFile(
+            repo=self.repo,
+            filename=self.file,
+            revision=revision or self.revision,
+            sha256=self.sha256 if revision is None else None,
+            size=size,
+        )
+
+    def facts(self) -> ModelFacts:
+        """Facts for memory estimates before the file exists (weights = the file's size)."""
+        arch = self.architecture
+        recurrent = 0
+        if arch.conv_l_cache is not None:
+            # Same formula as ModelFacts.from_gguf: a (l_cache - 1) x n_embd f32 conv state.
+            recurrent = (arch.conv_l_cache - 1) * arch.n_embd * 4
+        return ModelFacts(
+            architecture=arch.name,
+            parameters=arch.parameters,
+            weight_bytes=self.size,
+            n_layer=arch.n_layer,
+            n_embd=arch.n_embd,
+            n_ff=arch.n_ff,
+            n_head=arch.n_head,
+            n_vocab=arch.n_vocab,
+            kv_heads=arch.kv_heads(),
+            key_length=arch.head_dim,
+            value_length=arch.head_dim,
+            n_ctx_train=arch.n_ctx_train,
+            recurrent_state_per_layer=recurrent,
+            file_type=self.file_type,
+        )
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The validated catalog, in file order."""
+
+    entries: Mapping[str, CatalogEntry]
+    source: str
+
+    def __iter__(self) -> Iterator[CatalogEntry]:
+        return iter(self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self.entries
+
+    def get(self, model_id: str) -> CatalogEntry:
+        try:
+            return self.entries[model_id]
+        except KeyError:
+            raise ConfigError(
+                f"unknown catalog model {model_id!r}; known: {', '.join(self.entries)}"
+            ) from None
+
+
+def packaged_catalog_path() -> Path:
+    """The catalog shipped in the package (launcher/data/catalog.yaml)."""
+    return Path(str(resources.files("launcher") / "data" / "catalog.yaml"))
+
+
+def load_catalog(path: Path | None = None) -> Catalog:
+    """The catalog at `path`, else $LALO_CATALOG, else the packaged one; ConfigError names
+    the file, line and YAML path of the first problem."""
+    if path is None:
+        env = os.environ.get(CATALOG_ENV)
+        path = Path(env) if env else packaged_catalog_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the catalog: {exc.strerror}") from exc
+    return parse_catalog(text, label=str(path))
+
+
+def default_catalog() -> Catalog:
+    """The catalog at $LALO_CATALOG, else the packaged one; each file parsed once."""
+    return _load_once(os.environ.get(CATALOG_ENV) or str(packaged_catalog_path()))
+
+
+@cache
+def _load_once(path: str) -> Catalog:
+    return load_catalog(Path(path))
+
+
+def parse_catalog(text: str, *, label: str) -> Catalog:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{label}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    lines = _line_index(node)
+    if not isinstance(data, dict) or set(data) - {"schema", "models"}:
+        raise ConfigError(f"{label}: the top level must be a mapping with `schema` and `models`")
+    if data.get("schema") != 1:
+        raise ConfigError(f"{_where(label, lines, ('schema',))}schema: must be 1, got {data.get('schema')!r}")
+    models = data.get("models")
+    if not isinstance(models, dict) or not models:
+        raise ConfigError(f"{_where(label, lines, ('models',))}models: must be a non-empty mapping")
+    entries: dict[str, CatalogEntry] = {}
+    for model_id, raw in models.items():
+        path: tuple[str, ...] = ("models", str(model_id))
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{_where(label, lines, path)}{'.'.join(path)}: must be a mapping")
+        try:
+            entries[str(model_id)] = CatalogEntry.model_validate({"id": str(model_id), **raw})
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            loc = path + tuple(str(part) for part in error["loc"] if part != "id")
+            if error["loc"][:1] == ("id",):
+                loc = path
+            message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+            raise ConfigError(f"{_where(label, lines, loc)}{'.'.join(loc)}: {message}") from None
+    return Catalog(entries=entries, source=label)
+
+
+def _line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(current: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                child = (*path, str(key.value))
+                index[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(current, yaml.SequenceNode):
+            for position, item in enumerate(current.value):
+                index[(*path, str(position))] = item.start_mark.line + 1
+
+    if node is not None:
+        walk(node, ())
+    return index
+
+
+def _where(label: str, lines: Mapping[tuple[str, ...], int], path: tuple[str, ...]) -> str:
+    while path:
+        if path in lines:
+            return f"{label}:{lines[path]}: "
+        path = path[:-1]
+    return f"{label}: "
+
+
+def catalog_resolver(catalog: Catalog | None = None, client: HubClient | None = None) -> CatalogResolver:
+    """A `CatalogResolver`: config `catalog: ID` -> (the cached GGUF or None, the entry's facts).
+
+    Looks only at the local cache: it never downloads and never checks a hash (pulls verify).
+    """
+
+    def resolve(name: str, model: ModelConfig) -> tuple[Path | None, ModelFacts | None]:
+        entries = catalog if catalog is not None else default_catalog()
+        hub = client if client is not None else HubClient()
+        assert model.catalog is not None
+        if model.catalog not in entries:
+            raise ConfigError(
+                f"models.{name}.catalog: unknown catalog model {model.catalog!r}; known: "
+                f"{', '.join(entries.entries)}"
+            )
+        entry = entries.get(model.catalog)
+        return hub.cached_path(entry.hub_file()), entry.facts()
+
+    return resolve
+
+
+def pull_missing(
+    loaded: LoadedConfig,
+    *,
+    catalog: Catalog | None = None,
+    client: HubClient | None = None,
+    progress: ProgressCallback | None = None,
+    show_progress: bool = True,
+    on_pull: Callable[[str, CatalogEntry], None] | None = None,
+) -> dict[str, PullResult]:
+    """Download the catalog models `loaded` uses that are not cached yet (what `lalo up` calls).
+
+    Offline (HF_HUB_OFFLINE=1 or the hub unreachable), a missing model is a HubError that
+    names the config entry and says to pull it where there is network.
+    """
+    entries = catalog if catalog is not None else default_catalog()
+    hub = client if client is not None else HubClient()
+    pulled: dict[str, PullResult] = {}
+    for name, model in loaded.config.models.items():
+        if model.catalog is None:
+            continue
+        if model.catalog not in entries:
+            raise ConfigError(
+                f"models.{name}.catalog: unknown catalog model {model.catalog!r}; "
+                f"known: {', '.join(entries.entries)}"
+            )
+        entry = entries.get(model.catalog)
+        if hub.cached_path(entry.hub_file()) is not None:
+            continue
+        if on_pull is not None:
+            on_pull(name, entry)
+        try:
+            pulled[name] = hub.pull(entry.hub_file(), progress=progress, show_progress=show_progress)
+        except HubError as exc:
+            raise type(exc)(
+                f"models.{name}: catalog model {entry.id!r} is not downloaded and could not be pulled: {exc}"
+            ) from exc
+    return pulled
+
+
+def describe_entry(entry: CatalogEntry) -> dict[str, Any]:
+    """Plain JSON-able facts of an entry (for `lalo models list --json`)."""
+    return {
+        "id": entry.id,
+        "name": entry.name,
+        "repo": entry.repo,
+        "file": entry.file,
+        "revision": entry.revision,
+        "pinned": entry.pinned,
+        "file_type": entry.file_type,
+        "size": entry.size,
+        "size_exact": entry.size_exact,
+        "sha256": entry.sha256,
+        "license": entry.license.id,
+        "license_name": entry.license.display_name,
+        "license_url": entry.license.link,
+        "license_source": entry.license.source,
+        "architecture": entry.architecture.name,
+        "parameters": entry.architecture.parameters,
+        "context": entry.context,
+        "default_ctx": entry.default_ctx,
+        "purpose": entry.purpose,
+    }

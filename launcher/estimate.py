@@ -11,6 +11,7 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from launcher.hardware import cpu_info
 from launcher.models.gguf_file import GGUFInfo
 
 MIB = 1024**2
@@ -44,8 +45,6 @@ def repack_types_for(machine: str, features: frozenset[str] | set[str]) -> froze
 
 @functools.cache
 def local_repack_types() -> frozenset[str]:
-    from launcher.doctor import cpu_info  # the CPU facts live with `lalo doctor`
-
     info = cpu_info()
     return repack_types_for(info.machine, set(info.features))
 

@@ -20,7 +20,7 @@ from launcher.cli.commands_inspect import ConfigOption, JsonOption
 from launcher.config import LoadedConfig, load_config, validate
 from launcher.demo import demo_config
 from launcher.errors import LaloError, NotRunningError, StartupError
-from launcher.models.catalog import catalog_resolver
+from launcher.models.catalog import catalog_resolver, pull_missing
 from launcher.models.resolve import CatalogResolver
 from launcher.runner import UpOptions, log_dir, serve
 from launcher.supervisor.instance import InstanceInfo, read_instance, require_instance
@@ -57,6 +57,10 @@ def up(
 ) -> None:
     """Plan, start the preload models and serve the OpenAI API and dashboard (Ctrl+C stops)."""
     loaded = load_for_up(config, demo)
+    # catalog models not downloaded yet are pulled first, in the foreground with progress
+    # (also before --detach), or `lalo up` fails with one line when offline
+    pull_missing(loaded, on_pull=lambda name, entry: _announce(
+        f"{name}: {entry.id} is not downloaded yet: pulling {entry.repo}/{entry.file}"))
     if detach:
         _detach(config, host, port, demo)
         return

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.config import LoadedConfig, ModelConfig
 from launcher.errors import ConfigError, HubError
-from launcher.estimate import QUANT_BITS, ModelFacts
+from launcher.estimate import ModelFacts, QUANT_BITS, approximate_matmul_bytes
 from launcher.licenses import lookup
 from launcher.models.hub import HubClient, HubFile, ProgressCallback, PullResult
 from launcher.models.resolve import CatalogResolver
@@ -196,6 +196,7 @@ class CatalogEntry(_Strict):
             n_ctx_train=arch.n_ctx_train,
             recurrent_state_per_layer=recurrent,
             file_type=self.file_type,
+            matmul_bytes_by_type=approximate_matmul_bytes(self.file_type, self.size),
         )
 
 

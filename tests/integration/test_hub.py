@@ -418,3 +418,28 @@ def test_settings_follow_the_environment_huggingface_hub_uses(tmp_path: Path) ->
     default = HubSettings.from_env({"XDG_CACHE_HOME": str(tmp_path)})
     assert default.cache_dir == tmp_path / "huggingface" / "hub" and not default.offline
     assert default.endpoint == "https://huggingface.co" and default.token is None
+
+
+def test_lalo_up_pulls_a_missing_catalog_model_then_serves_it(
+    hub: HubServer, hf_home: Path, tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path,
+) -> None:
+    import httpx
+
+    from tests.support.lalo import LaloUp, write_config
+
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG, encoding="utf-8")
+    env = {**isolated, "HF_HOME": str(hf_home), "HF_ENDPOINT": hub.url,
+           "LALO_CATALOG": str(catalog), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    config = write_config(tmp_path / "lalo.yaml", {"t": {"catalog": "test-model", "ctx_size": 512}},
+                          engines={"llama_server": {"path": str(llama_server_bin)}})
+    with LaloUp(config, env) as up:
+        up.wait_state("t", "ready")
+        assert "t: test-model is not downloaded yet: pulling org/model-GGUF/tiny.gguf" in up.output()
+        reply = httpx.post(up.url + "/v1/completions", timeout=60,
+                           json={"model": "t", "prompt": "hi", "max_tokens": 3})
+        assert reply.status_code == 200, reply.text
+    # offline now, with the file cached: it starts without the hub
+    with LaloUp(config, {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}) as up:
+        up.wait_state("t", "ready")

@@ -13,9 +13,9 @@ from launcher.cli.app import app
 from launcher.config import LoadedConfig, load_config
 from launcher.demo import demo_config
 from launcher.estimate import ModelFacts, estimate_memory
-from launcher.models.gguf_file import read_gguf
 from launcher.measurements import Measurements, with_measurements
 from launcher.models.catalog import catalog_resolver
+from launcher.models.gguf_file import read_gguf
 from launcher.models.resolve import resolve_models
 from launcher.planner import Plan, compute_budget, make_plan
 from launcher.units import format_size

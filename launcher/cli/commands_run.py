@@ -75,7 +75,7 @@ def _detach(config: Path | None, host: str | None, port: int | None, demo: bool)
         from launcher.errors import AlreadyRunningError
 
         raise AlreadyRunningError(f"lalo is already running at {running.url} (pid {running.pid})")
-    argv = _self_command() + ["up"]
+    argv = [*_self_command(), "up"]
     if config is not None:
         argv += ["--config", str(config.resolve())]
     if host:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.config import LoadedConfig, ModelConfig
 from launcher.errors import ConfigError, HubError
-from launcher.estimate import ModelFacts, QUANT_BITS, approximate_matmul_bytes
+from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes
 from launcher.licenses import lookup
 from launcher.models.hub import HubClient, HubFile, ProgressCallback, PullResult
 from launcher.models.resolve import CatalogResolver

@@ -296,7 +296,8 @@ def _parse(buffer: mmap.mmap, path: Path, size: int) -> GGUFInfo:
         shape = tuple(cursor.take("<Q") for _ in range(n_dims))
         ggml_type = cursor.take("<I")
         offset = cursor.take("<Q")
-        tensors.append(TensorInfo(name, shape, ggml_type, offset, _tensor_bytes(path, name, shape, ggml_type)))
+        n_bytes = _tensor_bytes(path, name, shape, ggml_type)
+        tensors.append(TensorInfo(name, shape, ggml_type, offset, n_bytes))
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):

@@ -266,8 +266,8 @@ def write_synthetic_model(
         qtype = WRITABLE_TYPES[tensor_type]
         for tensor_name, tensor_shape in _tensor_shapes(shape):
             dtype, n_bytes, raw_shape = _encoded_layout(tensor_shape, qtype)
-            writer.add_tensor_info(tensor_name, raw_shape, dtype, n_bytes,
-                                   raw_dtype=None if dtype != np.uint8 else _tensor_qtype(tensor_shape, qtype))
+            raw_dtype = _tensor_qtype(tensor_shape, qtype) if dtype == np.uint8 else None
+            writer.add_tensor_info(tensor_name, raw_shape, dtype, n_bytes, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

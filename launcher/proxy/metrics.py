@@ -1,4 +1,4 @@
-"""Prometheus metrics: per-request counters and histograms, plus gauges read from the supervisor at scrape time."""
+"""Prometheus metrics: per-request counters and histograms, plus supervisor gauges read at scrape time."""
 
 from __future__ import annotations
 

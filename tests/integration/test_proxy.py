@@ -138,7 +138,7 @@ def test_queue_full_is_429_with_retry_after(proxy: LaloUp) -> None:
                 for _ in r.iter_bytes():
                     if release.is_set():
                         break
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     holders = [threading.Thread(target=hold) for _ in range(2)]

@@ -28,7 +28,7 @@ def main() -> None:
     started = time.monotonic()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             ready = time.monotonic() - started >= args.ready_after
             body = b'{"status":"ok"}' if ready else b'{"error":"loading"}'
             self.send_response(200 if ready else 503)

@@ -67,7 +67,10 @@ def error_of(text: str, total_ram: int = 24 * GIB) -> str:
         ("models: [1]\n", "lalo.yaml:1: models: must be a mapping, got [1]"),
         ("proxy: {port: [}\n", "lalo.yaml:1: invalid YAML: expected the node content, but found '}'"),
         ("- a\n", "lalo.yaml: the top level must be a mapping, got list"),
-        ("models:\n  a:\n    file: x.gguf\n    env: {A: 1}\n", "lalo.yaml:4: models.a.env.A: must be a string, got 1"),
+        (
+            "models:\n  a:\n    file: x.gguf\n    env: {A: 1}\n",
+            "lalo.yaml:4: models.a.env.A: must be a string, got 1",
+        ),
         (
             "models:\n  'a b':\n    file: x.gguf\n",
             "lalo.yaml:1: models: model name 'a b' must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
@@ -105,7 +108,9 @@ def test_sizes_and_llamafile_engine_default() -> None:
 
 def test_config_is_frozen() -> None:
     config = parse_config("", label="x", total_ram=GIB)
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         config.proxy.port = 1  # type: ignore[misc]
 
 

@@ -69,7 +69,7 @@ def test_llamafile_runtime_serves_a_plain_gguf(tmp_path: Path) -> None:
     spec = LlamafileEngine(runtime=runtime).launch_spec(settings(model))
     assert spec.argv[:3] == ("/bin/sh", str(runtime.resolve()), "--server")
     assert spec.argv[spec.argv.index("--model") + 1] == str(model)
-    with pytest.raises(EngineError, match="needs a .llamafile, or engines.llamafile.runtime"):
+    with pytest.raises(EngineError, match=r"needs a \.llamafile, or engines\.llamafile\.runtime"):
         LlamafileEngine().launch_spec(settings(model))
 
 

@@ -50,9 +50,9 @@ def make(tmp_path: Path, client: httpx.AsyncClient, *flags: str, **timeouts: flo
     )
 
 
-async def wait_for(condition: object, timeout: float = 10.0) -> None:
+async def wait_for(condition: object, limit: float = 10.0) -> None:
     assert callable(condition)
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + limit
     while not condition():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("timed out")

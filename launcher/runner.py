@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
-import uvicorn
 
 from launcher import __version__, paths
 from launcher.config import Config, LoadedConfig
@@ -33,7 +33,6 @@ from launcher.errors import EngineError, LaloError, StartupError
 from launcher.measurements import Measurements, measurement_key, with_measurements
 from launcher.models.resolve import CatalogResolver, ResolvedModel, resolve_models
 from launcher.planner import Plan, compute_budget, make_plan
-from launcher.proxy.app import ProxySettings, create_app, upstream_client
 from launcher.supervisor import platform
 from launcher.supervisor.instance import ChildRecords, InstanceInfo, InstanceLock
 from launcher.supervisor.logs import ModelLog
@@ -144,14 +143,6 @@ def plan_models(loaded: LoadedConfig, models: Sequence[ResolvedModel], available
     resources = loaded.config.resources
     budget = compute_budget(resources.ram_budget, resources.ram_reserve, available)
     return make_plan([m.candidate() for m in models], budget, resources.max_loaded)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: lalo's main loop owns signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 def build_supervisor(
@@ -309,23 +300,29 @@ async def _run(
 
     admin_token = secrets.token_urlsafe(32)
     probe_client = httpx.AsyncClient(trust_env=False, timeout=5.0)
-    settings = ProxySettings(
-        api_keys=api_keys(config),
-        admin_token=admin_token,
-        max_body_size=config.proxy.max_body_size,
-        upstream_timeout=config.proxy.upstream_timeout,
-    )
-    client = upstream_client(settings)
     supervisor, log_paths = build_supervisor(loaded, models, engines, probe_client, records,
                                              measurements, host="127.0.0.1")
-    app = create_app(supervisor, settings, client, on_shutdown=lambda: on_signal(0),
-                     log_paths=log_paths)
-    server = _Server(uvicorn.Config(
-        app, log_level="warning", lifespan="off", access_log=False,
-        timeout_graceful_shutdown=5, loop="none",
-    ))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    client: httpx.AsyncClient | None = None
+    serving: asyncio.Task[None] | None = None
+    server = None
     try:
+        # Model servers first: they load while the proxy stack is imported and started.
+        preload = [d.name for d in plan.decisions if d.action == "start"]
+        loading = asyncio.create_task(_preload(supervisor, preload, announce))
+        await _until_spawned(supervisor, preload)
+        from launcher.proxy.app import ProxySettings, create_app, upstream_client
+
+        settings = ProxySettings(
+            api_keys=api_keys(config),
+            admin_token=admin_token,
+            max_body_size=config.proxy.max_body_size,
+            upstream_timeout=config.proxy.upstream_timeout,
+        )
+        client = upstream_client(settings)
+        app = create_app(supervisor, settings, client, on_shutdown=lambda: on_signal(0),
+                         log_paths=log_paths)
+        server = _uvicorn_server(app)
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
             if serving.done():
                 serving.result()
@@ -345,11 +342,9 @@ async def _run(
             if model.info is not None and model.info.is_synthetic:
                 announce(f"  {model.name}: random-weight demo model (it answers with noise, not text)")
         supervisor.start_background()
-        preload = [d.name for d in plan.decisions if d.action == "start"]
         for decision in plan.decisions:
             if decision.action != "start":
                 announce(f"  {decision.name}: {decision.action}: {decision.reason}")
-        loading = asyncio.create_task(_preload(supervisor, preload, announce))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({stopped, serving}, return_when=asyncio.FIRST_COMPLETED)
         if serving.done() and not stop.is_set():
@@ -364,17 +359,43 @@ async def _run(
         announce("stopped")
         return exit_code[0]
     finally:
-        if not serving.done():
-            server.force_exit = True
+        if serving is not None and not serving.done():
+            if server is not None:
+                server.force_exit = True
             serving.cancel()
             with contextlib.suppress(BaseException):
                 await serving
         await supervisor.close()
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
         await probe_client.aclose()
         with contextlib.suppress(Exception):
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _until_spawned(supervisor: Supervisor, names: Sequence[str], limit: float = 2.0) -> None:
+    """Give the preload starts the loop until each has spawned its process (or failed)."""
+    waits = [asyncio.ensure_future(supervisor.models[name].spawned.wait()) for name in names]
+    if waits:
+        _, pending = await asyncio.wait(waits, timeout=limit)
+        for wait in pending:
+            wait.cancel()
+
+
+def _uvicorn_server(app: Any) -> Any:
+    """uvicorn without its own signal handling: lalo's main loop owns signals."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            yield
+
+    return Server(uvicorn.Config(
+        app, log_level="warning", lifespan="off", access_log=False,
+        timeout_graceful_shutdown=5, loop="none",
+    ))
 
 
 async def _preload(supervisor: Supervisor, names: Sequence[str], announce: Announce) -> None:

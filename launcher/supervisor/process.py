@@ -143,6 +143,9 @@ class ManagedModel:
         self._reader_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopped.set()
+        # set once a start attempt has a process (or has failed): lets `lalo up` start the
+        # proxy while model servers load
+        self.spawned = asyncio.Event()
         self._kill_reason: str | None = None
 
         self.started_at: float | None = None  # clock() when it became ready
@@ -332,6 +335,7 @@ class ManagedModel:
             raise
         self.spawn_count += 1
         self._process = process
+        self.spawned.set()
         self._kill_reason = None
         created = platform.create_time(process.pid) or time.time()
         self._events.spawned(self.name, process.pid, created, self.settings.port)
@@ -442,6 +446,7 @@ class ManagedModel:
         """A start failed or a ready server died: failed, then a restart after backoff or never."""
         self._start_task = None
         self._endpoint = None
+        self.spawned.set()
         self.last_error = reason
         self.log.note(f"failed: {reason.splitlines()[0]}")
         log.warning("%s", reason.splitlines()[0])

@@ -137,7 +137,15 @@ def start_router(server: Path, models_dir: Path, port: int) -> subprocess.Popen[
     return subprocess.Popen(
         [str(server), "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port", str(port),
          "-c", "4096", "-np", "4"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=parent_death_signal)  # the router and its children die with this script
+
+
+def parent_death_signal() -> None:
+    from launcher.supervisor import platform
+
+    if platform.IS_LINUX:
+        platform.set_parent_death_signal()
 
 
 def wait_http(url: str, timeout: float = 120, headers: dict[str, str] | None = None) -> None:

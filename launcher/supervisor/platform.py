@@ -27,7 +27,7 @@ IS_LINUX = sys.platform.startswith("linux")
 _PR_SET_PDEATHSIG = 1
 
 
-def _set_parent_death_signal() -> None:
+def set_parent_death_signal() -> None:
     """Runs in the child between fork and exec: die with SIGKILL when the parent thread dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
@@ -51,7 +51,7 @@ async def spawn(
     else:
         kwargs["start_new_session"] = True
         if IS_LINUX:
-            kwargs["preexec_fn"] = _set_parent_death_signal
+            kwargs["preexec_fn"] = set_parent_death_signal
     process = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,

@@ -1,0 +1,71 @@
+"""The memory estimate against the RSS of a real llama-server after a request that fills the context."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import httpx
+import pytest
+
+from launcher.engines.base import ServerSettings
+from launcher.engines.llama_server import LlamaServerEngine
+from launcher.estimate import ModelFacts, estimate_memory
+from launcher.models.gguf_file import read_gguf
+from launcher.models.synthetic import ModelShape, write_synthetic_model
+from launcher.supervisor import platform
+from launcher.supervisor.logs import ModelLog
+from launcher.supervisor.process import ManagedModel
+
+pytestmark = pytest.mark.integration
+
+# ~190M parameters: 100 MB and more even at Q4_0 (the size the 10 % target is about)
+SHAPE = ModelShape(n_embd=768, n_layer=22, n_head=12, n_head_kv=4, n_ff=2048, n_vocab=32000,
+                   tie_embeddings=False)
+
+
+@pytest.fixture(scope="module", params=["Q8_0", "Q4_0"])
+def model_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("estimate") / f"m-{request.param}.gguf"
+    return write_synthetic_model(path, SHAPE, tensor_type=request.param)
+
+
+@pytest.mark.parametrize("ctx_size", [1024, 4096])
+def test_estimate_within_10_percent_of_measured_rss(
+    llama_server_bin: Path, model_file: Path, ctx_size: int, tmp_path: Path,
+) -> None:
+    info = read_gguf(model_file)
+    assert info.file_size >= 100 * 1000**2
+    estimate = estimate_memory(ModelFacts.from_gguf(info), ctx_size, 1)
+
+    async def measure() -> tuple[int, dict[str, int]]:
+        async with httpx.AsyncClient() as client:
+            model = ManagedModel(
+                "m", LlamaServerEngine(llama_server_bin),
+                ServerSettings(model_path=model_file, host="127.0.0.1", port=0, api_key="",
+                               ctx_size=ctx_size, parallel=1, threads=None),
+                ModelLog(tmp_path / "m.log"), client,
+            )
+            try:
+                endpoint = await model.ensure_ready()
+                headers = {"Authorization": f"Bearer {endpoint.api_key}"}
+                n_ctx = (await client.get(endpoint.base_url + "/props", headers=headers)).json()[
+                    "default_generation_settings"]["n_ctx"]
+                rng = random.Random(0)
+                prompt = [rng.randrange(300, SHAPE.n_vocab) for _ in range(n_ctx - 24)]
+                reply = await client.post(endpoint.base_url + "/completion", headers=headers,
+                                          timeout=600, json={"prompt": prompt, "n_predict": 8})
+                assert reply.status_code == 200, reply.text
+                rss = platform.rss_of(endpoint.pid)
+                assert rss is not None
+                return rss, dict(model.log.buffers)
+            finally:
+                await model.close()
+
+    rss, buffers = asyncio.run(measure())
+    error = (estimate.total - rss) / rss
+    assert abs(error) < 0.10, f"estimate {estimate.as_dict()} vs RSS {rss} ({error:+.1%}), {buffers}"
+    # the parts llama-server reports itself match the header arithmetic
+    assert abs(buffers["CPU KV"] - estimate.kv_cache) <= 1024**2
+    assert abs(buffers.get("CPU_REPACK model", 0) - estimate.repacked) <= 1024**2

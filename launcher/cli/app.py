@@ -12,6 +12,12 @@ from typer.exceptions import TyperException
 from launcher import __version__
 from launcher.errors import LaloError
 
+# httpx imports its own command-line client on every `import httpx` when rich, pygments and
+# click are installed (they come with typer and uvicorn): ~90 ms and several MB that lalo
+# never uses. A None entry makes that optional import fail the way httpx expects. (The
+# command modules, imported below on demand, are the first to import httpx.)
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
 app = typer.Typer(
     name="lalo",
     help="Run local llama.cpp models behind one OpenAI-compatible port, sized to this machine's RAM.",
@@ -41,21 +47,29 @@ def _root(
     )
 
 
-def _register() -> None:
-    # Each module adds its commands to `app`; imported here so `app` exists first.
-    from launcher.cli import (  # noqa: F401
-        commands_build,
-        commands_doctor,
-        commands_engine,
-        commands_inspect,
-        commands_models,
-        commands_run,
-    )
+# Which module defines each command: `lalo up` imports only what `up` needs (start-up time
+# and the supervisor's memory both count); help and unknown commands import them all.
+_COMMAND_MODULES = {
+    "up": "commands_run", "down": "commands_run", "status": "commands_run",
+    "logs": "commands_run", "plan": "commands_inspect", "inspect": "commands_inspect",
+    "engine": "commands_engine", "models": "commands_models", "doctor": "commands_doctor",
+    "build": "commands_build",
+}
+
+
+def _register(argv: list[str] | None = None) -> None:
+    """Import the command modules (each adds its commands to `app`)."""
+    import importlib
+
+    words = [arg for arg in (sys.argv[1:] if argv is None else argv) if not arg.startswith("-")]
+    wanted = _COMMAND_MODULES.get(words[0]) if words else None
+    for module in sorted(set(_COMMAND_MODULES.values())) if wanted is None else [wanted]:
+        importlib.import_module(f"launcher.cli.{module}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one clear line on stderr and the error's exit code, never a traceback."""
-    _register()
+    _register(argv)
     try:
         result = app(args=argv, standalone_mode=False, prog_name="lalo")
     except LaloError as exc:

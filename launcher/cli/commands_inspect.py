@@ -14,9 +14,8 @@ from launcher.config import LoadedConfig, load_config
 from launcher.demo import demo_config
 from launcher.estimate import ModelFacts, estimate_memory
 from launcher.measurements import Measurements, with_measurements
-from launcher.models.catalog import catalog_resolver
 from launcher.models.gguf_file import read_gguf
-from launcher.models.resolve import resolve_models
+from launcher.models.resolve import CatalogResolver, resolve_models
 from launcher.planner import Plan, compute_budget, make_plan
 from launcher.units import format_size
 
@@ -70,6 +69,15 @@ def inspect(
         typer.echo(f"{key:<{width}}  {value}")
 
 
+def catalog_for(loaded: LoadedConfig) -> CatalogResolver | None:
+    """The catalog resolver, imported only when a model uses `catalog:` (it brings the hub client)."""
+    if not any(model.catalog for model in loaded.config.models.values()):
+        return None
+    from launcher.models.catalog import catalog_resolver
+
+    return catalog_resolver()
+
+
 def load(config: Path | None) -> LoadedConfig:
     """The config by lookup order; the built-in default is the demo."""
     return load_config(config, default=demo_config())
@@ -79,7 +87,7 @@ def build_plan(loaded: LoadedConfig) -> Plan:
     resources = loaded.config.resources
     budget = compute_budget(resources.ram_budget, resources.ram_reserve,
                             psutil.virtual_memory().available)
-    models = with_measurements(resolve_models(loaded, catalog=catalog_resolver()), Measurements())
+    models = with_measurements(resolve_models(loaded, catalog=catalog_for(loaded)), Measurements())
     return make_plan([m.candidate() for m in models], budget, resources.max_loaded)
 
 

@@ -16,12 +16,10 @@ import typer
 
 from launcher import paths
 from launcher.cli.app import app
-from launcher.cli.commands_inspect import ConfigOption, JsonOption
+from launcher.cli.commands_inspect import ConfigOption, JsonOption, catalog_for
 from launcher.config import LoadedConfig, load_config, validate
 from launcher.demo import demo_config
 from launcher.errors import LaloError, NotRunningError, StartupError
-from launcher.models.catalog import catalog_resolver, pull_missing
-from launcher.models.resolve import CatalogResolver
 from launcher.runner import UpOptions, log_dir, serve
 from launcher.supervisor.instance import InstanceInfo, read_instance, require_instance
 from launcher.supervisor.logs import read_tail
@@ -32,10 +30,6 @@ DETACH_TIMEOUT = 600.0  # a first run may build the engine
 
 def _announce(message: str) -> None:
     typer.echo(message, err=True)
-
-
-def _catalog_resolver() -> CatalogResolver:
-    return catalog_resolver()
 
 
 def load_for_up(config: Path | None, demo: bool) -> LoadedConfig:
@@ -57,15 +51,18 @@ def up(
 ) -> None:
     """Plan, start the preload models and serve the OpenAI API and dashboard (Ctrl+C stops)."""
     loaded = load_for_up(config, demo)
-    # catalog models not downloaded yet are pulled first, in the foreground with progress
-    # (also before --detach), or `lalo up` fails with one line when offline
-    pull_missing(loaded, on_pull=lambda name, entry: _announce(
-        f"{name}: {entry.id} is not downloaded yet: pulling {entry.repo}/{entry.file}"))
+    catalog = catalog_for(loaded)
+    if catalog is not None:
+        # catalog models not downloaded yet are pulled first, in the foreground with progress
+        # (also before --detach), or `lalo up` fails with one line when offline
+        from launcher.models.catalog import pull_missing
+
+        pull_missing(loaded, on_pull=lambda name, entry: _announce(
+            f"{name}: {entry.id} is not downloaded yet: pulling {entry.repo}/{entry.file}"))
     if detach:
         _detach(config, host, port, demo)
         return
-    code = asyncio.run(serve(loaded, UpOptions(host=host, port=port), _announce,
-                             catalog=_catalog_resolver()))
+    code = asyncio.run(serve(loaded, UpOptions(host=host, port=port), _announce, catalog=catalog))
     raise typer.Exit(code)
 
 

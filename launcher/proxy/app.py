@@ -72,6 +72,7 @@ def upstream_client(settings: ProxySettings) -> httpx.AsyncClient:
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
                             keepalive_expiry=60.0),
         trust_env=False,  # never send local model traffic through a configured HTTP proxy
+        verify=False,  # plain HTTP on loopback only: no TLS context to build
     )
 
 

@@ -303,7 +303,7 @@ async def _run(
     probe_client = httpx.AsyncClient(trust_env=False, timeout=5.0, verify=False)
     supervisor, log_paths = build_supervisor(loaded, models, engines, probe_client, records,
                                              measurements, host="127.0.0.1")
-    client: httpx.AsyncClient | None = None
+    transport: httpx.AsyncBaseTransport | None = None
     serving: asyncio.Task[None] | None = None
     server = None
     try:
@@ -311,7 +311,7 @@ async def _run(
         preload = [d.name for d in plan.decisions if d.action == "start"]
         loading = asyncio.create_task(_preload(supervisor, preload, announce))
         await _until_spawned(supervisor, preload)
-        from launcher.proxy.app import ProxySettings, create_app, upstream_client
+        from launcher.proxy.app import ProxySettings, create_app, upstream_transport
 
         settings = ProxySettings(
             api_keys=api_keys(config),
@@ -319,8 +319,8 @@ async def _run(
             max_body_size=config.proxy.max_body_size,
             upstream_timeout=config.proxy.upstream_timeout,
         )
-        client = upstream_client(settings)
-        app = create_app(supervisor, settings, client, on_shutdown=lambda: on_signal(0),
+        transport = upstream_transport()
+        app = create_app(supervisor, settings, transport, on_shutdown=lambda: on_signal(0),
                          log_paths=log_paths)
         server = _uvicorn_server(app)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -367,8 +367,8 @@ async def _run(
             with contextlib.suppress(BaseException):
                 await serving
         await supervisor.close()
-        if client is not None:
-            await client.aclose()
+        if transport is not None:
+            await transport.aclose()
         await probe_client.aclose()
         with contextlib.suppress(Exception):
             loop.remove_signal_handler(signal.SIGINT)

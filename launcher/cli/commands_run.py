@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -62,8 +63,18 @@ def up(
     if detach:
         _detach(config, host, port, demo)
         return
-    code = asyncio.run(serve(loaded, UpOptions(host=host, port=port), _announce, catalog=catalog))
+    with asyncio.Runner(loop_factory=_event_loop()) as runner:
+        code = runner.run(serve(loaded, UpOptions(host=host, port=port), _announce, catalog=catalog))
     raise typer.Exit(code)
+
+
+def _event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it exists (every token streamed passes through this loop), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _detach(config: Path | None, host: str | None, port: int | None, demo: bool) -> None:

@@ -21,12 +21,13 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from launcher import __version__
 from launcher.errors import CapacityError, ModelError
 from launcher.proxy.auth import AuthMiddleware
 from launcher.proxy.errors import error_response
-from launcher.proxy.forward import Forwarder
+from launcher.proxy.forward import Forwarder, send_error
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.supervisor.logs import read_tail
 from launcher.supervisor.supervisor import Supervisor
@@ -51,42 +52,52 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body, or BodyTooLarge as soon as it passes `limit` bytes."""
+    for key, value in scope["headers"]:
+        if key == b"content-length" and value.isdigit() and int(value) > limit:
+            raise BodyTooLarge
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge
         chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     return b"".join(chunks)
 
 
-def upstream_client(settings: ProxySettings) -> httpx.AsyncClient:
-    """The one pooled client for every model server; its owner closes it."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.upstream_timeout, connect=10.0),
+def upstream_transport() -> httpx.AsyncHTTPTransport:
+    """The one connection pool for every model server; its owner closes it.
+
+    The transport, not a client: no cookies, redirects, auth flows, proxies from the
+    environment or TLS on this path, only pooled HTTP/1.1 to loopback.
+    """
+    return httpx.AsyncHTTPTransport(
+        # llama-server closes idle connections after 5 s: drop ours first, never reuse a dead one
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                            keepalive_expiry=60.0),
-        trust_env=False,  # never send local model traffic through a configured HTTP proxy
-        verify=False,  # plain HTTP on loopback only: no TLS context to build
+                            keepalive_expiry=4.0),
+        verify=False,
     )
 
 
 def create_app(
     supervisor: Supervisor,
     settings: ProxySettings,
-    client: httpx.AsyncClient,
+    transport: httpx.AsyncBaseTransport,
     *,
     on_shutdown: Callable[[], None] = lambda: None,
     log_paths: dict[str, Path] | None = None,
-) -> Starlette:
+) -> ASGIApp:
     """The proxy app; `on_shutdown` is called by `POST /api/shutdown` (lalo down)."""
     metrics = ProxyMetrics(supervisor)
-    forwarder = Forwarder(supervisor, client, metrics, settings.upstream_timeout)
+    forwarder = Forwarder(supervisor, transport, metrics, settings.upstream_timeout)
     started = time.time()
     log_paths = log_paths or {}
     too_large = f"request body larger than {settings.max_body_size} bytes"
@@ -100,40 +111,45 @@ def create_app(
             "models": len(states),
         })
 
-    async def openai(request: Request) -> Response:
-        route = OPENAI_ROUTES[request.url.path]
+    async def openai(scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/chat/completions etc.: raw ASGI, the hot path."""
+        route = OPENAI_ROUTES[scope["path"]]
         try:
-            body = await read_body(request, settings.max_body_size)
+            body = await read_body(scope, receive, settings.max_body_size)
         except BodyTooLarge:
-            return error_response(413, too_large)
+            return await send_error(send, 413, too_large)
         try:
             payload = json.loads(body)
         except ValueError as exc:
-            return error_response(400, f"request body is not valid JSON: {exc}")
+            return await send_error(send, 400, f"request body is not valid JSON: {exc}")
         if not isinstance(payload, dict):
-            return error_response(400, "request body must be a JSON object")
+            return await send_error(send, 400, "request body must be a JSON object")
         requested = payload.get("model")
         if not isinstance(requested, str) or not requested:
-            return error_response(400, "missing 'model': name one of " + _known(supervisor),
-                                  code="model_required")
+            return await send_error(send, 400, "missing 'model': name one of " + _known(supervisor),
+                                    code="model_required")
         name = supervisor.resolve(requested)
         if name is None:
-            return error_response(404, f"unknown model {requested!r}; known: {_known(supervisor)}")
-        return await forwarder.forward(name, "POST", request.url.path, body, route=route)
+            return await send_error(
+                send, 404, f"unknown model {requested!r}; known: {_known(supervisor)}")
+        await forwarder.forward(receive, send, name, "POST", scope["path"], body, route=route)
 
-    async def upstream(request: Request) -> Response:
-        requested = request.path_params["model"]
-        name = supervisor.resolve(requested)
+    async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
+        """ANY /upstream/{model}/{path}: any other llama-server route of that model."""
+        params = scope["path_params"]
+        name = supervisor.resolve(params["model"])
         if name is None:
-            return error_response(404, f"unknown model {requested!r}; known: {_known(supervisor)}")
+            return await send_error(
+                send, 404, f"unknown model {params['model']!r}; known: {_known(supervisor)}")
         try:
-            body = await read_body(request, settings.max_body_size)
+            body = await read_body(scope, receive, settings.max_body_size)
         except BodyTooLarge:
-            return error_response(413, too_large)
-        return await forwarder.forward(
-            name, request.method, "/" + request.path_params["path"], body, route="upstream",
-            query=request.url.query,
-            content_type=request.headers.get("content-type", "application/json"),
+            return await send_error(send, 413, too_large)
+        headers = dict(scope["headers"])
+        await forwarder.forward(
+            receive, send, name, scope["method"], "/" + params["path"], body, route="upstream",
+            query=scope.get("query_string", b"").decode("latin-1"),
+            content_type=headers.get(b"content-type", b"application/json").decode("latin-1"),
         )
 
     async def list_models(request: Request) -> Response:
@@ -216,8 +232,7 @@ def create_app(
     routes: list[BaseRoute] = [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
-        *(Route(path, openai, methods=["POST"]) for path in OPENAI_ROUTES),
-        Route("/upstream/{model}/{path:path}", upstream,
+        Route("/upstream/{model}/{path:path}", _RawASGI(upstream),
               methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
         Route("/api/status", status, methods=["GET"]),
         Route("/api/models/{name}/load", admin(load), methods=["POST"]),
@@ -247,8 +262,25 @@ def create_app(
         routes=routes,
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
-    app.add_middleware(AuthMiddleware, api_keys=settings.api_keys, admin_token=settings.admin_token)
-    return app
+
+    async def front(scope: Scope, receive: Receive, send: Send) -> None:
+        # The OpenAI routes skip Starlette's routing and middleware: proxy cost is per request.
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in OPENAI_ROUTES:
+            await openai(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return AuthMiddleware(front, api_keys=settings.api_keys, admin_token=settings.admin_token)
+
+
+class _RawASGI:
+    """Makes Starlette route to an ASGI callable as is (it wraps plain functions as endpoints)."""
+
+    def __init__(self, handler: ASGIApp) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
 
 
 def _known(supervisor: Supervisor) -> str:

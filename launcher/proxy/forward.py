@@ -1,26 +1,25 @@
-"""Forward one request to a model's server and the answer back: streamed bytes pass as they arrive.
+"""Forward one request to a model's server and the answer back, as raw ASGI: the proxy's hot path.
 
-The lease on the model (its slot, its place in the queue) is held until the last byte is
-sent or the client goes away; closing the upstream response then makes llama-server stop
-generating at once.
+Streamed bytes pass on as they arrive. The lease on the model (its slot, its place in the
+queue) is held until the last byte is sent or the client goes away; closing the upstream
+response then makes llama-server stop generating at once. No framework sits between the
+socket and this code: every token of every stream goes through it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import anyio
 import httpx
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Send
 
 from launcher.errors import CapacityError, ModelError, QueueFullError
-from launcher.proxy.errors import error_response, sse_error_event
+from launcher.proxy.errors import error_body, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.supervisor.supervisor import Supervisor
 
@@ -28,22 +27,37 @@ log = logging.getLogger(__name__)
 
 # Response headers that belong to one hop, not to the message.
 _HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-    "proxy-authenticate", "proxy-authorization", "content-length", "server", "date",
+    b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+    b"proxy-authenticate", b"proxy-authorization", b"content-length", b"server", b"date",
 })
+_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _TAIL_BYTES = 8192  # the end of a stream holds llama-server's timings / usage
 
 
+async def send_error(send: Send, status: int, message: str, code: str | None = None,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = error_body(status, message, code)
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        *(headers or []),
+    ]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class Forwarder:
-    def __init__(self, supervisor: Supervisor, client: httpx.AsyncClient, metrics: ProxyMetrics,
-                 upstream_timeout: float) -> None:
+    """Sends requests to model servers over one pooled transport (a connection per server reused)."""
+
+    def __init__(self, supervisor: Supervisor, transport: httpx.AsyncBaseTransport,
+                 metrics: ProxyMetrics, upstream_timeout: float) -> None:
         self.supervisor = supervisor
-        self.client = client
+        self.transport = transport
         self.metrics = metrics
-        self.timeout = httpx.Timeout(connect=10.0, read=upstream_timeout, write=60.0, pool=60.0)
+        self.timeout = {"connect": 10.0, "read": upstream_timeout, "write": 60.0, "pool": 60.0}
 
     async def forward(
         self,
+        receive: Receive,
+        send: Send,
         name: str,
         method: str,
         path: str,
@@ -52,74 +66,89 @@ class Forwarder:
         route: str,
         query: str = "",
         content_type: str = "application/json",
-    ) -> Response:
+    ) -> None:
         started = time.perf_counter()
-        stack = contextlib.AsyncExitStack()
+        status = 502
+        usage = b""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                endpoint = await stack.enter_async_context(self.supervisor.lease(name))
+                headers = [(b"authorization", f"Bearer {endpoint.api_key}".encode())]
+                if body:
+                    headers.append((b"content-type", content_type.encode()))
+                request = httpx.Request(
+                    method, endpoint.base_url + path + (f"?{query}" if query else ""),
+                    headers=headers, content=body, extensions={"timeout": self.timeout},
+                )
+                upstream = await self.transport.handle_async_request(request)
+                stack.push_async_callback(upstream.aclose)
+            except QueueFullError as exc:
+                status = 429
+                await send_error(send, 429, str(exc), headers=[(b"retry-after", b"1")])
+                return self._count(name, route, status, started)
+            except CapacityError as exc:
+                status = 503
+                await send_error(send, 503, str(exc), code="insufficient_memory")
+                return self._count(name, route, status, started)
+            except ModelError as exc:
+                status = 503
+                await send_error(send, 503, str(exc))
+                return self._count(name, route, status, started)
+            except httpx.TimeoutException:
+                status = 504
+                await send_error(send, 504, f"{name}: no answer from the model server in time")
+                return self._count(name, route, status, started)
+            except httpx.HTTPError as exc:
+                await send_error(send, 502, f"{name}: model server unreachable: {type(exc).__name__}")
+                return self._count(name, route, status, started)
+
+            status = upstream.status_code
+            headers_out = [(k, v) for k, v in upstream.headers.raw if k.lower() not in _HOP_BY_HOP]
+            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                await send({"type": "http.response.start", "status": status,
+                            "headers": headers_out + _STREAM_HEADERS})
+                usage = _last_event(await self._relay(name, upstream, receive, send, started))
+            else:
+                try:
+                    content = await upstream.aread()
+                except httpx.TimeoutException:
+                    status = 504
+                    await send_error(send, 504, f"{name}: the model server went silent for too long")
+                    return self._count(name, route, status, started)
+                except httpx.HTTPError as exc:
+                    status = 502
+                    await send_error(send, 502, f"{name}: the model server broke off its answer: "
+                                                f"{type(exc).__name__}")
+                    return self._count(name, route, status, started)
+                headers_out.append((b"content-length", str(len(content)).encode()))
+                await send({"type": "http.response.start", "status": status, "headers": headers_out})
+                await send({"type": "http.response.body", "body": content})
+                usage = content
+        # after the lease is released and the upstream closed: bookkeeping only
+        self._count(name, route, status, started)
+        if status == 200 and route != "upstream":
+            self._record_usage(name, usage, started)
+        return None
+
+    async def _relay(self, name: str, upstream: httpx.Response, receive: Receive, send: Send,
+                     started: float) -> bytes:
+        """Stream upstream's bytes to the client until either side ends; the last bytes seen."""
+        state = _Stream()
+        pump = asyncio.ensure_future(self._pump(name, upstream, send, started, state))
+        gone = asyncio.ensure_future(_client_gone(receive))
         try:
-            endpoint = await stack.enter_async_context(self.supervisor.lease(name))
-            headers = {"authorization": f"Bearer {endpoint.api_key}"}
-            if body:
-                headers["content-type"] = content_type
-            request = self.client.build_request(
-                method, endpoint.base_url + path + (f"?{query}" if query else ""),
-                content=body, headers=headers, timeout=self.timeout,
-            )
-            upstream = await self.client.send(request, stream=True)
-            stack.push_async_callback(upstream.aclose)
-        except QueueFullError as exc:
-            await stack.aclose()
-            return self._error(name, route, started, 429, str(exc), headers={"Retry-After": "1"})
-        except CapacityError as exc:
-            await stack.aclose()
-            return self._error(name, route, started, 503, str(exc), code="insufficient_memory")
-        except ModelError as exc:
-            await stack.aclose()
-            return self._error(name, route, started, 503, str(exc))
-        except httpx.TimeoutException:
-            await stack.aclose()
-            return self._error(name, route, started, 504,
-                               f"{name}: no answer from the model server in time")
-        except httpx.HTTPError as exc:
-            await stack.aclose()
-            return self._error(name, route, started, 502,
-                               f"{name}: model server unreachable: {type(exc).__name__}")
-        except BaseException:
-            await stack.aclose()
-            raise
-
-        headers_out = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
-        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            headers_out["cache-control"] = "no-cache"
-            headers_out["x-accel-buffering"] = "no"
-            state = _StreamState()
-
-            async def finish() -> None:
-                await stack.aclose()
-                self._count(name, route, upstream.status_code, started)
-                self._record_usage(name, _last_event(state.tail), started)
-
-            return RelayResponse(
-                self._relay(name, upstream, state, started), finish,
-                status_code=upstream.status_code, headers=headers_out,
-            )
-        try:
-            content = await upstream.aread()
-        except httpx.TimeoutException:
-            return self._error(name, route, started, 504,
-                               f"{name}: the model server went silent for too long")
-        except httpx.HTTPError as exc:
-            return self._error(name, route, started, 502,
-                               f"{name}: the model server broke off its answer: {type(exc).__name__}")
+            await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await stack.aclose()
-        self._count(name, route, upstream.status_code, started)
-        if upstream.status_code == 200 and route != "upstream":
-            self._record_usage(name, content, started)
-        return Response(content, status_code=upstream.status_code, headers=headers_out)
+            for task in (pump, gone):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(pump, gone, return_exceptions=True)
+        if pump.done() and not pump.cancelled() and pump.exception() is None:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return state.tail
 
-    async def _relay(
-        self, name: str, upstream: httpx.Response, state: _StreamState, started: float,
-    ) -> AsyncIterator[bytes]:
+    async def _pump(self, name: str, upstream: httpx.Response, send: Send, started: float,
+                    state: _Stream) -> None:
         first = True
         try:
             async for chunk in upstream.aiter_raw():
@@ -127,18 +156,13 @@ class Forwarder:
                     self.metrics.ttft.labels(name).observe(time.perf_counter() - started)
                     first = False
                 state.tail = (state.tail + chunk)[-_TAIL_BYTES:]
-                yield chunk
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.TimeoutException:
-            yield sse_error_event(504, f"{name}: the model server went silent for too long")
+            await send({"type": "http.response.body", "more_body": True, "body": sse_error_event(
+                504, f"{name}: the model server went silent for too long")})
         except httpx.HTTPError as exc:
-            yield sse_error_event(
-                502, f"{name}: the model server broke off the stream ({type(exc).__name__})",
-            )
-
-    def _error(self, name: str, route: str, started: float, status: int, message: str,
-               code: str | None = None, headers: dict[str, str] | None = None) -> Response:
-        self._count(name, route, status, started)
-        return error_response(status, message, code=code, headers=headers)
+            await send({"type": "http.response.body", "more_body": True, "body": sse_error_event(
+                502, f"{name}: the model server broke off the stream ({type(exc).__name__})")})
 
     def _count(self, name: str, route: str, status: int, started: float) -> None:
         self.metrics.requests.labels(name, route, str(status)).inc()
@@ -166,35 +190,19 @@ class Forwarder:
             self.supervisor.record_tokens(name, tokens, seconds)
 
 
-class _StreamState:
+class _Stream:
     __slots__ = ("tail",)
 
     def __init__(self) -> None:
         self.tail = b""
 
 
-class RelayResponse(StreamingResponse):
-    """A streamed answer whose cleanup always runs once it ends, however it ends.
-
-    Starlette cancels the stream when the client disconnects; the cleanup (closing the
-    upstream response, which stops generation, and releasing the model's slot) runs
-    shielded from that cancellation.
-    """
-
-    def __init__(self, content: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]],
-                 *, status_code: int, headers: dict[str, str]) -> None:
-        super().__init__(content, status_code=status_code, headers=headers)
-        self._iterator = content
-        self._cleanup = cleanup
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                with contextlib.suppress(Exception):
-                    await self._iterator.aclose()  # type: ignore[attr-defined]
-                await self._cleanup()
+async def _client_gone(receive: Receive) -> None:
+    """Returns when the client disconnects (the request body was already read)."""
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def _last_event(tail: bytes) -> bytes:

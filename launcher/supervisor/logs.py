@@ -26,6 +26,7 @@ class ModelLog:
         self.buffers: dict[str, int] = {}  # last buffer sizes the server logged, bytes
         self._file: BinaryIO | None = None
         self._size = 0
+        self._partial = b""
 
     def open(self) -> None:
         if self._file is None:
@@ -35,22 +36,30 @@ class ModelLog:
 
     def note(self, text: str) -> None:
         """A line from lalo itself (start, exit), marked so it stands out in the log."""
+        if self._partial:
+            self.write(b"\n")  # end the server's unfinished line first
         self.write(f"--- lalo: {text}\n".encode())
 
-    def write(self, line: bytes) -> None:
+    def write(self, chunk: bytes) -> None:
+        """Append output as it was read (any number of lines; one write and flush per chunk:
+        this runs on the proxy's event loop for every line a server logs)."""
+        if not chunk:
+            return
         self.open()
         assert self._file is not None
-        if self._size + len(line) > self.max_bytes:
+        if self._size + len(chunk) > self.max_bytes:
             self._rotate()
             assert self._file is not None
-        self._file.write(line)
+        self._file.write(chunk)
         self._file.flush()
-        self._size += len(line)
-        text = line.decode("utf-8", errors="replace").rstrip("\n")
-        self.tail.append(text)
-        match = _BUFFER.search(line)
-        if match:
-            self.buffers[match.group(1).decode().strip()] = int(float(match.group(2)) * 1024**2)
+        self._size += len(chunk)
+        data = self._partial + chunk
+        lines = data.split(b"\n")
+        self._partial = lines.pop()  # an unfinished last line waits for the next chunk
+        self.tail.extend(line.decode("utf-8", errors="replace") for line in lines[-TAIL_LINES:])
+        if b"buffer size" in data:
+            for name, mib in _BUFFER.findall(data):
+                self.buffers[name.decode().strip()] = int(float(mib) * 1024**2)
 
     def last_lines(self, count: int) -> list[str]:
         if count <= 0:
@@ -77,10 +86,13 @@ class ModelLog:
 
 
 def read_tail(path: Path, count: int) -> list[str]:
-    """The last `count` lines of a log file (and its rotated predecessor if needed)."""
+    """The last `count` lines of a log file, reaching into rotated ones (.1, .2, ...) if needed."""
     lines: list[str] = []
-    for candidate in (path, path.with_name(f"{path.name}.1")):
-        if len(lines) >= count or not candidate.exists():
+    generation = 0
+    while len(lines) < count:
+        candidate = path if generation == 0 else path.with_name(f"{path.name}.{generation}")
+        generation += 1
+        if not candidate.exists():
             break
         with candidate.open("rb") as handle:
             handle.seek(0, 2)

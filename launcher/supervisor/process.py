@@ -503,13 +503,10 @@ class ManagedModel:
 
     async def _read_output(self, stream: asyncio.StreamReader) -> None:
         while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line longer than the stream limit: take what is there
-                line = await stream.read(65536)
-            if not line:
+            chunk = await stream.read(65536)
+            if not chunk:
                 return
-            self.log.write(line)
+            self.log.write(chunk)
 
     def _log_excerpt(self) -> str:
         lines = [line for line in self.log.last_lines(40) if not line.startswith("--- lalo:")]

@@ -1,0 +1,41 @@
+"""Per-model logs: chunks split into lines, size cap with rotation, buffer sizes read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher.supervisor.logs import ModelLog, read_tail
+
+
+def test_chunks_become_lines_even_when_split_mid_line(tmp_path: Path) -> None:
+    log = ModelLog(tmp_path / "m.log")
+    log.write(b"first line\nsecond ")
+    log.write(b"line\nthird")
+    assert list(log.tail) == ["first line", "second line"]
+    log.note("started")
+    assert list(log.tail) == ["first line", "second line", "third", "--- lalo: started"]
+    log.close()
+    assert (tmp_path / "m.log").read_text().splitlines() == list(log.tail)
+
+
+def test_buffer_sizes_are_read_from_the_server_output(tmp_path: Path) -> None:
+    log = ModelLog(tmp_path / "m.log")
+    log.write(b"load_tensors:   CPU_Mapped model buffer size =   359.37 MiB\n"
+              b"llama_kv_cache:        CPU KV buffer size =    24.00 MiB\n")
+    assert log.buffers == {"CPU_Mapped model": int(359.37 * 1024**2), "CPU KV": 24 * 1024**2}
+    log.close()
+
+
+def test_rotation_caps_the_size_and_read_tail_spans_files(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    log = ModelLog(path, max_bytes=1000, backups=2)
+    for number in range(100):
+        log.write(f"line {number:03d} ".encode() + b"x" * 20 + b"\n")
+    log.close()
+    assert path.stat().st_size <= 1000
+    assert (tmp_path / "m.log.1").exists() and (tmp_path / "m.log.2").exists()
+    assert not (tmp_path / "m.log.3").exists()
+    tail = read_tail(path, 40)
+    assert len(tail) == 40
+    assert tail[-1].startswith("line 099") and tail[0].startswith("line 060")
+    assert read_tail(path, 0) == []

@@ -75,13 +75,16 @@ async def stream_once(client: httpx.AsyncClient, target: Target, max_tokens: int
             "temperature": 0, "ignore_eos": True, "cache_prompt": False}
     started = time.perf_counter()
     arrivals: list[float] = []
-    async with client.stream("POST", target.url + "/v1/completions", json=body,
-                             headers=target.headers) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{target.name}: HTTP {response.status_code}: {await response.aread()!r}")
-        async for line in response.aiter_lines():
-            if line.startswith("data:") and '"text"' in line:
-                arrivals.append(time.perf_counter())
+    try:
+        async with client.stream("POST", target.url + "/v1/completions", json=body,
+                                 headers=target.headers) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {await response.aread()!r}")
+            async for line in response.aiter_lines():
+                if line.startswith("data:") and '"text"' in line:
+                    arrivals.append(time.perf_counter())
+    except (httpx.HTTPError, RuntimeError) as exc:
+        raise RuntimeError(f"{target.name}: {exc!r}") from exc
     if not arrivals:
         raise RuntimeError(f"{target.name}: no tokens")
     return arrivals[0] - started, arrivals
@@ -96,21 +99,25 @@ def percentile(values: Sequence[float], q: float) -> float:
 async def measure(targets_tiny: list[Target], targets_medium: list[Target], samples: int,
                   lalo_pid: int) -> dict[str, Any]:
     results: dict[str, Any] = {"ttft": {}, "decode": {}, "concurrent": {}, "cpu": {}}
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    # servers close idle keep-alive connections after 5 s: never reuse one that old
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=3.0)
     async with httpx.AsyncClient(timeout=300, limits=limits, trust_env=False) as client:
         for target in targets_tiny + targets_medium:  # warm up: loads, caches, connections
             await stream_once(client, target, 8)
         # time to first token, tiny model, interleaved
         ttft: dict[str, list[float]] = {t.name: [] for t in targets_tiny}
-        for _ in range(samples):
-            for target in targets_tiny:
+        for round_number in range(samples):
+            shift = round_number % len(targets_tiny)
+            for target in targets_tiny[shift:] + targets_tiny[:shift]:
                 first, _ = await stream_once(client, target, 1)
                 ttft[target.name].append(first)
         results["ttft"] = ttft
         # streamed decode speed, 350M model, interleaved
         decode: dict[str, list[float]] = {t.name: [] for t in targets_medium}
-        for _ in range(max(5, samples // 10)):
-            for target in targets_medium:
+        for round_number in range(max(10, samples // 4)):
+            # rotate who goes first each round: no target always runs right after another
+            shift = round_number % len(targets_medium)
+            for target in targets_medium[shift:] + targets_medium[:shift]:
                 _, arrivals = await stream_once(client, target, 128)
                 decode[target.name].append((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
         results["decode"] = decode

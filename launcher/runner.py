@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import secrets
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -40,6 +41,9 @@ from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import ManagedModel, Timeouts
 from launcher.supervisor.supervisor import SupervisedModel, Supervisor, SupervisorEvents
 from launcher.units import format_size
+
+if TYPE_CHECKING:  # imported at run time only once the model servers are starting
+    from launcher.proxy.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 Announce = Callable[[str], None]
@@ -303,7 +307,7 @@ async def _run(
     probe_client = httpx.AsyncClient(trust_env=False, timeout=5.0, verify=False)
     supervisor, log_paths = build_supervisor(loaded, models, engines, probe_client, records,
                                              measurements, host="127.0.0.1")
-    transport: httpx.AsyncBaseTransport | None = None
+    pool: UpstreamPool | None = None
     serving: asyncio.Task[None] | None = None
     server = None
     try:
@@ -311,7 +315,8 @@ async def _run(
         preload = [d.name for d in plan.decisions if d.action == "start"]
         loading = asyncio.create_task(_preload(supervisor, preload, announce))
         await _until_spawned(supervisor, preload)
-        from launcher.proxy.app import ProxySettings, create_app, upstream_transport
+        from launcher.proxy.app import ProxySettings, create_app
+        from launcher.proxy.upstream import UpstreamPool
 
         settings = ProxySettings(
             api_keys=api_keys(config),
@@ -319,11 +324,15 @@ async def _run(
             max_body_size=config.proxy.max_body_size,
             upstream_timeout=config.proxy.upstream_timeout,
         )
-        transport = upstream_transport()
-        app = create_app(supervisor, settings, transport, on_shutdown=lambda: on_signal(0),
+        # llama-server closes idle connections after 5 s: drop ours first, never reuse a dead one
+        pool = UpstreamPool(keepalive_expiry=4.0)
+        app = create_app(supervisor, settings, pool, on_shutdown=lambda: on_signal(0),
                          log_paths=log_paths)
         server = _uvicorn_server(app)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
+        # everything made so far lives until exit: keep it out of the garbage collector's
+        # scans, which otherwise stall request handling now and then (the p99 latency)
+        gc.freeze()
         while not server.started:
             if serving.done():
                 serving.result()
@@ -367,8 +376,8 @@ async def _run(
             with contextlib.suppress(BaseException):
                 await serving
         await supervisor.close()
-        if transport is not None:
-            await transport.aclose()
+        if pool is not None:
+            await pool.aclose()
         await probe_client.aclose()
         with contextlib.suppress(Exception):
             loop.remove_signal_handler(signal.SIGINT)

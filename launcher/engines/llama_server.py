@@ -14,9 +14,7 @@ class LlamaServerEngine:
     kind: str = "llama-server"
 
     def launch_spec(self, settings: ServerSettings) -> LaunchSpec:
-        # verbosity 4 adds the buffer sizes llama.cpp really allocated (model, KV, compute) to
-        # the log, which lalo reads back and shows beside its estimate
-        argv = [str(self.binary), *server_args(settings), "--log-verbosity", "4"]
+        argv = [str(self.binary), *server_args(settings)]
         return LaunchSpec(
             argv=tuple(argv),
             # The key goes through the environment, not argv: /proc/PID/environ is private to

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -29,6 +28,7 @@ from launcher.proxy.auth import AuthMiddleware
 from launcher.proxy.errors import error_response
 from launcher.proxy.forward import Forwarder, send_error
 from launcher.proxy.metrics import ProxyMetrics
+from launcher.proxy.upstream import UpstreamPool
 from launcher.supervisor.logs import read_tail
 from launcher.supervisor.supervisor import Supervisor
 
@@ -73,31 +73,17 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def upstream_transport() -> httpx.AsyncHTTPTransport:
-    """The one connection pool for every model server; its owner closes it.
-
-    The transport, not a client: no cookies, redirects, auth flows, proxies from the
-    environment or TLS on this path, only pooled HTTP/1.1 to loopback.
-    """
-    return httpx.AsyncHTTPTransport(
-        # llama-server closes idle connections after 5 s: drop ours first, never reuse a dead one
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                            keepalive_expiry=4.0),
-        verify=False,
-    )
-
-
 def create_app(
     supervisor: Supervisor,
     settings: ProxySettings,
-    transport: httpx.AsyncBaseTransport,
+    pool: UpstreamPool,
     *,
     on_shutdown: Callable[[], None] = lambda: None,
     log_paths: dict[str, Path] | None = None,
 ) -> ASGIApp:
     """The proxy app; `on_shutdown` is called by `POST /api/shutdown` (lalo down)."""
     metrics = ProxyMetrics(supervisor)
-    forwarder = Forwarder(supervisor, transport, metrics, settings.upstream_timeout)
+    forwarder = Forwarder(supervisor, pool, metrics, settings.upstream_timeout)
     started = time.time()
     log_paths = log_paths or {}
     too_large = f"request body larger than {settings.max_body_size} bytes"

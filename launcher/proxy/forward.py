@@ -15,12 +15,18 @@ import logging
 import time
 from typing import Any
 
-import httpx
 from starlette.types import Message, Receive, Send
 
 from launcher.errors import CapacityError, ModelError, QueueFullError
 from launcher.proxy.errors import error_body, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
+from launcher.proxy.upstream import (
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from launcher.supervisor.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -31,7 +37,6 @@ _HOP_BY_HOP = frozenset({
     b"proxy-authenticate", b"proxy-authorization", b"content-length", b"server", b"date",
 })
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-_TAIL_BYTES = 8192  # the end of a stream holds llama-server's timings / usage
 
 
 async def send_error(send: Send, status: int, message: str, code: str | None = None,
@@ -45,14 +50,14 @@ async def send_error(send: Send, status: int, message: str, code: str | None = N
 
 
 class Forwarder:
-    """Sends requests to model servers over one pooled transport (a connection per server reused)."""
+    """Sends requests to model servers over one pool of keep-alive connections."""
 
-    def __init__(self, supervisor: Supervisor, transport: httpx.AsyncBaseTransport,
-                 metrics: ProxyMetrics, upstream_timeout: float) -> None:
+    def __init__(self, supervisor: Supervisor, pool: UpstreamPool, metrics: ProxyMetrics,
+                 upstream_timeout: float) -> None:
         self.supervisor = supervisor
-        self.transport = transport
+        self.pool = pool
         self.metrics = metrics
-        self.timeout = {"connect": 10.0, "read": upstream_timeout, "write": 60.0, "pool": 60.0}
+        self.timeout = upstream_timeout
 
     async def forward(
         self,
@@ -76,11 +81,9 @@ class Forwarder:
                 headers = [(b"authorization", f"Bearer {endpoint.api_key}".encode())]
                 if body:
                     headers.append((b"content-type", content_type.encode()))
-                request = httpx.Request(
-                    method, endpoint.base_url + path + (f"?{query}" if query else ""),
-                    headers=headers, content=body, extensions={"timeout": self.timeout},
-                )
-                upstream = await self.transport.handle_async_request(request)
+                upstream = await self.pool.request(
+                    method, endpoint.host, endpoint.port, path + (f"?{query}" if query else ""),
+                    headers, body, self.timeout)
                 stack.push_async_callback(upstream.aclose)
             except QueueFullError as exc:
                 status = 429
@@ -94,31 +97,33 @@ class Forwarder:
                 status = 503
                 await send_error(send, 503, str(exc))
                 return self._count(name, route, status, started)
-            except httpx.TimeoutException:
+            except UpstreamTimeout:
                 status = 504
                 await send_error(send, 504, f"{name}: no answer from the model server in time")
                 return self._count(name, route, status, started)
-            except httpx.HTTPError as exc:
-                await send_error(send, 502, f"{name}: model server unreachable: {type(exc).__name__}")
+            except UpstreamUnavailable as exc:
+                await send_error(send, 502, f"{name}: model server unreachable: {exc}")
+                return self._count(name, route, status, started)
+            except UpstreamError as exc:
+                await send_error(send, 502, f"{name}: model server broke off: {exc}")
                 return self._count(name, route, status, started)
 
             status = upstream.status_code
-            headers_out = [(k, v) for k, v in upstream.headers.raw if k.lower() not in _HOP_BY_HOP]
-            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            headers_out = [(k, v) for k, v in upstream.headers if k.lower() not in _HOP_BY_HOP]
+            if (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
                 await send({"type": "http.response.start", "status": status,
                             "headers": headers_out + _STREAM_HEADERS})
                 usage = _last_event(await self._relay(name, upstream, receive, send, started))
             else:
                 try:
-                    content = await upstream.aread()
-                except httpx.TimeoutException:
+                    content = await upstream.read()
+                except UpstreamTimeout:
                     status = 504
                     await send_error(send, 504, f"{name}: the model server went silent for too long")
                     return self._count(name, route, status, started)
-                except httpx.HTTPError as exc:
+                except UpstreamError as exc:
                     status = 502
-                    await send_error(send, 502, f"{name}: the model server broke off its answer: "
-                                                f"{type(exc).__name__}")
+                    await send_error(send, 502, f"{name}: the model server broke off its answer: {exc}")
                     return self._count(name, route, status, started)
                 headers_out.append((b"content-length", str(len(content)).encode()))
                 await send({"type": "http.response.start", "status": status, "headers": headers_out})
@@ -130,7 +135,7 @@ class Forwarder:
             self._record_usage(name, usage, started)
         return None
 
-    async def _relay(self, name: str, upstream: httpx.Response, receive: Receive, send: Send,
+    async def _relay(self, name: str, upstream: UpstreamResponse, receive: Receive, send: Send,
                      started: float) -> bytes:
         """Stream upstream's bytes to the client until either side ends; the last bytes seen."""
         state = _Stream()
@@ -145,24 +150,25 @@ class Forwarder:
             await asyncio.gather(pump, gone, return_exceptions=True)
         if pump.done() and not pump.cancelled() and pump.exception() is None:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return state.tail
+        return state.previous + state.last
 
-    async def _pump(self, name: str, upstream: httpx.Response, send: Send, started: float,
+    async def _pump(self, name: str, upstream: UpstreamResponse, send: Send, started: float,
                     state: _Stream) -> None:
         first = True
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.chunks():
                 if first:
                     self.metrics.ttft.labels(name).observe(time.perf_counter() - started)
                     first = False
-                state.tail = (state.tail + chunk)[-_TAIL_BYTES:]
+                # the usage / timings event comes last: keep the last two chunks, copy nothing
+                state.previous, state.last = state.last, chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.TimeoutException:
+        except UpstreamTimeout:
             await send({"type": "http.response.body", "more_body": True, "body": sse_error_event(
                 504, f"{name}: the model server went silent for too long")})
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             await send({"type": "http.response.body", "more_body": True, "body": sse_error_event(
-                502, f"{name}: the model server broke off the stream ({type(exc).__name__})")})
+                502, f"{name}: the model server broke off the stream ({exc})")})
 
     def _count(self, name: str, route: str, status: int, started: float) -> None:
         self.metrics.requests.labels(name, route, str(status)).inc()
@@ -191,10 +197,11 @@ class Forwarder:
 
 
 class _Stream:
-    __slots__ = ("tail",)
+    __slots__ = ("last", "previous")
 
     def __init__(self) -> None:
-        self.tail = b""
+        self.previous = b""
+        self.last = b""
 
 
 async def _client_gone(receive: Receive) -> None:

@@ -130,12 +130,13 @@ def reap_recorded(pid: int, created: float) -> bool:
     return True
 
 
-def rss_of(pid: int) -> int | None:
-    """Resident memory of the process and its children (a llamafile runs under sh)."""
+def rss_of(pid: int, children: bool = False) -> int | None:
+    """Resident memory of the process, plus its children's if asked (a llamafile runs under
+    sh; finding children scans every process on the machine, so only then)."""
     try:
         process = psutil.Process(pid)
         total = int(process.memory_info().rss)
-        for child in process.children(recursive=True):
+        for child in process.children(recursive=True) if children else ():
             with contextlib.suppress(psutil.Error):
                 total += int(child.memory_info().rss)
         return total

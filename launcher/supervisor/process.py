@@ -74,6 +74,8 @@ class Endpoint:
     base_url: str
     api_key: str
     pid: int
+    host: str = "127.0.0.1"
+    port: int = 0
 
 
 @dataclass(frozen=True)
@@ -356,7 +358,8 @@ class ManagedModel:
         if ready in done and not ready.cancelled() and ready.exception() is None:
             exited.cancel()
             self.load_seconds = self._clock() - began
-            return Endpoint(spec.base_url, self.settings.api_key, process.pid)
+            return Endpoint(spec.base_url, self.settings.api_key, process.pid,
+                            self.settings.host, self.settings.port)
         if exited in done:
             code = exited.result()
             await self._finish_process()
@@ -433,7 +436,7 @@ class ManagedModel:
     def _sample_memory(self) -> None:
         if self._process is None:
             return
-        rss = platform.rss_of(self._process.pid)
+        rss = platform.rss_of(self._process.pid, children=self.engine.kind == "llamafile")
         if rss is None:
             return
         self.rss = rss

@@ -44,7 +44,9 @@ def test_estimate_within_10_percent_of_measured_rss(
             model = ManagedModel(
                 "m", LlamaServerEngine(llama_server_bin),
                 ServerSettings(model_path=model_file, host="127.0.0.1", port=0, api_key="",
-                               ctx_size=ctx_size, parallel=1, threads=None),
+                               ctx_size=ctx_size, parallel=1, threads=None,
+                               # verbosity 4 logs the buffers llama.cpp allocated
+                               extra_args=("--log-verbosity", "4")),
                 ModelLog(tmp_path / "m.log"), client,
             )
             try:

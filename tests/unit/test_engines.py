@@ -30,7 +30,7 @@ def test_llama_server_argv_env_and_probes(tmp_path: Path) -> None:
     assert spec.argv == (
         "/opt/llama-server", "--model", str(tmp_path / "m.gguf"), "--host", "127.0.0.1",
         "--port", "41234", "--ctx-size", "2048", "--parallel", "2", "--metrics",
-        "--threads", "4", "--embeddings", "--alias", "m", "--log-verbosity", "4",
+        "--threads", "4", "--embeddings", "--alias", "m",
     )
     assert spec.env == {"LLAMA_API_KEY": "k3y", "X": "1"}
     assert "k3y" not in " ".join(spec.argv)  # keys stay off the world-readable command line

@@ -1,0 +1,209 @@
+"""The proxy's upstream client against small real HTTP servers: streams, reuse, breaks, silence."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from launcher.proxy.upstream import (
+    UpstreamBroken,
+    UpstreamPool,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+class Server:
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[tuple[Server, int]]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: Handler) -> tuple[Server, int]:
+        server = Server(handler)
+        listener = await asyncio.start_server(server._serve, "127.0.0.1", 0)
+        servers.append(listener)
+        return server, listener.sockets[0].getsockname()[1]
+
+    yield start
+    for listener in servers:
+        listener.close()
+
+
+def chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
+
+
+async def test_streams_chunks_and_reuses_the_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await read_request(reader)
+            server.requests.append(request)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            for part in (b"data: one\n\n", b"data: two\n\n"):
+                writer.write(chunked(part)[:-5])  # one chunk, without the terminator
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    server, port = await serve(handler)
+    pool = UpstreamPool()
+    for _ in range(3):
+        response = await pool.request("POST", "127.0.0.1", port, "/v1/x",
+                                      [(b"authorization", b"Bearer k")], b'{"a":1}', 5.0)
+        assert response.status_code == 200
+        assert response.header(b"content-type") == b"text/event-stream"
+        assert b"".join([c async for c in response.chunks()]) == b"data: one\n\ndata: two\n\n"
+        await response.aclose()
+    assert server.connections == 1  # kept alive and reused
+    assert server.requests[0].startswith(b"POST /v1/x HTTP/1.1\r\n")
+    assert b"authorization: Bearer k\r\n" in server.requests[0]
+    assert server.requests[0].endswith(b'content-length: 7\r\n\r\n{"a":1}')
+    await pool.aclose()
+
+
+async def test_content_length_body_and_connection_close(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 5\r\nconnection: close\r\n\r\nnope!")
+        await writer.drain()
+
+    server, port = await serve(handler)
+    pool = UpstreamPool()
+    for _ in range(2):
+        response = await pool.request("GET", "127.0.0.1", port, "/", [], b"", 5.0)
+        assert (response.status_code, await response.read()) == (404, b"nope!")
+        await response.aclose()
+    assert server.connections == 2  # `connection: close` is honoured
+    await pool.aclose()
+
+
+async def test_a_break_mid_stream_is_an_error_not_a_hang(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunked(b"first")[:-5])
+        await writer.drain()
+        writer.transport.abort()
+
+    _, port = await serve(handler)
+    pool = UpstreamPool()
+    response = await pool.request("POST", "127.0.0.1", port, "/", [], b"", 5.0)
+    received = []
+    with pytest.raises(UpstreamBroken, match="closed the connection"):
+        async for chunk in response.chunks():
+            received.append(chunk)
+    assert received == [b"first"]
+    await response.aclose()
+
+
+async def test_silence_is_a_timeout(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(10)
+
+    _, port = await serve(handler)
+    pool = UpstreamPool()
+    with pytest.raises(UpstreamTimeout, match="no answer"):
+        await pool.request("POST", "127.0.0.1", port, "/", [], b"", 0.2)
+
+    async def slow_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    _, port = await serve(slow_body)
+    response = await pool.request("POST", "127.0.0.1", port, "/", [], b"", 0.2)
+    with pytest.raises(UpstreamTimeout, match="silent"):
+        await response.read()
+    await response.aclose()
+
+
+async def test_garbage_is_broken_and_nobody_listening_is_unavailable(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+
+    _, port = await serve(handler)
+    pool = UpstreamPool()
+    with pytest.raises(UpstreamBroken, match="invalid HTTP"):
+        await pool.request("GET", "127.0.0.1", port, "/", [], b"", 5.0)
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        unused = free.getsockname()[1]
+    with pytest.raises(UpstreamUnavailable, match="cannot connect"):
+        await pool.request("GET", "127.0.0.1", unused, "/", [], b"", 5.0)
+
+
+async def test_an_idle_connection_the_server_closed_is_retried_once(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # then close the kept-alive connection while idle
+
+    server, port = await serve(handler)
+    pool = UpstreamPool()
+    first = await pool.request("GET", "127.0.0.1", port, "/", [], b"", 5.0)
+    assert await first.read() == b"ok"
+    await first.aclose()
+    await asyncio.sleep(0.2)
+    second = await pool.request("GET", "127.0.0.1", port, "/", [], b"", 5.0)
+    assert await second.read() == b"ok"
+    await second.aclose()
+    assert server.connections == 2
+
+
+async def test_closing_an_unread_answer_closes_the_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        try:
+            while True:  # an endless generation
+                writer.write(chunked(b"token")[:-5])
+                await writer.drain()
+                await asyncio.sleep(0.01)
+        except ConnectionError:
+            closed.set()
+
+    _, port = await serve(handler)
+    pool = UpstreamPool()
+    response = await pool.request("POST", "127.0.0.1", port, "/", [], b"", 5.0)
+    async for _chunk in response.chunks():
+        break
+    await response.aclose()  # the client went away: the server must see the close
+    await asyncio.wait_for(closed.wait(), 5)

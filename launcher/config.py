@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -246,14 +246,16 @@ def load_config(
     explicit: Path | None = None,
     *,
     total_ram: int | None = None,
-    default: Mapping[str, Any] | None = None,
+    default: Callable[[], Mapping[str, Any]] | None = None,
     check_files: bool = True,
 ) -> LoadedConfig:
-    """Find, read and validate the config; `default` is the built-in used when no file is found."""
+    """Find, read and validate the config; `default()` makes the built-in one when no file is
+    found (only then: the demo default writes a model file)."""
     source = find_config_file(explicit)
     if source is None:
+        data = dict(default()) if default is not None else {}
         return LoadedConfig(
-            config=validate(dict(default or {}), label="built-in default", total_ram=total_ram),
+            config=validate(data, label="built-in default", total_ram=total_ram),
             source=None,
         )
     try:

@@ -23,5 +23,5 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev,llama-cpp-python]'
+.venv/bin/python -m pip install -q -e '.[dev,llama-cpp-python,packaging]'
 exec .venv/bin/python -m pytest "$@"

@@ -80,7 +80,7 @@ def catalog_for(loaded: LoadedConfig) -> CatalogResolver | None:
 
 def load(config: Path | None) -> LoadedConfig:
     """The config by lookup order; the built-in default is the demo."""
-    return load_config(config, default=demo_config())
+    return load_config(config, default=demo_config)
 
 
 def build_plan(loaded: LoadedConfig) -> Plan:

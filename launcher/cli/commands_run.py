@@ -36,7 +36,7 @@ def _announce(message: str) -> None:
 def load_for_up(config: Path | None, demo: bool) -> LoadedConfig:
     if demo:
         return LoadedConfig(validate(demo_config(), label="demo"), None)
-    return load_config(config, default=demo_config())
+    return load_config(config, default=demo_config)
 
 
 @app.command()

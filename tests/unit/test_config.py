@@ -129,7 +129,7 @@ def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert load_config().config.proxy.port == 1004
     monkeypatch.setenv("LALO_CONFIG_DIR", str(tmp_path / "nowhere"))
-    builtin = load_config(default={"proxy": {"port": 1005}})
+    builtin = load_config(default=lambda: {"proxy": {"port": 1005}})
     assert builtin.source is None and builtin.config.proxy.port == 1005
 
 

@@ -1,0 +1,170 @@
+"""`lalo build SPEC`: the licence gate, then the models (hub cache), the engine (engine cache) and
+the frozen lalo (packaging cache), then each target. Every outside dependency is a
+constructor parameter, so tests can swap the slow parts for cached or fake ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.engines.builder import BuildProgress, BuiltEngine, build_engine
+from launcher.engines.registry import platform_tag
+from launcher.errors import ConfigError
+from launcher.licenses import LicenseDecision
+from launcher.models.catalog import Catalog
+from launcher.models.hub import HubClient
+from launcher.packaging.bundle import BundleResult, build_bundle
+from launcher.packaging.exe import ExeResult, build_exe
+from launcher.packaging.files import DigestCache
+from launcher.packaging.freeze import Frozen, frozen_app, packaging_dir
+from launcher.packaging.inputs import ModelInput, fetch_models, gate, model_inputs
+from launcher.packaging.llamafiles import LlamafilesResult, build_llamafiles
+from launcher.packaging.notice import (
+    Packaged,
+    engine_components,
+    engine_source_tree,
+    model_components,
+)
+from launcher.packaging.spec import BundleSpec, Target
+
+Report = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
+EngineSource = Callable[[str, Report], BuiltEngine]
+AppSource = Callable[[Report], Frozen]
+
+
+def cached_engine(variant: str, report: Report) -> BuiltEngine:
+    """The engine from lalo's cache, built first if missing (minutes, once)."""
+    shown = [-10]
+
+    def progress(event: BuildProgress) -> None:
+        if event.percent is None:
+            report(f"engine: {event.message}")
+        elif event.percent >= shown[0] + 10:
+            shown[0] = event.percent
+            report(f"engine: [{event.percent:3d}%] {event.message}")
+
+    return build_engine(variant, progress=progress)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    spec: BundleSpec
+    targets: tuple[Target, ...]
+    decisions: tuple[LicenseDecision, ...]
+    llamafiles: LlamafilesResult | None
+    bundle: BundleResult | None
+    exe: ExeResult | None
+    warnings: tuple[str, ...]
+    seconds: float
+
+
+class Packager:
+    """Builds a spec's targets into an output folder."""
+
+    def __init__(
+        self,
+        *,
+        report: Report,
+        progress: Progress | None = None,
+        catalog: Catalog | None = None,
+        hub: HubClient | None = None,
+        engine_source: EngineSource = cached_engine,
+        app_source: AppSource = frozen_app,
+        digests: DigestCache | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.report = report
+        self.progress = progress
+        self.catalog = catalog
+        self.hub = hub
+        self.engine_source = engine_source
+        self.app_source = app_source
+        self.digests = digests or DigestCache(packaging_dir() / "digests.json")
+        self.clock = clock
+
+    def build(
+        self, spec: BundleSpec, out: Path, targets: Sequence[Target] | None = None
+    ) -> BuildResult:
+        started = self.clock()
+        chosen = tuple(targets) if targets else spec.fields.targets
+        models = self.check_licences(spec)
+        texts = self._licence_texts(spec)
+        models = fetch_models(models, self.report, self.hub)
+        model_parts, warnings = model_components(models, texts)
+        out.mkdir(parents=True, exist_ok=True)
+        llamafiles = bundle = exe = None
+        if "llamafile" in chosen:
+            llamafiles = build_llamafiles(
+                spec, models, out, components=model_parts, digests=self.digests,
+                report=self.report, progress=self.progress,
+            )
+            warnings += llamafiles.warnings
+            self.digests.save()
+        if "bundle" in chosen or "exe" in chosen:
+            engine, engine_parts = self._engine(spec, warnings)
+            if "bundle" in chosen:
+                app = self.app_source(self.report)
+                bundle = build_bundle(
+                    spec, models, out, engine=engine, app=app,
+                    components=[*engine_parts, *model_parts], digests=self.digests,
+                    report=self.report, progress=self.progress, warnings=app.warnings,
+                )
+                warnings += bundle.warnings
+            if "exe" in chosen:
+                exe = build_exe(
+                    spec, models, out, engine=engine, components=[*engine_parts, *model_parts],
+                    digests=self.digests, report=self.report,
+                )
+                warnings += exe.warnings
+            warnings += self._platform_notes(spec, chosen)
+        unique = tuple(dict.fromkeys(warnings))
+        return BuildResult(
+            spec=spec, targets=chosen, decisions=tuple(m.decision for m in models),
+            llamafiles=llamafiles, bundle=bundle, exe=exe, warnings=unique,
+            seconds=self.clock() - started,
+        )
+
+    def check_licences(self, spec: BundleSpec) -> list[ModelInput]:
+        """The licence gate, before anything is downloaded or copied."""
+        models = model_inputs(spec, self.catalog)
+        gate(models)  # refusals are the error; what passes is said here
+        for model in models:
+            self.report(f"licence gate: allowed: {model.decision.reason}")
+        return models
+
+    def _licence_texts(self, spec: BundleSpec) -> dict[str, Path]:
+        texts: dict[str, Path] = {}
+        for license_id, text in spec.fields.licenses.texts.items():
+            path = spec.path(text)
+            if not path.is_file():
+                raise ConfigError(f"{spec.source}: licenses.texts.{license_id}: {path} does not exist")
+            texts[license_id] = path
+        return texts
+
+    def _engine(self, spec: BundleSpec, warnings: list[str]) -> tuple[BuiltEngine, list[Packaged]]:
+        variant = spec.fields.engine.llama_server.variant
+        engine = self.engine_source(variant, self.report)
+        self.report(f"engine: {engine.key} ({'cached' if engine.already_built else 'built'})")
+        if engine.manifest.variant == "native":
+            warnings.append(
+                "engine: the NATIVE llama-server (tuned to this build machine's CPU) is packaged "
+                "because the spec asks for it; it may stop with 'illegal instruction' on other "
+                "CPUs (use engine.llama_server.variant: portable)"
+            )
+        parts, notes = engine_components(engine.manifest, engine_source_tree(engine.manifest))
+        warnings.extend(notes)
+        return engine, parts
+
+    @staticmethod
+    def _platform_notes(spec: BundleSpec, chosen: Sequence[Target]) -> list[str]:
+        host = platform_tag().split("-", 1)[0]
+        others = [p for p in spec.fields.platforms if p != host]  # tags: linux, macos, windows
+        kinds = " and ".join(t for t in chosen if t in ("bundle", "exe"))
+        if not others:
+            return []
+        return [f"{kinds}: built for {platform_tag()} only; build on {', '.join(others)} "
+                "for those (the Windows path is written but untested)"]

@@ -1,0 +1,308 @@
+"""Freezing lalo with PyInstaller (`build/lalo-ai.spec`): a one-folder app for bundles, cached by
+the hash of everything that goes into it, and one-file executables with extra entries.
+
+The spec reads a plan (JSON) written here and writes back a report: the Python components it
+collected, for NOTICE. PyInstaller runs as a subprocess with a fixed hash seed and
+SOURCE_DATE_EPOCH, so its output depends on its inputs only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata as metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import launcher
+from launcher import paths
+from launcher.engines.registry import exe_name, platform_tag
+from launcher.errors import PackagingError
+from launcher.packaging.archive import fixed_mtime
+from launcher.packaging.notice import Packaged
+
+SPEC_FILE = "lalo-ai.spec"
+ENTRY_SCRIPT = "lalo_ai.py"
+APP_NAME = "lalo"
+REPORT = "report.json"
+STOP_TIMEOUT = 10.0
+SMOKE_TIMEOUT = 120.0
+# Not needed by a running lalo, or development only. numpy and gguf-py only write models
+# (`doctor --bench`, `up --demo`: see launcher/packaging/entry.py LEFT_OUT); leaving them
+# out saves about 13 MB of the binary and 40 MB unpacked at each start.
+EXCLUDES: tuple[str, ...] = (
+    "numpy", "gguf", "matplotlib", "PIL", "contourpy", "kiwisolver", "fontTools",
+    "hf_xet", "tkinter", "_tkinter", "pytest", "_pytest", "mypy",
+    "openai", "playwright", "greenlet", "setuptools", "pkg_resources", "IPython",
+    "readline", "pydoc_data", "lib2to3", "unittest", "sqlite3", "curses",
+    # reached only through optional imports of libraries lalo uses (huggingface_hub's model
+    # cards and webhooks, fsspec's remote file systems, uvicorn's env_file), when installed
+    "fastapi", "jinja2", "opentelemetry", "dotenv", "requests", "llama_cpp",
+)
+Mode = Literal["onedir", "onefile"]
+Report = Callable[[str], None]
+_STAGES = ("Analyzing ", "Building PYZ", "Building PKG", "Building EXE", "Building COLLECT",
+           "Looking for dynamic libraries")
+
+
+@dataclass(frozen=True)
+class TocEntry:
+    """An extra entry of the frozen app: `dest` inside it, `source` a file (or, for SYMLINK,
+    the link's relative target), typecode DATA (stored), BINARY (compressed) or SYMLINK."""
+
+    dest: str
+    source: str
+    typecode: Literal["DATA", "BINARY", "SYMLINK"]
+
+
+@dataclass(frozen=True)
+class FreezePlan:
+    mode: Mode
+    name: str
+    extra: tuple[TocEntry, ...] = ()
+    excludes: tuple[str, ...] = EXCLUDES
+    # one-file builds carry NOTICE + LICENSES inside: these components plus the Python ones
+    notice_product: str | None = None
+    notice_components: tuple[Packaged, ...] = ()
+    notice_dir: Path | None = None
+    notice_dest: str = ""
+
+    def to_json(self, report: Path) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "name": self.name,
+            "extra": [[e.dest, e.source, e.typecode] for e in self.extra],
+            "excludes": list(self.excludes),
+            "report": str(report),
+            "notice": None if self.notice_dir is None else {
+                "product": self.notice_product,
+                "components": [c.to_json() for c in self.notice_components],
+                "dir": str(self.notice_dir),
+                "dest": self.notice_dest,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """A PyInstaller output: the executable (one-file) or the app folder (one-folder)."""
+
+    path: Path
+    python: tuple[Packaged, ...]
+    warnings: tuple[str, ...]
+    seconds: float
+    reused: bool = False
+    log: Path | None = None
+
+
+def recipe_dir(candidates: Sequence[Path] | None = None) -> Path:
+    """`build/` of the lalo source checkout, where the spec and entry script live."""
+    found = candidates if candidates is not None else (
+        Path(launcher.__file__).resolve().parent.parent / "build",
+        Path.cwd() / "build",
+    )
+    for folder in found:
+        if (folder / SPEC_FILE).is_file() and (folder / ENTRY_SCRIPT).is_file():
+            return folder
+    raise PackagingError(
+        f"no build/{SPEC_FILE} found (looked in {', '.join(str(f) for f in found)}); "
+        "run `lalo build` from a lalo source checkout"
+    )
+
+
+def check_pyinstaller(python: str = sys.executable) -> str:
+    try:
+        return metadata.version("pyinstaller")
+    except metadata.PackageNotFoundError:
+        raise PackagingError(
+            "PyInstaller is not installed; pip install 'lalo-launcher[packaging]'"
+        ) from None
+
+
+def app_key(recipes: Path, excludes: Sequence[str] = EXCLUDES) -> str:
+    """Hash of everything a one-folder lalo is made of: lalo's files, the recipe, every
+    installed distribution's version, the Python and the platform."""
+    digest = hashlib.sha256()
+    package = Path(launcher.__file__).resolve().parent
+    for path in sorted(package.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    for name in (SPEC_FILE, ENTRY_SCRIPT):
+        digest.update(name.encode() + b"\0" + (recipes / name).read_bytes())
+    dists = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions())
+    digest.update("\n".join(dists).encode())
+    digest.update(f"{sys.version}|{platform_tag()}|{','.join(excludes)}".encode())
+    return digest.hexdigest()
+
+
+def packaging_dir() -> Path:
+    return paths.cache_dir() / "packaging"
+
+
+def frozen_app(report: Report, *, recipes: Path | None = None, force: bool = False) -> Frozen:
+    """The one-folder lalo for bundles (`<cache>/packaging/app-<key>/lalo/`), frozen once per
+    set of inputs; later builds reuse it, byte for byte."""
+    recipes = recipes or recipe_dir()
+    key = app_key(recipes)[:16]
+    root = packaging_dir() / f"app-{key}"
+    if not force and (root / REPORT).is_file() and (root / APP_NAME).is_dir():
+        python, warnings = _read_report(root / REPORT)
+        return Frozen(root / APP_NAME, python, warnings, 0.0, reused=True)
+    staging = packaging_dir() / f".app-{key}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        result = run_pyinstaller(
+            FreezePlan(mode="onedir", name=APP_NAME), dist=staging / "dist",
+            work=packaging_dir() / "work" / "app", report=report, recipes=recipes,
+        )
+        (staging / "dist" / APP_NAME).rename(staging / APP_NAME)
+        (staging / "report.tmp").rename(staging / REPORT)
+        shutil.rmtree(staging / "dist")
+        shutil.rmtree(root, ignore_errors=True)
+        staging.rename(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Frozen(root / APP_NAME, result.python, result.warnings, result.seconds, log=result.log)
+
+
+def run_pyinstaller(
+    plan: FreezePlan,
+    *,
+    dist: Path,
+    work: Path,
+    report: Report,
+    recipes: Path | None = None,
+    python: str = sys.executable,
+    clean: bool = True,
+) -> Frozen:
+    """Run `python -m PyInstaller build/lalo-ai.spec -- --plan P`; the report (Python
+    components) goes to `dist/../report.tmp`. PackagingError with the log's tail on failure.
+    Without `clean`, PyInstaller reuses what it analysed in `work` when nothing changed."""
+    check_pyinstaller(python)
+    recipes = recipes or recipe_dir()
+    dist.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    report_path = dist.parent / "report.tmp"
+    plan_path = work / "plan.json"
+    plan_path.write_text(json.dumps(plan.to_json(report_path), indent=2), encoding="utf-8")
+    log_path = work / "pyinstaller.log"
+    argv = [
+        python, "-m", "PyInstaller", str(recipes / SPEC_FILE), "--noconfirm",
+        *(["--clean"] if clean else []),
+        "--distpath", str(dist), "--workpath", str(work / "build"), "--log-level", "INFO",
+        "--", "--plan", str(plan_path),
+    ]
+    env = dict(os.environ)
+    # Reproducible output (PyInstaller honours both), and no stray user site-packages.
+    env.update({"PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": str(fixed_mtime()),
+                "PYTHONNOUSERSITE": "1"})
+    report(f"freezing lalo with PyInstaller ({plan.mode}); log: {log_path}")
+    started = time.monotonic()
+    tail: list[str] = []
+    with log_path.open("w", encoding="utf-8") as log_file:
+
+        def on_line(line: str) -> None:
+            log_file.write(line + "\n")
+            tail.append(line)
+            del tail[:-25]
+            message = line.split(": ", 1)[-1]
+            if message.startswith(_STAGES) and "completed" not in message:
+                report(f"  {message}")
+
+        code = run_streaming(argv, env=env, cwd=recipes, on_line=on_line)
+    if code != 0:
+        raise PackagingError(
+            f"PyInstaller failed (exit {code}); last lines:\n" + "\n".join(tail[-15:])
+            + f"\nfull log: {log_path}"
+        )
+    python_parts, warnings = _read_report(report_path)
+    output = dist / (exe_name(plan.name) if plan.mode == "onefile" else plan.name)
+    smoke_test(output / exe_name(plan.name) if plan.mode == "onedir" else output)
+    return Frozen(
+        path=output, python=python_parts, warnings=warnings,
+        seconds=time.monotonic() - started, log=log_path,
+    )
+
+
+def run_streaming(
+    argv: Sequence[str], *, env: dict[str, str], cwd: Path, on_line: Callable[[str], None]
+) -> int:
+    """Run argv in its own session, passing each output line to on_line; returns the exit
+    code. Interrupted, it stops the command's process group (TERM, wait, KILL) first."""
+    try:
+        proc = subprocess.Popen(
+            list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
+            start_new_session=os.name != "nt",
+        )
+    except OSError as exc:
+        raise PackagingError(f"cannot run {argv[0]}: {exc}") from exc
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            on_line(line.rstrip("\r\n"))
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    def signal_group(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.name == "nt":
+                proc.kill()
+            else:
+                os.killpg(proc.pid, sig)
+
+    signal_group(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        signal_group(signal.SIGKILL if os.name != "nt" else signal.SIGTERM)
+        proc.wait()
+
+
+def smoke_test(executable: Path, timeout: float = SMOKE_TIMEOUT) -> str:
+    """`EXECUTABLE --version` and `--help` must answer: a frozen lalo that cannot import
+    what it needs fails the build here, not on a client's machine."""
+    version = ""
+    for flag in ("--version", "--help"):
+        try:
+            done = subprocess.run(
+                [str(executable), flag], capture_output=True, text=True, timeout=timeout,
+                check=False, stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise PackagingError(f"the frozen lalo does not start: {executable}: {exc}") from exc
+        if done.returncode != 0 or not done.stdout.strip():
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-10:])
+            raise PackagingError(
+                f"the frozen lalo does not start ({executable} {flag}, exit {done.returncode}):"
+                f"\n{tail}"
+            )
+        version = version or done.stdout.strip()
+    return version
+
+
+def _read_report(path: Path) -> tuple[tuple[Packaged, ...], tuple[str, ...]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        python = tuple(Packaged.from_json(item) for item in data["python"])
+        warnings = tuple(str(w) for w in data["warnings"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PackagingError(f"{path}: no usable PyInstaller report: {exc}") from exc
+    return python, warnings

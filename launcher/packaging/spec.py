@@ -1,0 +1,314 @@
+"""Bundle specs (`bundles/NAME.yaml`): parsed once into a frozen BundleSpec; every mistake is a
+ConfigError naming the file, line and YAML path, as `lalo.yaml` errors do.
+
+`models`, `proxy` and `resources` are validated by launcher.config (same keys as lalo.yaml);
+`name`, `engine`, `targets`, `platforms`, `licenses` and `exe` are the spec's own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from launcher.config import Config, ModelConfig, resolve_path, validate
+from launcher.errors import ConfigError
+from launcher.units import parse_size
+
+SPEC_DIR = "bundles"
+Target = Literal["llamafile", "bundle", "exe"]
+TARGETS: tuple[Target, ...] = ("llamafile", "bundle", "exe")
+Platform = Literal["linux", "macos", "windows"]
+DEFAULT_EMBED_LIMIT = 2 * 1024**3
+_CONFIG_KEYS = ("proxy", "resources", "models")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
+# The build host can check any RAM budget a client machine may have: do not compare with ours.
+_ANY_RAM = 1 << 62
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class LlamaServerSpec(_Section):
+    """The llama-server the bundle and exe targets ship (built by `lalo engine build`)."""
+
+    # portable: runs on other CPUs of this OS and architecture; native only by explicit choice.
+    variant: Literal["native", "portable"] = "portable"
+
+
+class LlamafileSpec(_Section):
+    """The llamafile runtime the llamafile target prepends to each model."""
+
+    runtime: str | None = None
+    sha256: str | None = None
+    version: str = "0.10"
+
+    @field_validator("sha256")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256.match(value):
+            raise ValueError(f"must be 64 lowercase hex digits, got {value!r}")
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if not _VERSION.match(value):
+            raise ValueError(f"must look like 0.10 or 0.9.3, got {value!r}")
+        return value
+
+
+class EngineSpec(_Section):
+    llama_server: LlamaServerSpec = LlamaServerSpec()
+    llamafile: LlamafileSpec = LlamafileSpec()
+
+
+class LicensesSpec(_Section):
+    """Licence ids accepted beyond the default allow-list, and licence texts to ship."""
+
+    allow: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    # licence id -> a file holding its full text (relative to the spec), for custom licences
+    texts: Mapping[str, str] = Field(default_factory=dict)
+
+    @field_validator("allow")
+    @classmethod
+    def _ids(cls, ids: tuple[str, ...]) -> tuple[str, ...]:
+        for item in ids:
+            if not item.strip():
+                raise ValueError("licence ids must not be empty")
+        return ids
+
+
+class ExeSpec(_Section):
+    """The single binary: models inside it (extracted at each start) or beside it."""
+
+    models: Literal["auto", "embed", "beside"] = "auto"
+    embed_limit: int = DEFAULT_EMBED_LIMIT
+
+    @field_validator("embed_limit", mode="before")
+    @classmethod
+    def _limit(cls, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"must be a size such as 2GiB, got {value!r}")
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class SpecFields(_Section):
+    """The spec's own keys (the lalo.yaml sections are validated by launcher.config)."""
+
+    name: str
+    engine: EngineSpec = EngineSpec()
+    targets: Annotated[tuple[Target, ...], Field(strict=False, min_length=1)] = TARGETS
+    # Where clients run the outputs; Windows ones get the llamafile size/name warnings.
+    platforms: Annotated[tuple[Platform, ...], Field(strict=False, min_length=1)] = (
+        "linux", "macos", "windows",
+    )
+    licenses: LicensesSpec = LicensesSpec()
+    exe: ExeSpec = ExeSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"must match {_NAME.pattern} (it names files), got {value!r}")
+        return value
+
+    @field_validator("targets", "platforms")
+    @classmethod
+    def _unique(cls, items: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(items)) != len(items):
+            raise ValueError(f"lists an item twice: {list(items)}")
+        return items
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """A validated bundle spec and where it came from (relative paths start at its folder)."""
+
+    fields: SpecFields
+    config: Config
+    source: Path
+    text: str
+
+    @property
+    def name(self) -> str:
+        return self.fields.name
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent
+
+    @property
+    def models(self) -> Mapping[str, ModelConfig]:
+        return self.config.models
+
+    def path(self, text: str) -> Path:
+        """A path from the spec, relative to the spec's folder; `~` and `$VAR` expanded."""
+        return resolve_path(text, self.base_dir)
+
+    def llamafile_runtime(self) -> Path | None:
+        runtime = self.fields.engine.llamafile.runtime
+        return self.path(runtime) if runtime is not None else None
+
+
+def find_spec(name_or_path: str, cwd: Path | None = None) -> Path:
+    """SPEC as given: an existing path, else `bundles/SPEC.yaml` under the current folder."""
+    base = cwd if cwd is not None else Path.cwd()
+    given = Path(name_or_path).expanduser()
+    candidates = [given if given.is_absolute() else base / given]
+    if "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml")):
+        candidates.append(base / SPEC_DIR / f"{name_or_path}.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    looked = ", ".join(str(c) for c in candidates)
+    raise ConfigError(f"no bundle spec {name_or_path!r} (looked for {looked})")
+
+
+def load_spec(name_or_path: str, cwd: Path | None = None) -> BundleSpec:
+    path = find_spec(name_or_path, cwd)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
+    return parse_spec(text, source=path)
+
+
+def parse_spec(text: str, *, source: Path) -> BundleSpec:
+    """YAML text of a spec to a BundleSpec; errors carry `file:line: path: message`."""
+    label = str(source)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{label}{where}: invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: a bundle spec must be a mapping with `name` and `models`")
+    lines = _line_index(node)
+    known = (*SpecFields.model_fields, *_CONFIG_KEYS)
+    for key in data:
+        if key not in known:
+            raise ConfigError(
+                f"{_where(label, lines, (str(key),))}{key}: unknown key (known keys: "
+                f"{', '.join(known)})"
+            )
+    own = {key: value for key, value in data.items() if key in SpecFields.model_fields}
+    try:
+        fields = SpecFields.model_validate(own)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc, label, lines)) from None
+    models = data.get("models")
+    if not isinstance(models, dict) or not models:
+        raise ConfigError(f"{_where(label, lines, ('models',))}models: must name at least one model")
+    config = validate(
+        {key: data[key] for key in _CONFIG_KEYS if key in data},
+        label=label, total_ram=_ANY_RAM, lines=lines,
+    )
+    spec = BundleSpec(fields=fields, config=config, source=source.resolve(), text=text)
+    _check_models(spec, label, lines)
+    return spec
+
+
+def _check_models(spec: BundleSpec, label: str, lines: Mapping[tuple[str, ...], int]) -> None:
+    for name, model in spec.models.items():
+        path = ("models", name)
+        if model.engine_kind == "llama-cpp-python":
+            raise ConfigError(
+                f"{_where(label, lines, (*path, 'engine'))}models.{name}.engine: bundles run "
+                "llama-server (or llamafile); llama-cpp-python cannot be packaged"
+            )
+        if model.file is not None and not model.file.endswith(".gguf"):
+            raise ConfigError(
+                f"{_where(label, lines, (*path, 'file'))}models.{name}.file: must be a .gguf "
+                f"file (the packager adds the engine), got {model.file!r}"
+            )
+
+
+def _line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    """YAML path -> 1-based line of its key (for mappings) or item."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(current: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                child = (*path, str(key.value))
+                index[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(current, yaml.SequenceNode):
+            for position, item in enumerate(current.value):
+                child = (*path, str(position))
+                index[child] = item.start_mark.line + 1
+                walk(item, child)
+
+    if node is not None:
+        walk(node, ())
+    return index
+
+
+def _where(label: str, lines: Mapping[tuple[str, ...], int], path: Sequence[str]) -> str:
+    key = tuple(path)
+    while key:
+        if key in lines:
+            return f"{label}:{lines[key]}: "
+        key = key[:-1]
+    return f"{label}: "
+
+
+_MESSAGES = {
+    "string_type": "must be a string",
+    "dict_type": "must be a mapping",
+    "tuple_type": "must be a list",
+    "literal_error": "must be one of {expected}",
+    "missing": "is required",
+    "too_short": "must not be empty",
+    "int_type": "must be an integer",
+}
+
+
+def _first_error(exc: ValidationError, label: str, lines: Mapping[tuple[str, ...], int]) -> str:
+    error = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in error["loc"]]
+    path = ".".join(loc)
+    kind = error["type"]
+    got = error.get("input")
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        message = f"unknown key (known keys: {', '.join(parent.model_fields)})"
+        got = None
+    elif kind == "value_error":
+        message = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+        got = None
+    elif kind in _MESSAGES:
+        message = _MESSAGES[kind].format(**error.get("ctx", {}))
+    else:
+        message = error["msg"][0].lower() + error["msg"][1:]
+    if got is not None and kind != "missing":
+        message += f", got {got!r}"
+    return f"{_where(label, lines, loc)}{path}: {message}"
+
+
+def _model_at(loc: Sequence[str]) -> type[BaseModel]:
+    model: type[BaseModel] = SpecFields
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return model

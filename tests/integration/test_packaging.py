@@ -1,0 +1,329 @@
+"""`lalo build` for real, from generated models: the bundle (portable llama-server + frozen lalo)
+and the single binary, each run in a clean environment (empty HOME, PATH without the
+virtualenv, nothing else) and answering a chat completion through the proxy; two bundle
+builds give byte-identical archives.
+
+PyInstaller runs here (about a minute per build on 2 cores, the one-folder lalo is cached).
+The bundle carries the portable llama-server when one is built (`lalo engine build --variant
+portable`, 20-45 minutes on 2 cores) or LALO_TEST_ENGINE_VARIANT=portable asks for it; otherwise
+the native engine the other tests use, named as such in the spec (a CI run stays short).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from launcher.config import parse_config
+from launcher.engines.registry import cached_engines
+from launcher.engines.source import SDIST_LABEL
+from launcher.packaging.build import BuildResult, Packager
+from launcher.packaging.freeze import frozen_app
+from launcher.packaging.payload import read_payload
+from launcher.packaging.spec import load_spec
+from tests.support.lalo import free_port, wait_until
+
+pytest.importorskip("PyInstaller", reason="pip install 'lalo-launcher[packaging]' for these")
+
+
+def _variant() -> str:
+    chosen = os.environ.get("LALO_TEST_ENGINE_VARIANT")  # native | portable: forces one
+    if chosen:
+        return chosen
+    built = any(m.variant == "portable" and m.source == SDIST_LABEL for _, m in cached_engines())
+    return "portable" if built else "native"
+
+
+VARIANT = _variant()
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    # building the portable engine takes long; freezing lalo a minute or two
+    pytest.mark.timeout(4 * 3600 if VARIANT == "portable" else 1800),
+]
+START_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Built:
+    spec: Path
+    port: int
+    result: BuildResult
+    out: Path
+
+
+def write_spec(folder: Path, small_model: Path, small_model_b: Path, port: int,
+               exe: str = "auto") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = folder / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "tiny",
+        "models": {
+            "alpha": {"file": str(small_model), "license": "MIT", "ctx_size": 512,
+                      "aliases": ["a"]},
+            "beta": {"file": str(small_model_b), "license": "Apache-2.0", "ctx_size": 512,
+                     "preload": False},
+        },
+        "targets": ["bundle", "exe"],
+        "platforms": ["linux"],
+        "proxy": {"port": port},
+        "exe": {"models": exe},
+        "engine": {"llama_server": {"variant": VARIANT}},
+    }, sort_keys=False))
+    return spec
+
+
+def build(spec: Path, out: Path, targets: list[str] | None = None,
+          refreeze: bool = False) -> BuildResult:
+    lines: list[str] = []
+    packager = Packager(report=lines.append, app_source=(
+        (lambda report: frozen_app(report, force=True)) if refreeze else frozen_app))
+    try:
+        return packager.build(load_spec(str(spec)), out, targets)  # type: ignore[arg-type]
+    except Exception:
+        print("\n".join(lines))
+        raise
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, small_model: Path,
+          small_model_b: Path) -> Built:
+    folder = tmp_path_factory.mktemp("packaging")
+    port = free_port()
+    spec = write_spec(folder, small_model, small_model_b, port)
+    out = folder / "dist"
+    return Built(spec, port, build(spec, out), out)
+
+
+def clean_env(home: Path) -> dict[str, str]:
+    """Only an empty HOME and the system PATH: no virtualenv, no lalo variables, no proxy."""
+    home.mkdir(parents=True, exist_ok=True)
+    assert not any(home.iterdir())
+    return {"HOME": str(home), "PATH": "/usr/bin:/bin"}
+
+
+class Running:
+    """A started `start` script or `lalo-ai`, stopped with `down` (or its group killed)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path, port: int) -> None:
+        self.argv, self.env, self.cwd = argv, env, cwd
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = cwd / f"run-{port}.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def status(self) -> dict[str, object]:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"exited with {self.proc.returncode}:\n{self.output()}")
+        response = httpx.get(self.url + "/api/status", timeout=2.0, trust_env=False)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def wait_ready(self, model: str) -> None:
+        def ready() -> bool:
+            models = self.status()["models"]
+            assert isinstance(models, list)
+            return any(m["name"] == model and m["state"] == "ready" for m in models)
+
+        wait_until(ready, START_TIMEOUT, message=f"{model} ready at {self.url}")
+
+    def chat(self, model: str) -> dict[str, object]:
+        response = httpx.post(
+            self.url + "/v1/chat/completions", timeout=60.0, trust_env=False,
+            json={"model": model, "max_tokens": 6,
+                  "messages": [{"role": "user", "content": "hello"}]},
+        )
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self.argv[0], *args], env=self.env, cwd=self.cwd, text=True,
+                              capture_output=True, timeout=120, check=False)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            done = self.cli("down")
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise AssertionError(f"did not stop after `down`: {done.stderr}") from None
+        elif _group_alive(self.proc.pid):  # lalo exited: leave no model server behind
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def running() -> Iterator[list[Running]]:
+    started: list[Running] = []
+    yield started
+    for item in started:
+        item.stop()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- the bundle ------------------------------------------------------------------------------
+
+
+def test_bundle_holds_what_it_says(built: Built) -> None:
+    bundle = built.out / "tiny-bundle"
+    assert built.result.bundle is not None and built.result.bundle.directory == bundle
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["engine"]["variant"] == VARIANT
+    if VARIANT == "portable":
+        assert "-DGGML_BACKEND_DL=ON" in manifest["engine"]["cmake_flags"]
+    assert "libc.so.6" in manifest["engine"]["system_libraries"]
+    listed = {f["path"]: f for f in manifest["files"]}
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*")
+               if p.is_file() or p.is_symlink()} - {"manifest.json"}
+    assert set(listed) == on_disk
+    for rel, entry in listed.items():
+        if "link" in entry:
+            assert os.readlink(bundle / rel) == entry["link"]
+        else:
+            assert (bundle / rel).stat().st_size == entry["size"]
+            assert sha256(bundle / rel) == entry["sha256"], rel
+    assert {"bin/llama-server", "lalo/lalo", "start", "lalo.yaml", "NOTICE",
+            "models/small-a.gguf", "models/small-b.gguf"} <= set(listed)
+    if VARIANT == "portable":
+        assert any(p.startswith("bin/libggml-cpu-") for p in listed)  # CPU variants beside it
+    assert [m["name"] for m in manifest["models"]] == ["alpha", "beta"]
+    config = parse_config((bundle / "lalo.yaml").read_text(), label="bundle", total_ram=1 << 40)
+    assert config.models["alpha"].file == "models/small-a.gguf"
+    assert config.proxy.port == built.port
+    notice = (bundle / "NOTICE").read_text()
+    for name in ("llama.cpp", "cpp-httplib", "model alpha", "model beta", "CPython", "httpx",
+                 "uvicorn", "pydantic", "PyInstaller bootloader"):
+        assert name in notice, name
+    for line in notice.splitlines():
+        if line.strip().startswith("Licence text:"):
+            for ref in line.split(":", 1)[1].split(","):
+                assert (bundle / ref.strip()).is_file(), ref
+
+
+def test_two_bundle_builds_give_byte_identical_archives(built: Built, tmp_path: Path) -> None:
+    # lalo frozen again by PyInstaller, not taken from the cache: the whole chain is reproducible
+    again = build(built.spec, tmp_path / "again", ["bundle"], refreeze=True)
+    assert again.bundle is not None and built.result.bundle is not None
+    first, second = built.result.bundle.archive, again.bundle.archive
+    assert first != second
+    assert sha256(first) == sha256(second) == again.bundle.archive_sha256
+    with tarfile.open(second) as tar:
+        names = tar.getnames()
+        assert names == sorted(names) and names[0] == "tiny-bundle"
+        assert {(m.uid, m.gid, m.mtime) for m in tar.getmembers()} == {(0, 0, 1577836800)}
+
+
+def test_bundle_start_script_answers_in_a_clean_environment(
+    built: Built, tmp_path: Path, running: list[Running]
+) -> None:
+    # What a client does: unpack the archive anywhere and run ./start.
+    assert built.result.bundle is not None
+    with tarfile.open(built.result.bundle.archive) as tar:
+        tar.extractall(tmp_path / "client", filter="tar")
+    start = tmp_path / "client" / "tiny-bundle" / "start"
+    env = clean_env(tmp_path / "home")
+    server = Running([str(start)], env, tmp_path, built.port)
+    running.append(server)
+    server.wait_ready("alpha")
+    reply = server.chat("a")
+    assert reply["model"] == "alpha"
+    usage = reply["usage"]
+    assert isinstance(usage, dict) and usage["completion_tokens"] == 6
+    # beta loads on demand, from the same bundle
+    assert server.chat("beta")["model"] == "beta"
+    status = server.cli("status")
+    assert status.returncode == 0 and "alpha" in status.stdout and "ready" in status.stdout
+    assert "serving http://127.0.0.1:" in server.output()
+
+
+# --- the single binary -----------------------------------------------------------------------
+
+
+def test_exe_is_one_file_with_its_payload(built: Built) -> None:
+    exe = built.result.exe
+    assert exe is not None and exe.path == built.out / "tiny" and exe.models_mode == "embed"
+    assert os.access(exe.path, os.X_OK)
+    payload = read_payload(exe.path)
+    assert payload is not None
+    paths = {f["path"] for f in payload.files}
+    assert {"engine/bin/llama-server", "models/small-a.gguf", "models/small-b.gguf"} <= paths
+    notice = (built.out / "tiny.NOTICE").read_text()
+    assert "PyInstaller bootloader" in notice and "model alpha" in notice
+    assert (built.out / "tiny.LICENSES" / "llama.cpp" / "LICENSE").is_file()
+
+
+def test_exe_answers_in_a_clean_environment(built: Built, tmp_path: Path,
+                                            running: list[Running]) -> None:
+    exe = built.out / "tiny"
+    env = clean_env(tmp_path / "home")
+    server = Running([str(exe)], env, tmp_path, built.port)  # no arguments: `lalo up`
+    running.append(server)
+    server.wait_ready("alpha")
+    assert server.chat("alpha")["model"] == "alpha"
+    assert f"serving http://127.0.0.1:{built.port}" in server.output()  # the dashboard URL
+    status = server.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert {m["name"] for m in json.loads(status.stdout)["models"]} == {"alpha", "beta"}
+    # the payload went to lalo's cache under the (empty) HOME, once
+    [unpacked] = (tmp_path / "home" / ".cache" / "lalo" / "payloads").iterdir()
+    assert (unpacked / "models" / "small-a.gguf").is_file()
+
+
+def test_exe_passes_arguments_to_lalos_cli(built: Built, tmp_path: Path,
+                                           running: list[Running]) -> None:
+    exe = built.out / "tiny"
+    env = clean_env(tmp_path / "home")
+    helped = subprocess.run([str(exe), "--help"], env=env, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert helped.returncode == 0 and "Usage: lalo" in helped.stdout
+    for command in ("up", "status", "down", "plan"):
+        assert command in helped.stdout
+    assert not (tmp_path / "home" / ".cache" / "lalo" / "payloads").exists()  # --help: no unpacking
+    port = free_port()
+    server = Running([str(exe), "up", "--port", str(port)], env, tmp_path, port)
+    running.append(server)
+    server.wait_ready("alpha")
+    assert server.chat("a")["model"] == "alpha"
+
+
+def test_exe_with_models_beside_it(built: Built, tmp_path: Path, small_model: Path,
+                                   small_model_b: Path, running: list[Running]) -> None:
+    port = free_port()
+    spec = write_spec(tmp_path / "spec", small_model, small_model_b, port, exe="beside")
+    result = build(spec, tmp_path / "dist", ["exe"])
+    assert result.exe is not None and result.exe.models_mode == "beside"
+    assert result.exe.models_dir == tmp_path / "dist" / "tiny-models"
+    assert sorted(p.name for p in result.exe.models_dir.iterdir()) == ["small-a.gguf",
+                                                                        "small-b.gguf"]
+    assert result.exe.size < built.result.exe.size  # type: ignore[union-attr]
+    server = Running([str(result.exe.path)], clean_env(tmp_path / "home"), tmp_path, port)
+    running.append(server)
+    server.wait_ready("alpha")
+    assert server.chat("alpha")["model"] == "alpha"

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import psutil
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,6 +26,7 @@ from pydantic import (
 from launcher import paths
 from launcher.errors import ConfigError
 from launcher.units import format_size, parse_size
+from launcher.yamlfile import Lines, describe, read_yaml, where
 
 CONFIG_NAME = "lalo.yaml"
 EngineKind = Literal["llama-server", "llamafile", "llama-cpp-python"]
@@ -273,19 +273,12 @@ def load_config(
 
 def parse_config(text: str, *, label: str, total_ram: int | None = None) -> Config:
     """YAML text to a Config; errors carry `label:line: path: message`."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{label}{where}: invalid YAML: {problem}") from None
+    data, lines = read_yaml(text, label)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: the top level must be a mapping, got {type(data).__name__}")
-    return validate(data, label=label, total_ram=total_ram, lines=_line_index(node))
+    return validate(data, label=label, total_ram=total_ram, lines=lines)
 
 
 def validate(
@@ -293,26 +286,26 @@ def validate(
     *,
     label: str,
     total_ram: int | None = None,
-    lines: Mapping[tuple[str, ...], int] | None = None,
+    lines: Lines | None = None,
 ) -> Config:
     lines = lines or {}
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_first_error(exc, label, lines)) from None
+        raise ConfigError(describe(exc, label, lines, Config)) from None
     _check_names(config, label, lines)
     budget = config.resources.ram_budget
     total = total_ram if total_ram is not None else psutil.virtual_memory().total
     if budget != "auto" and budget > total:
-        where = _where(label, lines, ("resources", "ram_budget"))
+        place = where(label, lines, ("resources", "ram_budget"))
         raise ConfigError(
-            f"{where}resources.ram_budget: {format_size(budget)} is more than this "
+            f"{place}resources.ram_budget: {format_size(budget)} is more than this "
             f"machine's RAM ({format_size(total)})"
         )
     return config
 
 
-def _check_names(config: Config, label: str, lines: Mapping[tuple[str, ...], int]) -> None:
+def _check_names(config: Config, label: str, lines: Lines) -> None:
     """Every model name and alias routes to exactly one model."""
     owner = {name: name for name in config.models}
     for name, model in config.models.items():
@@ -324,7 +317,7 @@ def _check_names(config: Config, label: str, lines: Mapping[tuple[str, ...], int
                 other = owner[alias]
                 what = "the name of model" if other == alias else "already an alias of"
                 raise ConfigError(
-                    f"{_where(label, lines, path)}models.{name}.aliases: {alias!r} is {what} "
+                    f"{where(label, lines, path)}models.{name}.aliases: {alias!r} is {what} "
                     f"{other!r}"
                 )
             owner[alias] = name
@@ -337,102 +330,3 @@ def check_model_files(loaded: LoadedConfig) -> None:
         path = loaded.model_path(name)
         if not path.is_file():
             raise ConfigError(f"{loaded.describe_source()}: models.{name}.file: {path} does not exist")
-
-
-def _line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
-    """YAML path -> 1-based line of its key (for mappings) or item."""
-    index: dict[tuple[str, ...], int] = {}
-
-    def walk(current: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(current, yaml.MappingNode):
-            for key, value in current.value:
-                child = (*path, str(key.value))
-                index[child] = key.start_mark.line + 1
-                walk(value, child)
-        elif isinstance(current, yaml.SequenceNode):
-            for position, item in enumerate(current.value):
-                child = (*path, str(position))
-                index[child] = item.start_mark.line + 1
-                walk(item, child)
-
-    if node is not None:
-        walk(node, ())
-    return index
-
-
-def _where(label: str, lines: Mapping[tuple[str, ...], int], path: Sequence[str]) -> str:
-    path = tuple(path)
-    while path:
-        if path in lines:
-            return f"{label}:{lines[path]}: "
-        path = path[:-1]
-    return f"{label}: "
-
-
-_MESSAGES = {
-    "greater_than_equal": "must be >= {ge}",
-    "greater_than": "must be > {gt}",
-    "less_than_equal": "must be <= {le}",
-    "less_than": "must be < {lt}",
-    "int_type": "must be an integer",
-    "float_type": "must be a number",
-    "bool_type": "must be true or false",
-    "string_type": "must be a string",
-    "dict_type": "must be a mapping",
-    "tuple_type": "must be a list",
-    "literal_error": "must be one of {expected}",
-    "missing": "is required",
-}
-
-
-def _first_error(exc: ValidationError, label: str, lines: Mapping[tuple[str, ...], int]) -> str:
-    errors = exc.errors(include_url=False)
-    # Prefer the most specific error: union members report one error each; keep the first path.
-    error = errors[0]
-    loc = [str(part) for part in error["loc"] if not _is_union_tag(part)]
-    path = ".".join(loc) or "(top level)"
-    kind = error["type"]
-    got = error.get("input")
-    if kind == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        known = ", ".join(parent.model_fields) if parent is not None else ""
-        message = f"unknown key{f' (known keys: {known})' if known else ''}"
-    elif kind == "value_error":
-        message = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
-        got = None
-    elif kind in _MESSAGES:
-        message = _MESSAGES[kind].format(**error.get("ctx", {}))
-    else:
-        message = error["msg"][0].lower() + error["msg"][1:]
-    if got is not None and kind not in ("missing", "extra_forbidden"):
-        message += f", got {got!r}"
-    return f"{_where(label, lines, loc)}{path}: {message}"
-
-
-def _is_union_tag(part: Any) -> bool:
-    # pydantic adds the failing union member to loc, e.g. ('load_timeout', 'constrained-float')
-    text = str(part)
-    return text in ("int", "str", "float", "bool") or text.startswith(
-        ("literal[", "constrained-", "function-")
-    )
-
-
-def _model_at(loc: Sequence[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] = Config
-    position = 0
-    while position < len(loc):
-        part = loc[position]
-        if model is Config and part == "models":
-            if position + 1 >= len(loc):
-                return None
-            model = ModelConfig
-            position += 2
-            continue
-        field = model.model_fields.get(part)
-        annotation = field.annotation if field is not None else None
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-            position += 1
-            continue
-        return None
-    return model

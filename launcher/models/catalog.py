@@ -16,7 +16,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launcher.config import LoadedConfig, ModelConfig
@@ -25,6 +24,7 @@ from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes
 from launcher.licenses import lookup
 from launcher.models.hub import HubClient, HubFile, ProgressCallback, PullResult
 from launcher.models.resolve import CatalogResolver
+from launcher.yamlfile import read_yaml, where
 
 CATALOG_ENV = "LALO_CATALOG"  # another catalog file instead of the packaged one
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -254,26 +254,19 @@ def _load_once(path: str) -> Catalog:
 
 
 def parse_catalog(text: str, *, label: str) -> Catalog:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{label}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    lines = _line_index(node)
+    data, lines = read_yaml(text, label)
     if not isinstance(data, dict) or set(data) - {"schema", "models"}:
         raise ConfigError(f"{label}: the top level must be a mapping with `schema` and `models`")
     if data.get("schema") != 1:
-        raise ConfigError(f"{_where(label, lines, ('schema',))}schema: must be 1, got {data.get('schema')!r}")
+        raise ConfigError(f"{where(label, lines, ('schema',))}schema: must be 1, got {data.get('schema')!r}")
     models = data.get("models")
     if not isinstance(models, dict) or not models:
-        raise ConfigError(f"{_where(label, lines, ('models',))}models: must be a non-empty mapping")
+        raise ConfigError(f"{where(label, lines, ('models',))}models: must be a non-empty mapping")
     entries: dict[str, CatalogEntry] = {}
     for model_id, raw in models.items():
         path: tuple[str, ...] = ("models", str(model_id))
         if not isinstance(raw, dict):
-            raise ConfigError(f"{_where(label, lines, path)}{'.'.join(path)}: must be a mapping")
+            raise ConfigError(f"{where(label, lines, path)}{'.'.join(path)}: must be a mapping")
         try:
             entries[str(model_id)] = CatalogEntry.model_validate({"id": str(model_id), **raw})
         except ValidationError as exc:
@@ -282,34 +275,8 @@ def parse_catalog(text: str, *, label: str) -> Catalog:
             if error["loc"][:1] == ("id",):
                 loc = path
             message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
-            raise ConfigError(f"{_where(label, lines, loc)}{'.'.join(loc)}: {message}") from None
+            raise ConfigError(f"{where(label, lines, loc)}{'.'.join(loc)}: {message}") from None
     return Catalog(entries=entries, source=label)
-
-
-def _line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
-    index: dict[tuple[str, ...], int] = {}
-
-    def walk(current: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(current, yaml.MappingNode):
-            for key, value in current.value:
-                child = (*path, str(key.value))
-                index[child] = key.start_mark.line + 1
-                walk(value, child)
-        elif isinstance(current, yaml.SequenceNode):
-            for position, item in enumerate(current.value):
-                index[(*path, str(position))] = item.start_mark.line + 1
-
-    if node is not None:
-        walk(node, ())
-    return index
-
-
-def _where(label: str, lines: Mapping[tuple[str, ...], int], path: tuple[str, ...]) -> str:
-    while path:
-        if path in lines:
-            return f"{label}:{lines[path]}: "
-        path = path[:-1]
-    return f"{label}: "
 
 
 def catalog_resolver(catalog: Catalog | None = None, client: HubClient | None = None) -> CatalogResolver:

@@ -8,17 +8,17 @@ ConfigError naming the file, line and YAML path, as `lalo.yaml` errors do.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from launcher.config import Config, ModelConfig, resolve_path, validate
 from launcher.errors import ConfigError
 from launcher.units import parse_size
+from launcher.yamlfile import describe, read_yaml, where
 
 SPEC_DIR = "bundles"
 Target = Literal["llamafile", "bundle", "exe"]
@@ -190,32 +190,24 @@ def load_spec(name_or_path: str, cwd: Path | None = None) -> BundleSpec:
 def parse_spec(text: str, *, source: Path) -> BundleSpec:
     """YAML text of a spec to a BundleSpec; errors carry `file:line: path: message`."""
     label = str(source)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{label}{where}: invalid YAML: {problem}") from None
+    data, lines = read_yaml(text, label)
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: a bundle spec must be a mapping with `name` and `models`")
-    lines = _line_index(node)
     known = (*SpecFields.model_fields, *_CONFIG_KEYS)
     for key in data:
         if key not in known:
             raise ConfigError(
-                f"{_where(label, lines, (str(key),))}{key}: unknown key (known keys: "
+                f"{where(label, lines, (str(key),))}{key}: unknown key (known keys: "
                 f"{', '.join(known)})"
             )
     own = {key: value for key, value in data.items() if key in SpecFields.model_fields}
     try:
         fields = SpecFields.model_validate(own)
     except ValidationError as exc:
-        raise ConfigError(_first_error(exc, label, lines)) from None
+        raise ConfigError(describe(exc, label, lines, SpecFields)) from None
     models = data.get("models")
     if not isinstance(models, dict) or not models:
-        raise ConfigError(f"{_where(label, lines, ('models',))}models: must name at least one model")
+        raise ConfigError(f"{where(label, lines, ('models',))}models: must name at least one model")
     config = validate(
         {key: data[key] for key in _CONFIG_KEYS if key in data},
         label=label, total_ram=_ANY_RAM, lines=lines,
@@ -230,85 +222,11 @@ def _check_models(spec: BundleSpec, label: str, lines: Mapping[tuple[str, ...], 
         path = ("models", name)
         if model.engine_kind == "llama-cpp-python":
             raise ConfigError(
-                f"{_where(label, lines, (*path, 'engine'))}models.{name}.engine: bundles run "
+                f"{where(label, lines, (*path, 'engine'))}models.{name}.engine: bundles run "
                 "llama-server (or llamafile); llama-cpp-python cannot be packaged"
             )
         if model.file is not None and not model.file.endswith(".gguf"):
             raise ConfigError(
-                f"{_where(label, lines, (*path, 'file'))}models.{name}.file: must be a .gguf "
+                f"{where(label, lines, (*path, 'file'))}models.{name}.file: must be a .gguf "
                 f"file (the packager adds the engine), got {model.file!r}"
             )
-
-
-def _line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
-    """YAML path -> 1-based line of its key (for mappings) or item."""
-    index: dict[tuple[str, ...], int] = {}
-
-    def walk(current: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(current, yaml.MappingNode):
-            for key, value in current.value:
-                child = (*path, str(key.value))
-                index[child] = key.start_mark.line + 1
-                walk(value, child)
-        elif isinstance(current, yaml.SequenceNode):
-            for position, item in enumerate(current.value):
-                child = (*path, str(position))
-                index[child] = item.start_mark.line + 1
-                walk(item, child)
-
-    if node is not None:
-        walk(node, ())
-    return index
-
-
-def _where(label: str, lines: Mapping[tuple[str, ...], int], path: Sequence[str]) -> str:
-    key = tuple(path)
-    while key:
-        if key in lines:
-            return f"{label}:{lines[key]}: "
-        key = key[:-1]
-    return f"{label}: "
-
-
-_MESSAGES = {
-    "string_type": "must be a string",
-    "dict_type": "must be a mapping",
-    "tuple_type": "must be a list",
-    "literal_error": "must be one of {expected}",
-    "missing": "is required",
-    "too_short": "must not be empty",
-    "int_type": "must be an integer",
-}
-
-
-def _first_error(exc: ValidationError, label: str, lines: Mapping[tuple[str, ...], int]) -> str:
-    error = exc.errors(include_url=False)[0]
-    loc = [str(part) for part in error["loc"]]
-    path = ".".join(loc)
-    kind = error["type"]
-    got = error.get("input")
-    if kind == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        message = f"unknown key (known keys: {', '.join(parent.model_fields)})"
-        got = None
-    elif kind == "value_error":
-        message = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
-        got = None
-    elif kind in _MESSAGES:
-        message = _MESSAGES[kind].format(**error.get("ctx", {}))
-    else:
-        message = error["msg"][0].lower() + error["msg"][1:]
-    if got is not None and kind != "missing":
-        message += f", got {got!r}"
-    return f"{_where(label, lines, loc)}{path}: {message}"
-
-
-def _model_at(loc: Sequence[str]) -> type[BaseModel]:
-    model: type[BaseModel] = SpecFields
-    for part in loc:
-        field = model.model_fields.get(part)
-        annotation = field.annotation if field is not None else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            break
-        model = annotation
-    return model

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Literal, Protocol
 
 from launcher import __version__, paths
+from launcher.digest import file_sha256
 from launcher.engines import source as sources
 from launcher.engines.registry import (
     MANIFEST,
@@ -30,7 +31,6 @@ from launcher.engines.registry import (
     cached_engines,
     engine_key,
     exe_name,
-    file_sha256,
     platform_tag,
     read_manifest,
 )

@@ -4,7 +4,6 @@ only with a valid manifest.json), then PATH; and the manifest format the builder
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from launcher import paths
+from launcher.digest import file_sha256
 from launcher.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -189,14 +189,6 @@ def read_manifest(engine_dir: Path) -> EngineManifest:
         elif not target.is_file() or target.is_symlink() or target.stat().st_size != entry.size:
             raise EngineError(f"{engine_dir}: {entry.path} is missing or has the wrong size")
     return manifest
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_engine(engine_dir: Path) -> EngineManifest:

@@ -15,7 +15,6 @@ blob and its snapshot link appear in the cache, and maps hub exceptions to HubEr
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -46,6 +45,7 @@ from huggingface_hub.utils import (  # type: ignore[attr-defined]
 )
 from huggingface_hub.utils import tqdm as hf_tqdm  # type: ignore[attr-defined]
 
+from launcher.digest import file_sha256
 from launcher.errors import HubError, IntegrityError, UsageError
 from launcher.units import format_size
 
@@ -541,14 +541,6 @@ class _open_for_append:
 
     def __exit__(self, *exc: object) -> None:
         self.stream.close()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sha_or_none(etag: str) -> str | None:

@@ -4,7 +4,6 @@ multi-GB models are not hashed on every build, and the shared libraries a binary
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.digest import file_sha256
 from launcher.errors import PackagingError
 
 _CHUNK = 8 * 1024 * 1024
@@ -68,19 +68,6 @@ class DigestCache:
         temp = self.path.with_suffix(f".{os.getpid()}.tmp")
         temp.write_text(json.dumps(self.entries, indent=0, sort_keys=True), encoding="utf-8")
         os.replace(temp, self.path)
-
-
-def file_sha256(path: Path, progress: Progress | None = None) -> str:
-    digest = hashlib.sha256()
-    total = path.stat().st_size
-    done = 0
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(_CHUNK), b""):
-            digest.update(block)
-            done += len(block)
-            if progress is not None:
-                progress(done, total)
-    return digest.hexdigest()
 
 
 def copy_file(source: Path, dest: Path, *, reuse: Path | None = None) -> bool:

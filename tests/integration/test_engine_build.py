@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from launcher.digest import file_sha256
 from launcher.engines.registry import (
     cached_engines,
-    file_sha256,
     find_llama_server,
     find_tool,
     parse_version,

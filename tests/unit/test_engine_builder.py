@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from launcher.cli.app import _register, app
 from launcher.cli.commands_engine import ProgressPrinter
+from launcher.digest import file_sha256
 from launcher.engines import source as sources
 from launcher.engines.builder import (
     BuildProgress,
@@ -34,7 +35,6 @@ from launcher.engines.registry import (
     ManifestFile,
     cached_engines,
     engine_key,
-    file_sha256,
     find_llama_server,
     find_tool,
     list_engines,

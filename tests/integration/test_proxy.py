@@ -323,3 +323,34 @@ def test_upstream_silent_too_long_is_504(
             "model": "m", "prompt": "x", "max_tokens": 8000, "ignore_eos": True})
         assert reply.status_code == 504
         assert reply.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_ttl_unloads_an_idle_model(tmp_path: Path, isolated: dict[str, str],
+                                   llama_server_bin: Path, small_model: Path) -> None:
+    config = write_config(
+        tmp_path / "lalo.yaml",
+        {"idle": {"file": str(small_model), "ctx_size": 512, "preload": False, "ttl": 1}},
+        engines={"llama_server": {"path": str(llama_server_bin)}},
+    )
+    with LaloUp(config, isolated) as up:
+        reply = httpx.post(up.url + "/v1/completions", timeout=60,
+                           json={"model": "idle", "prompt": "x", "max_tokens": 2})
+        assert reply.status_code == 200
+        pid = up.model("idle")["pid"]
+        up.wait_state("idle", "stopped", timeout=15)
+        assert not psutil_alive(pid)
+        log = (Path(isolated["LALO_STATE_DIR"]) / "logs" / "idle.log").read_text()
+        assert "stopping: idle for 1 s (ttl)" in log
+        # and it comes back on the next request
+        again = httpx.post(up.url + "/v1/completions", timeout=60,
+                           json={"model": "idle", "prompt": "x", "max_tokens": 2})
+        assert again.status_code == 200
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

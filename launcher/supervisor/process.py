@@ -223,6 +223,10 @@ class ManagedModel:
         assert self._outcome is not None
         return self._outcome
 
+    async def wait_stopped(self) -> None:
+        """Returns at once unless a stop is under way; then when it is done."""
+        await self._stopped.wait()
+
     async def restart(self) -> Endpoint:
         """Explicit restart (admin, dashboard): forgets past failures, stops, starts."""
         self.policy.reset()

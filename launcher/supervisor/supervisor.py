@@ -140,7 +140,8 @@ class Supervisor:
         if model.state == ModelState.READY and model.endpoint is not None:
             return model.endpoint
         async with self._admission:
-            outcome = None
+            # a model being stopped (unload, eviction) is let finish, then admitted afresh
+            await model.wait_stopped()
             if model.state == ModelState.STOPPED:
                 for victim in self._make_room(name):
                     log.info("%s: unloading %s to make room", name, victim)
@@ -148,9 +149,8 @@ class Supervisor:
                     self.evictions[victim] += 1
                 self.loads[name] += 1
             outcome = model.start_soon()  # starting before we let go of the lock
-        if outcome is None:
-            return await model.ensure_ready()
-        await asyncio.shield(outcome)
+        if outcome is not None:
+            await asyncio.shield(outcome)
         return await model.ensure_ready()
 
     def _make_room(self, name: str) -> list[str]:

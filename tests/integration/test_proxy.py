@@ -127,8 +127,10 @@ def test_error_envelopes(proxy: LaloUp) -> None:
 
 
 def test_queue_full_is_429_with_retry_after(proxy: LaloUp) -> None:
-    # beta: 1 slot, queue of 1: one running, one waiting, the third is refused
-    body = {"model": "beta", "prompt": "x", "max_tokens": 900, "stream": True}
+    # alpha: 1 slot, queue of 1: one running, one waiting, the third is refused. Its 8k
+    # context holds thousands of tokens: long enough to look while both wait.
+    body = {"model": "alpha", "prompt": "x", "max_tokens": 7000, "stream": True,
+            "ignore_eos": True}
     release = threading.Event()
     errors: list[BaseException] = []
 
@@ -145,7 +147,7 @@ def test_queue_full_is_429_with_retry_after(proxy: LaloUp) -> None:
     for thread in holders:
         thread.start()
     try:
-        wait_until(lambda: (m := proxy.model("beta"))["in_flight"] == 1 and m["queued"] == 1, 30,
+        wait_until(lambda: (m := proxy.model("alpha"))["in_flight"] == 1 and m["queued"] == 1, 30,
                    message="one running and one queued")
         refused = httpx.post(proxy.url + "/v1/completions", json={**body, "stream": False})
         assert refused.status_code == 429

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from launcher import __version__, paths
 from launcher.config import Config, LoadedConfig
 from launcher.engines.base import Engine, ServerSettings
@@ -153,7 +151,6 @@ def build_supervisor(
     loaded: LoadedConfig,
     models: Sequence[ResolvedModel],
     engines: dict[str, Engine],
-    probe_client: httpx.AsyncClient,
     records: ChildRecords,
     measurements: Measurements,
     host: str = "127.0.0.1",
@@ -194,7 +191,6 @@ def build_supervisor(
             engines[cfg.engine_kind],
             settings,
             ModelLog(log_path),
-            probe_client,
             timeouts=Timeouts(
                 load_timeout=cfg.load_timeout or sup.load_timeout,
                 health_interval=sup.health_interval,
@@ -303,10 +299,8 @@ async def _run(
         loop.add_signal_handler(signal.SIGTERM, on_signal, 0)
 
     admin_token = secrets.token_urlsafe(32)
-    # model servers are plain HTTP on loopback: no TLS context (saves memory and start-up time)
-    probe_client = httpx.AsyncClient(trust_env=False, timeout=5.0, verify=False)
-    supervisor, log_paths = build_supervisor(loaded, models, engines, probe_client, records,
-                                             measurements, host="127.0.0.1")
+    supervisor, log_paths = build_supervisor(loaded, models, engines, records, measurements,
+                                             host="127.0.0.1")
     pool: UpstreamPool | None = None
     serving: asyncio.Task[None] | None = None
     server = None
@@ -378,7 +372,6 @@ async def _run(
         await supervisor.close()
         if pool is not None:
             await pool.aclose()
-        await probe_client.aclose()
         with contextlib.suppress(Exception):
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)

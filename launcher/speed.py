@@ -132,24 +132,23 @@ async def measure_decode(
     settings = ServerSettings(model_path=model, host="127.0.0.1", port=0, api_key="",
                               ctx_size=ctx_size, parallel=1, threads=threads)
     log = ModelLog(log_path or model.with_suffix(".bench.log"))
-    async with httpx.AsyncClient(trust_env=False) as probe:
-        managed = ManagedModel(model.stem, LlamaServerEngine(server), settings, log, probe,
-                               timeouts=Timeouts(load_timeout=LOAD_TIMEOUT),
-                               policy=RestartPolicy(max_failures=1))
-        try:
-            endpoint = await managed.ensure_ready()
-            async with httpx.AsyncClient(
-                base_url=endpoint.base_url, timeout=REQUEST_TIMEOUT, trust_env=False,
-                headers={"Authorization": f"Bearer {endpoint.api_key}"},
-            ) as http:
-                await _stream_completion(http, 8)  # warm-up: caches, page-ins, first allocation
-                runs = [await _stream_completion(http, tokens) for _ in range(max(1, repeats))]
-        except ModelError as exc:
-            raise LaloError(str(exc)) from exc
-        except httpx.HTTPError as exc:
-            raise LaloError(f"llama-server stopped answering ({type(exc).__name__}: {exc})") from exc
-        finally:
-            await managed.close()
+    managed = ManagedModel(model.stem, LlamaServerEngine(server), settings, log,
+                           timeouts=Timeouts(load_timeout=LOAD_TIMEOUT),
+                           policy=RestartPolicy(max_failures=1))
+    try:
+        endpoint = await managed.ensure_ready()
+        async with httpx.AsyncClient(
+            base_url=endpoint.base_url, timeout=REQUEST_TIMEOUT, trust_env=False,
+            headers={"Authorization": f"Bearer {endpoint.api_key}"},
+        ) as http:
+            await _stream_completion(http, 8)  # warm-up: caches, page-ins, first allocation
+            runs = [await _stream_completion(http, tokens) for _ in range(max(1, repeats))]
+    except ModelError as exc:
+        raise LaloError(str(exc)) from exc
+    except httpx.HTTPError as exc:
+        raise LaloError(f"llama-server stopped answering ({type(exc).__name__}: {exc})") from exc
+    finally:
+        await managed.close()
     best = max(runs, key=lambda run: run["decode_tok_s"])
     return {**best, "runs": [round(run["decode_tok_s"], 1) for run in runs],
             "load_seconds": managed.load_seconds or 0.0}

@@ -10,9 +10,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 
 from launcher import paths
@@ -25,6 +24,12 @@ from launcher.runner import UpOptions, log_dir, serve
 from launcher.supervisor.instance import InstanceInfo, read_instance, require_instance
 from launcher.supervisor.logs import read_tail
 from launcher.units import format_size
+
+if TYPE_CHECKING:
+    import httpx
+
+# httpx is imported where it is used: `lalo up` never needs it, and importing it costs a
+# tenth of a second before the first model server can be spawned.
 
 DETACH_TIMEOUT = 600.0  # a first run may build the engine
 
@@ -125,6 +130,8 @@ def _self_command() -> list[str]:
 
 
 def _answers(url: str) -> bool:
+    import httpx
+
     try:
         return httpx.get(url + "/health", timeout=1.0, trust_env=False).status_code == 200
     except httpx.HTTPError:
@@ -132,6 +139,8 @@ def _answers(url: str) -> bool:
 
 
 def _client(info: InstanceInfo) -> httpx.Client:
+    import httpx
+
     return httpx.Client(base_url=info.url, timeout=10.0, trust_env=False,
                         headers={"Authorization": f"Bearer {info.admin_token}"})
 
@@ -141,6 +150,8 @@ def down(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for it to stop.")] = 60.0,
 ) -> None:
     """Stop the running lalo and wait until every model server has exited."""
+    import httpx
+
     info = require_instance()
     try:
         with _client(info) as client:
@@ -158,6 +169,8 @@ def down(
 
 
 def fetch_status() -> dict[str, Any]:
+    import httpx
+
     info = require_instance()
     try:
         with _client(info) as client:

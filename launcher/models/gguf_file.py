@@ -208,6 +208,9 @@ class GGUFInfo:
         }
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     """Bounds-checked little-endian reads over a buffer; running off the end means truncated."""
 
@@ -235,11 +238,18 @@ class _Cursor:
         except UnicodeDecodeError:
             return bytes(raw).decode("utf-8", errors="replace")
 
-    def skip_string(self) -> None:
-        length = self.take("<Q")
-        if self.pos + length > len(self.buffer):
+    def skip_strings(self, count: int) -> None:
+        """Step over `count` strings in one tight loop: a vocabulary and its merges can hold
+        hundreds of thousands, and this is on `lalo up`'s path before any server starts."""
+        buffer, pos, end = self.buffer, self.pos, len(self.buffer)
+        length_at = _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                raise GGUFError(f"{self.path}: truncated GGUF header (ends at byte {end})")
+            pos += 8 + length_at(buffer, pos)[0]
+        if pos > end:
             raise GGUFError(f"{self.path}: truncated GGUF header (a string runs past the end)")
-        self.pos += length
+        self.pos = pos
 
 
 def read_gguf(path: str | Path) -> GGUFInfo:
@@ -342,8 +352,7 @@ def _read_array(cursor: _Cursor, key: str, item_type: int, count: int) -> Any:
     if item_type == _STRING:
         if keep:
             return [cursor.string() for _ in range(count)]
-        for _ in range(count):
-            cursor.skip_string()
+        cursor.skip_strings(count)
         return None
     if item_type == _ARRAY:
         raise GGUFError(f"{cursor.path}: nested arrays are not supported ({key!r})")

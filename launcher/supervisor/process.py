@@ -29,8 +29,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from launcher.engines.base import Engine, LaunchSpec, ServerSettings
 from launcher.errors import (
     EngineError,
@@ -41,6 +39,7 @@ from launcher.errors import (
 from launcher.supervisor import platform
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.policy import RestartPolicy
+from launcher.supervisor.probe import Probe, ProbeError, http_status
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +111,8 @@ class ManagedModel:
         engine: Engine,
         settings: ServerSettings,
         log_sink: ModelLog,
-        http: httpx.AsyncClient,
         *,
+        probe: Probe = http_status,
         timeouts: Timeouts = Timeouts(),
         policy: RestartPolicy | None = None,
         events: ProcessEvents | None = None,
@@ -127,7 +126,7 @@ class ManagedModel:
         self.log = log_sink
         self.timeouts = timeouts
         self.policy = policy or RestartPolicy()
-        self._http = http
+        self._probe = probe
         self._events = events or ProcessEvents()
         self._spawner = spawner
         self._ports = port_allocator
@@ -383,10 +382,9 @@ class ManagedModel:
         headers = {"Authorization": f"Bearer {self.settings.api_key}"}
         while True:
             try:
-                response = await self._http.get(url, headers=headers, timeout=2.0)
-                if response.status_code == 200:
+                if await self._probe(url, headers, 2.0) == 200:
                     return
-            except httpx.HTTPError:
+            except ProbeError:
                 pass
             await asyncio.sleep(self.timeouts.probe_interval)
 
@@ -429,13 +427,11 @@ class ManagedModel:
     async def _healthy(self, spec: LaunchSpec) -> bool:
         headers = {"Authorization": f"Bearer {self.settings.api_key}"} if spec.health_needs_key else {}
         try:
-            response = await self._http.get(
-                spec.base_url + spec.health_path, headers=headers,
-                timeout=min(self.timeouts.liveness_timeout, 5.0),
-            )
-        except httpx.HTTPError:
+            status = await self._probe(spec.base_url + spec.health_path, headers,
+                                       min(self.timeouts.liveness_timeout, 5.0))
+        except ProbeError:
             return False
-        return response.status_code == 200
+        return status == 200
 
     def _sample_memory(self) -> None:
         if self._process is None:

@@ -47,7 +47,7 @@ def test_estimate_within_10_percent_of_measured_rss(
                                ctx_size=ctx_size, parallel=1, threads=None,
                                # verbosity 4 logs the buffers llama.cpp allocated
                                extra_args=("--log-verbosity", "4")),
-                ModelLog(tmp_path / "m.log"), client,
+                ModelLog(tmp_path / "m.log"),
             )
             try:
                 endpoint = await model.ensure_ready()

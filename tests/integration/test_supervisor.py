@@ -137,8 +137,6 @@ def test_a_taken_port_is_retried_on_another(
 ) -> None:
     import asyncio
 
-    import httpx as httpx_module
-
     from launcher.engines.base import ServerSettings
     from launcher.engines.llama_server import LlamaServerEngine
     from launcher.supervisor.logs import ModelLog
@@ -151,21 +149,20 @@ def test_a_taken_port_is_retried_on_another(
     ports = iter([taken, free_port()])
 
     async def scenario() -> None:
-        async with httpx_module.AsyncClient() as client:
-            model = ManagedModel(
-                "m", LlamaServerEngine(llama_server_bin),
-                ServerSettings(model_path=small_model, host="127.0.0.1", port=0, api_key="",
-                               ctx_size=512, parallel=1, threads=None),
-                ModelLog(tmp_path / "m.log"), client,
-                port_allocator=lambda host: next(ports),
-            )
-            try:
-                endpoint = await model.ensure_ready()
-                assert model.state == ModelState.READY
-                assert not endpoint.base_url.endswith(f":{taken}")
-                assert model.spawn_count == 2 and model.policy.failures == 0
-            finally:
-                await model.close()
+        model = ManagedModel(
+            "m", LlamaServerEngine(llama_server_bin),
+            ServerSettings(model_path=small_model, host="127.0.0.1", port=0, api_key="",
+                           ctx_size=512, parallel=1, threads=None),
+            ModelLog(tmp_path / "m.log"),
+            port_allocator=lambda host: next(ports),
+        )
+        try:
+            endpoint = await model.ensure_ready()
+            assert model.state == ModelState.READY
+            assert not endpoint.base_url.endswith(f":{taken}")
+            assert model.spawn_count == 2 and model.policy.failures == 0
+        finally:
+            await model.close()
 
     try:
         asyncio.run(scenario())

@@ -66,7 +66,7 @@ def test_tiny_and_missing_files(tmp_path: Path) -> None:
         read_gguf(tmp_path)
 
 
-@pytest.mark.parametrize("keep", [30, 200, 5000, -1000])
+@pytest.mark.parametrize("keep", [30, 200, 5000, 5003, 20001, 100_003, -1000])
 def test_truncated_files(tmp_path: Path, keep: int) -> None:
     whole = write_synthetic_model(tmp_path / "m.gguf", SHAPES[0]).read_bytes()
     cut = tmp_path / "cut.gguf"

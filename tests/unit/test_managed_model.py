@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from launcher.engines.base import LaunchSpec, ServerSettings, base_url
@@ -33,17 +32,11 @@ class FakeEngine:
         )
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as http:
-        yield http
-
-
-def make(tmp_path: Path, client: httpx.AsyncClient, *flags: str, **timeouts: float) -> ManagedModel:
+def make(tmp_path: Path, *flags: str, **timeouts: float) -> ManagedModel:
     settings = ServerSettings(model_path=tmp_path / "m.gguf", host="127.0.0.1", port=0,
                               api_key="", ctx_size=512, parallel=1, threads=None)
     return ManagedModel(
-        "m", FakeEngine(flags), settings, ModelLog(tmp_path / "m.log"), client,
+        "m", FakeEngine(flags), settings, ModelLog(tmp_path / "m.log"),
         timeouts=Timeouts(**{"load_timeout": 10.0, "health_interval": 0.1,
                              "liveness_timeout": 1.0, "stop_timeout": 2.0, **timeouts}),
         policy=RestartPolicy(initial_delay=0.2, max_delay=0.4, max_failures=3),
@@ -70,8 +63,8 @@ def test_restart_policy_backs_off_and_gives_up() -> None:
     assert [capped.on_failure(None) for _ in range(4)] == [1, 2, 3, 3]
 
 
-async def test_concurrent_callers_share_one_start(tmp_path: Path, client: httpx.AsyncClient) -> None:
-    model = make(tmp_path, client, "--ready-after", "0.5")
+async def test_concurrent_callers_share_one_start(tmp_path: Path) -> None:
+    model = make(tmp_path, "--ready-after", "0.5")
     try:
         endpoints = await asyncio.gather(*(model.ensure_ready() for _ in range(5)))
         assert len({e.pid for e in endpoints}) == 1
@@ -84,9 +77,9 @@ async def test_concurrent_callers_share_one_start(tmp_path: Path, client: httpx.
 
 
 async def test_exit_while_starting_fails_at_once_with_code_and_log(
-    tmp_path: Path, client: httpx.AsyncClient
+    tmp_path: Path
 ) -> None:
-    model = make(tmp_path, client, "--ready-after", "30", "--exit-after", "0.3", "--exit-code", "7",
+    model = make(tmp_path, "--ready-after", "30", "--exit-after", "0.3", "--exit-code", "7",
                  load_timeout=30)
     try:
         started = asyncio.get_running_loop().time()
@@ -101,8 +94,8 @@ async def test_exit_while_starting_fails_at_once_with_code_and_log(
         await model.close()
 
 
-async def test_load_timeout_kills_the_server(tmp_path: Path, client: httpx.AsyncClient) -> None:
-    model = make(tmp_path, client, "--ready-after", "60", load_timeout=0.5)
+async def test_load_timeout_kills_the_server(tmp_path: Path) -> None:
+    model = make(tmp_path, "--ready-after", "60", load_timeout=0.5)
     try:
         with pytest.raises(ModelStartError, match=r"not ready within load_timeout=0.5 s; killed"):
             await model.ensure_ready()
@@ -112,9 +105,9 @@ async def test_load_timeout_kills_the_server(tmp_path: Path, client: httpx.Async
 
 
 async def test_crash_loop_backs_off_then_fails_for_good(
-    tmp_path: Path, client: httpx.AsyncClient
+    tmp_path: Path
 ) -> None:
-    model = make(tmp_path, client, "--exit-after", "0.1", "--exit-code", "1", "--ready-after", "5")
+    model = make(tmp_path, "--exit-after", "0.1", "--exit-code", "1", "--ready-after", "5")
     try:
         with pytest.raises(ModelStartError):
             await model.ensure_ready()
@@ -128,9 +121,9 @@ async def test_crash_loop_backs_off_then_fails_for_good(
 
 
 async def test_crash_after_ready_is_restarted_and_waiters_get_the_new_server(
-    tmp_path: Path, client: httpx.AsyncClient
+    tmp_path: Path
 ) -> None:
-    model = make(tmp_path, client, "--exit-after", "0.6")
+    model = make(tmp_path, "--exit-after", "0.6")
     try:
         first = await model.ensure_ready()
         await wait_for(lambda: model.state == ModelState.FAILED)
@@ -142,9 +135,9 @@ async def test_crash_after_ready_is_restarted_and_waiters_get_the_new_server(
 
 
 async def test_a_server_that_ignores_sigterm_is_killed(
-    tmp_path: Path, client: httpx.AsyncClient
+    tmp_path: Path
 ) -> None:
-    model = make(tmp_path, client, "--ignore-term", stop_timeout=0.5)
+    model = make(tmp_path, "--ignore-term", stop_timeout=0.5)
     endpoint = await model.ensure_ready()
     await model.stop("test")
     assert model.state == ModelState.STOPPED
@@ -156,9 +149,9 @@ async def test_a_server_that_ignores_sigterm_is_killed(
 
 
 async def test_stop_while_starting_wakes_waiters_and_leaves_no_process(
-    tmp_path: Path, client: httpx.AsyncClient
+    tmp_path: Path
 ) -> None:
-    model = make(tmp_path, client, "--ready-after", "30", load_timeout=60)
+    model = make(tmp_path, "--ready-after", "30", load_timeout=60)
     waiter = asyncio.ensure_future(model.ensure_ready())
     await wait_for(lambda: model.pid is not None)
     pid = model.pid
@@ -171,8 +164,8 @@ async def test_stop_while_starting_wakes_waiters_and_leaves_no_process(
     await model.close()
 
 
-async def test_explicit_restart_clears_failed(tmp_path: Path, client: httpx.AsyncClient) -> None:
-    model = make(tmp_path, client)
+async def test_explicit_restart_clears_failed(tmp_path: Path) -> None:
+    model = make(tmp_path)
     model.mark_invalid("not a GGUF file")
     assert model.failed_for_good
     with pytest.raises(ModelFailedError, match="not a GGUF file"):

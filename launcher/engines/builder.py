@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from launcher.engines.registry import (
     read_manifest,
 )
 from launcher.errors import EngineError
+from launcher.toolrun import run_lines
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,6 @@ _NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]\s*(.*)")
 # The first line like this is usually the cause; what follows it is its context.
 _FIRST_ERROR = re.compile(r"\berror\b|CMake Error|undefined reference|\bfatal\b", re.IGNORECASE)
 ERROR_TAIL_LINES = 15
-STOP_TIMEOUT = 10.0
 
 # (tool, what it is, Debian package)
 _TOOLS = (
@@ -115,42 +114,11 @@ class CommandRunner(Protocol):
 
 
 def run_command(argv: Sequence[str], *, cwd: Path, on_line: Callable[[str], None]) -> int:
-    """The real CommandRunner: own session, so Ctrl+C reaches lalo, which then stops the group."""
+    """The real CommandRunner (toolrun.run_lines): Ctrl+C stops the whole build."""
     try:
-        proc = subprocess.Popen(
-            list(argv), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
-            start_new_session=os.name != "nt",
-        )
+        return run_lines(argv, cwd=cwd, on_line=on_line)
     except OSError as exc:
         raise EngineError(f"cannot run {argv[0]}: {exc}") from exc
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            on_line(line.rstrip("\r\n"))
-        return proc.wait()
-    finally:
-        if proc.poll() is None:
-            _stop(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    """TERM the command's process group, wait, then KILL it; always reap."""
-    def signal_group(sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.name == "nt":
-                proc.kill()
-            else:
-                os.killpg(proc.pid, sig)
-
-    signal_group(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        signal_group(signal.SIGKILL if os.name != "nt" else signal.SIGTERM)
-        proc.wait()
 
 
 def parse_progress(line: str) -> tuple[int, str] | None:

@@ -8,12 +8,12 @@ import gzip
 import os
 import stat
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from launcher.errors import PackagingError
+from launcher.packaging.atomic import atomic_output
 
 # 2020-01-01T00:00:00Z; SOURCE_DATE_EPOCH (reproducible-builds.org) wins when set.
 DEFAULT_MTIME = 1577836800
@@ -66,32 +66,22 @@ def write_tar_gz(
     when = fixed_mtime() if mtime is None else mtime
     paths = list(walk_sorted(source))
     total = sum(p.lstat().st_size for p in paths if stat.S_ISREG(p.lstat().st_mode))
-    fd, temp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    temp = Path(temp_name)
     done = 0
-    try:
-        with os.fdopen(fd, "wb") as raw, _gzip(raw, when) as compressed, tarfile.open(
-            fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT
-        ) as tar:
-            tar.addfile(_info(f"{top}/", source, when))
-            for path in paths:
-                name = f"{top}/{path.relative_to(source).as_posix()}"
-                info = _info(name, path, when)
-                if info.isreg():
-                    with path.open("rb") as data:
-                        tar.addfile(info, data)
-                    done += info.size
-                    if progress is not None:
-                        progress(done, total)
-                else:
-                    tar.addfile(info)
-        os.chmod(temp, 0o644)
-        os.replace(temp, out)
-    except BaseException as exc:
-        temp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise PackagingError(f"cannot write {out}: {exc}") from exc
-        raise
+    with atomic_output(out, 0o644) as raw, _gzip(raw, when) as compressed, tarfile.open(
+        fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT
+    ) as tar:
+        tar.addfile(_info(f"{top}/", source, when))
+        for path in paths:
+            name = f"{top}/{path.relative_to(source).as_posix()}"
+            info = _info(name, path, when)
+            if info.isreg():
+                with path.open("rb") as data:
+                    tar.addfile(info, data)
+                done += info.size
+                if progress is not None:
+                    progress(done, total)
+            else:
+                tar.addfile(info)
     return out
 
 

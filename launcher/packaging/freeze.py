@@ -8,13 +8,11 @@ SOURCE_DATE_EPOCH, so its output depends on its inputs only.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata as metadata
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,12 +27,12 @@ from launcher.engines.registry import exe_name, platform_tag
 from launcher.errors import PackagingError
 from launcher.packaging.archive import fixed_mtime
 from launcher.packaging.notice import Packaged
+from launcher.toolrun import run_lines
 
 SPEC_FILE = "lalo-ai.spec"
 ENTRY_SCRIPT = "lalo_ai.py"
 APP_NAME = "lalo"
 REPORT = "report.json"
-STOP_TIMEOUT = 10.0
 SMOKE_TIMEOUT = 120.0
 # Not needed by a running lalo, or development only. numpy and gguf-py only write models
 # (`doctor --bench`, `up --demo`: see launcher/packaging/entry.py LEFT_OUT); leaving them
@@ -238,42 +236,12 @@ def run_pyinstaller(
 def run_streaming(
     argv: Sequence[str], *, env: dict[str, str], cwd: Path, on_line: Callable[[str], None]
 ) -> int:
-    """Run argv in its own session, passing each output line to on_line; returns the exit
+    """Run argv (toolrun.run_lines), passing each output line to on_line; returns the exit
     code. Interrupted, it stops the command's process group (TERM, wait, KILL) first."""
     try:
-        proc = subprocess.Popen(
-            list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
-            start_new_session=os.name != "nt",
-        )
+        return run_lines(argv, cwd=cwd, env=env, on_line=on_line)
     except OSError as exc:
         raise PackagingError(f"cannot run {argv[0]}: {exc}") from exc
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            on_line(line.rstrip("\r\n"))
-        return proc.wait()
-    finally:
-        if proc.poll() is None:
-            _stop(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    def signal_group(sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.name == "nt":
-                proc.kill()
-            else:
-                os.killpg(proc.pid, sig)
-
-    signal_group(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        signal_group(signal.SIGKILL if os.name != "nt" else signal.SIGTERM)
-        proc.wait()
 
 
 def smoke_test(executable: Path, timeout: float = SMOKE_TIMEOUT) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tempfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import BinaryIO
 
 from launcher.errors import GGUFError, PackagingError
 from launcher.packaging import zip64
+from launcher.packaging.atomic import atomic_output
 from launcher.packaging.zip64 import ZipEntry
 
 DEFAULT_ALIGNMENT = 65536
@@ -333,27 +333,13 @@ def append_aligned(
             total = runtime_stat.st_size + sum(_input_size(source) for _, source in inputs)
         except OSError as exc:
             raise PackagingError(f"cannot read input: {exc}") from exc
-        try:
-            fd, temp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        except OSError as exc:
-            raise PackagingError(f"cannot write {out}: {exc}") from exc
-        temp = Path(temp_name)
-        try:
-            with os.fdopen(fd, "w+b") as dest:
-                copier = _Copier(dest, total, progress)
-                runtime_file.seek(0)
-                copier.copy(runtime_file, runtime_stat.st_size, runtime)
-                new = [_append_entry(copier, name, source, alignment) for name, source in inputs]
-                _write_directory(dest, [*kept, *new])
-                dest.flush()
-                os.fsync(dest.fileno())
-            os.chmod(temp, stat.S_IMODE(runtime_stat.st_mode) | 0o755)
-            os.replace(temp, out)
-        except BaseException as exc:
-            temp.unlink(missing_ok=True)
-            if isinstance(exc, OSError):
-                raise PackagingError(f"cannot write {out}: {exc}") from exc
-            raise
+        mode = stat.S_IMODE(runtime_stat.st_mode) | 0o755
+        with atomic_output(out, mode, fsync=True) as dest:
+            copier = _Copier(dest, total, progress)
+            runtime_file.seek(0)
+            copier.copy(runtime_file, runtime_stat.st_size, runtime)
+            new = [_append_entry(copier, name, source, alignment) for name, source in inputs]
+            _write_directory(dest, [*kept, *new])
     return (*kept, *new)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from launcher.errors import PackagingError
+from launcher.packaging.atomic import atomic_output
 
 MAGIC = b"LALO-PAYLOAD-v1\0"
 TRAILER = struct.Struct("<QQ16s")
@@ -81,8 +82,6 @@ def append_payload(
     key = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
     sources = {f.path: f.source for f in files if f.source is not None}
     total = executable.stat().st_size + sum(int(e.get("size", 0)) for e in entries)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    temp = Path(temp_name)
     done = [0]
 
     def copy(source: Path, dest: BinaryIO, compress: bool = False) -> None:
@@ -96,28 +95,20 @@ def append_payload(
         if packer is not None:
             dest.write(packer.flush())
 
-    try:
-        with os.fdopen(fd, "wb") as dest:
-            copy(executable, dest)
-            for entry in entries:
-                if "size" in entry:
-                    entry["offset"] = dest.tell()
-                    source = sources[entry["path"]]
-                    assert source is not None
-                    copy(source, dest, entry["compression"] == "zlib")
-                    entry["stored"] = dest.tell() - entry["offset"]
-            index_offset = dest.tell()
-            index = json.dumps({"schema": SCHEMA, "name": name, "key": key, "files": entries},
-                               sort_keys=True).encode()
-            dest.write(index)
-            dest.write(TRAILER.pack(index_offset, len(index), MAGIC))
-        os.chmod(temp, 0o755)
-        os.replace(temp, out)
-    except BaseException as exc:
-        temp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise PackagingError(f"cannot write {out}: {exc}") from exc
-        raise
+    with atomic_output(out, 0o755) as dest:
+        copy(executable, dest)
+        for entry in entries:
+            if "size" in entry:
+                entry["offset"] = dest.tell()
+                source = sources[entry["path"]]
+                assert source is not None
+                copy(source, dest, entry["compression"] == "zlib")
+                entry["stored"] = dest.tell() - entry["offset"]
+        index_offset = dest.tell()
+        index = json.dumps({"schema": SCHEMA, "name": name, "key": key, "files": entries},
+                           sort_keys=True).encode()
+        dest.write(index)
+        dest.write(TRAILER.pack(index_offset, len(index), MAGIC))
     return Payload(name=name, key=key, files=tuple(entries))
 
 

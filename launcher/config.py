@@ -25,22 +25,13 @@ from pydantic import (
 
 from launcher import paths
 from launcher.errors import ConfigError
-from launcher.units import format_size, parse_size
+from launcher.units import format_size, size_field
 from launcher.yamlfile import Lines, describe, read_yaml, where
 
 CONFIG_NAME = "lalo.yaml"
 EngineKind = Literal["llama-server", "llamafile", "llama-cpp-python"]
 ENGINE_KINDS: tuple[str, ...] = ("llama-server", "llamafile", "llama-cpp-python")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-
-
-def _size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"must be a size such as 512MiB or 6GiB, got {value!r}")
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
 
 
 class _Section(BaseModel):
@@ -58,7 +49,7 @@ class ProxyConfig(_Section):
     @field_validator("max_body_size", mode="before")
     @classmethod
     def _body(cls, value: Any) -> int:
-        size = _size(value)
+        size = size_field(value)
         if size < 1024:
             raise ValueError(f"must be >= 1KiB, got {value!r}")
         return size
@@ -82,7 +73,7 @@ class ResourcesConfig(_Section):
     def _budget(cls, value: Any) -> int | str:
         if value == "auto":
             return "auto"
-        size = _size(value)
+        size = size_field(value)
         if size <= 0:
             raise ValueError(f"must be 'auto' or a positive size, got {value!r}")
         return size
@@ -90,7 +81,7 @@ class ResourcesConfig(_Section):
     @field_validator("ram_reserve", mode="before")
     @classmethod
     def _reserve(cls, value: Any) -> int:
-        return _size(value)
+        return size_field(value)
 
 
 class LlamaServerEngineConfig(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 _UNITS = {
     "": 1,
@@ -33,6 +34,17 @@ def parse_size(text: str | int) -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 6GiB or a number of bytes)")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def size_field(value: Any) -> int:
+    """A size from a YAML value (an integer of bytes or a string such as "6GiB"), for
+    validators: anything else is a ValueError saying what a size looks like."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"must be a size such as 512MiB or 6GiB, got {value!r}")
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def format_size(n: int | float | None) -> str:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.config import Config, ModelConfig, resolve_path, validate
 from launcher.errors import ConfigError
-from launcher.units import parse_size
+from launcher.units import size_field
 from launcher.yamlfile import describe, read_yaml, where
 
 SPEC_DIR = "bundles"
@@ -96,12 +96,7 @@ class ExeSpec(_Section):
     @field_validator("embed_limit", mode="before")
     @classmethod
     def _limit(cls, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise ValueError(f"must be a size such as 2GiB, got {value!r}")
-        try:
-            return parse_size(value)
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
+        return size_field(value)
 
 
 class SpecFields(_Section):

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
-from tests.support.lalo import LaloUp, write_config
+from tests.support.lalo import FAST_SUPERVISOR, LaloUp, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -26,14 +26,6 @@ CHROMIUM_ARGS = [
 ]
 LOAD_TIMEOUT = 120_000  # ms for a model server to come up on a busy 2-core machine
 UI_TIMEOUT = 15_000     # ms for the page to reflect a change (it polls every second)
-FAST_SUPERVISOR = {
-    "health_interval": 0.3,
-    "liveness_timeout": 2.0,
-    "stop_timeout": 5.0,
-    "backoff_initial": 0.5,
-    "backoff_max": 2.0,
-    "max_failures": 3,
-}
 API_KEY = "dashboard-test-key"
 
 

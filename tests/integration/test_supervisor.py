@@ -16,18 +16,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.support.lalo import LaloUp, free_port, wait_until, write_config
+from tests.support.lalo import FAST_SUPERVISOR, LaloUp, free_port, wait_until, write_config
 
 pytestmark = pytest.mark.integration
-
-FAST_SUPERVISOR = {
-    "health_interval": 0.3,
-    "liveness_timeout": 2.0,
-    "stop_timeout": 5.0,
-    "backoff_initial": 0.5,
-    "backoff_max": 2.0,
-    "max_failures": 3,
-}
 
 
 def engines(server: Path) -> dict[str, object]:

@@ -18,6 +18,16 @@ import yaml
 
 T = TypeVar("T")
 
+# supervisor timings that make crash, hang and restart tests take seconds, not minutes
+FAST_SUPERVISOR = {
+    "health_interval": 0.3,
+    "liveness_timeout": 2.0,
+    "stop_timeout": 5.0,
+    "backoff_initial": 0.5,
+    "backoff_max": 2.0,
+    "max_failures": 3,
+}
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -29,7 +29,7 @@ async def http_status(url: str, headers: Mapping[str, str], within: float) -> in
         raise ProbeError(f"cannot probe {url!r}: only http://host[:port]/path")
     port = parts.port or 80
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    lines = [f"GET {target} HTTP/1.1", f"Host: {parts.hostname}:{port}", "Connection: close"]
+    lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     writer: asyncio.StreamWriter | None = None

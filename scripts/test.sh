@@ -6,13 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages: a compiler and cmake to build llama-server, Debian's chromium for the
-# dashboard's browser tests (Playwright's own browser download needs the internet),
-# unzip to check llamafiles.
+# System packages: a compiler and cmake to build llama-server, Debian's chromium and
+# firefox-esr for the dashboard's browser tests (Playwright's own browser downloads need the
+# internet; Firefox is driven over WebDriver BiDi), unzip to check llamafiles.
 need=()
 command -v cmake >/dev/null || need+=(cmake)
 command -v g++ >/dev/null || need+=(g++)
 command -v chromium >/dev/null || need+=(chromium)
+command -v firefox-esr >/dev/null || command -v firefox >/dev/null || need+=(firefox-esr)
 command -v unzip >/dev/null || need+=(unzip)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"

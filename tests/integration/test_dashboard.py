@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
+from tests.support.apt import apt_install
 from tests.support.lalo import FAST_SUPERVISOR, LaloUp, write_config
 
 pytestmark = pytest.mark.integration
@@ -33,33 +33,11 @@ def _find_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _install_chromium() -> str:
-    """apt-get install chromium (as CI does); returns why it failed, or "" on success."""
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this system"
-    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    if sudo and shutil.which("sudo") is None:
-        return "not root and no sudo"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = [*sudo, "apt-get", "install", "-y", "-qq", "chromium"]
-    result: subprocess.CompletedProcess[str] | None = None
-    try:
-        for command in (install, [*sudo, "apt-get", "update", "-qq"], install):
-            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-            if command is install and result.returncode == 0:
-                return ""
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return str(exc)
-    assert result is not None
-    lines = (result.stderr or result.stdout).strip().splitlines()
-    return lines[-1] if lines else f"apt-get exited with {result.returncode}"
-
-
 @pytest.fixture(scope="session")
 def chromium_path() -> str:
     found = _find_chromium()
     if found is None:
-        reason = _install_chromium()
+        reason = apt_install("chromium")
         found = _find_chromium()
         if found is None:
             pytest.skip(f"chromium is not installed and `apt-get install chromium` failed: {reason}")

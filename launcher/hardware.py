@@ -65,7 +65,7 @@ def _cpu_model_and_flags(machine: str) -> tuple[str, set[str]]:
     """CPU name and feature flags: /proc/cpuinfo on Linux, sysctl on macOS, else what the
     architecture guarantees (64-bit ARM always has NEON)."""
     flags: set[str] = set()
-    model = platform.processor() or machine
+    model = ""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
             for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
@@ -78,7 +78,7 @@ def _cpu_model_and_flags(machine: str) -> tuple[str, set[str]]:
         flags |= {"dotprod"} if "asimddp" in flags else set()
         flags |= {"neon"} if "asimd" in flags else set()
     elif sys.platform == "darwin":
-        model = _sysctl("machdep.cpu.brand_string") or model
+        model = _sysctl("machdep.cpu.brand_string") or ""
         text = " ".join(
             _sysctl(key) or "" for key in ("machdep.cpu.features", "machdep.cpu.leaf7_features")
         ).lower()
@@ -92,7 +92,8 @@ def _cpu_model_and_flags(machine: str) -> tuple[str, set[str]]:
                 flags.add("i8mm")
     elif machine in ("arm64", "aarch64"):
         flags.add("neon")
-    return model, flags
+    # platform.processor() runs `uname -p` on Linux: only when nothing better was found
+    return model or platform.processor() or machine, flags
 
 
 def _sysctl(key: str) -> str | None:

@@ -97,12 +97,15 @@ def engines_for(
     kinds = {model.config.engine_kind for model in models}
     engines: dict[str, Engine] = {}
     if "llama-server" in kinds:
-        found = find_llama_server(config.llama_server.path, config.llama_server.variant)
+        # no `--version` probe: `lalo up` needs only the path, and a broken binary fails its
+        # model's start with the server's own words
+        found = find_llama_server(config.llama_server.path, config.llama_server.variant,
+                                  probe=lambda binary: None)
         if found is not None:
             engines["llama-server"] = LlamaServerEngine(found.path)
         else:
             announce("no llama-server found: building it from llama.cpp source "
-                     "(once; about 6 minutes on 2 cores)")
+                     "(once; about 8 minutes on 2 cores)")
             builder = build or _build_engine
             engines["llama-server"] = LlamaServerEngine(builder(config.llama_server.variant, announce))
     if "llamafile" in kinds:

@@ -168,22 +168,26 @@ async def test_garbage_is_broken_and_nobody_listening_is_unavailable(serve) -> N
 
 
 async def test_an_idle_connection_the_server_closed_is_retried_once(serve) -> None:  # type: ignore[no-untyped-def]
+    # The race the retry exists for: the pool reuses a kept-alive connection at the moment
+    # the server drops it (llama-server does after 100 requests on one connection). The first
+    # connection answers once, then reads the next request and closes without a byte.
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         await writer.drain()
-        await asyncio.sleep(0.05)  # then close the kept-alive connection while idle
+        if server.connections == 1:
+            await read_request(reader)
+            writer.close()
 
     server, port = await serve(handler)
     pool = UpstreamPool()
     first = await pool.request("GET", "127.0.0.1", port, "/", [], b"", 5.0)
     assert await first.read() == b"ok"
     await first.aclose()
-    await asyncio.sleep(0.2)
     second = await pool.request("GET", "127.0.0.1", port, "/", [], b"", 5.0)
     assert await second.read() == b"ok"
     await second.aclose()
-    assert server.connections == 2
+    assert server.connections == 2  # the dropped one, then a fresh one for the retry
 
 
 async def test_closing_an_unread_answer_closes_the_connection(serve) -> None:  # type: ignore[no-untyped-def]

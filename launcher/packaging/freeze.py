@@ -34,6 +34,8 @@ ENTRY_SCRIPT = "lalo_ai.py"
 APP_NAME = "lalo"
 REPORT = "report.json"
 SMOKE_TIMEOUT = 120.0
+# Frozen apps kept in the cache, most recently used first (one per lalo + environment).
+KEEP_APPS = 3
 # Not needed by a running lalo, or development only. numpy and gguf-py only write models
 # (`doctor --bench`, `up --demo`: see launcher/packaging/entry.py LEFT_OUT); leaving them
 # out saves about 13 MB of the binary and 40 MB unpacked at each start.
@@ -155,6 +157,7 @@ def frozen_app(report: Report, *, recipes: Path | None = None, force: bool = Fal
     root = packaging_dir() / f"app-{key}"
     if not force and (root / REPORT).is_file() and (root / APP_NAME).is_dir():
         python, warnings = _read_report(root / REPORT)
+        _mark_used(root)
         return Frozen(root / APP_NAME, python, warnings, 0.0, reused=True)
     staging = packaging_dir() / f".app-{key}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -171,7 +174,34 @@ def frozen_app(report: Report, *, recipes: Path | None = None, force: bool = Fal
         staging.rename(root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _mark_used(root)
     return Frozen(root / APP_NAME, result.python, result.warnings, result.seconds, log=result.log)
+
+
+def _mark_used(root: Path) -> None:
+    """Record that `root` was just used, and drop the least recently used frozen apps beyond
+    KEEP_APPS: each change to lalo or its environment freezes a new one (about 60 MB)."""
+    try:
+        os.utime(root)
+    except OSError:
+        return
+    prune_apps(root.parent, keep=KEEP_APPS)
+
+
+def prune_apps(folder: Path, keep: int) -> list[Path]:
+    """Remove all but the `keep` most recently used `app-*` folders; returns those removed.
+    Staging folders (`.app-*`, builds in progress) are never touched."""
+    apps: list[tuple[int, Path]] = []
+    for path in folder.glob("app-*"):
+        try:
+            apps.append((path.stat().st_mtime_ns, path))
+        except OSError:
+            continue
+    apps.sort(reverse=True)
+    removed = [path for _, path in apps[keep:]]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def run_pyinstaller(

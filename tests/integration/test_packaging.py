@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -214,6 +215,16 @@ def test_bundle_holds_what_it_says(built: Built) -> None:
     if VARIANT == "portable":
         assert any(p.startswith("bin/libggml-cpu-") for p in listed)  # CPU variants beside it
     assert [m["name"] for m in manifest["models"]] == ["alpha", "beta"]
+    # Nothing of the folder it was built from, so a frozen lalo cached by one checkout is the
+    # one another would freeze: none of pip's bookkeeping (RECORD hashes console scripts, whose
+    # shebang names the virtualenv) and no absolute path of the virtualenv or the checkout.
+    app_files = [p for p in (bundle / "lalo").rglob("*") if p.is_file() and not p.is_symlink()]
+    assert not [p for p in app_files if p.parent.suffix == ".dist-info"
+                and p.name in {"RECORD", "REQUESTED", "direct_url.json"}]
+    for path in app_files:
+        data = path.read_bytes()
+        for where in {sys.prefix, str(Path(__file__).resolve().parents[2])}:
+            assert where.encode() not in data, (path, where)
     config = parse_config((bundle / "lalo.yaml").read_text(), label="bundle", total_ram=1 << 40)
     assert config.models["alpha"].file == "models/small-a.gguf"
     assert config.proxy.port == built.port

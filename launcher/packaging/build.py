@@ -22,6 +22,7 @@ from launcher.packaging.files import DigestCache
 from launcher.packaging.freeze import Frozen, frozen_app, packaging_dir
 from launcher.packaging.inputs import ModelInput, fetch_models, gate, model_inputs
 from launcher.packaging.llamafiles import LlamafilesResult, build_llamafiles
+from launcher.packaging.lock import packaging_lock
 from launcher.packaging.notice import (
     Packaged,
     engine_components,
@@ -105,20 +106,12 @@ class Packager:
             warnings += llamafiles.warnings
             self.digests.save()
         if "bundle" in chosen or "exe" in chosen:
-            engine, engine_parts = self._engine(spec, warnings)
-            if "bundle" in chosen:
-                app = self.app_source(self.report)
-                bundle = build_bundle(
-                    spec, models, out, engine=engine, app=app,
-                    components=[*engine_parts, *model_parts], digests=self.digests,
-                    report=self.report, progress=self.progress, warnings=app.warnings,
-                )
+            with packaging_lock(packaging_dir(), self.report):
+                bundle, exe = self._frozen_targets(spec, models, out, chosen, model_parts,
+                                                   warnings)
+            if bundle is not None:
                 warnings += bundle.warnings
-            if "exe" in chosen:
-                exe = build_exe(
-                    spec, models, out, engine=engine, components=[*engine_parts, *model_parts],
-                    digests=self.digests, report=self.report,
-                )
+            if exe is not None:
                 warnings += exe.warnings
             warnings += self._platform_notes(spec, chosen)
         unique = tuple(dict.fromkeys(warnings))
@@ -127,6 +120,32 @@ class Packager:
             llamafiles=llamafiles, bundle=bundle, exe=exe, warnings=unique,
             seconds=self.clock() - started,
         )
+
+    def _frozen_targets(
+        self,
+        spec: BundleSpec,
+        models: list[ModelInput],
+        out: Path,
+        chosen: tuple[Target, ...],
+        model_parts: list[Packaged],
+        warnings: list[str],
+    ) -> tuple[BundleResult | None, ExeResult | None]:
+        """The bundle and the single binary: both need the engine and a frozen lalo. Engine
+        notes go to `warnings`; each result carries its own."""
+        engine, engine_parts = self._engine(spec, warnings)
+        components = [*engine_parts, *model_parts]
+        bundle = exe = None
+        if "bundle" in chosen:
+            app = self.app_source(self.report)
+            bundle = build_bundle(
+                spec, models, out, engine=engine, app=app, components=components,
+                digests=self.digests, report=self.report, progress=self.progress,
+                warnings=app.warnings,
+            )
+        if "exe" in chosen:
+            exe = build_exe(spec, models, out, engine=engine, components=components,
+                            digests=self.digests, report=self.report)
+        return bundle, exe
 
     def check_licences(self, spec: BundleSpec) -> list[ModelInput]:
         """The licence gate, before anything is downloaded or copied."""

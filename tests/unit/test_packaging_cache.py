@@ -1,4 +1,5 @@
-"""The cache of frozen lalo apps keeps the most recently used few and nothing in progress."""
+"""The packaging cache: the frozen lalo apps kept (the most recently used few, nothing in
+progress), and one `lalo build` at a time using it."""
 
 from __future__ import annotations
 
@@ -37,3 +38,38 @@ def test_nothing_goes_while_within_the_limit(tmp_path: Path) -> None:
     assert prune_apps(tmp_path, keep=3) == []
     assert all(a.is_dir() for a in apps)
     assert prune_apps(tmp_path / "missing", keep=3) == []
+
+
+def test_a_second_build_waits_for_the_first_and_says_so(tmp_path: Path) -> None:
+    import threading
+
+    from launcher.packaging.lock import packaging_lock
+
+    said: list[str] = []
+    order: list[str] = []
+    first_in = threading.Event()
+    release = threading.Event()
+
+    def first() -> None:
+        with packaging_lock(tmp_path, said.append):
+            order.append("first in")
+            first_in.set()
+            release.wait(10)
+            order.append("first out")
+
+    def second() -> None:
+        with packaging_lock(tmp_path, said.append):
+            order.append("second in")
+
+    one = threading.Thread(target=first)
+    one.start()
+    assert first_in.wait(10)
+    two = threading.Thread(target=second)
+    two.start()
+    two.join(0.3)
+    assert two.is_alive() and order == ["first in"]  # blocked while the first holds it
+    release.set()
+    one.join(10)
+    two.join(10)
+    assert order == ["first in", "first out", "second in"]
+    assert said == [f"waiting for another `lalo build` using {tmp_path} to finish"]

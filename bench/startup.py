@@ -49,8 +49,17 @@ def prepare(workdir: Path) -> list[Path]:
     return paths
 
 
-def by_hand(server: Path, models: list[Path]) -> float:
-    """Start each llama-server in parallel, poll each /health until all answer 200."""
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def by_hand(server: Path, models: list[Path]) -> tuple[float, float]:
+    """Start each llama-server in parallel, poll each /health until all answer 200; the
+    seconds that took and the CPU seconds the servers used meanwhile."""
     started = time.perf_counter()
     procs = []
     ports = []
@@ -72,7 +81,8 @@ def by_hand(server: Path, models: list[Path]) -> float:
                     except httpx.HTTPError:
                         pass
                 time.sleep(0.01)
-        return time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        return elapsed, cpu_seconds([psutil.Process(p.pid) for p in procs])
     finally:
         for proc in procs:
             proc.terminate()
@@ -80,10 +90,11 @@ def by_hand(server: Path, models: list[Path]) -> float:
             proc.wait(30)
 
 
-def with_lalo(config: Path, state: Path) -> tuple[float, float, int]:
+def with_lalo(config: Path, state: Path) -> tuple[float, float, int, float, float]:
     """`lalo up` until /api/status shows every model ready; also the time until it started
-    its first model server (Python start-up, imports, config, GGUF headers, plan) and lalo's
-    own RSS once all are ready."""
+    its first model server (Python start-up, imports, config, GGUF headers, plan), lalo's
+    own RSS once all are ready, and the CPU seconds lalo (after that first spawn) and its
+    servers used until then."""
     shutil.rmtree(state, ignore_errors=True)
     port = free_port()
     env = {**os.environ, "LALO_STATE_DIR": str(state)}
@@ -91,10 +102,14 @@ def with_lalo(config: Path, state: Path) -> tuple[float, float, int]:
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "up", "--config", str(config),
                              "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    me = psutil.Process(proc.pid)
+    cpu_at_spawn: float | None = None
     try:
         url = f"http://127.0.0.1:{port}/api/status"
         with httpx.Client(trust_env=False) as client:
             while True:
+                if cpu_at_spawn is None and me.children():
+                    cpu_at_spawn = cpu_seconds([me])
                 try:
                     models = client.get(url, timeout=1).json()["models"]
                     if models and all(m["state"] == "ready" for m in models):
@@ -105,14 +120,44 @@ def with_lalo(config: Path, state: Path) -> tuple[float, float, int]:
                     raise RuntimeError(f"lalo up exited with {proc.returncode}")
                 time.sleep(0.01)
         elapsed = time.perf_counter() - started
-        me = psutil.Process(proc.pid)
+        servers_cpu = cpu_seconds(me.children())
+        lalo_cpu = cpu_seconds([me]) - (cpu_at_spawn or 0.0)
         first_spawn = min(child.create_time() for child in me.children()) - me.create_time()
         time.sleep(3)  # let it settle (health checks, first status requests) before reading RSS
         rss = int(psutil.Process(proc.pid).memory_info().rss)
-        return elapsed, first_spawn, rss
+        return elapsed, first_spawn, rss, lalo_cpu, servers_cpu
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+# What `lalo up` imports before its first model server starts that is not lalo's own code: the
+# libraries issue 2 chose (typer, pydantic v2 with one validated model, PyYAML, psutil,
+# platformdirs) and asyncio.
+LIBRARIES = (
+    "import asyncio, platformdirs, psutil, typer, yaml\n"
+    "from pydantic import BaseModel, Field\n"
+    "class Probe(BaseModel):\n    x: int = Field(1, ge=0)\n"
+    "Probe(x=2)\n"
+)
+IMPORTS = {
+    "python": "pass",
+    "libraries": LIBRARIES,
+    "lalo": "from launcher.cli import app, commands_run",
+}
+
+
+def import_costs(rounds: int) -> dict[str, float]:
+    """Median wall time of a new Python process that imports each set (interleaved)."""
+    times: dict[str, list[float]] = {name: [] for name in IMPORTS}
+    for _ in range(rounds):
+        for name, code in IMPORTS.items():
+            started = time.perf_counter()
+            # os._exit: the interpreter's teardown at exit is not part of start-up
+            subprocess.run([sys.executable, "-c", code + "\nimport os; os._exit(0)"],
+                           check=True)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -134,16 +179,24 @@ def main() -> None:
         "models": {p.stem: {"file": str(p), "ctx_size": 2048} for p in models},
     }))
     hand: list[float] = []
+    hand_cpu: list[float] = []
     lalo: list[float] = []
     spawn: list[float] = []
     rss: list[int] = []
+    lalo_cpu: list[float] = []
+    servers_cpu: list[float] = []
     by_hand(args.server, models)  # warm the page cache for both
     for _ in range(args.rounds):
-        hand.append(by_hand(args.server, models))
-        seconds, first_spawn, memory = with_lalo(config, args.workdir / "state")
+        seconds, cpu = by_hand(args.server, models)
+        hand.append(seconds)
+        hand_cpu.append(cpu)
+        seconds, first_spawn, memory, own, children = with_lalo(config, args.workdir / "state")
         lalo.append(seconds)
         spawn.append(first_spawn)
         rss.append(memory)
+        lalo_cpu.append(own)
+        servers_cpu.append(children)
+    imports = import_costs(max(args.rounds, 9))
     summary: dict[str, Any] = {
         "models": [f"{p.name} ({p.stat().st_size / 2**20:.0f} MiB)" for p in models],
         "rounds": args.rounds,
@@ -156,6 +209,10 @@ def main() -> None:
         "lalo_first_spawn_s": spawn,
         "lalo_first_spawn_median_s": statistics.median(spawn),
         "lalo_rss_bytes": rss,
+        "import_median_s": imports,
+        "by_hand_servers_cpu_s": hand_cpu,
+        "lalo_after_spawn_cpu_s": lalo_cpu,
+        "lalo_servers_cpu_s": servers_cpu,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "startup-benchmark.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -180,9 +237,26 @@ def main() -> None:
         f"lalo's first model server starts **{summary['lalo_first_spawn_median_s']:.2f} s** "
         "(median; " + ", ".join(f"{v:.2f}" for v in spawn) + ") after `lalo up` was run: "
         "Python start-up, imports, config, GGUF headers, plan. The proxy stack is imported and "
-        "started while the servers load; on a small machine (this one has 2 cores for three "
-        "servers of 2 threads each) what lalo does meanwhile takes CPU from them, which is "
-        "why rounds vary so much.",
+        "started while the servers load.",
+        "",
+        "Where the time before the first spawn goes (new Python processes that only import, "
+        f"median of {max(args.rounds, 9)} interleaved runs): starting Python "
+        f"{imports['python']:.2f} s; Python plus the libraries lalo is built on (typer, pydantic v2 "
+        f"with one model, PyYAML, psutil, platformdirs, asyncio) {imports['libraries']:.2f} s; "
+        f"Python plus all `lalo up` imports {imports['lalo']:.2f} s, so lalo's own modules add "
+        f"{imports['lalo'] - imports['libraries']:.2f} s. The rest before the first spawn is "
+        "reading the config and the GGUF headers and making the plan.",
+        "",
+        "CPU until all were ready (median): the three servers started by hand used "
+        f"{statistics.median(hand_cpu):.2f} s; under lalo they used "
+        f"{statistics.median(servers_cpu):.2f} s, and lalo itself "
+        f"{statistics.median(lalo_cpu):.2f} s after its first spawn (the proxy stack: starlette, "
+        "uvicorn, prometheus_client, httpx). The servers did the same work with more CPU: "
+        "they run 6 threads on 2 cores, and llama.cpp's threads busy-wait for each other by "
+        "default, so on this machine each CPU second lalo takes while they load costs them "
+        "more than a second of wall time. This is why the rounds vary so much, and why moving "
+        "the proxy's imports before the first spawn did not help (tried: the first spawn came "
+        "0.24 s later and the total did not improve).",
         "",
         f"lalo's own RSS with three models ready (the supervisor and proxy process, children "
         f"not counted): **{statistics.median(rss) / 2**20:.0f} MiB** (median; target <= 60 MB).",

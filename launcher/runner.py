@@ -398,9 +398,11 @@ def _uvicorn_server(app: Any) -> Any:
         def capture_signals(self) -> Generator[None, None, None]:
             yield
 
+    # No WebSocket protocol (lalo serves none) and uvicorn's errors through lalo's own logging
+    # rather than its dictConfig: less to import and set up while the model servers load.
     return Server(uvicorn.Config(
         app, log_level="warning", lifespan="off", access_log=False,
-        timeout_graceful_shutdown=5, loop="none",
+        timeout_graceful_shutdown=5, loop="none", ws="none", log_config=None,
     ))
 
 

@@ -29,6 +29,9 @@ from typing import Any
 
 import httpx
 
+# Below lalo's proxy's own keep-alive (launcher.runner.CLIENT_KEEPALIVE_S, 30 s).
+KEEPALIVE_S = 20.0
+
 
 class LaloClientError(Exception):
     pass
@@ -101,8 +104,11 @@ class LaloClient:
         base = base_url or os.environ.get("LALO_URL", "http://127.0.0.1:8080")
         key = api_key if api_key is not None else os.environ.get("LALO_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # Idle connections are dropped after 20 s, before lalo's proxy drops them (30 s), so
+        # a request never goes out on a connection the server is closing.
         self._http = httpx.AsyncClient(base_url=base.rstrip("/"), headers=headers,
                                        timeout=httpx.Timeout(timeout, connect=10.0),
+                                       limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S),
                                        transport=transport, trust_env=False)
 
     async def __aenter__(self) -> LaloClient:

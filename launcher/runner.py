@@ -46,6 +46,8 @@ if TYPE_CHECKING:  # imported at run time only once the model servers are starti
 log = logging.getLogger(__name__)
 Announce = Callable[[str], None]
 EXIT_INTERRUPTED = 130
+# How long the proxy keeps an idle client connection open (see _uvicorn_server).
+CLIENT_KEEPALIVE_S = 30
 
 
 @dataclass(frozen=True)
@@ -400,9 +402,13 @@ def _uvicorn_server(app: Any) -> Any:
 
     # No WebSocket protocol (lalo serves none) and uvicorn's errors through lalo's own logging
     # rather than its dictConfig: less to import and set up while the model servers load.
+    # Idle keep-alive connections live CLIENT_KEEPALIVE_S, longer than clients keep theirs
+    # (httpx and the OpenAI SDK 5 s, LaloClient 20 s): a client must never send a request on a
+    # connection the server is closing at that moment (uvicorn's default is also 5 s).
     return Server(uvicorn.Config(
         app, log_level="warning", lifespan="off", access_log=False,
         timeout_graceful_shutdown=5, loop="none", ws="none", log_config=None,
+        timeout_keep_alive=CLIENT_KEEPALIVE_S,
     ))
 
 

@@ -137,9 +137,13 @@ async def measure_decode(
                            policy=RestartPolicy(max_failures=1))
     try:
         endpoint = await managed.ensure_ready()
+        # A new connection per request: llama-server may close a kept-alive connection just
+        # as the next request goes out on it (seen once in CI: "Server disconnected without
+        # sending a response"). Connecting costs well under a millisecond, outside the timing.
         async with httpx.AsyncClient(
             base_url=endpoint.base_url, timeout=REQUEST_TIMEOUT, trust_env=False,
             headers={"Authorization": f"Bearer {endpoint.api_key}"},
+            limits=httpx.Limits(max_keepalive_connections=0),
         ) as http:
             await _stream_completion(http, 8)  # warm-up: caches, page-ins, first allocation
             runs = [await _stream_completion(http, tokens) for _ in range(max(1, repeats))]

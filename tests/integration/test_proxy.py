@@ -227,6 +227,37 @@ def test_launcher_client_against_the_same(proxy: LaloUp) -> None:
     asyncio.run(scenario())
 
 
+def test_an_idle_client_connection_outlives_clients_keep_alive(proxy: LaloUp) -> None:
+    """A client that pauses as long as its pool keeps connections (httpx and the OpenAI SDK:
+    5 s, uvicorn's own default too) must not find the proxy closing that connection as it
+    sends the next request: the proxy keeps idle connections longer than clients do."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    from launcher.runner import CLIENT_KEEPALIVE_S
+
+    assert lalo_client.KEEPALIVE_S < CLIENT_KEEPALIVE_S
+    where = urlsplit(proxy.url)
+    request = f"GET /health HTTP/1.1\r\nHost: {where.netloc}\r\n\r\n".encode()
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        for pause in (0.0, 6.0):
+            time.sleep(pause)
+            sock.sendall(request)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(65536)
+                assert chunk, f"the proxy closed the connection after {pause:g} s idle"
+                head += chunk
+            status, rest = head.split(b"\r\n", 1)
+            assert status.startswith(b"HTTP/1.1 200"), status
+            headers, body = rest.split(b"\r\n\r\n", 1)
+            length = int(next(line.split(b":", 1)[1] for line in headers.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            while len(body) < length:
+                body += sock.recv(65536)
+
+
 def test_metrics_count_requests_and_tokens(proxy: LaloUp, api: openai.OpenAI) -> None:
     api.completions.create(model="beta", prompt="x", max_tokens=3)
     text = httpx.get(proxy.url + "/metrics").text

@@ -132,10 +132,12 @@ def with_lalo(config: Path, state: Path) -> tuple[float, float, int, float, floa
 
 
 # What `lalo up` imports before its first model server starts that is not lalo's own code: the
-# libraries issue 2 chose (typer, pydantic v2 with one validated model, PyYAML, psutil,
-# platformdirs) and asyncio.
+# libraries issue 2 chose that `up` needs (pydantic v2 with one validated model, PyYAML, psutil,
+# platformdirs) and asyncio, with pydantic's plugin scan off as lalo has it. typer is not on
+# the path: launcher.cli.main parses plain `lalo up` command lines itself.
 LIBRARIES = (
-    "import asyncio, platformdirs, psutil, typer, yaml\n"
+    "import os\nos.environ.setdefault('PYDANTIC_DISABLE_PLUGINS', '__all__')\n"
+    "import asyncio, platformdirs, psutil, yaml\n"
     "from pydantic import BaseModel, Field\n"
     "class Probe(BaseModel):\n    x: int = Field(1, ge=0)\n"
     "Probe(x=2)\n"
@@ -143,7 +145,7 @@ LIBRARIES = (
 IMPORTS = {
     "python": "pass",
     "libraries": LIBRARIES,
-    "lalo": "from launcher.cli import app, commands_run",
+    "lalo": "import launcher.cli.main, launcher.cli.up",
 }
 
 
@@ -172,6 +174,10 @@ def main() -> None:
 
         args.server = require_llama_server().path
     args.workdir.mkdir(parents=True, exist_ok=True)
+    # lalo's bytecode, as pip writes it when it installs a package and Python on a first run
+    # (an editable install under PYTHONDONTWRITEBYTECODE=1 would otherwise compile each time)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "launcher")], check=True,
+                   stdout=subprocess.DEVNULL)
     models = prepare(args.workdir)
     config = args.workdir / "lalo.yaml"
     config.write_text(yaml.safe_dump({
@@ -220,7 +226,8 @@ def main() -> None:
         "# Start-up: `lalo up` to all ready vs the same llama-servers started by hand",
         "",
         "Made by `python bench/startup.py` in one run, alternating the two ways "
-        f"({args.rounds} rounds each, page cache warm). Models (random weights): "
+        f"({args.rounds} rounds each, page cache warm, lalo's package byte-compiled as pip "
+        "installs it). Models (random weights): "
         + ", ".join(summary["models"]) + ". By hand = start the three llama-servers in parallel "
         "and poll each `/health` every 10 ms; lalo = from running `lalo up` (a new Python "
         "process: imports, config, GGUF headers, plan) until `/api/status` says every model is ready.",
@@ -241,22 +248,32 @@ def main() -> None:
         "",
         "Where the time before the first spawn goes (new Python processes that only import, "
         f"median of {max(args.rounds, 9)} interleaved runs): starting Python "
-        f"{imports['python']:.2f} s; Python plus the libraries lalo is built on (typer, pydantic v2 "
+        f"{imports['python']:.2f} s; Python plus the libraries `lalo up` is built on (pydantic v2 "
         f"with one model, PyYAML, psutil, platformdirs, asyncio) {imports['libraries']:.2f} s; "
         f"Python plus all `lalo up` imports {imports['lalo']:.2f} s, so lalo's own modules add "
         f"{imports['lalo'] - imports['libraries']:.2f} s. The rest before the first spawn is "
-        "reading the config and the GGUF headers and making the plan.",
+        "reading the config and the GGUF headers and making the plan. typer is not imported: "
+        "`lalo up` command lines are parsed without it (launcher/cli/main.py), as is "
+        "pydantic's scan of installed distributions for plugins.",
         "",
         "CPU until all were ready (median): the three servers started by hand used "
         f"{statistics.median(hand_cpu):.2f} s; under lalo they used "
         f"{statistics.median(servers_cpu):.2f} s, and lalo itself "
         f"{statistics.median(lalo_cpu):.2f} s after its first spawn (the proxy stack: starlette, "
-        "uvicorn, prometheus_client, httpx). The servers did the same work with more CPU: "
-        "they run 6 threads on 2 cores, and llama.cpp's threads busy-wait for each other by "
-        "default, so on this machine each CPU second lalo takes while they load costs them "
-        "more than a second of wall time. This is why the rounds vary so much, and why moving "
-        "the proxy's imports before the first spawn did not help (tried: the first spawn came "
-        "0.24 s later and the total did not improve).",
+        "uvicorn, prometheus_client). Per round, by hand: "
+        + ", ".join(f"{v:.2f}" for v in hand_cpu) + "; under lalo: "
+        + ", ".join(f"{v:.2f}" for v in servers_cpu) + ".",
+        "",
+        "The servers' CPU for the same three loads is bimodal on this 2-core machine: roughly "
+        "0.7-1.3 s, or about 0.9 s more (6 llama.cpp threads on 2 cores that busy-wait for each "
+        "other), and a round in the high mode takes ~0.35 s longer. Which mode a round gets "
+        "depends on how the servers are probed while they load, not only on lalo's own CPU: "
+        "in a separate by-hand experiment (same servers, 16 rounds each, interleaved), polling "
+        "each server every 10 ms over one kept-alive httpx connection gave the high mode 0 "
+        "times in 16, a new connection per poll (`Connection: close`, what lalo's readiness "
+        "probe sends) 13 times in 16, one raw kept-alive connection per server 7 in 12. Why "
+        "llama-server behaves so is not understood yet; it is the largest part of the gap "
+        "above that is not Python start-up.",
         "",
         f"lalo's own RSS with three models ready (the supervisor and proxy process, children "
         f"not counted): **{statistics.median(rss) / 2**20:.0f} MiB** (median; target <= 60 MB).",

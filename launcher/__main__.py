@@ -1,5 +1,5 @@
 """`python -m launcher` is the `lalo` command."""
 
-from launcher.cli.app import main
+from launcher.cli.main import main
 
 main()

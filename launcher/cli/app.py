@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 
 import typer
 from typer.exceptions import TyperException
 
 from launcher import __version__
+from launcher.cli.main import configure_logging, fail, quiet_broken_pipe
 from launcher.errors import LaloError
-
-# httpx imports its own command-line client on every `import httpx` when rich, pygments and
-# click are installed (they come with typer and uvicorn): ~90 ms and several MB that lalo
-# never uses. A None entry makes that optional import fail the way httpx expects. (The
-# command modules, imported below on demand, are the first to import httpx.)
-sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 app = typer.Typer(
     name="lalo",
@@ -41,10 +34,7 @@ def _root(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what lalo does to stderr."),
 ) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(verbose)
 
 
 # Which module defines each command: `lalo up` imports only what `up` needs (start-up time
@@ -68,28 +58,22 @@ def _register(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one clear line on stderr and the error's exit code, never a traceback."""
+    """Run the typer app: one clear line on stderr and the error's exit code, never a traceback.
+    (The console script is `launcher.cli.main.main`, which calls this for all but plain `up`.)"""
     _register(argv)
     try:
         result = app(args=argv, standalone_mode=False, prog_name="lalo")
     except LaloError as exc:
-        _fail(str(exc), exc.exit_code)
+        fail(str(exc), exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        _fail("interrupted", 130)
+        fail("interrupted", 130)
     except TyperException as exc:  # usage errors: typer prints them with the usage line
         show = getattr(exc, "show", None)
         if show is not None:
             show()
         sys.exit(int(getattr(exc, "exit_code", 2)))
     except BrokenPipeError:
-        # stdout closed early (`lalo ... | head`): not an error worth a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+        quiet_broken_pipe()
     sys.exit(result if isinstance(result, int) else 0)
-
-
-def _fail(message: str, code: int) -> None:
-    typer.echo(f"lalo: error: {message}", err=True)
-    sys.exit(code)

@@ -15,7 +15,7 @@ from launcher.demo import demo_config
 from launcher.estimate import ModelFacts, estimate_memory
 from launcher.measurements import Measurements, with_measurements
 from launcher.models.gguf_file import read_gguf
-from launcher.models.resolve import CatalogResolver, resolve_models
+from launcher.models.resolve import catalog_for, resolve_models
 from launcher.planner import Plan, compute_budget, make_plan
 from launcher.units import format_size
 
@@ -67,15 +67,6 @@ def inspect(
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
-
-
-def catalog_for(loaded: LoadedConfig) -> CatalogResolver | None:
-    """The catalog resolver, imported only when a model uses `catalog:` (it brings the hub client)."""
-    if not any(model.catalog for model in loaded.config.models.values()):
-        return None
-    from launcher.models.catalog import catalog_resolver
-
-    return catalog_resolver()
 
 
 def load(config: Path | None) -> LoadedConfig:

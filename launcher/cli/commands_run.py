@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from launcher import paths
 from launcher.cli.app import app
-from launcher.cli.commands_inspect import ConfigOption, JsonOption, catalog_for
-from launcher.config import LoadedConfig, load_config, validate
-from launcher.demo import demo_config
-from launcher.errors import LaloError, NotRunningError, StartupError
-from launcher.runner import UpOptions, log_dir, serve
+from launcher.cli.commands_inspect import ConfigOption, JsonOption
+from launcher.cli.up import UpRequest, run_up
+from launcher.errors import LaloError, NotRunningError
+from launcher.runner import log_dir
 from launcher.supervisor.instance import InstanceInfo, read_instance, require_instance
 from launcher.supervisor.logs import read_tail
 from launcher.units import format_size
@@ -28,20 +22,8 @@ from launcher.units import format_size
 if TYPE_CHECKING:
     import httpx
 
-# httpx is imported where it is used: `lalo up` never needs it, and importing it costs a
-# tenth of a second before the first model server can be spawned.
-
-DETACH_TIMEOUT = 600.0  # a first run may build the engine
-
-
-def _announce(message: str) -> None:
-    typer.echo(message, err=True)
-
-
-def load_for_up(config: Path | None, demo: bool) -> LoadedConfig:
-    if demo:
-        return LoadedConfig(validate(demo_config(), label="demo"), None)
-    return load_config(config, default=demo_config)
+# httpx is imported where it is used: a tenth of a second that `status` and `logs` need but
+# the rest do not.
 
 
 @app.command()
@@ -56,86 +38,10 @@ def up(
                                        "(no download, no config needed).")] = False,
 ) -> None:
     """Plan, start the preload models and serve the OpenAI API and dashboard (Ctrl+C stops)."""
-    loaded = load_for_up(config, demo)
-    catalog = catalog_for(loaded)
-    if catalog is not None:
-        # catalog models not downloaded yet are pulled first, in the foreground with progress
-        # (also before --detach), or `lalo up` fails with one line when offline
-        from launcher.models.catalog import pull_missing
-
-        pull_missing(loaded, on_pull=lambda name, entry: _announce(
-            f"{name}: {entry.id} is not downloaded yet: pulling {entry.repo}/{entry.file}"))
-    if detach:
-        _detach(config, host, port, demo)
-        return
-    with asyncio.Runner(loop_factory=_event_loop()) as runner:
-        code = runner.run(serve(loaded, UpOptions(host=host, port=port), _announce, catalog=catalog))
-    raise typer.Exit(code)
-
-
-def _event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where it exists (every token streamed passes through this loop), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def _detach(config: Path | None, host: str | None, port: int | None, demo: bool) -> None:
-    running = read_instance()
-    if running is not None:
-        from launcher.errors import AlreadyRunningError
-
-        raise AlreadyRunningError(f"lalo is already running at {running.url} (pid {running.pid})")
-    argv = [*_self_command(), "up"]
-    if config is not None:
-        argv += ["--config", str(config.resolve())]
-    if host:
-        argv += ["--host", host]
-    if port:
-        argv += ["--port", str(port)]
-    if demo:
-        argv.append("--demo")
-    out = paths.state_dir() / "lalo.log"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {}
-    if sys.platform == "win32":
-        kwargs["creationflags"] = 0x00000008 | 0x00000200  # DETACHED_PROCESS | NEW_PROCESS_GROUP
-    else:
-        kwargs["start_new_session"] = True
-    with out.open("ab") as log_file:
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                                 stderr=subprocess.STDOUT, **kwargs)
-    deadline = time.monotonic() + DETACH_TIMEOUT
-    while time.monotonic() < deadline:
-        code = child.poll()
-        if code is not None:
-            tail = "\n".join(read_tail(out, 8))
-            raise StartupError(f"lalo exited with code {code} while starting; log {out}:\n{tail}")
-        info = read_instance()
-        if info is not None and info.pid == child.pid and _answers(info.url):
-            typer.echo(f"lalo is running at {info.url} (pid {info.pid}); log: {out}; "
-                       "stop it with `lalo down`")
-            return
-        time.sleep(0.1)
-    child.terminate()
-    raise StartupError(f"lalo did not answer within {DETACH_TIMEOUT:g} s; log: {out}")
-
-
-def _self_command() -> list[str]:
-    if getattr(sys, "frozen", False):  # the single-binary lalo-ai
-        return [sys.executable]
-    return [sys.executable, "-m", "launcher"]
-
-
-def _answers(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(url + "/health", timeout=1.0, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
+    # Plain `lalo up ...` command lines never get here: launcher.cli.main parses them itself
+    # (no typer import before the model servers start) and calls the same function.
+    raise typer.Exit(run_up(UpRequest(config=config, host=host, port=port, detach=detach,
+                                      demo=demo)))
 
 
 def _client(info: InstanceInfo) -> httpx.Client:

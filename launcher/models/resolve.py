@@ -16,6 +16,15 @@ from launcher.planner import Candidate
 CatalogResolver = Callable[[str, ModelConfig], tuple[Path | None, ModelFacts | None]]
 
 
+def catalog_for(loaded: LoadedConfig) -> CatalogResolver | None:
+    """The catalog resolver, imported only when a model uses `catalog:` (it brings the hub client)."""
+    if not any(model.catalog for model in loaded.config.models.values()):
+        return None
+    from launcher.models.catalog import catalog_resolver
+
+    return catalog_resolver()
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     name: str

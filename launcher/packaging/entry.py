@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     if args == [NOTICE_FLAG]:
         sys.exit(_print_notice(root))
-    from launcher.cli.app import main as lalo_main
+    from launcher.cli.main import main as lalo_main
 
     try:
         lalo_main(args)

@@ -1,12 +1,12 @@
 """The `lalo` console entry point: plain `lalo up` command lines skip the CLI framework.
 
 `lalo up` is what client IT runs, and every moment before its model servers are spawned adds
-to the time until they are ready. Importing typer (and its vendored click) costs ~70 ms of
-CPU on a small machine, so `parse_up` reads the common `lalo up ...` command lines itself and
-`main` runs them directly. Anything it does not recognise exactly (help, an unknown or
-repeated option, a value that needs an error message) goes to the typer app, which stays the
-one definition of the command line: a unit test checks that both parse every accepted form
-the same way.
+to the time until they are ready. Importing typer (and its vendored click) took 40-60 ms of
+the 0.3-0.5 s before the first spawn on this 2-core machine, so `parse_up` reads the common
+`lalo up ...` command lines itself and `main` runs them directly. Anything it does not
+recognise exactly (help, an unknown or repeated option, a value that needs an error message)
+goes to the typer app, which stays the one definition of the command line: a unit test
+checks that both parse every accepted form the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 # pydantic looks for plugins (reading the entry points of every installed distribution) when
 # the first model class is made: ~30 ms of `lalo up`'s start, and lalo's config models use no
-# plugin. pydantic's documented switch; a value the user set stands.
+# plugin. pydantic's documented switch; a value the user set stands. (Model servers inherit it;
+# llama-cpp-python's server needs no pydantic plugin either.)
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 _VALUE_OPTIONS = {"--config": "config", "-c": "config", "--host": "host", "--port": "port",

@@ -126,6 +126,10 @@ def test_up_runs_without_typer_and_reports_errors_like_the_typer_app(tmp_path: P
 
 
 def test_usage_errors_of_up_still_get_typers_message(tmp_path: Path) -> None:
-    result = run_lalo(["up", "--port", "0"], tmp_path)
+    # the config is broken too: were port 0 ever taken by the fast path, `lalo up` would end
+    # at once on the config (without typer's usage line) instead of starting to serve
+    bad = tmp_path / "lalo.yaml"
+    bad.write_text("models: 3\n")
+    result = run_lalo(["up", "--config", str(bad), "--port", "0"], tmp_path)
     assert result.returncode == 2
     assert "--port" in result.stderr and "Usage: lalo up" in result.stderr

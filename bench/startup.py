@@ -266,14 +266,17 @@ def main() -> None:
         "",
         "The servers' CPU for the same three loads is bimodal on this 2-core machine: roughly "
         "0.7-1.3 s, or about 0.9 s more (6 llama.cpp threads on 2 cores that busy-wait for each "
-        "other), and a round in the high mode takes ~0.35 s longer. Which mode a round gets "
-        "depends on how the servers are probed while they load, not only on lalo's own CPU: "
-        "in a separate by-hand experiment (same servers, 16 rounds each, interleaved), polling "
-        "each server every 10 ms over one kept-alive httpx connection gave the high mode 0 "
-        "times in 16, a new connection per poll (`Connection: close`, what lalo's readiness "
-        "probe sends) 13 times in 16, one raw kept-alive connection per server 7 in 12. Why "
-        "llama-server behaves so is not understood yet; it is the largest part of the gap "
-        "above that is not Python start-up.",
+        "other), and a round in the high mode takes ~0.35 s longer. By hand, it depends on how "
+        "the servers are probed while they load: in a separate experiment (same servers, 16 "
+        "rounds each, interleaved), polling each server every 10 ms over one kept-alive httpx "
+        "connection gave the high mode 0 times in 16, a new connection per poll "
+        "(`Connection: close`, as lalo's readiness probe does) 13 times in 16. Under lalo the "
+        "probe is not what decides it: lalo with an httpx keep-alive readiness probe hit the "
+        "high mode 5 times in 12 against 6 in 12 with its own probe, and importing the proxy "
+        "stack before the first spawn, or only once all were ready, did not change the rate "
+        "consistently either (6/12 vs 6/12; 4/12 vs 7/12 in one run, 14/16 vs 8/16 in the "
+        "next). What triggers it under lalo is not found yet; it is the largest part of the "
+        "gap above that is not Python start-up.",
         "",
         f"lalo's own RSS with three models ready (the supervisor and proxy process, children "
         f"not counted): **{statistics.median(rss) / 2**20:.0f} MiB** (median; target <= 60 MB).",

@@ -154,6 +154,11 @@ class ModelConfig(_Section):
         return self
 
     @property
+    def thread_count(self) -> int | None:
+        """The threads setting as a number; None for auto (the engine's default)."""
+        return None if self.threads == "auto" else self.threads
+
+    @property
     def engine_kind(self) -> EngineKind:
         """The engine to run: as configured, else llamafile for `.llamafile` files."""
         if self.engine is not None:

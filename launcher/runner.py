@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from launcher import __version__, paths
 from launcher.config import Config, LoadedConfig
+from launcher.cpu_share import CpuShare, cpu_share, policy_line, wait_env
 from launcher.engines.base import Engine, ServerSettings
 from launcher.engines.llama_cpp_python import LlamaCppPythonEngine
 from launcher.engines.llama_server import LlamaServerEngine
@@ -158,8 +159,10 @@ def build_supervisor(
     engines: dict[str, Engine],
     records: ChildRecords,
     measurements: Measurements,
+    share: CpuShare,
     host: str = "127.0.0.1",
 ) -> tuple[Supervisor, dict[str, Path]]:
+    """The supervisor of `models`; `share` decides the OpenMP wait policy of their servers."""
     config = loaded.config
     sup = config.supervisor
     keys: dict[str, str] = {}
@@ -184,10 +187,10 @@ def build_supervisor(
             api_key="",
             ctx_size=cfg.ctx_size,
             parallel=cfg.parallel,
-            threads=None if cfg.threads == "auto" else cfg.threads,
+            threads=cfg.thread_count,
             embeddings=cfg.embeddings,
             extra_args=(*_alias_args(cfg.engine_kind, model.name), *cfg.args),
-            env=dict(cfg.env),
+            env={**wait_env(share, cfg.env), **cfg.env},
         )
         log_path = log_dir() / f"{model.name}.log"
         log_paths[model.name] = log_path
@@ -304,8 +307,10 @@ async def _run(
         loop.add_signal_handler(signal.SIGTERM, on_signal, 0)
 
     admin_token = secrets.token_urlsafe(32)
+    share = cpu_share([m.config.thread_count for m in models if m.error is None],
+                      config.resources.max_loaded)
     supervisor, log_paths = build_supervisor(loaded, models, engines, records, measurements,
-                                             host="127.0.0.1")
+                                             share, host="127.0.0.1")
     pool: UpstreamPool | None = None
     serving: asyncio.Task[None] | None = None
     server = None
@@ -347,6 +352,8 @@ async def _run(
         announce(f"lalo {__version__} serving {url}  (dashboard {url}/, OpenAI API {url}/v1)")
         announce(f"config: {loaded.describe_source()}; RAM budget {format_size(plan.budget.bytes)} "
                  f"({plan.budget.source})")
+        if share.oversubscribed:
+            announce(f"cpu: {policy_line(share)}")
         for model in models:
             if model.info is not None and model.info.is_synthetic:
                 announce(f"  {model.name}: random-weight demo model (it answers with noise, not text)")

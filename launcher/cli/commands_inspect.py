@@ -11,6 +11,8 @@ import typer
 
 from launcher.cli.app import app
 from launcher.config import LoadedConfig, load_config
+from launcher.cpu_share import CpuShare, cpu_share, policy_line
+from launcher.cpu_share import to_json as cpu_json
 from launcher.demo import demo_config
 from launcher.estimate import ModelFacts, estimate_memory
 from launcher.measurements import Measurements, with_measurements
@@ -74,21 +76,24 @@ def load(config: Path | None) -> LoadedConfig:
     return load_config(config, default=demo_config)
 
 
-def build_plan(loaded: LoadedConfig) -> Plan:
+def build_plan(loaded: LoadedConfig) -> tuple[Plan, CpuShare]:
     resources = loaded.config.resources
     budget = compute_budget(resources.ram_budget, resources.ram_reserve,
                             psutil.virtual_memory().available)
     models = with_measurements(resolve_models(loaded, catalog=catalog_for(loaded)), Measurements())
-    return make_plan([m.candidate() for m in models], budget, resources.max_loaded)
+    share = cpu_share([m.config.thread_count for m in models if m.error is None],
+                      resources.max_loaded)
+    return make_plan([m.candidate() for m in models], budget, resources.max_loaded), share
 
 
 @app.command()
 def plan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """What `lalo up` would load now, each model's memory estimate, and what does not fit."""
     loaded = load(config)
-    result = build_plan(loaded)
+    result, share = build_plan(loaded)
     if as_json:
-        typer.echo(json.dumps({"config": loaded.describe_source(), **result.to_json()}, indent=2))
+        typer.echo(json.dumps({"config": loaded.describe_source(), **result.to_json(),
+                               "cpu": cpu_json(share)}, indent=2))
         return
     typer.echo(f"config: {loaded.describe_source()}")
     typer.echo(f"budget: {format_size(result.budget.bytes)} ({result.budget.source})")
@@ -105,3 +110,4 @@ def plan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
             typer.echo(f"  {'':<{width}}  {'':<10} {'':>10}  - {hint}")
     typer.echo(f"preload total: {format_size(result.preload_total)}, "
                f"left for on-demand models: {format_size(result.remaining)}")
+    typer.echo(f"cpu: {policy_line(share)}")

@@ -16,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from launcher.cpu_share import cpu_share
 from tests.support.lalo import FAST_SUPERVISOR, LaloUp, free_port, wait_until, write_config
 
 pytestmark = pytest.mark.integration
@@ -42,13 +43,20 @@ def test_three_models_ready_and_answering(
     config = config_of(tmp_path, llama_server_bin, {
         "a": {"file": str(small_model), "ctx_size": 512},
         "b": {"file": str(small_model_b), "ctx_size": 512, "aliases": ["bee"]},
-        "c": {"file": str(small_model_c), "ctx_size": 512},
+        # a wait policy the user gave is never overridden
+        "c": {"file": str(small_model_c), "ctx_size": 512, "env": {"OMP_WAIT_POLICY": "ACTIVE"}},
     })
     with LaloUp(config, isolated) as up:
         for name in "abc":
             up.wait_state(name, "ready")
         pids = server_pids(up)
         assert len(set(pids.values())) == 3
+        # three servers with a thread per physical core each cannot all run at once on this
+        # machine: their OpenMP threads are told to sleep, not spin, while they wait
+        assert cpu_share([None, None, None]).oversubscribed
+        waits = {name: psutil.Process(pid).environ().get("OMP_WAIT_POLICY")
+                 for name, pid in pids.items()}
+        assert waits == {"a": "PASSIVE", "b": "PASSIVE", "c": "ACTIVE"}
         for name, pid in pids.items():
             model = up.model(name)
             assert model["rss"] > 0 and model["ram_estimate"] > 0

@@ -16,6 +16,8 @@ import httpx
 import psutil
 import yaml
 
+from launcher.cpu_share import WAIT_SETTINGS
+
 T = TypeVar("T")
 
 # supervisor timings that make crash, hang and restart tests take seconds, not minutes
@@ -154,5 +156,7 @@ def lalo_env(state_dir: Path, config_dir: Path, extra: Mapping[str, str] | None 
                 "PYTHONUNBUFFERED": "1"})
     env.pop("LALO_CONFIG", None)
     env.pop("LALO_API_KEYS", None)
+    for name in WAIT_SETTINGS:  # lalo decides how servers' threads wait unless told: tests see that
+        env.pop(name, None)
     env.update(extra or {})
     return env

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from launcher.models.synthetic import ModelShape, write_synthetic_model
@@ -68,7 +70,8 @@ def test_plan_json_on_a_crafted_budget(tmp_path: Path, model: Path) -> None:
     config.write_text(
         "resources: {ram_budget: 30MiB}\n"
         f"models:\n  a: {{file: {model}, ctx_size: 512}}\n  b: {{file: {model}, ctx_size: 512}}\n"
-        f"  big: {{file: {model}, ctx_size: 262144}}\n  lazy: {{file: {model}, preload: false}}\n"
+        f"  big: {{file: {model}, ctx_size: 262144}}\n"
+        f"  lazy: {{file: {model}, preload: false, threads: 1}}\n"
     )
     done = lalo("plan", "--config", str(config), "--json", env={"LALO_STATE_DIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr
@@ -78,6 +81,14 @@ def test_plan_json_on_a_crafted_budget(tmp_path: Path, model: Path) -> None:
     big = next(m for m in plan["models"] if m["name"] == "big")
     assert big["suggestions"] and big["suggestions"][0].startswith("ctx_size: ")
     assert plan["budget"] == 30 * 1024**2
+    # all four may run at once (no max_loaded): three with a thread per core, one with one
+    cpus = len(os.sched_getaffinity(0))
+    threads = 3 * (psutil.cpu_count(logical=False) or cpus) + 1
+    assert plan["cpu"] == {"servers": 4, "threads": threads, "cpus": cpus,
+                           "oversubscribed": threads > cpus,
+                           "openmp_wait": "PASSIVE" if threads > cpus else None}
+    text = lalo("plan", "--config", str(config), env={"LALO_STATE_DIR": str(tmp_path)}).stdout
+    assert f"cpu: 4 model servers with {threads} compute threads on {cpus} CPUs" in text
 
 
 def test_config_error_is_one_line_exit_2(tmp_path: Path) -> None:

@@ -1,0 +1,113 @@
+"""How the model servers of one lalo share the CPU: OpenMP's wait policy for their threads.
+
+llama.cpp's CPU backend, as built here and by default, runs each graph on an OpenMP team and
+waits at an OpenMP barrier after every step. GNU libgomp, unless told otherwise, spins at
+such a barrier (up to 300,000 rounds) before it sleeps. That is the fastest choice for one
+server alone on the machine. When several servers compute at once on fewer CPUs than they
+have threads (three models loading at `lalo up`, or two answering at once on a laptop), a
+thread spins for a peer that the scheduler has put off the CPU, and each barrier costs
+milliseconds. Measured here (docs/cpu-sharing.md, 2 CPUs, two 350M servers decoding at
+once): 5.6 tokens/s each with the default, 15.5 with `OMP_WAIT_POLICY=PASSIVE`, which sleeps
+at once; one server alone decodes about 10 % slower with PASSIVE. Three servers loading at
+once (docs/startup-benchmark.md) use about a third less CPU and are ready sooner.
+
+So lalo sets `OMP_WAIT_POLICY=PASSIVE` for its servers only when they may compute at once
+on too few CPUs, and never over a wait setting that the user gave (in lalo's environment or
+the model's `env:`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import psutil
+
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "KMP_LIBRARY")
+"""Variables that set how OpenMP threads wait (standard, GNU libgomp, LLVM libomp)."""
+
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@dataclass(frozen=True)
+class CpuShare:
+    """The model servers that may run at once, the compute threads they have, the CPUs."""
+
+    servers: int
+    threads: int
+    cpus: int
+
+    @property
+    def oversubscribed(self) -> bool:
+        """More than one server may compute at once, with more threads than CPUs."""
+        return self.servers > 1 and self.threads > self.cpus
+
+    def describe(self) -> str:
+        return (f"{self.servers} model server{'s' if self.servers != 1 else ''} with "
+                f"{self.threads} compute threads on {self.cpus} CPU{'s' if self.cpus != 1 else ''}")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's cpuset counts)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """The compute threads llama.cpp picks when not told: one per physical core."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def cpu_share(threads: Sequence[int | None], max_loaded: int = 0, *,
+              cpus: int | None = None, engine_default: int | None = None) -> CpuShare:
+    """The share for models with these `threads` settings (None: the engine's default), of
+    which at most `max_loaded` run at once (0: no cap). The busiest ones are assumed loaded."""
+    fallback = engine_default if engine_default is not None else default_threads()
+    counts = sorted((count or fallback for count in threads), reverse=True)
+    if max_loaded > 0:
+        counts = counts[:max_loaded]
+    return CpuShare(servers=len(counts), threads=sum(counts),
+                    cpus=cpus if cpus is not None else usable_cpus())
+
+
+def user_chose_wait(*environments: Mapping[str, str]) -> str | None:
+    """The first OpenMP wait setting in these environments, as `NAME=value`, or None."""
+    for environment in environments:
+        for name in WAIT_SETTINGS:
+            if name in environment:
+                return f"{name}={environment[name]}"
+    return None
+
+
+def policy_line(share: CpuShare, environ: Mapping[str, str] | None = None) -> str:
+    """One line for `lalo plan` and `lalo up`: the share and what lalo does about it."""
+    text = share.describe()
+    if not share.oversubscribed:
+        return text
+    chosen = user_chose_wait(os.environ if environ is None else environ)
+    if chosen is not None:
+        return f"{text}; OpenMP wait left as lalo's environment sets it ({chosen})"
+    return (f"{text}; their OpenMP threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE) "
+            "unless a model's env sets how they wait")
+
+
+def to_json(share: CpuShare, environ: Mapping[str, str] | None = None) -> dict[str, object]:
+    chosen = user_chose_wait(os.environ if environ is None else environ)
+    return {
+        "servers": share.servers, "threads": share.threads, "cpus": share.cpus,
+        "oversubscribed": share.oversubscribed,
+        "openmp_wait": ("PASSIVE" if share.oversubscribed and chosen is None else None),
+    }
+
+
+def wait_env(share: CpuShare, model_env: Mapping[str, str],
+             environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What to add to one server's environment: PASSIVE when `share` is oversubscribed and
+    neither lalo's environment nor the model's `env:` already says how OpenMP should wait."""
+    if not share.oversubscribed:
+        return {}
+    if user_chose_wait(model_env, os.environ if environ is None else environ) is not None:
+        return {}
+    return dict(PASSIVE)

@@ -1,0 +1,58 @@
+"""When lalo tells model servers' OpenMP threads to sleep instead of spin while they wait."""
+
+from __future__ import annotations
+
+from launcher.cpu_share import CpuShare, cpu_share, policy_line, to_json, wait_env
+
+
+def test_one_server_keeps_the_engine_default_whatever_the_threads() -> None:
+    share = cpu_share([None], cpus=2, engine_default=2)
+    assert share == CpuShare(servers=1, threads=2, cpus=2)
+    assert not share.oversubscribed
+    assert not cpu_share([64], cpus=2).oversubscribed  # alone, spinning costs nobody else
+    assert wait_env(share, {}, environ={}) == {}
+
+
+def test_servers_with_more_threads_than_cpus_sleep_while_waiting() -> None:
+    share = cpu_share([None, None, 1], cpus=2, engine_default=2)
+    assert share == CpuShare(servers=3, threads=5, cpus=2)
+    assert share.oversubscribed
+    assert wait_env(share, {}, environ={}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert "OMP_WAIT_POLICY=PASSIVE" in policy_line(share, environ={})
+    assert to_json(share, environ={}) == {
+        "servers": 3, "threads": 5, "cpus": 2, "oversubscribed": True, "openmp_wait": "PASSIVE"}
+
+
+def test_servers_that_fit_the_cpus_keep_spinning() -> None:
+    share = cpu_share([4, 4, None], cpus=16, engine_default=8)
+    assert share == CpuShare(servers=3, threads=16, cpus=16)
+    assert not share.oversubscribed
+    assert wait_env(share, {}, environ={}) == {}
+    assert to_json(share, environ={})["openmp_wait"] is None
+
+
+def test_max_loaded_counts_only_the_servers_that_can_run_at_once() -> None:
+    assert not cpu_share([None, None, None], max_loaded=1, cpus=2, engine_default=2).oversubscribed
+    # the busiest ones are assumed to be the ones loaded
+    share = cpu_share([1, 8, 1, 2], max_loaded=2, cpus=9, engine_default=1)
+    assert share == CpuShare(servers=2, threads=10, cpus=9)
+    assert share.oversubscribed
+
+
+def test_a_wait_setting_the_user_gave_is_never_overridden() -> None:
+    share = cpu_share([None, None], cpus=2, engine_default=2)
+    for name, value in [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "1000"),
+                        ("KMP_BLOCKTIME", "0"), ("KMP_LIBRARY", "turnaround")]:
+        assert wait_env(share, {name: value}, environ={}) == {}, name  # the model's env:
+        assert wait_env(share, {}, environ={name: value}) == {}, name  # lalo's environment
+        assert f"{name}={value}" in policy_line(share, environ={name: value})
+        assert to_json(share, environ={name: value})["openmp_wait"] is None
+
+
+def test_usable_cpus_default_is_this_process_s_affinity() -> None:
+    import os
+
+    share = cpu_share([None, None])
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert share.cpus == expected
+    assert share.threads >= 2

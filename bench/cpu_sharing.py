@@ -164,9 +164,9 @@ def main() -> None:
     lines += [
         "",
         "Per request, decode t/s alone: " + "; ".join(
-            f"{name} " + ", ".join(f"{v[1]:.0f}" for v in values) for name, values in alone.items())
+            f"{name} " + ", ".join(f"{v[1]:.1f}" for v in values) for name, values in alone.items())
         + ". Two at once: " + "; ".join(
-            f"{name} " + ", ".join(f"{v[1]:.0f}" for v in values) for name, values in two.items())
+            f"{name} " + ", ".join(f"{v[1]:.1f}" for v in values) for name, values in two.items())
         + ".",
         "",
         "Why: llama.cpp's CPU backend (built with OpenMP, as `lalo engine build` and "

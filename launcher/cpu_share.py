@@ -21,8 +21,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from launcher.models.resolve import ResolvedModel
 
 WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "KMP_LIBRARY")
 """Variables that set how OpenMP threads wait (standard, GNU libgomp, LLVM libomp)."""
@@ -70,6 +74,11 @@ def cpu_share(threads: Sequence[int | None], max_loaded: int = 0, *,
         counts = counts[:max_loaded]
     return CpuShare(servers=len(counts), threads=sum(counts),
                     cpus=cpus if cpus is not None else usable_cpus())
+
+
+def config_share(models: Sequence[ResolvedModel], max_loaded: int) -> CpuShare:
+    """The share of a config's models (one whose file is unusable never runs)."""
+    return cpu_share([m.config.thread_count for m in models if m.error is None], max_loaded)
 
 
 def user_chose_wait(*environments: Mapping[str, str]) -> str | None:

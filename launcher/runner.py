@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from launcher import __version__, paths
 from launcher.config import Config, LoadedConfig
-from launcher.cpu_share import CpuShare, cpu_share, policy_line, wait_env
+from launcher.cpu_share import CpuShare, config_share, policy_line, wait_env
 from launcher.engines.base import Engine, ServerSettings
 from launcher.engines.llama_cpp_python import LlamaCppPythonEngine
 from launcher.engines.llama_server import LlamaServerEngine
@@ -307,8 +307,7 @@ async def _run(
         loop.add_signal_handler(signal.SIGTERM, on_signal, 0)
 
     admin_token = secrets.token_urlsafe(32)
-    share = cpu_share([m.config.thread_count for m in models if m.error is None],
-                      config.resources.max_loaded)
+    share = config_share(models, config.resources.max_loaded)
     supervisor, log_paths = build_supervisor(loaded, models, engines, records, measurements,
                                              share, host="127.0.0.1")
     pool: UpstreamPool | None = None

@@ -11,7 +11,7 @@ import typer
 
 from launcher.cli.app import app
 from launcher.config import LoadedConfig, load_config
-from launcher.cpu_share import CpuShare, cpu_share, policy_line
+from launcher.cpu_share import CpuShare, config_share, policy_line
 from launcher.cpu_share import to_json as cpu_json
 from launcher.demo import demo_config
 from launcher.estimate import ModelFacts, estimate_memory
@@ -81,8 +81,7 @@ def build_plan(loaded: LoadedConfig) -> tuple[Plan, CpuShare]:
     budget = compute_budget(resources.ram_budget, resources.ram_reserve,
                             psutil.virtual_memory().available)
     models = with_measurements(resolve_models(loaded, catalog=catalog_for(loaded)), Measurements())
-    share = cpu_share([m.config.thread_count for m in models if m.error is None],
-                      resources.max_loaded)
+    share = config_share(models, resources.max_loaded)
     return make_plan([m.candidate() for m in models], budget, resources.max_loaded), share
 
 

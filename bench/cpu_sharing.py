@@ -28,9 +28,8 @@ import httpx
 from launcher.cpu_share import cpu_share, default_threads, usable_cpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from startup import clean_environ, free_port, prepare
+from startup import ROOT, clean_environ, free_port, prepare
 
-ROOT = Path(__file__).resolve().parent.parent
 POLICIES: dict[str, dict[str, str]] = {
     "default": {},
     "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},

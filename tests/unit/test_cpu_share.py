@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import psutil
+
 from launcher.cpu_share import CpuShare, cpu_share, policy_line, to_json, wait_env
 
 
@@ -55,4 +57,5 @@ def test_usable_cpus_default_is_this_process_s_affinity() -> None:
     share = cpu_share([None, None])
     expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert share.cpus == expected
-    assert share.threads >= 2
+    # auto threads count as llama.cpp's default: one per physical core
+    assert share.threads == 2 * (psutil.cpu_count(logical=False) or os.cpu_count())

@@ -58,3 +58,19 @@ def llama_server_bin(pytestconfig: pytest.Config) -> Path:
 
     built = build_engine("native", progress=progress)
     return built.server
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 (Apache-2.0), from its wheel on the package index."""
+    from tests.support.real_models import real_model
+
+    return real_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """The real Gemma 3 270M Q4_K_M (Gemma Terms of Use), joined from four wheels."""
+    from tests.support.real_models import real_model
+
+    return real_model("gemma-3-270m")

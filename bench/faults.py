@@ -1,6 +1,6 @@
 """The fault suite: what a client sees when things go wrong around a real `lalo up`.
 
-Runs the short fault cases (tests/support/faults.py, also run by
+Runs the short fault cases (tests/support/faults.py and faults_http.py, also run by
 tests/integration/test_faults.py), then a soak (32 streams for --soak-seconds with lalo's RSS
 and open file descriptors sampled) and a load (--load-streams concurrent streams on a tiny
 model, through lalo and against the same llama-server directly). Writes docs/reliability.md
@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.support holds the cases the integration tests share
 
 from launcher.models.synthetic import SHAPES, ModelShape, write_synthetic_model  # noqa: E402
-from tests.support.faults import SHORT_CASES, CaseResult, Stack  # noqa: E402
+from tests.support import faults, faults_http  # noqa: E402
+from tests.support.faults import CaseResult, Stack  # noqa: E402
 from tests.support.lalo import LaloUp  # noqa: E402
 
 # 64 wide, 2 layers, 32k vocab: decodes thousands of tokens/s, so the proxy is what is measured
@@ -63,6 +64,17 @@ def prepare(workdir: Path) -> tuple[Stack, Path]:
     stack = Stack(server=server, tiny=(models[0], models[1], models[2]),
                   smollm2=real_model("smollm2-135m-instruct"), workdir=workdir / "runs")
     return stack, tiny
+
+
+SHORT_CASES: dict[str, Callable[..., CaseResult]] = {
+    "kill-model": faults.kill_model_mid_stream,
+    "sigstop": faults.sigstop_model,
+    "kill-lalo": faults.kill_lalo,
+    "disconnects": faults.early_disconnects,
+    "mixed": faults.mixed_on_demand,
+    "malformed": faults_http.malformed_http,
+    "bad-json": faults_http.bad_json,
+}
 
 
 # --- streams shared by the soak and the load -----------------------------------------------------
@@ -264,7 +276,7 @@ def report(results: list[CaseResult], args: argparse.Namespace, out: Path) -> No
         f"{' (launcher/ modified)' if dirty else ''}, {meta['cpus']} CPUs, "
         f"{meta['mode']} mode. A real `lalo up` with real llama-server children, driven from "
         "outside only: HTTP clients, raw sockets and signals (cases in "
-        "`tests/support/faults.py`; the short ones also run as "
+        "`tests/support/faults.py`, `faults_http.py`; the short ones also run as "
         "`tests/integration/test_faults.py`). Models: the real SmolLM2-135M-Instruct where the "
         "answer is checked (\"Paris\"), random-weight models elsewhere.",
         "",

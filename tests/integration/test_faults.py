@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import faults
+from tests.support import faults, faults_http
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +50,8 @@ def test_36_requests_over_three_on_demand_models_with_max_loaded_2_are_all_answe
 
 
 def test_malformed_http_is_refused_and_lalo_stays_healthy(stack: faults.Stack) -> None:
-    check(faults.malformed_http(stack))
+    check(faults_http.malformed_http(stack))
 
 
 def test_bad_json_bodies_get_the_error_envelope(stack: faults.Stack) -> None:
-    check(faults.bad_json(stack))
+    check(faults_http.bad_json(stack))

@@ -2,10 +2,11 @@
 
 Each case starts its own lalo (so one fault cannot leak into the next), does what it says,
 and returns a `CaseResult`: what the client saw, lost requests, orphans, errors, timings, and
-the checks the issue demands (issue 14), each with its measured value. The short cases run in
-tests/integration/test_faults.py; bench/faults.py runs them all, adds the soak and the load,
-and writes docs/reliability.md. Nothing here reads lalo's internals, and every wait has a
-deadline: a case that meets a hang records it and returns.
+the checks the issue demands (issue 14), each with its measured value. Process faults are here,
+HTTP-edge faults in faults_http.py. The short cases run in tests/integration/test_faults.py;
+bench/faults.py runs them all, adds the soak and the load, and writes docs/reliability.md.
+Nothing here imports lalo's code, and every wait has a deadline: a case that meets a hang
+records it and returns.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -137,7 +138,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _healthy(up: LaloUp, model: str) -> tuple[bool, str]:
+def healthy(up: LaloUp, model: str) -> tuple[bool, str]:
     """lalo answers /health and a real request to `model` with 200."""
     try:
         health = httpx.get(up.url + "/health", timeout=10.0).status_code
@@ -155,7 +156,7 @@ def _error_message(reply: httpx.Response) -> str:
         return reply.text[:80]
 
 
-def _summary(counter: Counter[str]) -> str:
+def summary(counter: Counter[str]) -> str:
     return ", ".join(f"{what} x{n}" for what, n in counter.most_common())
 
 
@@ -271,7 +272,7 @@ def kill_model_mid_stream(stack: Stack, runs: int = 2) -> CaseResult:
             else:
                 done.append(run)
     back = [r.back for r in done if r.back is not None]
-    result.client_saw = _summary(Counter(line for r in done for line in r.saw))
+    result.client_saw = summary(Counter(line for r in done for line in r.saw))
     result.lost = sum(r.lost for r in done)
     result.errors = sum(r.errors for r in done)
     result.orphans = sum(r.orphan for r in done)
@@ -322,10 +323,10 @@ def sigstop_model(stack: Stack, runs: int = 1) -> CaseResult:
             if _alive(pid):
                 orphans += 1
                 os.kill(pid, signal.SIGKILL)
-        ok, how = _healthy(up, "tiny")
+        ok, how = healthy(up, "tiny")
         errors += not ok
         saw[f"next request: {how}"] += 1
-    result.client_saw = _summary(saw)
+    result.client_saw = summary(saw)
     result.orphans, result.errors, result.lost = orphans, errors, None
     if detected:
         result.timings = {"liveness_timeout_s": liveness, "detect_max_s": max(detected),
@@ -447,7 +448,7 @@ def early_disconnects(stack: Stack, clients: int = 30) -> CaseResult:
             answered = time.monotonic() - asked
             follow = f"{type(exc).__name__} after {answered:.0f} s"
         prober.join(10)
-    result.client_saw = _summary(saw) + f"; next request: {follow}"
+    result.client_saw = summary(saw) + f"; next request: {follow}"
     result.notes.append(f"GET /upstream/smol/slots as the clients left: {probe[0] if probe else '?'}")
     result.lost = 0 if follow.endswith("Paris") else 1
     result.errors = result.lost
@@ -490,203 +491,10 @@ def mixed_on_demand(stack: Stack, requests: int = 36) -> CaseResult:
         wall = time.monotonic() - started
         loaded = sum(m["state"] in ("ready", "starting") for m in up.status()["models"])
     ok = saw["200"]
-    result.client_saw = _summary(saw)
+    result.client_saw = summary(saw)
     result.lost = requests - ok
     result.errors = requests - ok
     result.timings = {"all_answered_s": wall}
     result.check(f"all {requests} answered 200 by the model named", ok == requests, f"{ok} of {requests}")
     result.check("at most 2 models loaded afterwards", loaded <= 2, loaded)
     return result
-
-
-# --- malformed HTTP over raw sockets -------------------------------------------------------------
-@dataclass
-class RawReply:
-    status: int | None  # None: no status line
-    closed: bool  # lalo closed the connection
-    seconds: float
-
-    def describe(self) -> str:
-        if self.status is not None:
-            return f"{self.status}" + (", closed" if self.closed else "")
-        return "closed, no answer" if self.closed else f"no answer in {self.seconds:.0f} s"
-
-
-def raw_exchange(port: int, parts: list[bytes], *, pause: float = 0.0, half_close: bool = False,
-                 leave: bool = False, timeout: float = 10.0,
-                 during: Callable[[], None] | None = None) -> RawReply:
-    """Send `parts` on one connection (`pause` seconds between them), then read a status line.
-    `half_close`: shut our side for writing after sending; `leave`: close without reading;
-    `during`: called while the connection is open, before reading."""
-    started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        for index, part in enumerate(parts):
-            if index and pause:
-                time.sleep(pause)
-            try:
-                sock.sendall(part)
-            except OSError:
-                return RawReply(None, True, time.monotonic() - started)
-        if half_close:
-            sock.shutdown(socket.SHUT_WR)
-        if during is not None:
-            during()
-        if leave:
-            return RawReply(None, False, time.monotonic() - started)
-        data = b""
-        sock.settimeout(0.2)
-        deadline = max(started + timeout, time.monotonic() + 0.5)  # read at least once
-        while b"\r\n" not in data and time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return RawReply(None, True, time.monotonic() - started)
-            if not chunk:
-                break
-            data += chunk
-        elapsed = time.monotonic() - started
-        if b"\r\n" in data:
-            line = data.split(b"\r\n", 1)[0].split()
-            status = int(line[1]) if len(line) > 1 and line[1].isdigit() else None
-            return RawReply(status, False, elapsed)
-        return RawReply(None, time.monotonic() < deadline, elapsed)
-
-
-def _post(body: bytes, *, length: int | None = None, extra: bytes = b"",
-          path: bytes = b"/v1/chat/completions") -> bytes:
-    size = len(body) if length is None else length
-    return (b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            + extra + b"Content-Length: " + str(size).encode() + b"\r\n\r\n")
-
-
-def malformed_http(stack: Stack, stall: float = 3.0) -> CaseResult:
-    """Bytes no client should send: lalo answers 4xx or closes, never 5xx or a hang, and the
-    next request is 200. A client that sends half a body and stalls must not stop others."""
-    result = CaseResult("malformed HTTP on raw sockets", 0)
-    good = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                       "max_tokens": 2}).encode()
-    chunked = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-    saw: list[str] = []
-    errors = 0
-    with stack.lalo("malformed", {"tiny": {"file": str(stack.tiny[0]), "ctx_size": 512}}) as up:
-        up.wait_state("tiny", "ready")
-        port = up.port
-        during_stall: list[str] = []
-
-        def others_served() -> None:
-            ok, how = _healthy(up, "tiny")
-            during_stall.append(how if ok else f"NOT served: {how}")
-            time.sleep(stall)
-
-        cases: list[tuple[str, Callable[[], RawReply], bool]] = [
-            # (name, exchange, must be answered 4xx or closed)
-            ("garbage request line", lambda: raw_exchange(port, [b"HELLO THERE\r\n\r\n"]), True),
-            ("bad chunk size", lambda: raw_exchange(port, [chunked + b"zz\r\n{}\r\n0\r\n\r\n"]), True),
-            ("chunk longer than its size", lambda: raw_exchange(
-                port, [chunked + b"2\r\n" + good + b"\r\n0\r\n\r\n"]), True),
-            ("Content-Length shorter than the body", lambda: raw_exchange(
-                port, [_post(good, length=10) + good]), True),
-            ("Content-Length longer than the body, then EOF", lambda: raw_exchange(
-                port, [_post(good, length=len(good) + 100) + good], half_close=True), True),
-            ("200 kB header", lambda: raw_exchange(
-                port, [_post(good, extra=b"X-Big: " + b"a" * 200_000 + b"\r\n") + good]), True),
-            ("non-UTF-8 body", lambda: raw_exchange(
-                port, [_post(b'{"model": "tiny", "prompt": "\xff\xfe\xfa"}')
-                       + b'{"model": "tiny", "prompt": "\xff\xfe\xfa"}']), True),
-            ("two Content-Length headers that differ", lambda: raw_exchange(
-                port, [_post(good, extra=b"Content-Length: 3\r\n") + good]), True),
-            (f"half a body, then stalls {stall:g} s", lambda: raw_exchange(
-                port, [_post(good), good[: len(good) // 2]], timeout=stall,
-                during=others_served), False),
-            ("half a body, then goes away", lambda: raw_exchange(
-                port, [_post(good), good[: len(good) // 2]], leave=True), False),
-        ]
-        for name, exchange, must_answer in cases:
-            try:
-                reply = exchange()
-            except OSError as exc:
-                reply = RawReply(None, True, 0.0)
-                result.notes.append(f"{name}: {type(exc).__name__}")
-            ok, how = _healthy(up, "tiny")
-            answered = reply.closed or (reply.status is not None and 400 <= reply.status < 500)
-            line = f"{name}: {reply.describe()}; next request {'200' if ok else how}"
-            saw.append(line)
-            if must_answer:
-                result.check(f"{name}: 4xx or closed", answered, reply.describe())
-            result.check(f"{name}: lalo healthy after", ok, how)
-            errors += (must_answer and not answered) or not ok
-        result.check("others served while a client stalls mid-body",
-                     bool(during_stall) and all(not s.startswith("NOT") for s in during_stall),
-                     "; ".join(during_stall) or "not tried")
-        result.runs = len(cases)
-    result.client_saw = "; ".join(saw)
-    result.errors = errors
-    result.lost = None
-    return result
-
-
-# --- bad JSON bodies -----------------------------------------------------------------------------
-BAD_BODIES: list[tuple[str, bytes, int]] = [
-    ("not JSON", b"{not json", 400),
-    ("empty body", b"", 400),
-    ("a JSON array", b"[1, 2]", 400),
-    ("a JSON string", b'"model"', 400),
-    ("model is a number", b'{"model": 5}', 400),
-    ("model is NaN", b'{"model": NaN}', 400),
-    ("no model", b'{"messages": []}', 400),
-    ("cut short", b'{"model": "tiny", "messages": [', 400),
-    ("trailing garbage", b'{"model": "tiny"}}}}', 400),
-    ("invalid UTF-8", b'{"model": "tiny\xff"}', 400),
-    ("nested 100,000 deep", b"[" * 100_000, 400),
-    ("unknown model", b'{"model": "gpt-9"}', 404),
-]
-
-
-def bad_json(stack: Stack) -> CaseResult:
-    """Bodies that are not what the OpenAI routes take: lalo's own error envelope with the
-    right status (400, 404 for an unknown model), on two routes, and lalo healthy after."""
-    result = CaseResult("bad JSON bodies", 0)
-    saw: Counter[str] = Counter()
-    errors = 0
-    with stack.lalo("bad-json", {"tiny": {"file": str(stack.tiny[0]), "ctx_size": 512}}) as up:
-        up.wait_state("tiny", "ready")
-        for route in ("/v1/chat/completions", "/v1/completions"):
-            for name, body, expected in BAD_BODIES:
-                result.runs += 1
-                try:
-                    reply = httpx.post(up.url + route, content=body, timeout=30.0,
-                                       headers={"content-type": "application/json"})
-                    status = reply.status_code
-                    try:
-                        error = reply.json()["error"]
-                        envelope = set(error) == {"message", "type", "code"}
-                    except (ValueError, KeyError, TypeError):
-                        envelope = False
-                except httpx.HTTPError as exc:
-                    status, envelope = 0, False
-                    result.notes.append(f"{route} {name}: {type(exc).__name__}")
-                good = status == expected and envelope
-                saw[f"{status}{' envelope' if envelope else ' NO envelope'}"] += 1
-                result.check(f"{route} {name}: {expected} with the error envelope", good,
-                             f"{status}, envelope {envelope}")
-                errors += not good
-        ok, how = _healthy(up, "tiny")
-        result.check("lalo healthy after", ok, how)
-        errors += not ok
-    result.client_saw = _summary(saw)
-    result.errors = errors
-    return result
-
-
-SHORT_CASES: dict[str, Callable[..., CaseResult]] = {
-    "kill-model": kill_model_mid_stream,
-    "sigstop": sigstop_model,
-    "kill-lalo": kill_lalo,
-    "disconnects": early_disconnects,
-    "mixed": mixed_on_demand,
-    "malformed": malformed_http,
-    "bad-json": bad_json,
-}

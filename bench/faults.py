@@ -96,7 +96,7 @@ async def stream_once(client: httpx.AsyncClient, url: str, model: str, max_token
                 done = True
             elif '"error"' in data:
                 raise RuntimeError(f"error event: {data[:200]}")
-            elif '"text"' in data:
+            elif json.loads(data)["choices"][0].get("text"):
                 tokens += 1
     if not done:
         raise RuntimeError("stream ended without [DONE]")
@@ -113,8 +113,12 @@ def child_key(pid: int) -> str:
 
 def tiny_lalo(stack: Stack, tiny: Path, case: str, parallel: int,
               queue: int) -> AbstractContextManager[LaloUp]:
+    # llama-server serves as many connections as it has HTTP threads (parallel + 2 by default)
+    # and drops the rest: the direct target needs one per stream; lalo opens `parallel` at most
+    args = ["--threads-http", str(queue + 8)]
     return stack.lalo(case, {"tiny": {"file": str(tiny), "ctx_size": 256 * parallel,
-                                      "parallel": parallel}}, proxy={"queue_size": queue})
+                                      "parallel": parallel, "args": args}},
+                      proxy={"queue_size": queue})
 
 
 # --- soak ----------------------------------------------------------------------------------------
@@ -211,7 +215,7 @@ def load(stack: Stack, tiny: Path, streams: int, rounds: int = 3, max_tokens: in
                 rates[name].append(tokens / wall)
                 errors[name].extend(failed)
     median = {name: statistics.median(values) for name, values in rates.items()}
-    ratio = median["lalo"] / median["direct"]
+    ratio = median["lalo"] / median["direct"] if median["direct"] else float("nan")
     lost = len(errors["lalo"])
     result.client_saw = (f"lalo: {lost} errors, direct: {len(errors['direct'])} errors"
                          + (f" (first: {(errors['lalo'] or errors['direct'])[0]})"

@@ -114,6 +114,8 @@ def _busy_slots(up: LaloUp, model: str) -> int:
     """Slots of `model`'s llama-server that are generating, asked of the server itself: a probe
     through lalo's /upstream would queue for a slot behind the very requests it looks for."""
     info = up.model(model)
+    if info["pid"] is None or info["port"] is None:
+        raise ValueError(f"{model} has no server running ({info['state']})")
     reply = httpx.get(f"http://127.0.0.1:{info['port']}/slots", timeout=5.0,
                       headers={"Authorization": f"Bearer {_child_key(int(info['pid']))}"})
     reply.raise_for_status()
@@ -154,6 +156,13 @@ def _error_message(reply: httpx.Response) -> str:
         return str(reply.json()["error"]["message"])[:80]
     except (ValueError, KeyError, TypeError):
         return reply.text[:80]
+
+
+def _error_code(reply: httpx.Response) -> str:
+    try:
+        return str(reply.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "no error envelope"
 
 
 def summary(counter: Counter[str]) -> str:
@@ -472,6 +481,7 @@ def mixed_on_demand(stack: Stack, requests: int = 36) -> CaseResult:
     names = ("a", "b", "c")
     models = {name: {"file": str(path), "ctx_size": 512, "preload": False}
               for name, path in zip(names, stack.tiny, strict=True)}
+    examples: dict[int, str] = {}
     with stack.lalo("mixed", models, resources={"max_loaded": 2}, proxy={"queue_size": 64}) as up:
 
         def one(index: int) -> str:
@@ -483,7 +493,8 @@ def mixed_on_demand(stack: Stack, requests: int = 36) -> CaseResult:
                 return f"{type(exc).__name__}"
             if reply.status_code == 200:
                 return "200" if reply.json().get("model") == name else "200 from the wrong model"
-            return f"{reply.status_code} {_error_message(reply)[:50]}"
+            examples.setdefault(reply.status_code, _error_message(reply))
+            return f"{reply.status_code} {_error_code(reply)}"
 
         started = time.monotonic()
         with ThreadPoolExecutor(requests) as pool:
@@ -492,6 +503,7 @@ def mixed_on_demand(stack: Stack, requests: int = 36) -> CaseResult:
         loaded = sum(m["state"] in ("ready", "starting") for m in up.status()["models"])
     ok = saw["200"]
     result.client_saw = summary(saw)
+    result.notes.extend(f"a {status}: {message}" for status, message in examples.items())
     result.lost = requests - ok
     result.errors = requests - ok
     result.timings = {"all_answered_s": wall}

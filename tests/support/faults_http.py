@@ -24,8 +24,11 @@ class RawReply:
     status: int | None  # None: no status line
     closed: bool  # lalo closed the connection
     seconds: float
+    left: bool = False  # the client went away without reading
 
     def describe(self) -> str:
+        if self.left:
+            return "client left"
         if self.status is not None:
             return f"{self.status}" + (", closed" if self.closed else "")
         return "closed, no answer" if self.closed else f"no answer in {self.seconds:.0f} s"
@@ -51,7 +54,7 @@ def raw_exchange(port: int, parts: list[bytes], *, pause: float = 0.0, half_clos
         if during is not None:
             during()
         if leave:
-            return RawReply(None, False, time.monotonic() - started)
+            return RawReply(None, False, time.monotonic() - started, left=True)
         data = b""
         sock.settimeout(0.2)
         deadline = max(started + timeout, time.monotonic() + 0.5)  # read at least once

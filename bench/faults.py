@@ -291,7 +291,7 @@ def report(results: list[CaseResult], args: argparse.Namespace, out: Path) -> No
     ]
     for r in results:
         met = sum(c.ok for c in r.checks)
-        saw = r.client_saw.replace("|", "\\|")
+        saw = " ".join(r.client_saw.split()).replace("|", "\\|")
         if len(saw) > 400:
             saw = saw[:400] + " ..."
         lines.append(f"| {r.case} | {r.runs} | {saw} | {_cell(r.lost)} | {_cell(r.orphans)} | "

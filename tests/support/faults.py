@@ -177,6 +177,7 @@ class _KillRun:
     errors: int = 0
     orphan: bool = False
     back: float | None = None  # seconds from the kill to ready again
+    after_s: float | None = None  # seconds from the kill to the answer of a request sent then
     skipped: str | None = None
 
 
@@ -216,18 +217,29 @@ def _kill_once(up: LaloUp) -> _KillRun:
             thread.join(120)
         run.skipped = f"run skipped, not both in flight: {exc}"
         return run
+    back: list[float] = []
+
+    def watch() -> None:  # polls from the moment of the kill, whatever the clients do
+        try:
+            wait_until(lambda: (m := up.model("smol"))["state"] == "ready" and m["pid"] != pid,
+                       60, 0.02, message="smol back")
+            back.append(time.monotonic() - killed)
+        except AssertionError:
+            pass
+
+    watcher = threading.Thread(target=watch)
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
+    watcher.start()
     after = httpx.post(up.url + "/v1/chat/completions", timeout=120.0,
                        json={"model": "smol", "messages": PARIS_QUESTION, "max_tokens": 16,
                              "temperature": 0})
-    for thread in threads:
+    run.after_s = time.monotonic() - killed
+    for thread in [*threads, watcher]:
         thread.join(120)
-    try:
-        wait_until(lambda: (m := up.model("smol"))["state"] == "ready" and m["pid"] != pid,
-                   60, 0.02, message="smol back")
-        run.back = time.monotonic() - killed
-    except AssertionError:
+    if back:
+        run.back = back[0]
+    else:
         run.errors += 1
         run.saw.append("never back to ready in 60 s")
     # the stream had sent bytes: it ends with lalo's error event
@@ -285,8 +297,11 @@ def kill_model_mid_stream(stack: Stack, runs: int = 2) -> CaseResult:
     result.lost = sum(r.lost for r in done)
     result.errors = sum(r.errors for r in done)
     result.orphans = sum(r.orphan for r in done)
+    after = [r.after_s for r in done if r.after_s is not None]
     if back:
         result.timings = {"back_to_ready_max_s": max(back), "back_to_ready_mean_s": sum(back) / len(back)}
+    if after:
+        result.timings["request_during_restart_max_s"] = max(after)
     result.check("every run had both requests in flight at the kill", len(done) == runs,
                  f"{len(done)} of {runs}")
     result.check("0 lost requests (in-flight non-streamed retried, answers 'Paris'; no 502 "
@@ -305,7 +320,8 @@ def _wait_replaced(up: LaloUp, pid: int, detected: list[float], replaced: list[f
     model = wait_until(lambda: (m := up.model("tiny"))["state"] == "ready" and m["pid"] != pid and m,
                        60, 0.02, message="replaced")
     replaced.append(time.monotonic() - stopped)
-    saw[f"replaced; last_error: {str(model.get('last_error'))[:60]}"] += 1
+    reason = str(model.get("last_error")).splitlines()[0][:60]
+    saw[f"replaced; last_error: {reason}"] += 1
 
 
 def sigstop_model(stack: Stack, runs: int = 1) -> CaseResult:

@@ -91,8 +91,8 @@ def malformed_http(stack: Stack, stall: float = 3.0) -> CaseResult:
                        "max_tokens": 2}).encode()
     chunked = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-    saw: list[str] = []
-    errors = 0
+    saw: list[str] = []  # what was not a plain refusal
+    refused = unhealthy = errors = 0
     with stack.lalo("malformed", {"tiny": {"file": str(stack.tiny[0]), "ctx_size": 512}}) as up:
         up.wait_state("tiny", "ready")
         port = up.port
@@ -134,8 +134,11 @@ def malformed_http(stack: Stack, stall: float = 3.0) -> CaseResult:
                 result.notes.append(f"{name}: {type(exc).__name__}")
             ok, how = healthy(up, "tiny")
             answered = reply.closed or (reply.status is not None and 400 <= reply.status < 500)
-            line = f"{name}: {reply.describe()}; next request {'200' if ok else how}"
-            saw.append(line)
+            if must_answer and answered:
+                refused += 1
+            else:
+                saw.append(f"{name}: {reply.describe()}")
+            unhealthy += not ok
             if must_answer:
                 result.check(f"{name}: 4xx or closed", answered, reply.describe())
             result.check(f"{name}: lalo healthy after", ok, how)
@@ -144,7 +147,10 @@ def malformed_http(stack: Stack, stall: float = 3.0) -> CaseResult:
                      bool(during_stall) and all(not s.startswith("NOT") for s in during_stall),
                      "; ".join(during_stall) or "not tried")
         result.runs = len(cases)
-    result.client_saw = "; ".join(saw)
+    must = sum(1 for _, _, must_answer in cases if must_answer)
+    result.client_saw = (f"4xx or closed on {refused} of {must} malformed requests; "
+                         + "; ".join(saw) + f"; the next request 200 after {len(cases) - unhealthy} "
+                         f"of {len(cases)}")
     result.errors = errors
     result.lost = None
     return result

@@ -7,7 +7,7 @@ model, through lalo and against the same llama-server directly). Writes docs/rel
 and docs/reliability.json. Loopback only; every case is bounded in count and time.
 
     python bench/faults.py                 # full: 10 kill runs, 10-minute soak, 256 streams
-    python bench/faults.py --quick         # the short cases only, with few runs (~2-3 minutes)
+    python bench/faults.py --quick         # the short cases only, few runs (a few minutes)
     python bench/faults.py --quick --soak-seconds 20 --load-streams 32   # check soak and load
 """
 

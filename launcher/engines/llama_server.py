@@ -14,7 +14,7 @@ class LlamaServerEngine:
     kind: str = "llama-server"
 
     def launch_spec(self, settings: ServerSettings) -> LaunchSpec:
-        argv = [str(self.binary), *server_args(settings)]
+        argv = [str(self.binary), *server_args(settings), *chat_template_args(settings.chat_template)]
         return LaunchSpec(
             argv=tuple(argv),
             # The key goes through the environment, not argv: /proc/PID/environ is private to
@@ -44,3 +44,16 @@ def server_args(settings: ServerSettings, *, metrics: bool = True) -> list[str]:
         args.append("--embeddings")
     args += list(settings.extra_args)
     return args
+
+
+def chat_template_args(template: str | None) -> list[str]:
+    """Jinja chat templating with `template`: a file path, or a template built into llama.cpp.
+
+    `--jinja` comes first: without it llama-server accepts only its commonly used templates,
+    and with it tool calls in the template's own format are parsed into `tool_calls`.
+    """
+    if template is None:
+        return []
+    flag = "--chat-template-file" if Path(template).is_absolute() else "--chat-template"
+    return ["--jinja", flag, template]
+

@@ -73,7 +73,7 @@ class _Captured:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            self.content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            self.content_type = _content_type(message)
         elif message["type"] == "http.response.body":
             self.body.append(message.get("body", b""))
 
@@ -437,7 +437,7 @@ class _StreamTranslator:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            content_type = _content_type(message)
             self.streaming = self.status == 200 and content_type.startswith(b"text/event-stream")
             if self.streaming:
                 await self._send({"type": "http.response.start", "status": 200, "headers": [
@@ -537,6 +537,13 @@ class _StreamTranslator:
         answer.update(counters(self.usage, self.timings, time.perf_counter() - self.begun,
                                self.load_seconds))
         return out + _line(answer)
+
+
+def _content_type(start: Message) -> bytes:
+    for key, value in start.get("headers", []):
+        if key.lower() == b"content-type":
+            return bytes(value)
+    return b""
 
 
 def _line(data: dict[str, Any]) -> bytes:

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.integration
 
 KEY = "sk-lalo-sdk-test"
 QUESTION = "What is the capital of France? Answer with one word."
+# this anthropic SDK has no `temperature` argument any more; llama-server still reads it
+GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +83,14 @@ def test_openai_completions_with_logprobs(oai: openai.OpenAI) -> None:
     reply = oai.completions.create(model="smol", prompt="The capital of France is", max_tokens=4,
                                    temperature=0, logprobs=2)
     logprobs = reply.choices[0].logprobs
-    assert logprobs is not None and logprobs.tokens and logprobs.token_logprobs
-    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 4
-    assert all(value is not None and value <= 0 for value in logprobs.token_logprobs)
+    assert logprobs is not None
+    # llama-server answers in the chat shape (`content`: token, logprob, top_logprobs), not
+    # the legacy `tokens` / `token_logprobs` lists; lalo passes it on as it is
+    entries = (logprobs.model_extra or {})["content"]
+    assert len(entries) == 4
+    assert "".join(entry["token"] for entry in entries) == reply.choices[0].text
+    assert entries[0]["token"] == " Paris"
+    assert all(entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2 for entry in entries)
 
 
 def test_openai_embeddings(oai: openai.OpenAI) -> None:
@@ -113,7 +120,7 @@ def test_openai_responses_api(oai: openai.OpenAI) -> None:
 
 # --- anthropic ------------------------------------------------------------------------------------
 def test_anthropic_messages(claude: anthropic.Anthropic) -> None:
-    message = claude.messages.create(model="smol", max_tokens=16, temperature=0,
+    message = claude.messages.create(model="smol", max_tokens=16, extra_body=GREEDY,
                                      messages=[{"role": "user", "content": QUESTION}])
     assert message.model == "smol"
     assert message.content[0].type == "text" and "Paris" in message.content[0].text
@@ -121,7 +128,7 @@ def test_anthropic_messages(claude: anthropic.Anthropic) -> None:
 
 
 def test_anthropic_streaming(claude: anthropic.Anthropic) -> None:
-    with claude.messages.stream(model="smol", max_tokens=16, temperature=0,
+    with claude.messages.stream(model="smol", max_tokens=16, extra_body=GREEDY,
                                 messages=[{"role": "user", "content": QUESTION}]) as stream:
         pieces = list(stream.text_stream)
         final = stream.get_final_message()

@@ -47,13 +47,15 @@ def server_args(settings: ServerSettings, *, metrics: bool = True) -> list[str]:
 
 
 def chat_template_args(template: str | None) -> list[str]:
-    """Jinja chat templating with `template`: a file path, or a template built into llama.cpp.
+    """llama-server flags for a model's `chat_template`: a file path, or a built-in name.
 
-    `--jinja` comes first: without it llama-server accepts only its commonly used templates,
-    and with it tool calls in the template's own format are parsed into `tool_calls`.
+    A file is rendered by llama-server's Jinja engine (`--jinja` first), which also parses the
+    tool calls the template describes into `tool_calls`. A name selects one of llama.cpp's own
+    C++ templates, which exist only without Jinja: with `--jinja` on (this llama-server's
+    default) `--chat-template gemma` would be the one-word Jinja template "gemma".
     """
     if template is None:
         return []
-    flag = "--chat-template-file" if Path(template).is_absolute() else "--chat-template"
-    return ["--jinja", flag, template]
-
+    if Path(template).is_absolute():
+        return ["--jinja", "--chat-template-file", template]
+    return ["--no-jinja", "--chat-template", template]

@@ -161,7 +161,7 @@ def test_chat_template_config(tmp_path: Path) -> None:
     assert loaded.chat_template("c") is None
     assert chat_template_args(str(tmp_path / "tool.jinja")) == [
         "--jinja", "--chat-template-file", str(tmp_path / "tool.jinja")]
-    assert chat_template_args("chatml") == ["--jinja", "--chat-template", "chatml"]
+    assert chat_template_args("chatml") == ["--no-jinja", "--chat-template", "chatml"]
     config.write_text("models:\n  a: {file: m.gguf, chat_template: missing.jinja}\n")
     with pytest.raises(ConfigError, match=r"models\.a\.chat_template: .*missing\.jinja: no such file"):
         load_config(config).chat_template("a")

@@ -12,11 +12,10 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from launcher import __version__
 from launcher.errors import CapacityError, GGUFError, ModelError
@@ -25,9 +24,6 @@ from launcher.proxy.errors import error_message
 from launcher.proxy.forward import Forwarder
 from launcher.proxy.ollama_convert import (
     OllamaRequestError,
-    counters,
-    done_reason,
-    ollama_tool_calls,
     openai_messages,
     parameter_size,
     parse_keep_alive,
@@ -35,6 +31,7 @@ from launcher.proxy.ollama_convert import (
     sampling_fields,
     timestamp,
 )
+from launcher.proxy.ollama_stream import CapturedAnswer, StreamTranslator, send_json, whole_answer
 from launcher.proxy.routes import BodyTooLarge, known_models, read_body
 from launcher.supervisor.process import ModelState
 from launcher.supervisor.supervisor import Supervisor
@@ -62,25 +59,6 @@ class OllamaError(Exception):
         self.status = status
 
 
-@dataclass
-class _Captured:
-    """An answer the Forwarder sent, held instead of going to the client."""
-
-    status: int = 0
-    content_type: bytes = b""
-    body: list[bytes] = field(default_factory=list)
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            self.content_type = _content_type(message)
-        elif message["type"] == "http.response.body":
-            self.body.append(message.get("body", b""))
-
-    def json(self) -> Any:
-        return json.loads(b"".join(self.body))
-
-
 class OllamaAPI:
     """Raw ASGI handler of every path in OLLAMA_ROUTES."""
 
@@ -98,12 +76,13 @@ class OllamaAPI:
         path: str = scope["path"]
         method = OLLAMA_ROUTES[path]
         if scope["method"] != method and not (method == "GET" and scope["method"] == "HEAD"):
-            return await _send_json(send, 405, {"error": f"{scope['method']} is not allowed on {path}"})
+            return await send_json(send, 405, {"error": f"{scope['method']} is not allowed on {path}"})
         try:
             if method == "GET":
-                answer = {"/api/tags": self.tags, "/api/ps": self.ps,
-                          "/api/version": self.version}[path]()
-                return await _send_json(send, 200, answer)
+                if path == "/api/version":
+                    return await send_json(send, 200, self.version())
+                answer = await (self.tags() if path == "/api/tags" else self.ps())
+                return await send_json(send, 200, answer)
             try:
                 body = await read_body(scope, receive, self.max_body_size)
             except BodyTooLarge:
@@ -115,14 +94,14 @@ class OllamaAPI:
             if not isinstance(payload, dict):
                 raise OllamaError(400, "request body must be a JSON object")
             if path == "/api/show":
-                return await _send_json(send, 200, self.show(payload))
+                return await send_json(send, 200, await self.show(payload))
             if path in ("/api/embed", "/api/embeddings"):
                 return await self.embed(payload, receive, send, legacy=path == "/api/embeddings")
             await self.generate(payload, receive, send, chat=path == "/api/chat")
         except OllamaRequestError as exc:
-            await _send_json(send, 400, {"error": str(exc)})
+            await send_json(send, 400, {"error": str(exc)})
         except OllamaError as exc:
-            await _send_json(send, exc.status, {"error": str(exc)})
+            await send_json(send, exc.status, {"error": str(exc)})
 
     # --- names and facts ----------------------------------------------------------------------
     def _resolve(self, payload: dict[str, Any], key: str = "model") -> tuple[str, str]:
@@ -137,28 +116,31 @@ class OllamaAPI:
             raise OllamaError(404, f"model '{requested}' not found; known: {known_models(self.supervisor)}")
         return name, requested
 
-    def _info(self, name: str) -> GGUFInfo | None:
+    def _file(self, name: str) -> tuple[Path, int, float, int]:
+        """A model file's path, size, mtime and mtime in ns (zeros when it cannot be read)."""
         path = Path(self.supervisor.info[name].path)
         try:
-            key = (str(path), path.stat().st_mtime_ns)
+            stat = path.stat()
         except OSError:
-            return None
+            return path, 0, self.started, 0
+        return path, stat.st_size, stat.st_mtime, stat.st_mtime_ns
+
+    async def _info(self, name: str) -> GGUFInfo | None:
+        """The model file's GGUF header, read once per file version (off the event loop: a
+        large vocabulary takes a tenth of a second to parse, streams must not wait on it)."""
+        path, _, _, mtime_ns = self._file(name)
+        key = (str(path), mtime_ns)
         if key not in self._facts:
             try:
-                self._facts[key] = read_gguf(path)
+                self._facts[key] = await asyncio.to_thread(read_gguf, path)
             except GGUFError:
                 self._facts[key] = None
         return self._facts[key]
 
-    def _entry(self, name: str) -> dict[str, Any]:
+    async def _entry(self, name: str) -> dict[str, Any]:
         """What /api/tags and /api/ps say about one model."""
-        path = Path(self.supervisor.info[name].path)
-        try:
-            stat = path.stat()
-            size, modified = stat.st_size, stat.st_mtime
-        except OSError:
-            size, modified = 0, self.started
-        info = self._info(name)
+        path, size, modified, _ = self._file(name)
+        info = await self._info(name)
         details = {
             "parent_model": "",
             "format": "gguf",
@@ -172,15 +154,15 @@ class OllamaAPI:
         return {"name": name, "model": name, "modified_at": timestamp(modified), "size": size,
                 "digest": digest, "details": details}
 
-    def tags(self) -> dict[str, Any]:
-        return {"models": [self._entry(name) for name in self.supervisor.models]}
+    async def tags(self) -> dict[str, Any]:
+        return {"models": [await self._entry(name) for name in self.supervisor.models]}
 
-    def ps(self) -> dict[str, Any]:
+    async def ps(self) -> dict[str, Any]:
         running = []
         for name, model in self.supervisor.models.items():
             if model.state not in (ModelState.READY, ModelState.STARTING):
                 continue
-            entry = self._entry(name)
+            entry = await self._entry(name)
             entry.pop("modified_at")
             entry["size"] = model.rss or self.supervisor.required(name)
             entry["size_vram"] = 0
@@ -201,10 +183,10 @@ class OllamaAPI:
     def version(self) -> dict[str, Any]:
         return {"version": OLLAMA_API_VERSION, "lalo": __version__}
 
-    def show(self, payload: dict[str, Any]) -> dict[str, Any]:
+    async def show(self, payload: dict[str, Any]) -> dict[str, Any]:
         name, _ = self._resolve(payload)
-        info = self._info(name)
-        entry = self._entry(name)
+        info = await self._info(name)
+        entry = await self._entry(name)
         template = str(info.metadata.get("tokenizer.chat_template", "")) if info else ""
         model_info: dict[str, Any] = {}
         if info is not None:
@@ -240,13 +222,11 @@ class OllamaAPI:
 
     def _keep_alive(self, name: str, seconds: float | None) -> None:
         """After a request: unload now (0), keep forever (< 0), or unload once idle that long."""
-        if seconds is None:
-            return  # lalo.yaml's ttl decides
         previous = self._expiry.pop(name, None)
         if previous is not None:
             previous[1].cancel()
-        if seconds < 0:
-            return
+        if seconds is None or seconds < 0:
+            return  # absent: lalo.yaml's ttl decides again; negative: kept loaded
         loop = asyncio.get_running_loop()
         handle = loop.call_later(seconds, self._expire, name)
         self._expiry[name] = (time.time() + seconds, handle)
@@ -311,17 +291,17 @@ class OllamaAPI:
         label = "ollama_chat" if chat else "ollama_generate"
         try:
             if stream:
-                translator = _StreamTranslator(send, requested, chat, begun, load_seconds)
+                translator = StreamTranslator(send, requested, chat, begun, load_seconds)
                 await self.forwarder.forward(receive, translator.send, name, "POST", path, encoded,
                                              route=label)
             else:
-                captured = _Captured()
+                captured = CapturedAnswer()
                 await self.forwarder.forward(receive, captured.send, name, "POST", path, encoded,
                                              route=label)
                 if captured.status != 200:
                     raise OllamaError(captured.status, error_message(b"".join(captured.body)))
-                answer = _whole_answer(captured.json(), requested, chat, begun, load_seconds)
-                await _send_json(send, 200, answer)
+                answer = whole_answer(captured.json(), requested, chat, begun, load_seconds)
+                await send_json(send, 200, answer)
         finally:
             await self._after(name, keep_alive)
 
@@ -347,7 +327,7 @@ class OllamaAPI:
             answer["message"] = {"role": "assistant", "content": ""}
         else:
             answer["response"] = ""
-        await _send_json(send, 200, answer)
+        await send_json(send, 200, answer)
 
     # --- embeddings ---------------------------------------------------------------------------
     async def embed(self, payload: dict[str, Any], receive: Receive, send: Send, *,
@@ -371,7 +351,7 @@ class OllamaAPI:
         body: dict[str, Any] = {"model": name, "input": inputs, "encoding_format": "float"}
         if isinstance(payload.get("dimensions"), int):
             body["dimensions"] = payload["dimensions"]
-        captured = _Captured()
+        captured = CapturedAnswer()
         try:
             await self.forwarder.forward(receive, captured.send, name, "POST", "/v1/embeddings",
                                          json.dumps(body).encode(), route="ollama_embed")
@@ -382,177 +362,12 @@ class OllamaAPI:
         result = captured.json()
         vectors = [item["embedding"] for item in sorted(result["data"], key=lambda d: d["index"])]
         if legacy:
-            return await _send_json(send, 200, {"embedding": vectors[0]})
+            return await send_json(send, 200, {"embedding": vectors[0]})
         usage = result.get("usage") or {}
-        await _send_json(send, 200, {
+        await send_json(send, 200, {
             "model": requested,
             "embeddings": vectors,
             "total_duration": int((time.perf_counter() - begun) * 1e9),
             "load_duration": int(load_seconds * 1e9),
             "prompt_eval_count": int(usage.get("prompt_tokens", 0)),
         })
-
-
-def _whole_answer(result: dict[str, Any], requested: str, chat: bool, begun: float,
-                  load_seconds: float) -> dict[str, Any]:
-    choice = (result.get("choices") or [{}])[0]
-    answer: dict[str, Any] = {"model": requested, "created_at": timestamp()}
-    if chat:
-        message = choice.get("message") or {}
-        out: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
-        if message.get("reasoning_content"):
-            out["thinking"] = message["reasoning_content"]
-        if message.get("tool_calls"):
-            out["tool_calls"] = ollama_tool_calls(message["tool_calls"])
-        answer["message"] = out
-    else:
-        message = choice.get("message")
-        answer["response"] = (message or {}).get("content") or choice.get("text") or ""
-    answer["done"] = True
-    answer["done_reason"] = done_reason(choice.get("finish_reason"))
-    answer.update(counters(result.get("usage"), result.get("timings"),
-                           time.perf_counter() - begun, load_seconds))
-    return answer
-
-
-class _StreamTranslator:
-    """A `send` for the Forwarder: OpenAI server-sent events in, Ollama NDJSON lines out."""
-
-    def __init__(self, send: Send, model: str, chat: bool, begun: float, load_seconds: float) -> None:
-        self._send = send
-        self.model = model
-        self.chat = chat
-        self.begun = begun
-        self.load_seconds = load_seconds
-        self.status = 0
-        self.streaming = False
-        self.pending = b""
-        self.error_body: list[bytes] = []
-        self.finish_reason: Any = None
-        self.usage: Any = None
-        self.timings: Any = None
-        self.tool_calls: dict[int, dict[str, Any]] = {}
-        self.finished = False
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            content_type = _content_type(message)
-            self.streaming = self.status == 200 and content_type.startswith(b"text/event-stream")
-            if self.streaming:
-                await self._send({"type": "http.response.start", "status": 200, "headers": [
-                    (b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache"),
-                    (b"x-accel-buffering", b"no")]})
-            return
-        if message["type"] != "http.response.body":
-            return
-        more = message.get("more_body", False)
-        if not self.streaming:
-            self.error_body.append(message.get("body", b""))
-            if not more:
-                status = self.status if self.status >= 400 else 502
-                await _send_json(self._send, status, {"error": error_message(b"".join(self.error_body))})
-            return
-        self.pending += message.get("body", b"")
-        lines = self.pending.split(b"\n")
-        self.pending = lines.pop()
-        out = b"".join([self._event(line) for line in lines])
-        if not more and not self.finished:
-            out += self._final()
-        if out or not more:
-            await self._send({"type": "http.response.body", "body": out, "more_body": more})
-
-    def _event(self, line: bytes) -> bytes:
-        line = line.strip()
-        if not line.startswith(b"data:") or self.finished:
-            return b""
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            return self._final()
-        try:
-            event = json.loads(data)
-        except ValueError:
-            return b""
-        if isinstance(event.get("error"), dict | str):
-            self.finished = True
-            return _line({"error": error_message(data)})
-        if event.get("usage"):
-            self.usage = event["usage"]
-        if event.get("timings"):
-            self.timings = event["timings"]
-        out = b""
-        for choice in event.get("choices") or []:
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-            if not self.chat or "text" in choice:
-                text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                if text:
-                    out += self._chunk(content=text)
-                continue
-            delta = choice.get("delta") or {}
-            for call in delta.get("tool_calls") or []:
-                self._add_tool_call(call)
-            if delta.get("content") or delta.get("reasoning_content"):
-                out += self._chunk(content=delta.get("content") or "",
-                                   thinking=delta.get("reasoning_content"))
-        return out
-
-    def _add_tool_call(self, call: dict[str, Any]) -> None:
-        entry = self.tool_calls.setdefault(int(call.get("index", len(self.tool_calls))),
-                                           {"id": "", "function": {"name": "", "arguments": ""}})
-        if call.get("id"):
-            entry["id"] = call["id"]
-        function = call.get("function") or {}
-        entry["function"]["name"] += function.get("name") or ""
-        entry["function"]["arguments"] += function.get("arguments") or ""
-
-    def _chunk(self, content: str, thinking: str | None = None,
-               tool_calls: list[dict[str, Any]] | None = None) -> bytes:
-        answer: dict[str, Any] = {"model": self.model, "created_at": timestamp()}
-        if self.chat:
-            message: dict[str, Any] = {"role": "assistant", "content": content}
-            if thinking:
-                message["thinking"] = thinking
-            if tool_calls:
-                message["tool_calls"] = tool_calls
-            answer["message"] = message
-        else:
-            answer["response"] = content
-        answer["done"] = False
-        return _line(answer)
-
-    def _final(self) -> bytes:
-        self.finished = True
-        out = b""
-        if self.tool_calls:
-            calls = [self.tool_calls[index] for index in sorted(self.tool_calls)]
-            out += self._chunk(content="", tool_calls=ollama_tool_calls(calls))
-        answer: dict[str, Any] = {"model": self.model, "created_at": timestamp()}
-        if self.chat:
-            answer["message"] = {"role": "assistant", "content": ""}
-        else:
-            answer["response"] = ""
-        answer["done"] = True
-        answer["done_reason"] = done_reason(self.finish_reason)
-        answer.update(counters(self.usage, self.timings, time.perf_counter() - self.begun,
-                               self.load_seconds))
-        return out + _line(answer)
-
-
-def _content_type(start: Message) -> bytes:
-    for key, value in start.get("headers", []):
-        if key.lower() == b"content-type":
-            return bytes(value)
-    return b""
-
-
-def _line(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, separators=(",", ":")).encode() + b"\n"
-
-
-async def _send_json(send: Send, status: int, data: dict[str, Any]) -> None:
-    body = json.dumps(data).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json; charset=utf-8"),
-        (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})

@@ -3,8 +3,10 @@
 `{"type": "error", "error": {"type": ..., "message": ...}}`, with the status kept: the
 official SDKs pick their exception class from the status (400 BadRequestError, 401
 AuthenticationError, 404 NotFoundError, 429 RateLimitError, 5xx InternalServerError) and show
-`error.message`. Both the proxy's own errors and llama-server's are rewritten; successful
-answers pass untouched, so streams cost one comparison per message.
+`error.message`. Both the proxy's own errors and llama-server's are rewritten. In a stream,
+the error event lalo sends when the model server breaks off becomes Anthropic's
+`event: error` (the SDK raises on it; a nameless event it would skip); every other chunk
+passes untouched at the cost of one prefix comparison.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from launcher.proxy.errors import error_message
 
 ANTHROPIC_PREFIX: Final = "/v1/messages"
+_LALO_STREAM_ERROR: Final = b'data: {"error": {'  # what sse_error_event writes
 
 # status -> Anthropic error type (docs.anthropic.com, "HTTP errors")
 ERROR_TYPES: Final[dict[int, str]] = {
@@ -65,6 +68,10 @@ class _ErrorRewriter:
             if message["status"] >= 400:
                 self._start = message
                 return
+        elif message["type"] == "http.response.body" and self._start is None:
+            chunk = message.get("body", b"")
+            if chunk.startswith(_LALO_STREAM_ERROR):
+                message = {**message, "body": _stream_error(chunk)}
         elif message["type"] == "http.response.body" and self._start is not None:
             self._body.append(message.get("body", b""))
             if message.get("more_body", False):
@@ -79,3 +86,14 @@ class _ErrorRewriter:
             await self._send({"type": "http.response.body", "body": body})
             return
         await self._send(message)
+
+
+def _stream_error(event: bytes) -> bytes:
+    """lalo's `data: {"error": {...}}` event as Anthropic's `event: error`."""
+    payload = event[len(b"data:"):]
+    try:
+        error = json.loads(payload)["error"]
+        status = 504 if error["code"] == "upstream_timeout" else 502
+    except (ValueError, KeyError, TypeError):
+        return event
+    return b"event: error\ndata: " + anthropic_error(status, error_message(payload)) + b"\n\n"

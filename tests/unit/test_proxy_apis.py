@@ -11,7 +11,8 @@ from launcher.config import load_config
 from launcher.engines.llama_server import chat_template_args
 from launcher.errors import ConfigError
 from launcher.proxy.anthropic import AnthropicErrors
-from launcher.proxy.errors import error_body
+from launcher.proxy.auth import AuthMiddleware
+from launcher.proxy.errors import error_body, sse_error_event
 from launcher.proxy.ollama_convert import (
     OllamaRequestError,
     counters,
@@ -147,6 +148,47 @@ async def test_anthropic_errors_rewrite_only_errors_under_messages() -> None:
         "type": "error", "error": {"type": "not_found_error", "message": "unknown model 'x'"}})
     assert await call("/v1/messages") == (200, {"ok": True})
     assert (await call("/v1/chat/missing"))[1]["error"]["code"] == "model_not_found"  # type: ignore[index]
+
+
+async def test_anthropic_stream_error_event() -> None:
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        await send({"type": "http.response.start", "status": 200,  # type: ignore[operator]
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        broken = sse_error_event(502, "smol: broke off", "upstream_failed")
+        for chunk in (b"event: ping\ndata: {}\n\n", broken):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})  # type: ignore[operator]
+
+    sent: list[bytes] = []
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message["body"])  # type: ignore[arg-type]
+
+    await AnthropicErrors(app)({"type": "http", "path": "/v1/messages"}, None, send)  # type: ignore[arg-type]
+    assert sent[0] == b"event: ping\ndata: {}\n\n"
+    assert sent[1] == (b'event: error\ndata: {"type": "error", "error": {"type": "api_error", '
+                       b'"message": "smol: broke off"}}\n\n')
+
+
+async def test_keys_as_bearer_or_x_api_key() -> None:
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        await send({"type": "http.response.start", "status": 204, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b""})  # type: ignore[operator]
+
+    async def status(headers: list[tuple[bytes, bytes]]) -> int:
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/messages", "headers": headers}
+        await AuthMiddleware(app, api_keys=["k1"], admin_token="admin")(scope, None, send)  # type: ignore[arg-type]
+        return int(sent[0]["status"])  # type: ignore[call-overload]
+
+    assert await status([(b"x-api-key", b"k1")]) == 204
+    assert await status([(b"authorization", b"Bearer k1")]) == 204
+    assert await status([(b"x-api-key", b"k2")]) == 401
+    assert await status([]) == 401
 
 
 def test_chat_template_config(tmp_path: Path) -> None:

@@ -17,7 +17,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.lalo import FAST_SUPERVISOR, LaloUp, lalo_env, write_config
+from tests.support.lalo import (
+    FAST_SUPERVISOR,
+    LaloUp,
+    generating,
+    lalo_env,
+    tokens_predicted,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -168,6 +176,24 @@ def test_answers_differ_by_the_model_named(lalo: LaloUp) -> None:
     assert widths == {"smol-embed": 576, "gemma-embed": 640}
     count = answer("/v1/messages/count_tokens", "smol", messages=CHAT)["input_tokens"]
     assert count == answer("/v1/chat/completions/input_tokens", "smol", messages=CHAT)["input_tokens"]
+
+
+def test_anthropic_stream_passes_through_and_disconnect_stops_it(lalo: LaloUp) -> None:
+    before = tokens_predicted(lalo, "smol")
+    body = {"model": "smol", "max_tokens": 1500, "stream": True, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Count to a thousand."}]}
+    events: list[str] = []
+    with httpx.stream("POST", lalo.url + "/v1/messages", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                events.append(line.removeprefix("event:").strip())
+            if events.count("content_block_delta") >= 5:
+                break  # leave mid-stream
+    assert events[0] == "message_start"
+    wait_until(lambda: not generating(lalo, "smol"), 5.0,
+               message="llama-server to stop generating after the client left")
+    assert tokens_predicted(lalo, "smol") - before < 1500
 
 
 def test_route_errors(lalo: LaloUp) -> None:

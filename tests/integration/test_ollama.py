@@ -10,7 +10,15 @@ import httpx
 import ollama
 import pytest
 
-from tests.support.lalo import FAST_SUPERVISOR, LaloUp, lalo_env, wait_until, write_config
+from tests.support.lalo import (
+    FAST_SUPERVISOR,
+    LaloUp,
+    generating,
+    lalo_env,
+    tokens_predicted,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -126,6 +134,21 @@ def test_keep_alive_zero_unloads_after_the_request(lalo: LaloUp, client: ollama.
     unloaded = client.generate(model="smol-lazy", prompt="", keep_alive=0)
     assert unloaded.done_reason == "unload"
     assert lalo.model("smol-lazy")["state"] == "stopped"
+
+
+def test_client_disconnect_stops_the_generation(lalo: LaloUp) -> None:
+    before = tokens_predicted(lalo, "smol")
+    body = {"model": "smol", "raw": True, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",
+            "options": {"temperature": 0, "num_predict": 1500}}  # counting: no end of its own
+    with httpx.stream("POST", lalo.url + "/api/generate", json=body, timeout=60) as response:
+        lines = 0
+        for _line in response.iter_lines():
+            lines += 1
+            if lines >= 5:
+                break  # leave mid-stream: the context manager closes the connection
+    wait_until(lambda: not generating(lalo, "smol"), 5.0,
+               message="llama-server to stop generating after the client left")
+    assert tokens_predicted(lalo, "smol") - before < 1500
 
 
 def test_errors_in_ollama_shape(client: ollama.Client, lalo: LaloUp) -> None:

@@ -205,7 +205,7 @@ def create_app(
 
     async def front(scope: Scope, receive: Receive, send: Send) -> None:
         # The model routes skip Starlette's routing and middleware: proxy cost is per request.
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in MODEL_ROUTES:
+        if scope["type"] == "http" and scope["path"] in MODEL_ROUTES:
             await model_route(scope, receive, send)
         elif scope["type"] == "http" and scope["path"] in OLLAMA_ROUTES:
             await ollama(scope, receive, send)

@@ -190,6 +190,9 @@ class ModelRouter:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         route = MODEL_ROUTES[path]
+        if scope["method"] != "POST":
+            return await send_error(send, 405, f"{scope['method']} is not allowed on {path} (POST it)",
+                                    headers=[(b"allow", b"POST")])
         try:
             body = await read_body(scope, receive, self.max_body_size)
         except BodyTooLarge:

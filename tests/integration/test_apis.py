@@ -211,6 +211,9 @@ def test_route_errors(lalo: LaloUp) -> None:
     not_form = post(lalo, "/v1/audio/transcriptions", json={"model": "smol"})
     assert not_form.status_code == 400
     assert "expected multipart/form-data, got application/json" in not_form.json()["error"]["message"]
+    wrong_method = httpx.get(lalo.url + "/v1/messages")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["error"]["type"] == "invalid_request_error"  # Anthropic's shape
     nowhere = post(lalo, "/v1/nothing", json={"model": "smol"})
     assert nowhere.status_code == 404
     message = nowhere.json()["error"]["message"]

@@ -136,6 +136,14 @@ def test_keep_alive_zero_unloads_after_the_request(lalo: LaloUp, client: ollama.
     assert lalo.model("smol-lazy")["state"] == "stopped"
 
 
+def test_keep_alive_duration_unloads_once_idle_that_long(lalo: LaloUp, client: ollama.Client) -> None:
+    client.generate(model="smol-lazy", prompt="Hi", options={"num_predict": 1}, keep_alive="1s")
+    running = {model.model: model for model in client.ps().models}
+    assert "smol-lazy" in running and running["smol-lazy"].expires_at is not None
+    wait_until(lambda: lalo.model("smol-lazy")["state"] == "stopped", 20,
+               message="smol-lazy to be unloaded one second after its request")
+
+
 def test_client_disconnect_stops_the_generation(lalo: LaloUp) -> None:
     before = tokens_predicted(lalo, "smol")
     body = {"model": "smol", "raw": True, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",

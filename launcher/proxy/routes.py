@@ -104,8 +104,8 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 def form_field(body: bytes, content_type: bytes, field: str) -> str | None:
     """The text of form field `field` in a multipart/form-data `body`, or None if absent.
 
-    A push parser over the body already in memory: file parts (the audio) are skipped as
-    slices, never copied, and parsing stops at the end of the wanted field.
+    A push parser over the body already in memory, fed 64 KiB at a time: file parts (the
+    audio) are passed over, not kept, and parsing stops at the end of the wanted field.
     """
     kind, params = parse_options_header(content_type)
     if kind != b"multipart/form-data":

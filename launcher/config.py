@@ -32,6 +32,13 @@ CONFIG_NAME = "lalo.yaml"
 EngineKind = Literal["llama-server", "llamafile", "llama-cpp-python"]
 ENGINE_KINDS: tuple[str, ...] = ("llama-server", "llamafile", "llama-cpp-python")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".tmpl", ".txt")
+
+
+def _is_template_file(value: str) -> bool:
+    """A chat_template that names a file rather than one of llama.cpp's built-in templates."""
+    return "/" in value or "\\" in value or value.endswith(_TEMPLATE_SUFFIXES)
 
 
 class _Section(BaseModel):
@@ -129,6 +136,8 @@ class ModelConfig(_Section):
     license: str | None = None
     embeddings: bool = False
     load_timeout: Annotated[float, Field(gt=0)] | None = None
+    # a Jinja template file (relative to this config), or the name of one built into llama.cpp
+    chat_template: str | None = None
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -147,11 +156,25 @@ class ModelConfig(_Section):
                 raise ValueError(f"alias {alias!r} must match {_NAME.pattern}")
         return aliases
 
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        if value is not None and not _is_template_file(value) and not _TEMPLATE_NAME.match(value):
+            raise ValueError(f"must be a template file (.jinja) or a llama.cpp template name "
+                             f"such as chatml or llama3, got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _source(self) -> ModelConfig:
         if (self.file is None) == (self.catalog is None):
             raise ValueError("give exactly one of 'file' or 'catalog'")
+        if self.chat_template is not None and self.engine_kind != "llama-server":
+            raise ValueError(f"chat_template needs the llama-server engine, not {self.engine_kind}")
         return self
+
+    @property
+    def chat_template_is_file(self) -> bool:
+        return self.chat_template is not None and _is_template_file(self.chat_template)
 
     @property
     def thread_count(self) -> int | None:
@@ -194,6 +217,16 @@ class LoadedConfig:
     @property
     def base_dir(self) -> Path:
         return self.source.parent if self.source is not None else Path.cwd()
+
+    def chat_template(self, name: str) -> str | None:
+        """A model's chat template: an absolute file path, a built-in template name, or None."""
+        model = self.config.models[name]
+        if model.chat_template is None or not model.chat_template_is_file:
+            return model.chat_template
+        path = resolve_path(model.chat_template, self.base_dir)
+        if not path.is_file():
+            raise ConfigError(f"models.{name}.chat_template: {path}: no such file")
+        return str(path)
 
     def model_path(self, name: str) -> Path:
         """Absolute path of a file model (relative paths are relative to the config file)."""

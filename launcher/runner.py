@@ -189,6 +189,7 @@ def build_supervisor(
             parallel=cfg.parallel,
             threads=cfg.thread_count,
             embeddings=cfg.embeddings,
+            chat_template=loaded.chat_template(model.name),
             extra_args=(*_alias_args(cfg.engine_kind, model.name), *cfg.args),
             env={**wait_env(share, cfg.env), **cfg.env},
         )

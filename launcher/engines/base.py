@@ -23,6 +23,7 @@ class ServerSettings:
     parallel: int
     threads: int | None  # None: the engine's own default
     embeddings: bool = False
+    chat_template: str | None = None  # a template file's absolute path, or a built-in name
     extra_args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
 

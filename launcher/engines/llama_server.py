@@ -14,7 +14,7 @@ class LlamaServerEngine:
     kind: str = "llama-server"
 
     def launch_spec(self, settings: ServerSettings) -> LaunchSpec:
-        argv = [str(self.binary), *server_args(settings)]
+        argv = [str(self.binary), *server_args(settings), *chat_template_args(settings.chat_template)]
         return LaunchSpec(
             argv=tuple(argv),
             # The key goes through the environment, not argv: /proc/PID/environ is private to
@@ -44,3 +44,18 @@ def server_args(settings: ServerSettings, *, metrics: bool = True) -> list[str]:
         args.append("--embeddings")
     args += list(settings.extra_args)
     return args
+
+
+def chat_template_args(template: str | None) -> list[str]:
+    """llama-server flags for a model's `chat_template`: a file path, or a built-in name.
+
+    A file is rendered by llama-server's Jinja engine (`--jinja` first), which also parses the
+    tool calls the template describes into `tool_calls`. A name selects one of llama.cpp's own
+    C++ templates, which exist only without Jinja: with `--jinja` on (this llama-server's
+    default) `--chat-template gemma` would be the one-word Jinja template "gemma".
+    """
+    if template is None:
+        return []
+    if Path(template).is_absolute():
+        return ["--jinja", "--chat-template-file", template]
+    return ["--no-jinja", "--chat-template", template]

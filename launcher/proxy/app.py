@@ -6,7 +6,6 @@ every upstream (a new client per request costs tens of milliseconds).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,20 +23,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from launcher import __version__
 from launcher.errors import CapacityError, ModelError
+from launcher.proxy.anthropic import AnthropicErrors
 from launcher.proxy.auth import AuthMiddleware
 from launcher.proxy.errors import error_response
 from launcher.proxy.forward import Forwarder, send_error
 from launcher.proxy.metrics import ProxyMetrics
+from launcher.proxy.ollama import OLLAMA_ROUTES, OllamaAPI
+from launcher.proxy.routes import MODEL_ROUTES, BodyTooLarge, ModelRouter, read_body, route_list
 from launcher.proxy.upstream import UpstreamPool
 from launcher.supervisor.logs import read_tail
 from launcher.supervisor.supervisor import Supervisor
 
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard" / "static"
-OPENAI_ROUTES = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-}
 
 
 @dataclass(frozen=True)
@@ -46,31 +43,6 @@ class ProxySettings:
     admin_token: str = ""
     max_body_size: int = 16 * 1024**2
     upstream_timeout: float = 600.0
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, or BodyTooLarge as soon as it passes `limit` bytes."""
-    for key, value in scope["headers"]:
-        if key == b"content-length" and value.isdigit() and int(value) > limit:
-            raise BodyTooLarge
-    chunks = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
 
 
 def create_app(
@@ -87,6 +59,8 @@ def create_app(
     started = time.time()
     log_paths = log_paths or {}
     too_large = f"request body larger than {settings.max_body_size} bytes"
+    model_route = ModelRouter(supervisor, forwarder, settings.max_body_size)
+    ollama = OllamaAPI(supervisor, forwarder, settings.max_body_size, started)
 
     async def health(request: Request) -> Response:
         states = [str(m.state) for m in supervisor.models.values()]
@@ -96,29 +70,6 @@ def create_app(
             "models_ready": states.count("ready"),
             "models": len(states),
         })
-
-    async def openai(scope: Scope, receive: Receive, send: Send) -> None:
-        """POST /v1/chat/completions etc.: raw ASGI, the hot path."""
-        route = OPENAI_ROUTES[scope["path"]]
-        try:
-            body = await read_body(scope, receive, settings.max_body_size)
-        except BodyTooLarge:
-            return await send_error(send, 413, too_large)
-        try:
-            payload = json.loads(body)
-        except ValueError as exc:
-            return await send_error(send, 400, f"request body is not valid JSON: {exc}")
-        if not isinstance(payload, dict):
-            return await send_error(send, 400, "request body must be a JSON object")
-        requested = payload.get("model")
-        if not isinstance(requested, str) or not requested:
-            return await send_error(send, 400, "missing 'model': name one of " + _known(supervisor),
-                                    code="model_required")
-        name = supervisor.resolve(requested)
-        if name is None:
-            return await send_error(
-                send, 404, f"unknown model {requested!r}; known: {_known(supervisor)}")
-        await forwarder.forward(receive, send, name, "POST", scope["path"], body, route=route)
 
     async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
         """ANY /upstream/{model}/{path}: any other llama-server route of that model."""
@@ -235,8 +186,10 @@ def create_app(
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
-            return error_response(404, f"no route {request.method} {request.url.path}",
-                                  code="not_found")
+            routes_here = route_list(OLLAMA_ROUTES, paths)
+            return error_response(
+                404, f"no route {request.method} {request.url.path}; routes: {routes_here}",
+                code="not_found")
         if exc.status_code == 405:
             return error_response(405, f"{request.method} is not allowed on {request.url.path}")
         return error_response(exc.status_code, str(exc.detail))
@@ -244,19 +197,23 @@ def create_app(
     async def internal_error(request: Request, exc: Exception) -> Response:
         return error_response(500, f"internal error: {type(exc).__name__}")
 
+    paths = [route.path for route in routes if isinstance(route, Route)]
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
 
     async def front(scope: Scope, receive: Receive, send: Send) -> None:
-        # The OpenAI routes skip Starlette's routing and middleware: proxy cost is per request.
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in OPENAI_ROUTES:
-            await openai(scope, receive, send)
+        # The model routes skip Starlette's routing and middleware: proxy cost is per request.
+        if scope["type"] == "http" and scope["path"] in MODEL_ROUTES:
+            await model_route(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"] in OLLAMA_ROUTES:
+            await ollama(scope, receive, send)
         else:
             await app(scope, receive, send)
 
-    return AuthMiddleware(front, api_keys=settings.api_keys, admin_token=settings.admin_token)
+    return AnthropicErrors(
+        AuthMiddleware(front, api_keys=settings.api_keys, admin_token=settings.admin_token))
 
 
 class _RawASGI:

@@ -1,7 +1,8 @@
 """Who may talk to the proxy: API keys (constant-time compare) and a cross-site request guard.
 
 - With `api_keys`, every request but `GET /health` and the dashboard's static shell needs
-  `Authorization: Bearer KEY`; the instance's admin token (state file) is accepted too.
+  `Authorization: Bearer KEY` or `x-api-key: KEY`; the instance's admin token (state file)
+  is accepted too.
 - Without keys, `POST /api/shutdown` still needs the admin token.
 - A POST from a browser page of another origin is refused (a web page must not drive
   local models or admin actions through the user's browser).
@@ -53,19 +54,20 @@ class AuthMiddleware:
                 await _reject(send, 401, "shutting lalo down needs its admin token or an API key")
                 return
         elif self.keys and (presented is None or not self._valid(presented, [*self.keys, self.admin])):
-            await _reject(send, 401, "missing or wrong API key (send Authorization: Bearer KEY)")
+            await _reject(send, 401,
+                          "missing or wrong API key (send Authorization: Bearer KEY or x-api-key: KEY)")
             return
         await self.app(scope, receive, send)
 
 
 def _bearer(headers: dict[bytes, bytes]) -> bytes | None:
+    """The key presented: `Authorization: Bearer KEY`, else `x-api-key: KEY` (Anthropic's SDK)."""
     value = headers.get(b"authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.partition(b" ")
-    if scheme.lower() != b"bearer" or not token.strip():
-        return None
-    return token.strip()
+    if value is not None:
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() == b"bearer" and token.strip():
+            return token.strip()
+    return headers.get(b"x-api-key", b"").strip() or None
 
 
 def _same_origin(headers: dict[bytes, bytes]) -> bool:

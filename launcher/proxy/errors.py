@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Final
+from typing import Any, Final
 
 from starlette.responses import Response
 
@@ -42,3 +42,20 @@ def error_response(
 def sse_error_event(status: int, message: str, code: str | None = None) -> bytes:
     """An error inside an event stream: what a client sees when upstream breaks mid-stream."""
     return b"data: " + error_body(status, message, code) + b"\n\n"
+
+
+def error_message(body: bytes) -> str:
+    """The human message of an error body: lalo's envelope, llama-server's, or the raw text."""
+    try:
+        data: Any = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace").strip() or "error"
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+        if isinstance(data.get("message"), str):
+            return str(data["message"])
+    return body.decode("utf-8", "replace").strip() or "error"

@@ -160,3 +160,15 @@ def lalo_env(state_dir: Path, config_dir: Path, extra: Mapping[str, str] | None 
         env.pop(name, None)
     env.update(extra or {})
     return env
+
+
+def tokens_predicted(up: LaloUp, model: str) -> float:
+    """llama-server's count of tokens `model` has generated so far (its /metrics, through lalo)."""
+    text = httpx.get(f"{up.url}/upstream/{model}/metrics", headers=up.headers(), timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("llamacpp:tokens_predicted_total"))
+
+
+def generating(up: LaloUp, model: str) -> bool:
+    slots = httpx.get(f"{up.url}/upstream/{model}/slots", headers=up.headers(), timeout=10).json()
+    return any(slot["is_processing"] for slot in slots)

@@ -110,11 +110,11 @@ class _Reply:
         await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     async def fail(self, failure: _Failure) -> None:
+        self.status = failure.status  # for the metrics, also when the head said 200
         if self.streaming:
             await self.body(sse_error_event(failure.status, failure.message, failure.code))
             await self.end_stream()
             return
-        self.status = failure.status
         await send_error(self.send, failure.status, failure.message, failure.code, failure.headers)
 
     async def end_stream(self) -> None:
@@ -227,7 +227,11 @@ class Forwarder:
                      stream: bool) -> Endpoint:
         """A slot on `name`'s server; a streamed request that waits long hears about it."""
         lease = self.supervisor.lease(name)
-        notices = asyncio.ensure_future(self._notices(reply, name)) if stream else None
+        # a timer, not a task, on the fast path: the notices start only after a real wait
+        notices: list[asyncio.Task[None]] = []
+        timer = asyncio.get_running_loop().call_later(
+            self.notice_after, lambda: notices.append(asyncio.ensure_future(
+                self._notices(reply, name)))) if stream else None
         try:
             return await stack.enter_async_context(lease)
         except QueueFullError as exc:
@@ -237,13 +241,14 @@ class Forwarder:
         except ModelError as exc:
             raise _Failure(503, str(exc)) from exc
         finally:
-            if notices is not None:
-                notices.cancel()
-                await asyncio.gather(notices, return_exceptions=True)
+            if timer is not None:
+                timer.cancel()
+            for task in notices:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _notices(self, reply: _Reply, name: str) -> None:
-        """After `notice_after` s of waiting: the SSE head, then a comment every few seconds."""
-        await asyncio.sleep(self.notice_after)
+        """The SSE head (unless it went out already), then a comment every few seconds."""
         if not reply.streaming:
             await reply.start_stream(200, [(b"content-type", b"text/event-stream")])
         while True:

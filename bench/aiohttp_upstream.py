@@ -86,19 +86,25 @@ class AiohttpPool:
         url = URL(f"http://{host}:{port}{target}", encoded=True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout,
                                         sock_read=read_timeout)
-        try:
-            response = await self._client().request(
-                method, url, data=body, timeout=timeout,
-                headers={k.decode("latin-1"): v.decode("latin-1") for k, v in headers})
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnavailable(f"cannot connect to {host}:{port}: {exc}") from exc
-        except TimeoutError as exc:
-            raise UpstreamTimeout("no answer from the model server in time") from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            raise UpstreamClosed("the model server closed the connection") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamBroken(str(exc)) from exc
-        return AiohttpResponse(response)
+        fields = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+        for attempt in (1, 2):
+            try:
+                response = await self._client().request(method, url, data=body,
+                                                         timeout=timeout, headers=fields)
+            except aiohttp.ClientConnectorError as exc:
+                raise UpstreamUnavailable(f"cannot connect to {host}:{port}: {exc}") from exc
+            except TimeoutError as exc:
+                raise UpstreamTimeout("no answer from the model server in time") from exc
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # as lalo's own client does: a kept-alive connection the server had just
+                # closed (llama-server drops one after 100 requests) is retried once
+                if attempt == 1:
+                    continue
+                raise UpstreamClosed("the model server closed the connection") from exc
+            except aiohttp.ClientError as exc:
+                raise UpstreamBroken(str(exc)) from exc
+            return AiohttpResponse(response)
+        raise AssertionError("unreachable")
 
     def idle_count(self, host: str, port: int) -> int:
         return 0

@@ -396,8 +396,11 @@ def report(results: dict[str, Any], out: Path, samples: int) -> None:
 
 
 def plot(ttft_ms: dict[str, list[float]], decode: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

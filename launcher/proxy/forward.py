@@ -22,6 +22,7 @@ import logging
 import time
 from typing import Any
 
+import psutil
 from starlette.types import Message, Receive, Send
 
 from launcher.errors import CapacityError, ModelError, QueueFullError
@@ -324,7 +325,13 @@ class Forwarder:
         reply.usage = content
 
     async def _replaced(self, name: str, dead: Endpoint) -> None:
-        """Wait (briefly) until the supervisor no longer offers the endpoint that just died."""
+        """Wait (briefly) until the supervisor no longer offers the endpoint that just died.
+
+        A server whose process still runs (it only dropped that connection) is asked again
+        at once.
+        """
+        if _running(dead.pid):
+            return
         deadline = time.monotonic() + _REPLACED_WAIT
         while time.monotonic() < deadline:
             model = self.supervisor.models.get(name)
@@ -357,6 +364,14 @@ class Forwarder:
             time.perf_counter() - started)
         if isinstance(tokens, int) and tokens > 0:
             self.supervisor.record_tokens(name, tokens, seconds)
+
+
+def _running(pid: int) -> bool:
+    """Whether that process exists and has not exited (a zombie waiting to be reaped has)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 async def _client_gone(receive: Receive) -> None:

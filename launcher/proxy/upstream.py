@@ -91,6 +91,7 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.until_close = False  # the body ends when the server closes the connection
+        self.event_stream = False
         self.informational = False
         self.error: UpstreamError | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -145,8 +146,11 @@ class _Connection(asyncio.Protocol):
         if self.head or status in _NO_BODY_STATUS:
             self._complete()
         else:
-            names = {name.lower() for name, _ in self.headers}
+            names = {name.lower(): value for name, value in self.headers}
             self.until_close = b"content-length" not in names and b"transfer-encoding" not in names
+            # llama-server closes the connection after every event stream although its
+            # headers say keep-alive: reusing one would always fail once first
+            self.event_stream = names.get(b"content-type", b"").startswith(b"text/event-stream")
         if not self.headers_done.done():
             self.headers_done.set_result(None)
 
@@ -195,7 +199,8 @@ class _Connection(asyncio.Protocol):
         return data
 
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and self.error is None
+        return (self.complete and self.keep_alive and not self.closed and self.error is None
+                and not self.event_stream)
 
 
 class UpstreamResponse:
@@ -282,7 +287,8 @@ class UpstreamPool:
         payload = b"".join(head) + body
         is_head = method == "HEAD"
         for attempt in range(2):
-            connection, reused = await self._connection(host, port, is_head)
+            # the retry takes a new connection: the other idle ones may be as stale
+            connection, reused = await self._connection(host, port, is_head, fresh=attempt > 0)
             assert connection.transport is not None
             connection.transport.write(payload)
             loop = asyncio.get_running_loop()
@@ -304,9 +310,10 @@ class UpstreamPool:
             return UpstreamResponse(connection, read_timeout)
         raise AssertionError("unreachable")
 
-    async def _connection(self, host: str, port: int, head: bool) -> tuple[_Connection, bool]:
+    async def _connection(self, host: str, port: int, head: bool,
+                          fresh: bool = False) -> tuple[_Connection, bool]:
         key = (host, port)
-        idle = self._idle.get(key)
+        idle = None if fresh else self._idle.get(key)
         now = time.monotonic()
         while idle:
             connection = idle.pop()

@@ -165,6 +165,20 @@ def test_a_queued_client_that_leaves_gives_its_place_back(lalo: LaloUp) -> None:
     assert (status["in_flight"], status["queued"]) == (0, 0)
 
 
+def test_a_client_that_leaves_while_its_model_loads_leaves_the_queue(lalo: LaloUp) -> None:
+    # Before: the lease wait never looked at the client; the request stayed counted as
+    # waiting until the load ended, then ran for nobody.
+    httpx.post(lalo.url + "/api/models/slow/unload", timeout=60).raise_for_status()
+    client = open_request(lalo, {"model": "slow", "prompt": "x", **LONG})
+    wait_until(lambda: lalo.model("slow")["state"] == "starting", 10, message="slow to load")
+    assert lalo.model("slow")["queued"] == 1
+    client.close()
+    wait_until(lambda: lalo.model("slow")["queued"] == 0, 2, message="the request to leave")
+    assert lalo.model("slow")["state"] == "starting"  # left before the load ended
+    model = lalo.wait_state("slow", "ready")
+    assert (model["in_flight"], model["queued"]) == (0, 0)
+
+
 def test_head_through_upstream(lalo: LaloUp) -> None:
     # Before: 502 after 5 s (the parser waited for a body a HEAD answer never has).
     started = time.monotonic()
@@ -186,6 +200,7 @@ def test_upstream_paths_go_out_as_the_client_sent_them(lalo: LaloUp) -> None:
 
 
 def test_a_streamed_request_waiting_for_a_slow_load_hears_about_it(lalo: LaloUp) -> None:
+    httpx.post(lalo.url + "/api/models/slow/unload", timeout=60).raise_for_status()
     started = time.monotonic()
     comments: list[str] = []
     events: list[str] = []

@@ -64,12 +64,19 @@ def chunked(*parts: bytes) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
 
 
-async def test_streams_chunks_and_reuses_the_connection(serve) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("content_type", "connections"), [
+    (b"application/x-ndjson", 1),  # kept alive and reused
+    # llama-server closes the connection after every event stream although its headers say
+    # keep-alive: such a connection is never pooled (reusing it would fail once every time)
+    (b"text/event-stream", 3),
+])
+async def test_streams_chunks_and_reuses_the_connection(  # type: ignore[no-untyped-def]
+        serve, content_type: bytes, connections: int) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             request = await read_request(reader)
             server.requests.append(request)
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: " + content_type + b"\r\n"
                          b"transfer-encoding: chunked\r\n\r\n")
             for part in (b"data: one\n\n", b"data: two\n\n"):
                 writer.write(chunked(part)[:-5])  # one chunk, without the terminator
@@ -84,10 +91,10 @@ async def test_streams_chunks_and_reuses_the_connection(serve) -> None:  # type:
         response = await pool.request("POST", "127.0.0.1", port, "/v1/x",
                                       [(b"authorization", b"Bearer k")], b'{"a":1}', 5.0)
         assert response.status_code == 200
-        assert response.header(b"content-type") == b"text/event-stream"
+        assert response.header(b"content-type") == content_type
         assert b"".join([c async for c in response.chunks()]) == b"data: one\n\ndata: two\n\n"
         await response.aclose()
-    assert server.connections == 1  # kept alive and reused
+    assert server.connections == connections
     assert server.requests[0].startswith(b"POST /v1/x HTTP/1.1\r\n")
     assert b"authorization: Bearer k\r\n" in server.requests[0]
     assert server.requests[0].endswith(b'content-length: 7\r\n\r\n{"a":1}')
@@ -191,6 +198,33 @@ async def test_an_idle_connection_the_server_closed_is_retried_once(serve) -> No
     assert await second.read() == b"ok"
     await second.aclose()
     assert server.connections == 2  # the dropped one, then a fresh one for the retry
+
+
+async def test_the_retry_takes_a_new_connection_not_another_idle_one(serve) -> None:  # type: ignore[no-untyped-def]
+    # Two idle connections, both dropped by the server: the retry must not take the second.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = server.connections
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        if number <= 2:
+            await read_request(reader)
+            writer.transport.abort()
+        else:
+            await asyncio.sleep(5)
+
+    server, port = await serve(handler)
+    pool = UpstreamPool()
+    first, second = await asyncio.gather(*(pool.request("GET", "127.0.0.1", port, "/", [], b"", 5.0)
+                                           for _ in range(2)))
+    for response in (first, second):
+        assert await response.read() == b"ok"
+        await response.aclose()
+    assert pool.idle_count("127.0.0.1", port) == 2
+    third = await pool.request("GET", "127.0.0.1", port, "/", [], b"", 5.0)
+    assert await third.read() == b"ok"
+    await third.aclose()
+    assert server.connections == 3
 
 
 async def test_closing_an_unread_answer_closes_the_connection(serve) -> None:  # type: ignore[no-untyped-def]

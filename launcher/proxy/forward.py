@@ -188,8 +188,8 @@ class Forwarder:
                                     started, retry_allowed=attempt == 1)
                 return
             except _Retry as retry:
-                log.warning("%s: the model server died before answering (%s); asking once more",
-                            name, retry.cause)
+                log.warning("%s: the model server closed the connection before answering "
+                            "(%s); asking once more", name, retry.cause)
                 dead = retry.endpoint
             except _Failure as failure:
                 await reply.fail(failure)

@@ -226,6 +226,19 @@ def test_a_streamed_request_waiting_for_a_slow_load_hears_about_it(lalo: LaloUp)
     assert first.startswith("data:")
 
 
+def test_an_upstream_error_after_the_early_head_becomes_the_error_event(lalo: LaloUp) -> None:
+    # the head (200) went out while the model loaded; llama-server then refuses the request
+    httpx.post(lalo.url + "/api/models/slow/unload", timeout=60).raise_for_status()
+    body = {"model": "slow", "stream": True, "max_tokens": 4}  # no prompt
+    with httpx.stream("POST", lalo.url + "/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[0] == ": loading slow"
+    error = json.loads(lines[-1][5:])["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "prompt" in error["message"]
+
+
 def test_a_load_that_fails_ends_the_waiting_stream_with_the_error_event(lalo: LaloUp) -> None:
     body = {"model": "broken", "prompt": "x", "max_tokens": 4, "stream": True}
     lines: list[str] = []

@@ -54,6 +54,7 @@ CLIENT_CLOSED = 499  # nginx's status for "the client closed the request", in me
 # (at most) for the dead endpoint to be withdrawn before it leases again
 _REPLACED_WAIT = 2.0
 _REPLACED_POLL = 0.02
+_ALIVE_FOR = 0.1  # a process still running this long after it dropped a connection lives
 
 
 async def send_error(send: Send, status: int, message: str, code: str | None = None,
@@ -327,16 +328,23 @@ class Forwarder:
     async def _replaced(self, name: str, dead: Endpoint) -> None:
         """Wait (briefly) until the supervisor no longer offers the endpoint that just died.
 
-        A server whose process still runs (it only dropped that connection) is asked again
-        at once.
+        A server whose process is still there a moment later only dropped that connection:
+        it is asked again at once. (A killed process closes its sockets a moment before it
+        shows as exited, so one look is not enough.)
         """
-        if _running(dead.pid):
-            return
-        deadline = time.monotonic() + _REPLACED_WAIT
-        while time.monotonic() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _REPLACED_WAIT
+        alive_since: float | None = None
+        while (now := loop.time()) < deadline:
             model = self.supervisor.models.get(name)
             current = model.endpoint if model is not None else None
             if current is None or current.pid != dead.pid or current.port != dead.port:
+                return
+            if not _running(dead.pid):
+                alive_since = None
+            elif alive_since is None:
+                alive_since = now
+            elif now - alive_since >= _ALIVE_FOR:
                 return
             await asyncio.sleep(_REPLACED_POLL)
 

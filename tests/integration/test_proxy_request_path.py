@@ -269,9 +269,11 @@ def test_a_server_killed_before_answering_is_asked_again(lalo: LaloUp) -> None:
     # Before: 502 "broke off" although the client had not seen a byte.
     pid = lalo.model("smol")["pid"]
     killer = _kill_when_running(lalo, pid)
-    prompt = "Tell me about Paris. " * 150  # a long prompt: the kill comes before any token
+    # a long prompt, never cached: the kill comes while it is read, before any token
+    prompt = "Tell me about Paris. " * 150
     response = httpx.post(lalo.url + "/v1/completions", timeout=120, json={
-        "model": "smol", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+        "model": "smol", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+        "cache_prompt": False})
     killer.join(5)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"]
@@ -283,8 +285,9 @@ def test_a_stream_whose_server_dies_before_the_first_token_is_asked_again(lalo: 
     lalo.wait_state("smol", "ready")
     pid = lalo.model("smol")["pid"]
     killer = _kill_when_running(lalo, pid)
-    prompt = "Tell me about Paris. " * 150
-    body = {"model": "smol", "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
+    prompt = "Tell me about Rome. " * 150  # another prompt: the last test's retry cached its own
+    body = {"model": "smol", "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True,
+            "cache_prompt": False}
     with httpx.stream("POST", lalo.url + "/v1/completions", json=body, timeout=120) as response:
         assert response.status_code == 200
         events = [line for line in response.iter_lines() if line.startswith("data:")]

@@ -6,9 +6,12 @@ Measures, in one run:
   - time to first token on a tiny model (where proxy cost shows most): p50 / p99 added
   - 32 concurrent streams: errors and aggregate tokens/s ratio
   - the proxy's own CPU seconds per 1,000 streamed tokens
+With `--upstream-clients ours,aiohttp` a second lalo runs with aiohttp's client in place of
+lalo's own upstream client (bench/aiohttp_upstream.py), measured interleaved as "lalo-aiohttp".
 Writes docs/proxy-benchmark.md, docs/proxy-benchmark.json and docs/proxy-benchmark.png.
 
     python bench/proxy_overhead.py [--samples 500] [--decode-rounds 30] [--server PATH]
+                                   [--upstream-clients ours,aiohttp] [--no-router]
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 async def measure(targets_tiny: list[Target], targets_medium: list[Target], samples: int,
-                  decode_rounds: int, lalo_pid: int) -> dict[str, Any]:
+                  decode_rounds: int, lalo_pids: dict[str, int]) -> dict[str, Any]:
     results: dict[str, Any] = {"ttft": {}, "decode": {}, "concurrent": {}, "cpu": {}}
     # servers close idle keep-alive connections after 5 s: never reuse one that old
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=3.0)
@@ -135,19 +138,20 @@ async def measure(targets_tiny: list[Target], targets_medium: list[Target], samp
         results["decode"] = decode
         # 32 concurrent streams on the tiny model (4 slots), three bursts per target taken in
         # turn; the median burst counts. The proxy's CPU is summed over its bursts.
-        lalo = psutil.Process(lalo_pid)
+        proxies = {name: psutil.Process(pid) for name, pid in lalo_pids.items()}
         bursts: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets_tiny}
-        lalo_cpu = 0.0
+        proxy_cpu = dict.fromkeys(proxies, 0.0)
         for round_number in range(3):
             shift = round_number % len(targets_tiny)
             for target in targets_tiny[shift:] + targets_tiny[:shift]:
-                cpu_before = sum(lalo.cpu_times()[:2])
+                proxy = proxies.get(target.name)
+                cpu_before = sum(proxy.cpu_times()[:2]) if proxy is not None else 0.0
                 started = time.perf_counter()
                 outcomes = await asyncio.gather(
                     *(stream_once(client, target, 64) for _ in range(32)), return_exceptions=True)
                 wall = time.perf_counter() - started
-                if target.name == "lalo":
-                    lalo_cpu += sum(lalo.cpu_times()[:2]) - cpu_before
+                if proxy is not None:
+                    proxy_cpu[target.name] += sum(proxy.cpu_times()[:2]) - cpu_before
                 tokens = sum(len(o[1]) for o in outcomes if not isinstance(o, BaseException))
                 errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
                 bursts[target.name].append({"errors": len(errors), "error_examples": errors[:3],
@@ -159,8 +163,9 @@ async def measure(targets_tiny: list[Target], targets_medium: list[Target], samp
                 "errors": sum(run["errors"] for run in runs),
                 "tokens_per_s": statistics.median(run["tokens_per_s"] for run in runs),
             }
-        results["cpu"]["lalo"] = {"lalo_cpu_seconds": lalo_cpu,
-                                  "tokens": sum(run["tokens"] for run in bursts["lalo"])}
+        for name, seconds in proxy_cpu.items():
+            results["cpu"][name] = {"lalo_cpu_seconds": seconds,
+                                    "tokens": sum(run["tokens"] for run in bursts[name])}
     results["reconnects"] = dict(RECONNECTS)
     return results
 
@@ -207,6 +212,10 @@ def main() -> None:
     parser.add_argument("--server", type=Path)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lalo-bench")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--upstream-clients", default="ours",
+                        help="comma-separated: ours (lalo's own client), aiohttp")
+    parser.add_argument("--no-router", action="store_true",
+                        help="leave llama-server's router mode out (a quicker check)")
     args = parser.parse_args()
     if args.server is None:
         from launcher.engines.registry import require_llama_server
@@ -231,108 +240,142 @@ def main() -> None:
             "medium": {"file": str(medium), "ctx_size": 4096, "parallel": 4},
         },
     }))
-    port = free_port()
-    env = {**os.environ, "LALO_STATE_DIR": str(state)}
-    lalo = subprocess.Popen([sys.executable, "-m", "launcher", "up", "--config", str(config),
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    router_port = free_port()
-    router = start_router(args.server, models_dir, router_port)
+    clients = [c.strip() for c in args.upstream_clients.split(",") if c.strip()]
+    unknown = set(clients) - {"ours", "aiohttp"}
+    if unknown or not clients:
+        parser.error(f"--upstream-clients: unknown {sorted(unknown)}; use ours and/or aiohttp")
+    lalos: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    router: subprocess.Popen[bytes] | None = None
     try:
-        lalo_url = f"http://127.0.0.1:{port}"
-        wait_http(lalo_url + "/health")
-        deadline = time.monotonic() + 120
-        while True:
-            status = httpx.get(lalo_url + "/api/status", trust_env=False).json()
-            models = {m["name"]: m for m in status["models"]}
-            if all(m["state"] == "ready" for m in models.values()):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"models not ready: {models}")
-            time.sleep(0.2)
-        wait_http(f"http://127.0.0.1:{router_port}/health")
+        for client in clients:
+            name = "lalo" if client == "ours" else f"lalo-{client}"
+            port = free_port()
+            env = {**os.environ, "LALO_STATE_DIR": str(state / name)}
+            entry = ([sys.executable, "-m", "launcher"] if client == "ours" else
+                     [sys.executable, str(ROOT / "bench" / "aiohttp_upstream.py")])
+            lalos[name] = (subprocess.Popen(
+                [*entry, "up", "--config", str(config), "--port", str(port)], env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}")
+        router_port = free_port()
+        if not args.no_router:
+            router = start_router(args.server, models_dir, router_port)
+        ready = {name: wait_ready(url) for name, (_, url) in lalos.items()}
+        if router is not None:
+            wait_http(f"http://127.0.0.1:{router_port}/health")
+        first = next(iter(ready.values()))
 
         def direct(name: str) -> Target:
-            model = models[name]
+            model = first[name]
             return Target("direct", f"http://127.0.0.1:{model['port']}", name,
                           {"Authorization": f"Bearer {child_key(model['pid'])}"})
 
-        def via_lalo(name: str) -> Target:
-            return Target("lalo", lalo_url, name)
+        def via_lalos(name: str) -> list[Target]:
+            return [Target(label, url, name) for label, (_, url) in lalos.items()]
 
-        def via_router(path: Path) -> Target:
-            return Target("router", f"http://127.0.0.1:{router_port}", path.stem)
+        def via_router(path: Path) -> list[Target]:
+            if router is None:
+                return []
+            return [Target("router", f"http://127.0.0.1:{router_port}", path.stem)]
 
-        tiny_targets = [direct("tiny"), via_lalo("tiny"), via_router(tiny)]
-        medium_targets = [direct("medium"), via_lalo("medium"), via_router(medium)]
+        tiny_targets = [direct("tiny"), *via_lalos("tiny"), *via_router(tiny)]
+        medium_targets = [direct("medium"), *via_lalos("medium"), *via_router(medium)]
+        pids = {name: proc.pid for name, (proc, _) in lalos.items()}
         results = asyncio.run(measure(tiny_targets, medium_targets, args.samples,
-                                            args.decode_rounds, lalo.pid))
-        results["lalo_rss"] = psutil.Process(lalo.pid).memory_info().rss
+                                      args.decode_rounds, pids))
+        results["lalo_rss"] = {name: psutil.Process(pid).memory_info().rss
+                               for name, pid in pids.items()}
     finally:
-        lalo.terminate()
-        lalo.wait(60)
-        os.killpg(router.pid, 15)
-        router.wait(30)
+        for proc, _ in lalos.values():
+            proc.terminate()
+        for proc, _ in lalos.values():
+            proc.wait(60)
+        if router is not None:
+            os.killpg(router.pid, 15)
+            router.wait(30)
     report(results, args.out, args.samples)
+
+
+def wait_ready(lalo_url: str) -> dict[str, dict[str, Any]]:
+    """Every model of that lalo ready: its status rows by name."""
+    wait_http(lalo_url + "/health")
+    deadline = time.monotonic() + 120
+    while True:
+        status = httpx.get(lalo_url + "/api/status", trust_env=False).json()
+        models = {m["name"]: m for m in status["models"]}
+        if all(m["state"] == "ready" for m in models.values()):
+            return models
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"models not ready: {models}")
+        time.sleep(0.2)
 
 
 def report(results: dict[str, Any], out: Path, samples: int) -> None:
     ttft = results["ttft"]
     decode = results["decode"]
     ms = {name: [v * 1000 for v in values] for name, values in ttft.items()}
+    names = list(ms)  # direct first, then each lalo, then the router
     summary: dict[str, Any] = {"samples": samples}
-    for name in ms:
+    for name in names:
         summary[name] = {
             "ttft_p50_ms": statistics.median(ms[name]),
             "ttft_p99_ms": percentile(ms[name], 99),
             "decode_tok_s": statistics.median(decode[name]),
             "concurrent": results["concurrent"][name],
         }
-    for name in ("lalo", "router"):
-        summary[name]["ttft_added_p50_ms"] = summary[name]["ttft_p50_ms"] - summary["direct"]["ttft_p50_ms"]
-        summary[name]["ttft_added_p99_ms"] = summary[name]["ttft_p99_ms"] - summary["direct"]["ttft_p99_ms"]
-        summary[name]["decode_ratio"] = summary[name]["decode_tok_s"] / summary["direct"]["decode_tok_s"]
-        summary[name]["concurrent_ratio"] = (summary[name]["concurrent"]["tokens_per_s"]
-                                             / summary["direct"]["concurrent"]["tokens_per_s"])
-    cpu = results["cpu"]["lalo"]
-    summary["lalo"]["cpu_s_per_1000_tokens"] = cpu["lalo_cpu_seconds"] / cpu["tokens"] * 1000
+    direct = summary["direct"]
+    for name in names[1:]:
+        row = summary[name]
+        row["ttft_added_p50_ms"] = row["ttft_p50_ms"] - direct["ttft_p50_ms"]
+        row["ttft_added_p99_ms"] = row["ttft_p99_ms"] - direct["ttft_p99_ms"]
+        row["decode_ratio"] = row["decode_tok_s"] / direct["decode_tok_s"]
+        row["concurrent_ratio"] = (row["concurrent"]["tokens_per_s"]
+                                   / direct["concurrent"]["tokens_per_s"])
+    for name, cpu in results["cpu"].items():
+        summary[name]["cpu_s_per_1000_tokens"] = cpu["lalo_cpu_seconds"] / cpu["tokens"] * 1000
     summary["lalo_rss"] = results["lalo_rss"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "proxy-benchmark.json").write_text(json.dumps({"summary": summary, "raw": results}, indent=1))
     plot(ms, decode, out / "proxy-benchmark.png")
-    lalo, router, direct = summary["lalo"], summary["router"], summary["direct"]
+    proxies = names[1:]
+    rows = [summary[name] for name in names]
+
+    def line(label: str, cells: list[str]) -> str:
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def added(row: dict[str, Any]) -> str:
+        if "ttft_added_p50_ms" not in row:
+            return "-"
+        return f"{row['ttft_added_p50_ms']:+.2f} / {row['ttft_added_p99_ms']:+.2f}"
+
     lines = [
         "# Proxy overhead: llama-server direct vs through lalo vs llama-server router mode",
         "",
         "Made by `python bench/proxy_overhead.py` in one run, requests interleaved "
-        "(direct, lalo, router) so machine noise hits all three alike. Random-weight models: "
+        f"({', '.join(names)}) so machine noise hits all alike. Random-weight models: "
         "a tiny one (64 wide, 2 layers, 32k vocab) for time to first token and concurrency, a "
         "350M-shape Q4_K_M one for decode speed. Same llama-server binary; the direct target is "
-        "the very child process lalo started.",
+        "the very child process the first lalo started. `lalo-aiohttp` (when present) is lalo "
+        "with aiohttp's client in place of its own upstream client (bench/aiohttp_upstream.py).",
         "",
-        "| | direct | lalo | router mode |",
-        "|---|---:|---:|---:|",
-        f"| TTFT p50 (ms, tiny model, {samples} samples) | {direct['ttft_p50_ms']:.2f} | "
-        f"{lalo['ttft_p50_ms']:.2f} | {router['ttft_p50_ms']:.2f} |",
-        f"| TTFT p99 (ms) | {direct['ttft_p99_ms']:.2f} | {lalo['ttft_p99_ms']:.2f} | "
-        f"{router['ttft_p99_ms']:.2f} |",
-        f"| added TTFT p50 / p99 (ms) | - | {lalo['ttft_added_p50_ms']:+.2f} / "
-        f"{lalo['ttft_added_p99_ms']:+.2f} | {router['ttft_added_p50_ms']:+.2f} / "
-        f"{router['ttft_added_p99_ms']:+.2f} |",
-        f"| streamed decode tok/s (350M Q4_K_M, 128 tokens, median of {len(decode['direct'])}) | "
-        f"{direct['decode_tok_s']:.1f} | "
-        f"{lalo['decode_tok_s']:.1f} | {router['decode_tok_s']:.1f} |",
-        f"| decode ratio vs direct | 1 | {lalo['decode_ratio']:.3f} | {router['decode_ratio']:.3f} |",
-        f"| 32 concurrent streams: errors (3 bursts) | {direct['concurrent']['errors']} | "
-        f"{lalo['concurrent']['errors']} | {router['concurrent']['errors']} |",
-        f"| 32 concurrent streams: aggregate tok/s (median of 3 bursts) | "
-        f"{direct['concurrent']['tokens_per_s']:.0f} | "
-        f"{lalo['concurrent']['tokens_per_s']:.0f} | {router['concurrent']['tokens_per_s']:.0f} |",
-        f"| aggregate ratio vs direct | 1 | {lalo['concurrent_ratio']:.3f} | "
-        f"{router['concurrent_ratio']:.3f} |",
+        line("", names),
+        "|---|" + "---:|" * len(names),
+        line(f"TTFT p50 (ms, tiny model, {samples} samples)", [f"{r['ttft_p50_ms']:.2f}" for r in rows]),
+        line("TTFT p99 (ms)", [f"{r['ttft_p99_ms']:.2f}" for r in rows]),
+        line("added TTFT p50 / p99 (ms)", [added(r) for r in rows]),
+        line(f"streamed decode tok/s (350M Q4_K_M, 128 tokens, median of {len(decode['direct'])})",
+             [f"{r['decode_tok_s']:.1f}" for r in rows]),
+        line("decode ratio vs direct", ["1"] + [f"{summary[n]['decode_ratio']:.3f}" for n in proxies]),
+        line("32 concurrent streams: errors (3 bursts)", [str(r["concurrent"]["errors"]) for r in rows]),
+        line("32 concurrent streams: aggregate tok/s (median of 3 bursts)",
+             [f"{r['concurrent']['tokens_per_s']:.0f}" for r in rows]),
+        line("aggregate ratio vs direct",
+             ["1"] + [f"{summary[n]['concurrent_ratio']:.3f}" for n in proxies]),
+        line("proxy CPU s per 1,000 streamed tokens (32 streams)",
+             [f"{r['cpu_s_per_1000_tokens']:.3f}" if "cpu_s_per_1000_tokens" in r else "-"
+              for r in rows]),
         "",
-        f"lalo's own CPU: {lalo['cpu_s_per_1000_tokens']:.3f} CPU seconds per 1,000 streamed tokens "
-        f"(32 concurrent streams); lalo's RSS {summary['lalo_rss'] / 2**20:.0f} MiB.",
+        "lalo's RSS: " + ", ".join(f"{name} {rss / 2**20:.0f} MiB"
+                                   for name, rss in summary["lalo_rss"].items()) + ".",
         "",
         "Targets: decode ratio >= 0.98, added TTFT p50 <= 2 ms and p99 <= 5 ms, 32 streams with "
         "0 errors and aggregate ratio >= 0.95.",
@@ -353,8 +396,11 @@ def report(results: dict[str, Any], out: Path, samples: int) -> None:
 
 
 def plot(ttft_ms: dict[str, list[float]], decode: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -364,7 +410,9 @@ def plot(ttft_ms: dict[str, list[float]], decode: dict[str, list[float]], path: 
     left.set_xticks(range(1, len(names) + 1), names)
     left.set_ylabel("time to first token (ms)")
     left.set_title("tiny model, interleaved samples")
-    right.bar(names, [statistics.median(decode[n]) for n in names], color=["#777", "#2a7", "#57a"])
+    colors = ["#777", "#2a7", "#a72", "#57a"]
+    right.bar(names, [statistics.median(decode[n]) for n in names],
+              color=[colors[i % len(colors)] for i in range(len(names))])
     right.set_ylabel("streamed decode tokens/s (median)")
     right.set_title("350M Q4_K_M, 128 tokens")
     fig.tight_layout()

@@ -31,6 +31,9 @@ from launcher.yamlfile import Lines, describe, read_yaml, where
 CONFIG_NAME = "lalo.yaml"
 EngineKind = Literal["llama-server", "llamafile", "llama-cpp-python"]
 ENGINE_KINDS: tuple[str, ...] = ("llama-server", "llamafile", "llama-cpp-python")
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
+                        r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$")
+_ORIGIN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".tmpl", ".txt")
@@ -52,6 +55,11 @@ class ProxyConfig(_Section):
     max_body_size: int = 16 * 1024**2
     queue_size: Annotated[int, Field(ge=0, le=100_000)] = 64
     upstream_timeout: Annotated[float, Field(gt=0)] = 600.0
+    # Host names served besides localhost / loopback addresses while on loopback (DNS-rebinding
+    # defence), e.g. ["lalo.internal", "*.example.lan"]
+    allowed_hosts: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    # web page origins allowed to call lalo and read its answers (CORS); off when empty
+    cors_origins: Annotated[tuple[str, ...], Field(strict=False)] = ()
 
     @field_validator("max_body_size", mode="before")
     @classmethod
@@ -60,6 +68,27 @@ class ProxyConfig(_Section):
         if size < 1024:
             raise ValueError(f"must be >= 1KiB, got {value!r}")
         return size
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        for host in hosts:
+            name = host[2:] if host.startswith("*.") else host
+            if not _HOST_NAME.match(name):
+                raise ValueError(f"{host!r} is not a host name (no scheme, port or path; "
+                                 "'*.' may start a name)")
+        return tuple(host.lower() for host in hosts)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            if origin in ("*", "null"):
+                continue
+            if not _ORIGIN.match(origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path), "
+                                 "'*' or 'null'")
+        return tuple(origin.lower() for origin in origins)
 
     @field_validator("api_keys")
     @classmethod

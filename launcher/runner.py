@@ -327,6 +327,9 @@ async def _run(
             admin_token=admin_token,
             max_body_size=config.proxy.max_body_size,
             upstream_timeout=config.proxy.upstream_timeout,
+            listen_host=host,
+            allowed_hosts=config.proxy.allowed_hosts,
+            cors_origins=config.proxy.cors_origins,
         )
         # llama-server closes idle connections after 5 s: drop ours first, never reuse a dead one
         pool = UpstreamPool(keepalive_expiry=4.0)

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psutil
 from starlette.applications import Starlette
@@ -27,10 +28,11 @@ from launcher.proxy.anthropic import AnthropicErrors
 from launcher.proxy.auth import AuthMiddleware
 from launcher.proxy.errors import error_response
 from launcher.proxy.forward import Forwarder, send_error
+from launcher.proxy.hosts import HostGuard
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.proxy.ollama import OLLAMA_ROUTES, OllamaAPI
 from launcher.proxy.routes import MODEL_ROUTES, BodyTooLarge, ModelRouter, read_body, route_list
-from launcher.proxy.upstream import UpstreamPool
+from launcher.proxy.upstream import UpstreamBadTarget, UpstreamPool, check_target
 from launcher.supervisor.logs import read_tail
 from launcher.supervisor.supervisor import Supervisor
 
@@ -43,6 +45,9 @@ class ProxySettings:
     admin_token: str = ""
     max_body_size: int = 16 * 1024**2
     upstream_timeout: float = 600.0
+    listen_host: str = "127.0.0.1"  # on loopback, requests for other Host names are refused
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
 
 
 def create_app(
@@ -82,10 +87,15 @@ def create_app(
             body = await read_body(scope, receive, settings.max_body_size)
         except BodyTooLarge:
             return await send_error(send, 413, too_large)
+        target = upstream_target(scope)
+        query = scope.get("query_string", b"").decode("latin-1")
+        try:
+            check_target(target + (f"?{query}" if query else ""))
+        except UpstreamBadTarget as exc:
+            return await send_error(send, 400, str(exc))
         headers = dict(scope["headers"])
         await forwarder.forward(
-            receive, send, name, scope["method"], "/" + params["path"], body, route="upstream",
-            query=scope.get("query_string", b"").decode("latin-1"),
+            receive, send, name, scope["method"], target, body, route="upstream", query=query,
             content_type=headers.get(b"content-type", b"application/json").decode("latin-1"),
         )
 
@@ -212,8 +222,10 @@ def create_app(
         else:
             await app(scope, receive, send)
 
-    return AnthropicErrors(
+    guarded = AnthropicErrors(
         AuthMiddleware(front, api_keys=settings.api_keys, admin_token=settings.admin_token))
+    return HostGuard(guarded, listen_host=settings.listen_host,
+                     allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins)
 
 
 class _RawASGI:
@@ -224,6 +236,19 @@ class _RawASGI:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.handler(scope, receive, send)
+
+
+def upstream_target(scope: Scope) -> str:
+    """The path after `/upstream/MODEL` exactly as the client sent it (still percent-encoded).
+
+    The decoded path would turn `%20` into a space and `%0D%0A` into a line break in the
+    request line to the model server.
+    """
+    raw: bytes | None = scope.get("raw_path")
+    if raw is None:  # a server that does not pass the raw path: encode the decoded one again
+        return "/" + quote(scope["path_params"]["path"], safe="/:@!$&'()*+,;=-._~")
+    rest = raw.split(b"/", 3)  # b"", b"upstream", MODEL, the rest
+    return "/" + (rest[3].decode("latin-1") if len(rest) > 3 else "")
 
 
 def _known(supervisor: Supervisor) -> str:

@@ -4,15 +4,14 @@
   `Authorization: Bearer KEY` or `x-api-key: KEY`; the instance's admin token (state file)
   is accepted too.
 - Without keys, `POST /api/shutdown` still needs the admin token.
-- A POST from a browser page of another origin is refused (a web page must not drive
-  local models or admin actions through the user's browser).
+- Which hosts and web pages may send requests at all (DNS rebinding, cross-origin pages, CORS)
+  is decided before this, in `hosts.py`.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -42,9 +41,6 @@ class AuthMiddleware:
         method: str = scope["method"]
         path: str = scope["path"]
         headers = dict(scope["headers"])
-        if method in ("POST", "PUT", "PATCH", "DELETE") and not _same_origin(headers):
-            await _reject(send, 403, "cross-origin requests are not allowed")
-            return
         if method in ("GET", "HEAD") and (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)):
             await self.app(scope, receive, send)
             return
@@ -68,16 +64,6 @@ def _bearer(headers: dict[bytes, bytes]) -> bytes | None:
         if scheme.lower() == b"bearer" and token.strip():
             return token.strip()
     return headers.get(b"x-api-key", b"").strip() or None
-
-
-def _same_origin(headers: dict[bytes, bytes]) -> bool:
-    """No Origin header (curl, SDKs) or one naming this very host."""
-    origin = headers.get(b"origin")
-    if origin is None:
-        return True
-    host = headers.get(b"host", b"").decode("latin-1")
-    netloc = urlsplit(origin.decode("latin-1")).netloc
-    return bool(host) and netloc == host
 
 
 async def _reject(send: Send, status: int, message: str) -> None:

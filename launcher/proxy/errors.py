@@ -15,6 +15,7 @@ KINDS: Final[dict[int, tuple[str, str]]] = {
     404: ("invalid_request_error", "model_not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
     413: ("invalid_request_error", "request_too_large"),
+    431: ("invalid_request_error", "headers_too_large"),
     429: ("rate_limit_error", "queue_full"),
     500: ("server_error", "internal_error"),
     502: ("upstream_error", "upstream_failed"),

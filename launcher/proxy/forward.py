@@ -1,9 +1,16 @@
 """Forward one request to a model's server and the answer back, as raw ASGI: the proxy's hot path.
 
-Streamed bytes pass on as they arrive. The lease on the model (its slot, its place in the
-queue) is held until the last byte is sent or the client goes away; closing the upstream
-response then makes llama-server stop generating at once. No framework sits between the
-socket and this code: every token of every stream goes through it.
+Streamed bytes pass on as they arrive. From the moment the request body is read, the client's
+side is watched: a client that goes away while its request is queued, while its model loads,
+while lalo waits for the answer's headers or while it reads a non-streamed answer cancels the
+exchange at once. The lease (its slot, its place in the queue) is released and the upstream
+connection closed, not pooled: the close makes llama-server stop generating. No framework sits
+between the socket and this code: every token of every stream goes through it.
+
+Two things a client does not see: a model server that died before lalo sent the client any
+byte of its answer is asked once more after a new lease (the supervisor restarts it), and a
+streamed request that waits more than a moment for its model to load gets its response head
+early and SSE comment lines while it waits, so clients and proxies in between do not time out.
 """
 
 from __future__ import annotations
@@ -15,18 +22,22 @@ import logging
 import time
 from typing import Any
 
+import psutil
 from starlette.types import Message, Receive, Send
 
 from launcher.errors import CapacityError, ModelError, QueueFullError
 from launcher.proxy.errors import error_body, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.proxy.upstream import (
+    UpstreamBadTarget,
+    UpstreamClosed,
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from launcher.supervisor.process import Endpoint, ModelState
 from launcher.supervisor.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -37,6 +48,13 @@ _HOP_BY_HOP = frozenset({
     b"proxy-authenticate", b"proxy-authorization", b"content-length", b"server", b"date",
 })
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the request", in metrics only
+
+# a server that died is noticed by the supervisor within milliseconds: a retry waits that long
+# (at most) for the dead endpoint to be withdrawn before it leases again
+_REPLACED_WAIT = 2.0
+_REPLACED_POLL = 0.02
+_ALIVE_FOR = 0.1  # a process still running this long after it dropped a connection lives
 
 
 async def send_error(send: Send, status: int, message: str, code: str | None = None,
@@ -49,15 +67,74 @@ async def send_error(send: Send, status: int, message: str, code: str | None = N
     await send({"type": "http.response.body", "body": body})
 
 
+class _Failure(Exception):
+    """An answer lalo makes itself (status, message), raised inside one exchange."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = headers
+
+
+class _Retry(Exception):
+    """The model server died before the client got a byte: lease again and ask once more."""
+
+    def __init__(self, endpoint: Endpoint, cause: UpstreamError) -> None:
+        super().__init__(str(cause))
+        self.endpoint = endpoint
+        self.cause = cause
+
+
+class _Reply:
+    """What has been sent to the client so far, and how to end it from here."""
+
+    __slots__ = ("last", "previous", "relayed", "send", "status", "streaming", "usage")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 502
+        self.streaming = False  # the SSE response head went out (early, or from upstream)
+        self.relayed = False  # a byte of upstream's body went out
+        self.usage = b""
+        self.previous = b""
+        self.last = b""
+
+    async def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.streaming = True
+        self.status = status
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": headers + _STREAM_HEADERS})
+
+    async def body(self, chunk: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def fail(self, failure: _Failure) -> None:
+        self.status = failure.status  # for the metrics, also when the head said 200
+        if self.streaming:
+            await self.body(sse_error_event(failure.status, failure.message, failure.code))
+            await self.end_stream()
+            return
+        await send_error(self.send, failure.status, failure.message, failure.code, failure.headers)
+
+    async def end_stream(self) -> None:
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 class Forwarder:
     """Sends requests to model servers over one pool of keep-alive connections."""
 
     def __init__(self, supervisor: Supervisor, pool: UpstreamPool, metrics: ProxyMetrics,
-                 upstream_timeout: float) -> None:
+                 upstream_timeout: float, *, notice_after: float = 1.0,
+                 notice_interval: float = 3.0) -> None:
         self.supervisor = supervisor
         self.pool = pool
         self.metrics = metrics
         self.timeout = upstream_timeout
+        self.notice_after = notice_after
+        self.notice_interval = notice_interval
 
     async def forward(
         self,
@@ -71,104 +148,205 @@ class Forwarder:
         route: str,
         query: str = "",
         content_type: str = "application/json",
+        stream: bool = False,
     ) -> None:
+        """Answer one request (its body already read) from `name`'s server.
+
+        `stream`: the client asked for an event stream, so a long wait for the model may be
+        filled with SSE comments.
+        """
         started = time.perf_counter()
-        status = 502
-        usage = b""
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                endpoint = await stack.enter_async_context(self.supervisor.lease(name))
-                headers = [(b"authorization", f"Bearer {endpoint.api_key}".encode())]
-                if body:
-                    headers.append((b"content-type", content_type.encode()))
-                upstream = await self.pool.request(
-                    method, endpoint.host, endpoint.port, path + (f"?{query}" if query else ""),
-                    headers, body, self.timeout)
-                stack.push_async_callback(upstream.aclose)
-            except QueueFullError as exc:
-                status = 429
-                await send_error(send, 429, str(exc), headers=[(b"retry-after", b"1")])
-                return self._count(name, route, status, started)
-            except CapacityError as exc:
-                status = 503
-                await send_error(send, 503, str(exc), code="insufficient_memory")
-                return self._count(name, route, status, started)
-            except ModelError as exc:
-                status = 503
-                await send_error(send, 503, str(exc))
-                return self._count(name, route, status, started)
-            except UpstreamTimeout:
-                status = 504
-                await send_error(send, 504, f"{name}: no answer from the model server in time")
-                return self._count(name, route, status, started)
-            except UpstreamUnavailable as exc:
-                await send_error(send, 502, f"{name}: model server unreachable: {exc}")
-                return self._count(name, route, status, started)
-            except UpstreamError as exc:
-                await send_error(send, 502, f"{name}: model server broke off: {exc}")
-                return self._count(name, route, status, started)
-
-            status = upstream.status_code
-            headers_out = [(k, v) for k, v in upstream.headers if k.lower() not in _HOP_BY_HOP]
-            if (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
-                await send({"type": "http.response.start", "status": status,
-                            "headers": headers_out + _STREAM_HEADERS})
-                usage = _last_event(await self._relay(name, upstream, receive, send, started))
-            else:
-                try:
-                    content = await upstream.read()
-                except UpstreamTimeout:
-                    status = 504
-                    await send_error(send, 504, f"{name}: the model server went silent for too long")
-                    return self._count(name, route, status, started)
-                except UpstreamError as exc:
-                    status = 502
-                    await send_error(send, 502, f"{name}: the model server broke off its answer: {exc}")
-                    return self._count(name, route, status, started)
-                headers_out.append((b"content-length", str(len(content)).encode()))
-                await send({"type": "http.response.start", "status": status, "headers": headers_out})
-                await send({"type": "http.response.body", "body": content})
-                usage = content
-        # after the lease is released and the upstream closed: bookkeeping only
-        self._count(name, route, status, started)
-        if status == 200 and route != "upstream":
-            self._record_usage(name, usage, started)
-        return None
-
-    async def _relay(self, name: str, upstream: UpstreamResponse, receive: Receive, send: Send,
-                     started: float) -> bytes:
-        """Stream upstream's bytes to the client until either side ends; the last bytes seen."""
-        state = _Stream()
-        pump = asyncio.ensure_future(self._pump(name, upstream, send, started, state))
+        reply = _Reply(send)
+        target = path + (f"?{query}" if query else "")
+        exchange = asyncio.ensure_future(self._exchange(
+            reply, name, method, target, body, content_type, stream, started))
         gone = asyncio.ensure_future(_client_gone(receive))
         try:
-            await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({exchange, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (pump, gone):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(pump, gone, return_exceptions=True)
-        if pump.done() and not pump.cancelled() and pump.exception() is None:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return state.previous + state.last
+            if not exchange.done():
+                # the client left: cancelling releases the lease or the queue place and
+                # closes the upstream connection (llama-server stops generating)
+                exchange.cancel()
+                reply.status = CLIENT_CLOSED
+            gone.cancel()
+            await asyncio.gather(exchange, gone, return_exceptions=True)
+        error = None if exchange.cancelled() else exchange.exception()
+        if error is not None:
+            raise error  # a bug: let the server log it and answer 500
+        self._count(name, route, reply.status, started)
+        if reply.status == 200 and route != "upstream":
+            self._record_usage(name, reply.usage, started)
 
-    async def _pump(self, name: str, upstream: UpstreamResponse, send: Send, started: float,
-                    state: _Stream) -> None:
-        first = True
+    async def _exchange(self, reply: _Reply, name: str, method: str, target: str, body: bytes,
+                        content_type: str, stream: bool, started: float) -> None:
+        dead: Endpoint | None = None
+        for attempt in (1, 2):
+            try:
+                if dead is not None:
+                    await self._replaced(name, dead)
+                await self._attempt(reply, name, method, target, body, content_type, stream,
+                                    started, retry_allowed=attempt == 1)
+                return
+            except _Retry as retry:
+                log.warning("%s: the model server closed the connection before answering "
+                            "(%s); asking once more", name, retry.cause)
+                dead = retry.endpoint
+            except _Failure as failure:
+                await reply.fail(failure)
+                return
+
+    async def _attempt(self, reply: _Reply, name: str, method: str, target: str, body: bytes,
+                       content_type: str, stream: bool, started: float, *,
+                       retry_allowed: bool) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            endpoint = await self._lease(stack, reply, name, stream)
+            headers = [(b"authorization", f"Bearer {endpoint.api_key}".encode())]
+            if body:
+                headers.append((b"content-type", content_type.encode()))
+            try:
+                upstream = await self.pool.request(method, endpoint.host, endpoint.port, target,
+                                                   headers, body, self.timeout)
+            except UpstreamBadTarget as exc:
+                raise _Failure(400, str(exc)) from exc
+            except UpstreamTimeout as exc:
+                raise _Failure(504, f"{name}: no answer from the model server in time") from exc
+            except (UpstreamUnavailable, UpstreamClosed) as exc:
+                if retry_allowed:
+                    raise _Retry(endpoint, exc) from exc
+                if isinstance(exc, UpstreamUnavailable):
+                    raise _Failure(502, f"{name}: model server unreachable: {exc}") from exc
+                raise _Failure(502, f"{name}: model server broke off: {exc}") from exc
+            except UpstreamError as exc:
+                raise _Failure(502, f"{name}: model server broke off: {exc}") from exc
+            stack.push_async_callback(upstream.aclose)
+            if (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
+                await self._relay(reply, name, endpoint, upstream, started, retry_allowed)
+            else:
+                await self._whole(reply, name, method, endpoint, upstream, retry_allowed)
+
+    async def _lease(self, stack: contextlib.AsyncExitStack, reply: _Reply, name: str,
+                     stream: bool) -> Endpoint:
+        """A slot on `name`'s server; a streamed request that waits long hears about it."""
+        lease = self.supervisor.lease(name)
+        # a timer, not a task, on the fast path: the notices start only after a real wait
+        notices: list[asyncio.Task[None]] = []
+        timer = asyncio.get_running_loop().call_later(
+            self.notice_after, lambda: notices.append(asyncio.ensure_future(
+                self._notices(reply, name)))) if stream else None
+        try:
+            return await stack.enter_async_context(lease)
+        except QueueFullError as exc:
+            raise _Failure(429, str(exc), headers=[(b"retry-after", b"1")]) from exc
+        except CapacityError as exc:
+            raise _Failure(503, str(exc), code="insufficient_memory") from exc
+        except ModelError as exc:
+            raise _Failure(503, str(exc)) from exc
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for task in notices:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _notices(self, reply: _Reply, name: str) -> None:
+        """The SSE head (unless it went out already), then a comment every few seconds."""
+        if not reply.streaming:
+            await reply.start_stream(200, [(b"content-type", b"text/event-stream")])
+        while True:
+            model = self.supervisor.models.get(name)
+            doing = "queued for" if model is not None and model.state == ModelState.READY \
+                else "loading"
+            await reply.body(f": {doing} {name}\n\n".encode())
+            await asyncio.sleep(self.notice_interval)
+
+    async def _relay(self, reply: _Reply, name: str, endpoint: Endpoint,
+                     upstream: UpstreamResponse, started: float, retry_allowed: bool) -> None:
+        """Stream upstream's bytes to the client as they come; an error ends it with an event."""
+        if not reply.streaming:
+            headers = [(k, v) for k, v in upstream.headers if k.lower() not in _HOP_BY_HOP]
+            await reply.start_stream(upstream.status_code, headers)
+        else:
+            reply.status = upstream.status_code
         try:
             async for chunk in upstream.chunks():
-                if first:
+                if not reply.relayed:
                     self.metrics.ttft.labels(name).observe(time.perf_counter() - started)
-                    first = False
+                    reply.relayed = True
                 # the usage / timings event comes last: keep the last two chunks, copy nothing
-                state.previous, state.last = state.last, chunk
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                reply.previous, reply.last = reply.last, chunk
+                await reply.body(chunk)
         except UpstreamTimeout:
-            await send({"type": "http.response.body", "more_body": True, "body": sse_error_event(
-                504, f"{name}: the model server went silent for too long")})
+            await reply.body(sse_error_event(504, f"{name}: the model server went silent for too long"))
+        except UpstreamClosed as exc:
+            if not reply.relayed and retry_allowed:
+                raise _Retry(endpoint, exc) from exc
+            await reply.body(sse_error_event(
+                502, f"{name}: the model server broke off the stream ({exc})"))
         except UpstreamError as exc:
-            await send({"type": "http.response.body", "more_body": True, "body": sse_error_event(
-                502, f"{name}: the model server broke off the stream ({exc})")})
+            await reply.body(sse_error_event(
+                502, f"{name}: the model server broke off the stream ({exc})"))
+        reply.usage = _last_event(reply.previous + reply.last)
+        await reply.end_stream()
+
+    async def _whole(self, reply: _Reply, name: str, method: str, endpoint: Endpoint,
+                     upstream: UpstreamResponse, retry_allowed: bool) -> None:
+        """A non-streamed answer: read whole, then sent with its length."""
+        try:
+            content = await upstream.read()
+        except UpstreamTimeout as exc:
+            raise _Failure(504, f"{name}: the model server went silent for too long") from exc
+        except UpstreamClosed as exc:
+            if retry_allowed:
+                raise _Retry(endpoint, exc) from exc
+            raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
+        except UpstreamError as exc:
+            raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
+        status = upstream.status_code
+        if reply.streaming:
+            # the event stream's head already went out while the model loaded: an answer
+            # that is not a stream (an error, mostly) becomes one event
+            reply.status = status
+            if status >= 400:
+                raise _Failure(status, _upstream_message(content, status))
+            await reply.body(b"data: " + content.strip() + b"\n\n")
+            await reply.end_stream()
+            reply.usage = content
+            return
+        headers = [(k, v) for k, v in upstream.headers if k.lower() not in _HOP_BY_HOP]
+        if method == "HEAD":  # no body, but the length the body would have
+            length = upstream.header(b"content-length")
+            if length is not None:
+                headers.append((b"content-length", length))
+        else:
+            headers.append((b"content-length", str(len(content)).encode()))
+        reply.status = status
+        await reply.send({"type": "http.response.start", "status": status, "headers": headers})
+        await reply.send({"type": "http.response.body", "body": content})
+        reply.usage = content
+
+    async def _replaced(self, name: str, dead: Endpoint) -> None:
+        """Wait (briefly) until the supervisor no longer offers the endpoint that just died.
+
+        A server whose process is still there a moment later only dropped that connection:
+        it is asked again at once. (A killed process closes its sockets a moment before it
+        shows as exited, so one look is not enough.)
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _REPLACED_WAIT
+        alive_since: float | None = None
+        while (now := loop.time()) < deadline:
+            model = self.supervisor.models.get(name)
+            current = model.endpoint if model is not None else None
+            if current is None or current.pid != dead.pid or current.port != dead.port:
+                return
+            if not _running(dead.pid):
+                alive_since = None
+            elif alive_since is None:
+                alive_since = now
+            elif now - alive_since >= _ALIVE_FOR:
+                return
+            await asyncio.sleep(_REPLACED_POLL)
 
     def _count(self, name: str, route: str, status: int, started: float) -> None:
         self.metrics.requests.labels(name, route, str(status)).inc()
@@ -196,20 +374,39 @@ class Forwarder:
             self.supervisor.record_tokens(name, tokens, seconds)
 
 
-class _Stream:
-    __slots__ = ("last", "previous")
-
-    def __init__(self) -> None:
-        self.previous = b""
-        self.last = b""
+def _running(pid: int) -> bool:
+    """Whether that process exists and has not exited (a zombie waiting to be reaped has)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 async def _client_gone(receive: Receive) -> None:
-    """Returns when the client disconnects (the request body was already read)."""
+    """Returns when the client disconnects (the request body was already read).
+
+    ASGI servers also answer `http.disconnect` once the response is complete; by then the
+    exchange is done and this is only cancelled.
+    """
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _upstream_message(content: bytes, status: int) -> str:
+    try:
+        data: Any = json.loads(content)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    text = content.decode("utf-8", "replace").strip()
+    return text[:500] or f"the model server answered {status}"
 
 
 def _last_event(tail: bytes) -> bytes:

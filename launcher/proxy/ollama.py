@@ -89,7 +89,7 @@ class OllamaAPI:
                 raise OllamaError(413, f"request body larger than {self.max_body_size} bytes") from None
             try:
                 payload = json.loads(body)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
                 raise OllamaError(400, f"request body is not valid JSON: {exc}") from None
             if not isinstance(payload, dict):
                 raise OllamaError(400, "request body must be a JSON object")

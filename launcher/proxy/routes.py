@@ -198,6 +198,7 @@ class ModelRouter:
         except BodyTooLarge:
             return await send_error(send, 413, f"request body larger than {self.max_body_size} bytes")
         content_type = b"application/json"
+        stream = False
         if route.model_in == "form":
             content_type = _header(scope, b"content-type") or b""
             try:
@@ -207,11 +208,12 @@ class ModelRouter:
         else:
             try:
                 payload = json.loads(body)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
                 return await send_error(send, 400, f"request body is not valid JSON: {exc}")
             if not isinstance(payload, dict):
                 return await send_error(send, 400, "request body must be a JSON object")
             requested = payload.get("model")
+            stream = payload.get("stream") is True
         if not isinstance(requested, str) or not requested:
             where = "form field 'model'" if route.model_in == "form" else "'model'"
             return await send_error(
@@ -224,7 +226,7 @@ class ModelRouter:
         await self.forwarder.forward(
             receive, send, name, "POST", path, body, route=route.label,
             query=scope.get("query_string", b"").decode("latin-1"),
-            content_type=content_type.decode("latin-1"),
+            content_type=content_type.decode("latin-1"), stream=stream,
         )
 
 

@@ -6,10 +6,16 @@ so it does as little as possible: an asyncio Protocol per connection, httptools'
 when several came at once. It speaks only to model servers on loopback; everything else
 in lalo uses httpx.
 
+A connection goes back to the pool only after a complete answer that allows keep-alive;
+after an error, a cancel or an answer left unread it is closed (closing is also what makes
+llama-server stop generating for a client that went away).
+
     UpstreamError            any failure (ConnectionError)
-    ├── UpstreamUnavailable  could not connect
+    ├── UpstreamUnavailable  could not connect (nobody listens: the server is gone)
     ├── UpstreamTimeout      the server went silent for longer than the read timeout
-    └── UpstreamBroken       the connection broke or the answer was not valid HTTP
+    ├── UpstreamBroken       the answer was not valid HTTP, or ended early
+    │   └── UpstreamClosed   the server closed the connection before the answer was complete
+    └── UpstreamBadTarget    the request target has bytes that cannot go into a request line
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import cast
 import httptools
 
 _PAUSE_ABOVE = 1024**2  # bytes buffered for a slow client before we stop reading upstream
+_NO_BODY_STATUS = frozenset({204, 304})
 
 
 class UpstreamError(ConnectionError):
@@ -41,6 +48,26 @@ class UpstreamBroken(UpstreamError):
     pass
 
 
+class UpstreamClosed(UpstreamBroken):
+    pass
+
+
+class UpstreamBadTarget(UpstreamError):
+    pass
+
+
+def check_target(target: str) -> None:
+    """A request target must be visible ASCII: no space, CR, LF, NUL or other control bytes.
+
+    Anything else would let a client's bytes end the request line early or add header lines
+    to the request the model server reads. Percent-encoded forms (`%20`, `%0D%0A`) are fine.
+    """
+    if not target.startswith("/") or not all("!" <= char <= "~" for char in target):
+        raise UpstreamBadTarget(
+            f"the path {target!r} has characters that cannot be sent on (spaces, control "
+            "characters or non-ASCII: percent-encode them)")
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection and the answer being read on it (one request at a time)."""
 
@@ -49,11 +76,13 @@ class _Connection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.idle = False
         self.idle_since = 0.0
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, head: bool = False) -> None:
         self.parser = httptools.HttpResponseParser(self)
+        self.head = head  # a HEAD request: the answer ends with its headers
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -61,6 +90,9 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.complete = False
         self.keep_alive = False
+        self.until_close = False  # the body ends when the server closes the connection
+        self.event_stream = False
+        self.informational = False
         self.error: UpstreamError | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.received_any = False
@@ -72,25 +104,53 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.idle or (self.complete and self.head):
+            # bytes nobody asked for (on an idle connection, or after a HEAD answer): the
+            # connection's framing is lost, never reuse it
+            self.close()
+            return
         self.received_any = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"invalid HTTP from the model server: {exc}"))
-            if self.transport is not None:
-                self.transport.close()
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.complete:
-            self._fail(UpstreamBroken("the model server closed the connection"))
+        if self.complete:
+            return
+        if self.until_close and exc is None and self.headers_done.done():
+            self.complete = True  # the close is the end of this body
+            self._wake()
+            return
+        self._fail(UpstreamClosed("the model server closed the connection"))
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
 
     # --- httptools callbacks --------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # `100 Continue` and friends: an interim answer, the real one follows
+            self.informational = True
+            self.headers = []
+            return
+        self.status = status
+        if self.head or status in _NO_BODY_STATUS:
+            self._complete()
+        else:
+            names = {name.lower(): value for name, value in self.headers}
+            self.until_close = b"content-length" not in names and b"transfer-encoding" not in names
+            # llama-server closes the connection after every event stream although its
+            # headers say keep-alive: reusing one would always fail once first
+            self.event_stream = names.get(b"content-type", b"").startswith(b"text/event-stream")
         if not self.headers_done.done():
             self.headers_done.set_result(None)
 
@@ -103,6 +163,14 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        self._complete()
+
+    def _complete(self) -> None:
+        if self.complete:
+            return
         self.complete = True
         # asked now: the parser forgets it once it resets for the next message
         self.keep_alive = self.parser.should_keep_alive()
@@ -131,7 +199,8 @@ class _Connection(asyncio.Protocol):
         return data
 
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed
+        return (self.complete and self.keep_alive and not self.closed and self.error is None
+                and not self.event_stream)
 
 
 class UpstreamResponse:
@@ -206,46 +275,53 @@ class UpstreamPool:
         body: bytes,
         read_timeout: float,
     ) -> UpstreamResponse:
-        """Send one request and wait for the answer's headers."""
+        """Send one request and wait for the answer's headers.
+
+        Cancelled while waiting (the client went away), the connection is closed, never
+        pooled: the server sees the close and stops working on the request.
+        """
+        check_target(target)
         head = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()]
         head += [name + b": " + value + b"\r\n" for name, value in headers]
         head.append(b"content-length: %d\r\n\r\n" % len(body))
         payload = b"".join(head) + body
+        is_head = method == "HEAD"
         for attempt in range(2):
-            connection, reused = await self._connection(host, port)
+            # the retry takes a new connection: the other idle ones may be as stale
+            connection, reused = await self._connection(host, port, is_head, fresh=attempt > 0)
             assert connection.transport is not None
             connection.transport.write(payload)
             loop = asyncio.get_running_loop()
             timer = loop.call_later(read_timeout, _expire_headers, connection)
             try:
                 await connection.headers_done
-            except UpstreamBroken:
+            except UpstreamClosed:
+                connection.close()
                 # an idle connection the server had just closed: safe to retry once, it
                 # never read the request (no byte of an answer came back)
                 if reused and attempt == 0 and not connection.received_any:
-                    connection.pool.release(connection)
                     continue
-                self.release(connection)
                 raise
-            except UpstreamError:
-                self.release(connection)
+            except BaseException:  # an error, or a cancel: the connection is not reusable
+                connection.close()
                 raise
             finally:
                 timer.cancel()
             return UpstreamResponse(connection, read_timeout)
         raise AssertionError("unreachable")
 
-    async def _connection(self, host: str, port: int) -> tuple[_Connection, bool]:
+    async def _connection(self, host: str, port: int, head: bool,
+                          fresh: bool = False) -> tuple[_Connection, bool]:
         key = (host, port)
-        idle = self._idle.get(key)
+        idle = None if fresh else self._idle.get(key)
         now = time.monotonic()
         while idle:
             connection = idle.pop()
+            connection.idle = False
             if not connection.closed and now - connection.idle_since < self.keepalive_expiry:
-                connection.reset()
+                connection.reset(head)
                 return connection, True
-            if connection.transport is not None:
-                connection.transport.close()
+            connection.close()
         loop = asyncio.get_running_loop()
         try:
             _, protocol = await asyncio.wait_for(
@@ -254,24 +330,28 @@ class UpstreamPool:
             )
         except (OSError, TimeoutError) as exc:
             raise UpstreamUnavailable(f"cannot connect to {host}:{port}: {exc}") from exc
+        protocol.head = head
         return protocol, False
 
     def release(self, connection: _Connection) -> None:
         if connection.reusable() and len(self._idle.get(connection.key, ())) < self.max_idle:
+            connection.idle = True
             connection.idle_since = time.monotonic()
             self._idle.setdefault(connection.key, []).append(connection)
-        elif connection.transport is not None and not connection.closed:
-            connection.transport.close()  # unread or broken: closing it stops the generation
+        else:
+            connection.close()  # unread, broken or cancelled: closing it stops the generation
+
+    def idle_count(self, host: str, port: int) -> int:
+        """Connections to that server waiting in the pool (for tests and metrics)."""
+        return len(self._idle.get((host, port), ()))
 
     async def aclose(self) -> None:
         for connections in self._idle.values():
             for connection in connections:
-                if connection.transport is not None:
-                    connection.transport.close()
+                connection.close()
         self._idle.clear()
 
 
 def _expire_headers(connection: _Connection) -> None:
     connection._fail(UpstreamTimeout("no answer from the model server in time"))
-    if connection.transport is not None:
-        connection.transport.close()
+    connection.close()

@@ -27,7 +27,17 @@ def error_of(text: str, total_ram: int = 24 * GIB) -> str:
         (
             "proxy:\n  prot: 1\n",
             "lalo.yaml:2: proxy.prot: unknown key (known keys: host, port, api_keys, "
-            "max_body_size, queue_size, upstream_timeout)",
+            "max_body_size, queue_size, upstream_timeout, allowed_hosts, cors_origins)",
+        ),
+        (
+            "proxy:\n  allowed_hosts: ['http://lalo.lan']\n",
+            "lalo.yaml:2: proxy.allowed_hosts: 'http://lalo.lan' is not a host name (no scheme, "
+            "port or path; '*.' may start a name)",
+        ),
+        (
+            "proxy:\n  cors_origins: ['https://app.example/path']\n",
+            "lalo.yaml:2: proxy.cors_origins: 'https://app.example/path' is not an origin "
+            "(scheme://host[:port], no path), '*' or 'null'",
         ),
         (
             "models:\n  a:\n    file: x.gguf\n    ctx_size: 0\n",
@@ -159,3 +169,10 @@ def test_resolve_name_and_alias() -> None:
     assert loaded.resolve_name("a") == "a"
     assert loaded.resolve_name("first") == "a"
     assert loaded.resolve_name("other") is None
+
+
+def test_allowed_hosts_and_cors_origins_are_read_lower_case() -> None:
+    config = parse_config("proxy:\n  allowed_hosts: [Lalo.Internal, '*.lan']\n"
+                          "  cors_origins: ['https://App.example:8443', '*']\n", label="lalo.yaml")
+    assert config.proxy.allowed_hosts == ("lalo.internal", "*.lan")
+    assert config.proxy.cors_origins == ("https://app.example:8443", "*")

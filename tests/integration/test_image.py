@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import json
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -198,8 +199,37 @@ def test_image_layout(built: Built) -> None:
         image_config.read().decode()
 
 
+def firewall_rules() -> dict[str, set[str]]:
+    """`iptables -S` lines of the tables netavark writes (port mappings, forwarding)."""
+    rules = {}
+    for table in ("nat", "filter"):
+        done = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True,
+                              timeout=60, check=False)
+        rules[table] = set(done.stdout.splitlines()) if done.returncode == 0 else set()
+    return rules
+
+
+@pytest.fixture(scope="module")
+def network_state() -> Iterator[None]:
+    """Leave the firewall as it was: netavark keeps its chains (and the rules jumping to them)
+    after the last container goes; remove the ones that appeared during these tests."""
+    before = firewall_rules()
+    yield
+    for table, lines in firewall_rules().items():
+        added = lines - before[table]
+        for line in sorted(a for a in added if a.startswith("-A ")):
+            subprocess.run(["iptables", "-t", table, "-D", *shlex.split(line)[1:]],
+                           capture_output=True, timeout=60, check=False)
+        for line in sorted(a for a in added if a.startswith("-N ")):
+            chain = line.split()[1]
+            for action in ("-F", "-X"):
+                subprocess.run(["iptables", "-t", table, action, chain], capture_output=True,
+                               timeout=60, check=False)
+    assert firewall_rules() == before
+
+
 @pytest.fixture
-def loaded(built: Built) -> Iterator[str]:
+def loaded(built: Built, network_state: None) -> Iterator[str]:
     image = built.result.image
     assert image is not None
     done = podman("load", "-i", str(image.archive))

@@ -283,6 +283,69 @@ def test_the_container_answers_a_chat_completion(built: Built, loaded: str) -> N
     assert name not in podman("ps", "--all", "--format", "{{.Names}}").stdout
 
 
+def test_the_k8s_pod_runs_this_image(built: Built, loaded: str, tmp_path: Path) -> None:
+    """The pod the k8s base describes, played by podman with the same settings: the init
+    container seeds the models volume, then lalo runs as 65532 on a read-only root with the
+    ConfigMap's lalo.yaml, the volume read-only, emptyDirs for state and /tmp, the
+    Deployment's args and env; its probes pass and it answers."""
+    result = Packager(report=lambda _line: None).build(
+        load_spec(str(built.out.parent / "smol.yaml")), tmp_path / "dist", ["k8s"])
+    assert result.k8s is not None
+    base = result.k8s.directory
+    deployment = yaml.safe_load((base / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (lalo,) = pod["containers"]
+    models = tmp_path / "models"
+    models.mkdir()
+    models.chmod(0o777)  # the emptyDir/PVC is group-writable through fsGroup in a cluster
+    user = f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    # emptyDirs are host folders, 0777 (podman's --tmpfs ignored mode= here: EACCES)
+    empty = {}
+    for mount in ("/tmp", "/var/lib/lalo"):
+        empty[mount] = tmp_path / mount.strip("/").replace("/", "-")
+        empty[mount].mkdir()
+        empty[mount].chmod(0o1777)
+    common = [*RUN_FLAGS, "--user", user, "--read-only", "--cap-drop", "ALL",
+              "--security-opt", "no-new-privileges", "-v", f"{empty['/tmp']}:/tmp"]
+    podman("run", "--rm", *common, "-v", f"{models}:/models", loaded, *init["args"])
+    assert any(p.suffix == ".gguf" for p in models.iterdir())
+    env = [f"--env={e['name']}={e['value']}" for e in lalo["env"] if "value" in e]
+    name = f"lalo-pod-{uuid.uuid4().hex[:8]}"
+    host_port = free_port()
+    url = f"http://127.0.0.1:{host_port}"
+    podman("run", "-d", "--name", name, *common, *env, "-v", f"{empty['/var/lib/lalo']}:/var/lib/lalo",
+           "-v", f"{base}:/etc/lalo:ro", "-v", f"{models}:/models:ro",
+           "-p", f"127.0.0.1:{host_port}:{PORT}", loaded, *lalo["args"])
+    try:
+        def ready() -> bool:
+            try:
+                path = lalo["readinessProbe"]["httpGet"]["path"]
+                return httpx.get(url + path, timeout=2.0, trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+                assert state == "running", podman("logs", name, check=False).stderr
+                return False
+
+        wait_until(ready, START_TIMEOUT, interval=0.1, message="the pod's readiness probe")
+        liveness = podman("exec", name, *lalo["livenessProbe"]["exec"]["command"], check=False)
+        assert liveness.returncode == 0, liveness.stderr
+        response = httpx.post(url + "/v1/chat/completions", timeout=120.0, trust_env=False, json={
+            "model": "smol", "temperature": 0, "max_tokens": 16,
+            "messages": [{"role": "user",
+                          "content": "What is the capital of France? Answer with one word."}],
+        })
+        assert response.status_code == 200, response.text
+        assert "Paris" in response.json()["choices"][0]["message"]["content"]
+        status = httpx.get(url + "/api/status", timeout=5.0, trust_env=False).json()
+        assert status["ram"]["budget"] == result.k8s.size.ram_budget  # not the node's RAM
+        stop = str(pod["terminationGracePeriodSeconds"])
+        podman("stop", "--time", stop, name)
+        assert json.loads(podman("inspect", name).stdout)[0]["State"]["ExitCode"] == 0
+    finally:
+        podman("rm", "--force", "--time", "0", name, check=False)
+
+
 def test_seed_models_copies_the_bundled_models_once(built: Built, loaded: str,
                                                     tmp_path: Path) -> None:
     volume = tmp_path / "models"

@@ -153,3 +153,29 @@ def test_system_libraries_are_what_ldd_lists_outside_the_bundle(tmp_path: Path) 
         assert (root / str(library).lstrip("/")).is_file()
     assert "lalo:x:65532:65532:" in (root / "etc" / "passwd").read_text()
     assert (root / "tmp").stat().st_mode & 0o1777 == 0o1777
+
+
+def test_a_library_shipped_in_the_bundle_is_not_missing(tmp_path: Path) -> None:
+    """A program that loads a library from the bundle (not on ldd's search path) is fine; one
+    whose library is nowhere is a PackagingError naming it."""
+    import shutil
+    import subprocess
+
+    from launcher.errors import PackagingError
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to make a test program")
+    app = tmp_path / "app"
+    app.mkdir()
+    (tmp_path / "foo.c").write_text("int foo(void) { return 1; }\n")
+    (tmp_path / "main.c").write_text("int foo(void);\nint main(void) { return foo(); }\n")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(app / "libfoo.so"),
+                    str(tmp_path / "foo.c")], check=True)
+    subprocess.run([cc, "-o", str(app / "main"), str(tmp_path / "main.c"), f"-L{app}",
+                    "-lfoo"], check=True)
+    names = {p.name for p in system_libraries([app / "main"], inside=app)}
+    assert "libc.so.6" in names and "libfoo.so" not in names
+    (app / "libfoo.so").unlink()
+    with pytest.raises(PackagingError, match=r"libfoo\.so => not found"):
+        system_libraries([app / "main"], inside=app)

@@ -360,3 +360,50 @@ def test_seed_models_copies_the_bundled_models_once(built: Built, loaded: str,
         (built.result.bundle.directory / "manifest.json").read_text())["models"]]  # type: ignore[union-attr]
     second = podman(*argv)
     assert "already on /models" in second.stderr and "copied" not in second.stderr
+
+
+def test_an_image_without_models_serves_them_from_a_volume(built: Built, tmp_path: Path,
+                                                           network_state: None) -> None:
+    """`image.models: volume`: the same bundle without models/ (much smaller), reading the
+    models from a folder mounted at /models."""
+    spec = built.out.parent / "smol.yaml"
+    data = yaml.safe_load(spec.read_text())
+    data["image"] = {"models": "volume", "tag": f"{data['image']['tag']}-volume"}
+    volume_spec = built.out.parent / "smol-volume.yaml"
+    volume_spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    result, _ = build(volume_spec, tmp_path / "dist")
+    image, embedded = result.image, built.result.image
+    assert image is not None and embedded is not None and image.models_mode == "volume"
+    model_bytes = sum(m["size"] for m in json.loads(
+        (built.result.bundle.directory / "manifest.json").read_text())["models"])  # type: ignore[union-attr]
+    assert image.archive_size < embedded.archive_size - model_bytes * 0.9
+    members = {m.name.lstrip("./") for m in Layout(image.archive).layer().getmembers()}
+    assert not any(name.startswith("app/models/") for name in members)
+    assert "models" in members  # the mount point exists
+    models = tmp_path / "models"
+    models.mkdir()
+    for path in (built.result.bundle.directory / "models").iterdir():  # type: ignore[union-attr]
+        shutil.copyfile(path, models / path.name)
+    podman("load", "-i", str(image.archive))
+    name = f"lalo-test-{uuid.uuid4().hex[:8]}"
+    host_port = free_port()
+    url = f"http://127.0.0.1:{host_port}"
+    try:
+        podman("run", "-d", "--name", name, *RUN_FLAGS, "-v", f"{models}:/models:ro",
+               "-p", f"127.0.0.1:{host_port}:{PORT}", image.reference)
+
+        def ready() -> bool:
+            try:
+                status = httpx.get(url + "/api/status", timeout=2.0, trust_env=False).json()
+            except httpx.HTTPError:
+                state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+                assert state == "running", podman("logs", name, check=False).stderr
+                return False
+            (model,) = status["models"]
+            assert model["state"] != "failed", model
+            return bool(model["state"] == "ready")
+
+        wait_until(ready, START_TIMEOUT, interval=0.2, message="the model from the volume")
+    finally:
+        podman("rm", "--force", "--time", "0", name, check=False)
+        podman("rmi", "--force", image.reference, check=False)

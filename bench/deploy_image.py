@@ -5,7 +5,7 @@ writes docs/deploy-benchmark.md (and .json).
 Uses the real SmolLM2-135M (from its wheel, as the tests do) and the engine in lalo's cache.
 The image's own step (buildah) is timed apart from the bundle it holds. Runs podman with
 `--runtime runc` and ulimits under the hard limits (FACTS.md, "Containers"); removes every
-container and image it made.
+container, image and firewall rule it made.
 
     python bench/deploy_image.py [--rounds 5] [--cold]
 """
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="also time a build that refreezes lalo (PyInstaller, minutes)")
     args = parser.parse_args()
+    from tests.support.firewall import firewall_as_it_was
     from tests.support.real_models import real_model
 
     model = real_model("smollm2-135m-instruct")
@@ -148,7 +149,8 @@ def main() -> None:
         reference = str(results["build_cached"]["reference"])
         podman("load", "-i", str(results["build_cached"]["archive"]))
         try:
-            results["starts"] = start_times(reference, args.rounds)
+            with firewall_as_it_was():  # netavark's port-mapping chains
+                results["starts"] = start_times(reference, args.rounds)
         finally:
             podman("rmi", "--force", reference)
     health = [s["health_s"] for s in results["starts"]]

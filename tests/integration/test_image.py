@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import io
 import json
-import shlex
 import shutil
 import subprocess
 import tarfile
@@ -32,6 +31,7 @@ from launcher.engines.source import SDIST_LABEL
 from launcher.packaging.build import BuildResult, Packager
 from launcher.packaging.image_layout import GID, UID
 from launcher.packaging.spec import load_spec
+from tests.support.firewall import firewall_as_it_was, firewall_rules
 from tests.support.lalo import free_port, wait_until
 
 pytest.importorskip("PyInstaller", reason="pip install 'lalo-launcher[packaging]' for these")
@@ -199,32 +199,11 @@ def test_image_layout(built: Built) -> None:
         image_config.read().decode()
 
 
-def firewall_rules() -> dict[str, set[str]]:
-    """`iptables -S` lines of the tables netavark writes (port mappings, forwarding)."""
-    rules = {}
-    for table in ("nat", "filter"):
-        done = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True,
-                              timeout=60, check=False)
-        rules[table] = set(done.stdout.splitlines()) if done.returncode == 0 else set()
-    return rules
-
-
 @pytest.fixture(scope="module")
 def network_state() -> Iterator[None]:
-    """Leave the firewall as it was: netavark keeps its chains (and the rules jumping to them)
-    after the last container goes; remove the ones that appeared during these tests."""
-    before = firewall_rules()
-    yield
-    for table, lines in firewall_rules().items():
-        added = lines - before[table]
-        for line in sorted(a for a in added if a.startswith("-A ")):
-            subprocess.run(["iptables", "-t", table, "-D", *shlex.split(line)[1:]],
-                           capture_output=True, timeout=60, check=False)
-        for line in sorted(a for a in added if a.startswith("-N ")):
-            chain = line.split()[1]
-            for action in ("-F", "-X"):
-                subprocess.run(["iptables", "-t", table, action, chain], capture_output=True,
-                               timeout=60, check=False)
+    """Leave the firewall as it was (tests/support/firewall.py)."""
+    with firewall_as_it_was() as before:
+        yield
     assert firewall_rules() == before
 
 

@@ -8,13 +8,20 @@ cd "$(dirname "$0")/.."
 
 # System packages: a compiler and cmake to build llama-server, Debian's chromium and
 # firefox-esr for the dashboard's browser tests (Playwright's own browser downloads need the
-# internet; Firefox is driven over WebDriver BiDi), unzip to check llamafiles.
+# internet; Firefox is driven over WebDriver BiDi), unzip to check llamafiles, and the
+# container tools below.
 need=()
 command -v cmake >/dev/null || need+=(cmake)
 command -v g++ >/dev/null || need+=(g++)
 command -v chromium >/dev/null || need+=(chromium)
 command -v firefox-esr >/dev/null || command -v firefox >/dev/null || need+=(firefox-esr)
 command -v unzip >/dev/null || need+=(unzip)
+# The image target and its test: buildah builds (no daemon), podman runs it with runc; the k8s
+# target's test renders the kustomize base with `kubectl kustomize`.
+command -v buildah >/dev/null || need+=(buildah)
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+command -v kubectl >/dev/null || need+=(kubernetes-client)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   echo "installing system packages: ${need[*]}" >&2

@@ -1,4 +1,5 @@
-"""`lalo build SPEC [--target llamafile|bundle|exe] [--out DIR]`: package per `bundles/SPEC.yaml`."""
+"""`lalo build SPEC [--target llamafile|bundle|exe|image|k8s] [--out DIR]`: package per
+`bundles/SPEC.yaml`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ class TargetChoice(StrEnum):
     llamafile = "llamafile"
     bundle = "bundle"
     exe = "exe"
+    image = "image"
+    k8s = "k8s"
 
 
 class ByteProgress:
@@ -56,7 +59,8 @@ def build(
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("dist"),
 ) -> None:
-    """Package models with lalo: per-model llamafiles, a folder bundle (+ .tar.gz), or one executable."""
+    """Package models with lalo: per-model llamafiles, a folder bundle (+ .tar.gz), one
+    executable, an OCI image (NAME.oci.tar) or a Kubernetes kustomize base (NAME-k8s/)."""
     loaded = load_spec(spec)
     targets: list[Target] | None = [t.value for t in target] if target else None
     packager = Packager(report=_say, progress=ByteProgress(sys.stderr))
@@ -75,11 +79,24 @@ def _summary(result: BuildResult) -> None:
         bundle = result.bundle
         typer.echo(f"bundle     {bundle.directory}/  {format_size(bundle.size)}  (start: "
                    f"{bundle.directory}/start)")
-        typer.echo(f"bundle     {bundle.archive}  {format_size(bundle.archive_size)}  "
-                   f"sha256 {bundle.archive_sha256}")
+        if bundle.archive is not None:
+            typer.echo(f"bundle     {bundle.archive}  {format_size(bundle.archive_size)}  "
+                       f"sha256 {bundle.archive_sha256}")
     if result.exe is not None:
         exe = result.exe
         where = "embedded" if exe.models_mode == "embed" else f"beside it in {exe.models_dir}/"
         typer.echo(f"exe        {exe.path}  {format_size(exe.size)}  (models {where}, "
                    f"{format_size(exe.models_size)})")
+    if result.image is not None:
+        image = result.image
+        typer.echo(f"image      {image.archive}  {format_size(image.archive_size)}  "
+                   f"{image.reference}  {image.digest}  (models: {image.models_mode})")
+        typer.echo(f"           run: podman load -i {image.archive} && podman run --rm "
+                   f"-p 127.0.0.1:{result.spec.config.proxy.port}:"
+                   f"{result.spec.config.proxy.port} {image.reference}")
+    if result.k8s is not None:
+        k8s = result.k8s
+        typer.echo(f"k8s        {k8s.directory}/  memory request "
+                   f"{format_size(k8s.size.memory_request)}, limit "
+                   f"{format_size(k8s.size.memory_limit)}  (kubectl apply -k {k8s.directory})")
     typer.echo(f"built {', '.join(result.targets)} of {result.spec.name} in {result.seconds:.1f} s")

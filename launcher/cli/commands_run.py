@@ -36,12 +36,15 @@ def up(
                                          help="Run in the background; return once it answers.")] = False,
     demo: Annotated[bool, typer.Option("--demo", help="Serve a generated random-weight model "
                                        "(no download, no config needed).")] = False,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Serve on a non-loopback --host without api_keys (anyone who "
+        "reaches the port may use it; for a container whose port mapping decides).")] = False,
 ) -> None:
     """Plan, start the preload models and serve the OpenAI API and dashboard (Ctrl+C stops)."""
     # Plain `lalo up ...` command lines never get here: launcher.cli.main parses them itself
     # (no typer import before the model servers start) and calls the same function.
     raise typer.Exit(run_up(UpRequest(config=config, host=host, port=port, detach=detach,
-                                      demo=demo)))
+                                      demo=demo, insecure=insecure)))
 
 
 def _client(info: InstanceInfo) -> httpx.Client:

@@ -35,7 +35,8 @@ os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 _VALUE_OPTIONS = {"--config": "config", "-c": "config", "--host": "host", "--port": "port",
                   "-p": "port"}
-_FLAG_OPTIONS = {"--detach": "detach", "-d": "detach", "--demo": "demo"}
+_FLAG_OPTIONS = {"--detach": "detach", "-d": "detach", "--demo": "demo",
+                 "--insecure": "insecure"}
 _VERBOSE = ("-v", "--verbose")
 
 

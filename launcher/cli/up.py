@@ -20,8 +20,9 @@ from launcher import paths
 from launcher.config import LoadedConfig, load_config, validate
 from launcher.demo import demo_config
 from launcher.errors import AlreadyRunningError, StartupError
+from launcher.exposure import check_exposure
 from launcher.models.resolve import catalog_for
-from launcher.runner import UpOptions, serve
+from launcher.runner import UpOptions, api_keys, serve
 from launcher.supervisor.instance import read_instance
 from launcher.supervisor.logs import read_tail
 
@@ -37,6 +38,7 @@ class UpRequest:
     port: int | None = None
     detach: bool = False
     demo: bool = False
+    insecure: bool = False  # serve beyond loopback without api_keys (launcher.exposure)
 
 
 def announce(message: str) -> None:
@@ -46,6 +48,9 @@ def announce(message: str) -> None:
 def run_up(request: UpRequest) -> int:
     """Plan, start the preload models and serve until stopped; the exit code."""
     loaded = load_for_up(request.config, request.demo)
+    # before any pull, detach or model start: a refused address is a usage error (exit 2)
+    check_exposure(request.host or loaded.config.proxy.host, api_keys(loaded.config),
+                   request.insecure)
     catalog = catalog_for(loaded)
     if catalog is not None:
         # catalog models not downloaded yet are pulled first, in the foreground with progress
@@ -91,6 +96,8 @@ def detach(request: UpRequest) -> None:
         argv += ["--port", str(request.port)]
     if request.demo:
         argv.append("--demo")
+    if request.insecure:
+        argv.append("--insecure")
     out = paths.state_dir() / "lalo.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {}

@@ -85,6 +85,24 @@ def write_tar_gz(
     return out
 
 
+def write_tar(source: Path, out: Path, *, mtime: int = 0) -> Path:
+    """An uncompressed tar of what is inside `source` (no top folder: an OCI image layout as
+    `podman load` reads it), with the same fixed owners, modes and order, atomically."""
+    if not source.is_dir():
+        raise PackagingError(f"{source}: not a directory")
+    with atomic_output(out, 0o644) as raw, tarfile.open(
+        fileobj=raw, mode="w", format=tarfile.PAX_FORMAT
+    ) as tar:
+        for path in walk_sorted(source):
+            info = _info(path.relative_to(source).as_posix(), path, mtime)
+            if info.isreg():
+                with path.open("rb") as data:
+                    tar.addfile(info, data)
+            else:
+                tar.addfile(info)
+    return out
+
+
 def _gzip(raw: BinaryIO, when: int) -> gzip.GzipFile:
     # filename="" and a fixed mtime: the gzip header must not record where or when it was made.
     return gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=COMPRESS_LEVEL,

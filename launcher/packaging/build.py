@@ -20,7 +20,9 @@ from launcher.packaging.bundle import BundleResult, build_bundle
 from launcher.packaging.exe import ExeResult, build_exe
 from launcher.packaging.files import DigestCache
 from launcher.packaging.freeze import Frozen, frozen_app, packaging_dir
+from launcher.packaging.image import ImageResult, build_image
 from launcher.packaging.inputs import ModelInput, fetch_models, gate, model_inputs
+from launcher.packaging.k8s import K8sResult, build_k8s
 from launcher.packaging.llamafiles import LlamafilesResult, build_llamafiles
 from launcher.packaging.lock import packaging_lock
 from launcher.packaging.notice import (
@@ -61,6 +63,8 @@ class BuildResult:
     exe: ExeResult | None
     warnings: tuple[str, ...]
     seconds: float
+    image: ImageResult | None = None
+    k8s: K8sResult | None = None
 
 
 class Packager:
@@ -105,7 +109,8 @@ class Packager:
             )
             warnings += llamafiles.warnings
             self.digests.save()
-        if "bundle" in chosen or "exe" in chosen:
+        image = k8s = None
+        if {"bundle", "exe", "image"} & set(chosen):
             with packaging_lock(packaging_dir(), self.report):
                 bundle, exe = self._frozen_targets(spec, models, out, chosen, model_parts,
                                                    warnings)
@@ -114,11 +119,18 @@ class Packager:
             if exe is not None:
                 warnings += exe.warnings
             warnings += self._platform_notes(spec, chosen)
+            if "image" in chosen:
+                assert bundle is not None
+                image = build_image(spec, models, out, bundle_dir=bundle.directory,
+                                    report=self.report)
+        if "k8s" in chosen:
+            k8s = build_k8s(spec, models, out, self.report)
+            warnings += k8s.warnings
         unique = tuple(dict.fromkeys(warnings))
         return BuildResult(
             spec=spec, targets=chosen, decisions=tuple(m.decision for m in models),
             llamafiles=llamafiles, bundle=bundle, exe=exe, warnings=unique,
-            seconds=self.clock() - started,
+            seconds=self.clock() - started, image=image, k8s=k8s,
         )
 
     def _frozen_targets(
@@ -135,12 +147,13 @@ class Packager:
         engine, engine_parts = self._engine(spec, warnings)
         components = [*engine_parts, *model_parts]
         bundle = exe = None
-        if "bundle" in chosen:
+        if "bundle" in chosen or "image" in chosen:
+            # the image holds the bundle folder; its .tar.gz only when the bundle is asked for
             app = self.app_source(self.report)
             bundle = build_bundle(
                 spec, models, out, engine=engine, app=app, components=components,
                 digests=self.digests, report=self.report, progress=self.progress,
-                warnings=app.warnings,
+                warnings=app.warnings, archive="bundle" in chosen,
             )
         if "exe" in chosen:
             exe = build_exe(spec, models, out, engine=engine, components=components,
@@ -182,7 +195,7 @@ class Packager:
     def _platform_notes(spec: BundleSpec, chosen: Sequence[Target]) -> list[str]:
         host = platform_tag().split("-", 1)[0]
         others = [p for p in spec.fields.platforms if p != host]  # tags: linux, macos, windows
-        kinds = " and ".join(t for t in chosen if t in ("bundle", "exe"))
+        kinds = " and ".join(t for t in chosen if t in ("bundle", "exe", "image"))
         if not others:
             return []
         return [f"{kinds}: built for {platform_tag()} only; build on {', '.join(others)} "

@@ -41,8 +41,8 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 @dataclass(frozen=True)
 class BundleResult:
     directory: Path
-    archive: Path
-    archive_sha256: str
+    archive: Path | None  # None: the folder only (the image target's input)
+    archive_sha256: str | None
     size: int
     archive_size: int
     warnings: tuple[str, ...]
@@ -61,9 +61,10 @@ def build_bundle(
     report: Report,
     progress: Progress | None = None,
     warnings: Sequence[str] = (),
+    archive: bool = True,
 ) -> BundleResult:
-    """Assemble the bundle folder and its archive; `components` are the engine's and models'
-    NOTICE entries (the frozen lalo's Python ones come from `app`)."""
+    """Assemble the bundle folder and (unless `archive` is false) its archive; `components` are
+    the engine's and models' NOTICE entries (the frozen lalo's Python ones come from `app`)."""
     started = time.monotonic()
     final = out / bundle_name(spec)
     staging = out / f".{final.name}.staging-{os.getpid()}"
@@ -96,17 +97,20 @@ def build_bundle(
         _swap(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    archive = out / f"{final.name}.tar.gz"
-    report(f"bundle: writing {archive.name}")
+    size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file() and not p.is_symlink())
+    if not archive:
+        return BundleResult(directory=final, archive=None, archive_sha256=None, size=size,
+                            archive_size=0, warnings=tuple(warnings),
+                            seconds=time.monotonic() - started)
+    tarball = out / f"{final.name}.tar.gz"
+    report(f"bundle: writing {tarball.name}")
     write_tar_gz(
-        final, archive,
+        final, tarball,
         progress=(lambda done, total: progress("archive", done, total)) if progress else None,
     )
-    archive_sha = digests.sha256(archive)
-    size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file() and not p.is_symlink())
     return BundleResult(
-        directory=final, archive=archive, archive_sha256=archive_sha, size=size,
-        archive_size=archive.stat().st_size, warnings=tuple(warnings),
+        directory=final, archive=tarball, archive_sha256=digests.sha256(tarball), size=size,
+        archive_size=tarball.stat().st_size, warnings=tuple(warnings),
         seconds=time.monotonic() - started,
     )
 

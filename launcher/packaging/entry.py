@@ -24,6 +24,12 @@ ENGINE_DIR = "engine/bin"
 PAYLOADS_DIR = "payloads"  # in lalo's cache dir
 BESIDE_SUFFIX = "-models"  # `lalo-ai-models/` beside `lalo-ai` when models are not embedded
 NOTICE_FLAG = "--notice"
+# `--probe PATH`: GET PATH on the running lalo with its admin token; exit 0 on 200 (the
+# image's health check and Kubernetes liveness probe: nothing else in the image speaks HTTP)
+PROBE_FLAG = "--probe"
+PROBE_TIMEOUT = 5.0
+# `--seed-models DIR`: copy the bundled models into DIR (a Kubernetes volume) where missing
+SEED_FLAG = "--seed-models"
 # Commands that need neither the engine nor the models: no payload extraction for them.
 _NO_PAYLOAD = (["--version"], ["--help"], ["-h"], [NOTICE_FLAG])
 # Left out of the single binary to keep it small; only `doctor` and `up --demo` need them.
@@ -131,20 +137,72 @@ def _print_notice(root: Path | None) -> int:
     return 0
 
 
+def probe(path: str, timeout: float = PROBE_TIMEOUT) -> int:
+    """0 when the running lalo answers GET `path` with 200, else 1 (one line on stderr)."""
+    import urllib.error
+    import urllib.request
+
+    from launcher.supervisor.instance import read_instance
+
+    info = read_instance()
+    if info is None:
+        sys.stderr.write("lalo: probe: lalo is not running\n")
+        return 1
+    request = urllib.request.Request(
+        info.url + path, headers={"Authorization": f"Bearer {info.admin_token}"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            status = int(response.status)
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"lalo: probe: {info.url}{path}: {exc}\n")
+        return 1
+    if status != 200:
+        sys.stderr.write(f"lalo: probe: {info.url}{path} answered {status}\n")
+        return 1
+    return 0
+
+
+def _special(args: list[str], root: Path | None) -> int | None:
+    """The frozen lalo's own flags (not lalo's CLI): their exit code, or None."""
+    if args == [NOTICE_FLAG]:
+        return _print_notice(root)
+    if len(args) == 2 and args[0] == PROBE_FLAG and args[1].startswith("/"):
+        return probe(args[1])
+    if len(args) == 2 and args[0] == SEED_FLAG:
+        from launcher.packaging.seed import seed_models
+
+        if root is None:
+            sys.stderr.write("lalo: error: no bundle here to seed models from\n")
+            return 2
+        for line in seed_models(root, Path(args[1])):
+            sys.stderr.write(f"lalo: {line}\n")
+        return 0
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from launcher.errors import LaloError
 
     args = cli_arguments(sys.argv[1:] if argv is None else argv)
+    special = bool(args) and args[0] in (PROBE_FLAG, SEED_FLAG)
     try:
         root = prepare_environment(
             os.environ, Path(sys.executable), getattr(sys, "_MEIPASS", None),
-            extract=args not in _NO_PAYLOAD,
+            extract=args not in _NO_PAYLOAD and not special,
         )
     except LaloError as exc:  # a damaged payload: say so in one line, as lalo's CLI would
         sys.stderr.write(f"lalo: error: {exc}\n")
         sys.exit(exc.exit_code)
-    if args == [NOTICE_FLAG]:
-        sys.exit(_print_notice(root))
+    try:
+        code = _special(args, root)
+    except LaloError as exc:
+        sys.stderr.write(f"lalo: error: {exc}\n")
+        sys.exit(exc.exit_code)
+    if code is not None:
+        sys.exit(code)
     from launcher.cli.main import main as lalo_main
 
     try:

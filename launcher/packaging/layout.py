@@ -85,12 +85,15 @@ def bundled_config(
     engine_path: str,
     variant: str,
     header: str,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """The `lalo.yaml` a bundle or binary runs: the spec's proxy and resources sections, the
-    engine, and each model with its settings and `file:` pointing at the packaged copy."""
+    """The `lalo.yaml` a bundle or binary runs: the spec's proxy, resources and supervisor
+    sections (with `overrides` merged in), the engine, and each model with its settings and
+    `file:` pointing at the packaged copy."""
     data: dict[str, Any] = {}
-    for section in ("proxy", "resources"):
+    for section in ("proxy", "resources", "supervisor"):
         values = getattr(spec.config, section).model_dump(mode="json", exclude_unset=True)
+        values.update((overrides or {}).get(section, {}))
         if values:
             data[section] = values
     data["engines"] = {"llama_server": {"path": engine_path, "variant": variant}}

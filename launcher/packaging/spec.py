@@ -1,8 +1,9 @@
 """Bundle specs (`bundles/NAME.yaml`): parsed once into a frozen BundleSpec; every mistake is a
 ConfigError naming the file, line and YAML path, as `lalo.yaml` errors do.
 
-`models`, `proxy` and `resources` are validated by launcher.config (same keys as lalo.yaml);
-`name`, `engine`, `targets`, `platforms`, `licenses` and `exe` are the spec's own.
+`models`, `proxy`, `resources` and `supervisor` are validated by launcher.config (same keys as
+lalo.yaml); `name`, `engine`, `targets`, `platforms`, `licenses`, `exe`, `image` and
+`kubernetes` are the spec's own.
 """
 
 from __future__ import annotations
@@ -21,14 +22,19 @@ from launcher.units import size_field
 from launcher.yamlfile import describe, read_yaml, where
 
 SPEC_DIR = "bundles"
-Target = Literal["llamafile", "bundle", "exe"]
+Target = Literal["llamafile", "bundle", "exe", "image", "k8s"]
+# The default when a spec names none (image and k8s are asked for by name).
 TARGETS: tuple[Target, ...] = ("llamafile", "bundle", "exe")
+ALL_TARGETS: tuple[Target, ...] = ("llamafile", "bundle", "exe", "image", "k8s")
 Platform = Literal["linux", "macos", "windows"]
 DEFAULT_EMBED_LIMIT = 2 * 1024**3
-_CONFIG_KEYS = ("proxy", "resources", "models")
+_CONFIG_KEYS = ("proxy", "resources", "supervisor", "models")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
+_REPOSITORY = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._-]*)*$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # The build host can check any RAM budget a client machine may have: do not compare with ours.
 _ANY_RAM = 1 << 62
 
@@ -99,6 +105,78 @@ class ExeSpec(_Section):
         return size_field(value)
 
 
+class ImageSpec(_Section):
+    """The OCI image (`--target image`): models inside it, or read from a volume at run time."""
+
+    models: Literal["embed", "volume"] = "embed"
+    # where the `volume` mode (and the k8s PersistentVolumeClaim) mounts the models
+    models_dir: str = "/models"
+    # the image's name in `podman load` and the k8s Deployment (tag: lalo's version by default)
+    repository: str | None = None
+    tag: str | None = None
+
+    @field_validator("models_dir")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/") or value.rstrip("/") in ("", "/app") or ".." in value:
+            raise ValueError(f"must be an absolute path other than / and /app, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("repository")
+    @classmethod
+    def _repository(cls, value: str | None) -> str | None:
+        if value is not None and not _REPOSITORY.match(value):
+            raise ValueError(f"must be an image repository like registry.example/team/name, "
+                             f"got {value!r}")
+        return value
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, value: str | None) -> str | None:
+        if value is not None and not _TAG.match(value):
+            raise ValueError(f"must match {_TAG.pattern}, got {value!r}")
+        return value
+
+
+class KubernetesSpec(_Section):
+    """The kustomize base (`--target k8s`); memory comes from lalo's estimates, not from here."""
+
+    namespace: str | None = None
+    replicas: Annotated[int, Field(ge=0, le=100)] = 1
+    # NVIDIA GPUs per pod (`nvidia.com/gpu` request and limit); 0: CPU only
+    gpus: Annotated[int, Field(ge=0, le=64)] = 0
+    # the models PersistentVolumeClaim: `auto` = the models' size plus a quarter, in whole GiB
+    storage: int | Literal["auto"] = "auto"
+    storage_class: str | None = None
+    # CPUs requested per model whose `threads` is `auto` (lalo cannot know the node's cores)
+    cpus_per_auto_model: Annotated[int, Field(ge=1, le=256)] = 2
+
+    @field_validator("storage", mode="before")
+    @classmethod
+    def _storage(cls, value: Any) -> int | str:
+        if value == "auto":
+            return "auto"
+        size = size_field(value)
+        if size <= 0:
+            raise ValueError(f"must be 'auto' or a positive size, got {value!r}")
+        return size
+
+    @field_validator("namespace")
+    @classmethod
+    def _dns_label(cls, value: str | None) -> str | None:
+        if value is not None and not _DNS_LABEL.match(value):
+            raise ValueError(f"must be a DNS label (lowercase letters, digits, '-'), got {value!r}")
+        return value
+
+    @field_validator("storage_class")
+    @classmethod
+    def _dns_name(cls, value: str | None) -> str | None:
+        if value is not None and not all(_DNS_LABEL.match(p) for p in value.split(".")):
+            raise ValueError(f"must be a DNS name (lowercase letters, digits, '-', '.'), "
+                             f"got {value!r}")
+        return value
+
+
 class SpecFields(_Section):
     """The spec's own keys (the lalo.yaml sections are validated by launcher.config)."""
 
@@ -111,6 +189,8 @@ class SpecFields(_Section):
     )
     licenses: LicensesSpec = LicensesSpec()
     exe: ExeSpec = ExeSpec()
+    image: ImageSpec = ImageSpec()
+    kubernetes: KubernetesSpec = KubernetesSpec()
 
     @field_validator("name")
     @classmethod
@@ -151,6 +231,13 @@ class BundleSpec:
     def path(self, text: str) -> Path:
         """A path from the spec, relative to the spec's folder; `~` and `$VAR` expanded."""
         return resolve_path(text, self.base_dir)
+
+    def image_reference(self) -> str:
+        """The image's name and tag: `localhost/NAME:LALO_VERSION` unless the spec says."""
+        from launcher import __version__
+
+        image = self.fields.image
+        return f"{image.repository or f'localhost/{self.name}'}:{image.tag or __version__}"
 
     def llamafile_runtime(self) -> Path | None:
         runtime = self.fields.engine.llamafile.runtime

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -27,13 +28,14 @@ IS_LINUX = sys.platform.startswith("linux")
 _PR_SET_PDEATHSIG = 1
 
 
-def set_parent_death_signal() -> None:
+def set_parent_death_signal(parent: int) -> None:
     """Runs in the child between fork and exec: die with SIGKILL when the parent thread dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         os._exit(127)
-    # the parent may have died between fork and prctl: then we are orphaned already
-    if os.getppid() == 1:
+    # the parent may have died between fork and prctl: then we are orphaned already. Compare
+    # with the parent's pid, not with 1: in a container lalo itself is pid 1.
+    if os.getppid() != parent:
         os._exit(127)
 
 
@@ -51,7 +53,7 @@ async def spawn(
     else:
         kwargs["start_new_session"] = True
         if IS_LINUX:
-            kwargs["preexec_fn"] = set_parent_death_signal
+            kwargs["preexec_fn"] = functools.partial(set_parent_death_signal, os.getpid())
     process = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,

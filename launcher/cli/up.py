@@ -18,7 +18,7 @@ from typing import Any
 
 from launcher import paths
 from launcher.config import LoadedConfig, load_config, validate
-from launcher.demo import demo_config
+from launcher.demo import demo_config, fetch_demo_config
 from launcher.errors import AlreadyRunningError, StartupError
 from launcher.exposure import check_exposure
 from launcher.models.resolve import catalog_for
@@ -58,7 +58,7 @@ def run_up(request: UpRequest) -> int:
         from launcher.models.catalog import pull_missing
 
         pull_missing(loaded, on_pull=lambda name, entry: announce(
-            f"{name}: {entry.id} is not downloaded yet: pulling {entry.repo}/{entry.file}"))
+            f"{name}: {entry.id} is not downloaded yet: pulling {entry.source_ref}"))
     if request.detach:
         detach(request)
         return 0
@@ -69,7 +69,7 @@ def run_up(request: UpRequest) -> int:
 
 def load_for_up(config: Path | None, demo: bool) -> LoadedConfig:
     if demo:
-        return LoadedConfig(validate(demo_config(), label="demo"), None)
+        return LoadedConfig(validate(fetch_demo_config(announce), label="demo"), None)
     return load_config(config, default=demo_config)
 
 

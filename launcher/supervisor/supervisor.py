@@ -372,6 +372,8 @@ class Supervisor:
         self._closed = plan.closed
         for name, why in plan.refused:
             self._fail_waiters(self._records[name], CapacityError(why))
+        for load in plan.loads:
+            self._begin_load(load)  # marks its victims draining: granted nothing below
         for record in records:
             if record.grantable and record.name not in plan.closed:
                 self._grant(record, now)
@@ -380,8 +382,6 @@ class Supervisor:
             if record.waiting_reason != why:
                 log.info("%s: %d request(s) wait: %s", name, len(record.queue), why)
             record.waiting_reason = why
-        for load in plan.loads:
-            self._begin_load(load)
         self._arm_wakeup(plan.waiting, now)
 
     def _grant(self, record: ModelRecord, now: float) -> None:

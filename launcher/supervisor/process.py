@@ -267,7 +267,6 @@ class ManagedModel:
         self.started_at = self._clock()
         self.ready_at_wall = time.time()
         self._endpoint = endpoint
-        self.last_error = None
         self._set_state(ModelState.READY)
         self.log.note(f"ready on {endpoint.base_url} (pid {endpoint.pid}) in {self.load_seconds:.2f} s")
         self._sample_memory()

@@ -183,5 +183,5 @@ async def test_a_model_marked_invalid_is_failed_until_started_again(tmp_path: Pa
     assert model.state == ModelState.FAILED and model.last_error == "not a GGUF file"
     assert model.spawn_count == 0
     await model.start()  # an explicit restart (the supervisor's) may still try
-    assert model.state == ModelState.READY and model.last_error is None
+    assert model.state == ModelState.READY and model.spawn_count == 1
     await model.close()

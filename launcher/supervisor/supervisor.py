@@ -109,6 +109,7 @@ class ModelRecord:
     waits: WaitStats = field(default_factory=WaitStats)
     loading: bool = False  # a load owns it: its victims stop, then it starts
     restart_at: float | None = None  # clock() of a pending crash restart (memory kept)
+    restart_timer: asyncio.Task[None] | None = None
     restart_due: bool = False  # backoff over: waits for admission
     draining: bool = False  # takes no new requests (unload, eviction) until it has stopped
     drained: asyncio.Event = field(default_factory=asyncio.Event)
@@ -183,6 +184,7 @@ class Supervisor:
         self._ram_reserve = ram_reserve
         self.max_loaded = max_loaded
         self.max_wait = max_wait
+        self._queue_size = queue_size
         self.wait_timeout = wait_timeout
         self.drain_timeout = drain_timeout
         self._available = available_memory
@@ -498,12 +500,18 @@ class Supervisor:
         record.restarts += 1
         record.restart_at = self._clock() + delay
         record.model.log.note(f"restarting in {delay:g} s")
-        self._spawn(self._restart_after(record, delay))
+        record.restart_timer = self._spawn(self._restart_after(record, delay))
+
+    def _cancel_restart(self, record: ModelRecord) -> None:
+        if record.restart_timer is not None:
+            record.restart_timer.cancel()
+            record.restart_timer = None
+        record.restart_at = None
+        record.restart_due = False
 
     async def _restart_after(self, record: ModelRecord, delay: float) -> None:
         await self._sleep(delay)
-        if record.restart_at is None:
-            return  # cancelled (unload, explicit restart)
+        record.restart_timer = None
         record.restart_at = None
         record.restart_due = True  # through admission like any load
         self._dispatch()
@@ -531,8 +539,7 @@ class Supervisor:
         """Stop `name` once its requests in flight are done (bounded by drain_timeout)."""
         record = self._records[name]
         record.draining = True
-        record.restart_at = None
-        record.restart_due = False
+        self._cancel_restart(record)
         try:
             await self._drain(record)
             await record.model.stop(reason)
@@ -546,6 +553,70 @@ class Supervisor:
         record.policy.reset()
         await self.unload(name, "restart requested")
         return await self.load(name)
+
+    # --- reload -------------------------------------------------------------------------------
+    async def reconfigure(
+        self,
+        *,
+        replace: Sequence[tuple[SupervisedModel, ManagedModel, RestartPolicy]] = (),
+        remove: Sequence[str] = (),
+        max_loaded: int | None = None,
+        max_wait: float | None = None,
+        ram_budget: int | str | None = None,
+        ram_reserve: int | None = None,
+    ) -> None:
+        """Apply a reloaded config: models in `replace` are new or changed (a changed one is
+        drained and stopped first; its waiting requests move to the new server), `remove`d
+        ones are drained and stopped; every other model and its server is left alone."""
+        if max_loaded is not None:
+            self.max_loaded = max_loaded
+        if max_wait is not None:
+            self.max_wait = max_wait
+        if ram_budget is not None:
+            self._ram_budget = ram_budget
+        if ram_reserve is not None:
+            self._ram_reserve = ram_reserve
+        changed = [meta.name for meta, _, _ in replace if meta.name in self._records]
+        leaving = [self._records[name] for name in (*changed, *remove)]
+        await asyncio.gather(*(self._retire(r, "config reloaded") for r in leaving))
+        for name in remove:
+            record = self._records.pop(name)
+            self._fail_waiters(record, ModelStoppedError(f"{name}: removed from the config"))
+            record.model.log.close()
+        for meta, managed, policy in replace:
+            old = self._records.get(meta.name)
+            record = ModelRecord(meta=meta, model=managed, policy=policy,
+                                 parallel=managed.settings.parallel,
+                                 queue_size=old.queue_size if old else self._queue_size)
+            record.drained.set()
+            if old is not None:
+                record.queue, old.queue = old.queue, deque()  # waiters go to the new server
+                record.requests, record.completion_tokens = old.requests, old.completion_tokens
+                old.model.log.close()
+            managed.on_exit = self._on_exit
+            managed.on_measured = self.record_measurement
+            self._records[meta.name] = record
+            if old is not None and old.meta.measurement_key != meta.measurement_key:
+                self._measured.pop(meta.name, None)
+        self.models = {n: r.model for n, r in self._records.items()}
+        self.info = {n: r.meta for n, r in self._records.items()}
+        self._names = {alias: r.name for r in self._records.values()
+                       for alias in (r.name, *r.meta.aliases)}
+        for meta, _, _ in replace:
+            if meta.preload:
+                self._spawn(self._preload_quietly(meta.name))
+        self._dispatch()
+
+    async def _retire(self, record: ModelRecord, reason: str) -> None:
+        """Drain and stop a model that is being replaced or removed; it takes nothing new."""
+        record.draining = True
+        self._cancel_restart(record)
+        await self._drain(record)
+        await record.model.stop(reason)
+
+    async def _preload_quietly(self, name: str) -> None:
+        with contextlib.suppress(ModelError):
+            await self.load(name)
 
     # --- background ---------------------------------------------------------------------------
     def start_background(self, ttl_interval: float = 1.0) -> None:
@@ -563,10 +634,11 @@ class Supervisor:
                     log.info("%s: idle for %g s (ttl), unloading", meta.name, meta.ttl)
                     await self.unload(meta.name, f"idle for {meta.ttl:g} s (ttl)")
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -580,7 +652,7 @@ class Supervisor:
             self._wakeup.cancel()
         for record in self._records.values():
             self._fail_waiters(record, ModelStoppedError(f"{record.name}: lalo is shutting down"))
-            record.restart_at = None
+            self._cancel_restart(record)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

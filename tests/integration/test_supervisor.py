@@ -470,3 +470,50 @@ def test_a_catalog_model_that_cannot_be_pulled_is_failed_and_the_others_are_serv
                           text=True, timeout=120)
     assert done.returncode == 3, done.stderr
     assert "no model can be served" in done.stderr and "lalo models pull phi-2" in done.stderr
+
+
+def test_reload_restarts_only_what_changed_and_a_bad_file_changes_nothing(
+    tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path,
+    small_model: Path, small_model_b: Path, small_model_c: Path,
+) -> None:
+    models: dict[str, dict[str, object]] = {
+        "same": {"file": str(small_model), "ctx_size": 512},
+        "changed": {"file": str(small_model_b), "ctx_size": 512},
+        "gone": {"file": str(small_model_c), "ctx_size": 512},
+    }
+    config = config_of(tmp_path, llama_server_bin, models)
+    with LaloUp(config, isolated) as up:
+        for name in models:
+            up.wait_state(name, "ready")
+        before = server_pids(up)
+        # a bad file: one line saying why, nothing changes
+        config_of(tmp_path, llama_server_bin, {**models, "same": {**models["same"], "ctx_size": 1}})
+        bad = subprocess.run([sys.executable, "-m", "launcher", "reload"], env=isolated,
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0
+        assert "models.same.ctx_size" in bad.stderr and "nothing changed" in bad.stderr
+        assert server_pids(up) == before
+        # changed settings, an added and a removed model, through SIGHUP
+        config_of(tmp_path, llama_server_bin, {
+            "same": models["same"],
+            "changed": {**models["changed"], "ctx_size": 1024},
+            "new": {"file": str(small_model_c), "ctx_size": 512},
+        })
+        up.signal(signal.SIGHUP)
+        wait_until(lambda: {m["name"] for m in up.status()["models"]} == {"same", "changed", "new"},
+                   30, message="the reloaded model list")
+        changed = wait_until(lambda: (m := up.model("changed"))["state"] == "ready"
+                             and m["pid"] != before["changed"] and m, 60, message="changed back")
+        assert changed["pid"] != before["changed"]
+        up.wait_state("new", "ready")
+        assert up.model("same")["pid"] == before["same"]  # unchanged: not disturbed
+        assert not _alive(before["gone"])
+        assert not _alive(before["changed"])
+        # the CLI, with nothing left to change
+        again = subprocess.run([sys.executable, "-m", "launcher", "reload"], env=isolated,
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stderr
+        assert "no model changed" in again.stdout
+        reply = httpx.post(up.url + "/v1/completions", timeout=60,
+                           json={"model": "new", "prompt": "x", "max_tokens": 2})
+        assert reply.status_code == 200

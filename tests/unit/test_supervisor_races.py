@@ -91,32 +91,37 @@ class Harness:
               budget: int = 150 * MIB, max_loaded: int = 0, parallel: int = 1,
               max_wait: float = 10.0, queue_size: int = 8,
               pinned: tuple[str, ...] = ()) -> Supervisor:
-        entries = []
-        for name in names:
-            settings = ServerSettings(model_path=self.tmp_path / f"{name}.gguf", host="127.0.0.1",
-                                      port=0, api_key="", ctx_size=512, parallel=parallel,
-                                      threads=None)
-            model = ManagedModel(
-                name, SleepEngine(), settings, ModelLog(self.tmp_path / f"{name}.log"),
-                probe=self.probe, spawner=self.spawner_for(name, exclusive=budget < 2 * required),
-                port_allocator=self.allocate(name), clock=self.clock,
-                timeouts=Timeouts(load_timeout=5.0, health_interval=0.05, liveness_timeout=5.0,
-                                  stop_timeout=2.0, probe_interval=0.01),
-            )
-            meta = SupervisedModel(name=name, aliases=(), engine="fake",
-                                   estimate=(sizes or {}).get(name, required),
-                                   preload=False, ttl=0, path=str(settings.model_path),
-                                   pinned=name in pinned)
-            entries.append((meta, model))
+        entries = [self.make(name, sizes.get(name, required) if sizes else required,
+                             parallel, exclusive=budget < 2 * required, pinned=name in pinned)
+                   for name in names]
         self.supervisor = Supervisor(
-            entries, ram_budget=budget, max_loaded=max_loaded, queue_size=queue_size,
+            [(meta, model) for meta, model, _ in entries], ram_budget=budget,
+            max_loaded=max_loaded, queue_size=queue_size,
             max_wait=max_wait, wait_timeout=20.0, drain_timeout=10.0,
-            policies={n: RestartPolicy(initial_delay=1, max_failures=3) for n in names},
+            policies={meta.name: policy for meta, _, policy in entries},
             # a `sleep` is smaller than any model: its RSS must not become the measured figure
             measured={n: (sizes or {}).get(n, required) for n in names},
             available_memory=lambda: 64 * 1024**3, clock=self.clock, sleep=self.sleep,
         )
         return self.supervisor
+
+    def make(self, name: str, required: int = 100 * MIB, parallel: int = 1, *,
+             exclusive: bool = False, pinned: bool = False, ctx_size: int = 512,
+             ) -> tuple[SupervisedModel, ManagedModel, RestartPolicy]:
+        settings = ServerSettings(model_path=self.tmp_path / f"{name}.gguf", host="127.0.0.1",
+                                  port=0, api_key="", ctx_size=ctx_size, parallel=parallel,
+                                  threads=None)
+        model = ManagedModel(
+            name, SleepEngine(), settings, ModelLog(self.tmp_path / f"{name}.log"),
+            probe=self.probe, spawner=self.spawner_for(name, exclusive=exclusive),
+            port_allocator=self.allocate(name), clock=self.clock,
+            timeouts=Timeouts(load_timeout=5.0, health_interval=0.05, liveness_timeout=5.0,
+                              stop_timeout=2.0, probe_interval=0.01),
+        )
+        meta = SupervisedModel(name=name, aliases=(), engine="fake", estimate=required,
+                               preload=False, ttl=0, path=str(settings.model_path),
+                               pinned=pinned, measurement_key=f"{name}:{ctx_size}")
+        return meta, model, RestartPolicy(initial_delay=1, max_failures=3)
 
     def alive(self, name: str) -> list[int]:
         return [p.pid for n, p in self.spawned if n == name and p.returncode is None]
@@ -347,3 +352,30 @@ async def test_unload_drains_requests_in_flight_first(harness: Harness) -> None:
     await until(lambda: later.granted)  # it brought a back
     assert later.endpoint is not None and later.endpoint.pid != running.endpoint.pid  # type: ignore[union-attr]
     await later.done()
+
+
+async def test_reconfigure_restarts_only_what_changed(harness: Harness) -> None:
+    sup = harness.build(("same", "changed", "gone"), budget=10 * 1024 * MIB)
+    pids = {name: (await sup.load(name)).pid for name in ("same", "changed", "gone")}
+    running = Request(sup, "changed")
+    await until(lambda: running.granted)
+    meta, model, policy = harness.make("changed", ctx_size=1024)
+    meta = SupervisedModel(**{**meta.__dict__, "preload": True})
+    added = harness.make("new")
+    applying = asyncio.ensure_future(sup.reconfigure(
+        replace=[(meta, model, policy), added], remove=["gone"], max_wait=3))
+    await until(lambda: sup.record("changed").draining)
+    waiting = Request(sup, "changed")  # comes while the old server drains
+    await asyncio.sleep(0.05)
+    assert harness.alive("changed") == [pids["changed"]]  # the request in flight is not cut
+    await running.done()
+    await applying
+    assert sup.resolve("gone") is None and harness.alive("gone") == []
+    assert sup.models["same"].pid == pids["same"]  # unchanged: same server
+    await until(lambda: waiting.granted)
+    assert waiting.endpoint is not None and waiting.endpoint.pid != pids["changed"]
+    assert sup.models["changed"].settings.ctx_size == 1024
+    await waiting.done()
+    async with sup.lease("new") as endpoint:
+        assert endpoint.pid in harness.alive("new")
+    assert sup.max_wait == 3

@@ -465,6 +465,7 @@ class Supervisor:
             victim.swaps[cause] += 1
         finally:
             victim.draining = False
+            self._dispatch()  # requests that came for the victim meanwhile may load it again
 
     async def _drain(self, record: ModelRecord) -> None:
         """Wait (up to drain_timeout) for the requests in flight to finish."""
@@ -475,7 +476,9 @@ class Supervisor:
     def _start_failed(self, record: ModelRecord, error: ModelError) -> None:
         """A start failed: waiters learn why at once; a retry after backoff, or failed for good."""
         if isinstance(error, ModelStoppedError):
-            self._fail_waiters(record, error)
+            if not record.draining:
+                self._fail_waiters(record, error)
+            # else an unload or a reload stopped it: its waiters wait for what comes next
             return
         self._fail_waiters(record, error if isinstance(error, ModelStartError)
                            else ModelStartError(str(error)))

@@ -81,8 +81,8 @@ def never_fits(model: ModelView, others: Sequence[ModelView], budget: int,
     pinned = [m for m in others if m.pinned and m.resident and m.name != model.name]
     held = sum(m.required for m in pinned)
     if model.required > budget:
-        return (f"{model.name} needs {format_size(model.required)}, more than the whole RAM "
-                f"budget of {format_size(budget)}")
+        return (f"{model.name} needs {format_size(model.required)}; the RAM budget "
+                f"{format_size(budget)} cannot hold it even alone")
     if model.required + held > budget:
         return (f"{model.name} needs {format_size(model.required)}; RAM budget "
                 f"{format_size(budget)}, {format_size(held)} held by pinned models "

@@ -75,7 +75,7 @@ def test_oldest_waiter_first() -> None:
 def test_a_model_that_can_never_fit_is_refused_naming_the_limit() -> None:
     alone = schedule([wanted("huge", 5 * GIB)], 4 * GIB, 0, now=0.0, max_wait=10)
     assert alone.refused[0][0] == "huge"
-    assert "more than the whole RAM budget of 4.00 GiB" in alone.refused[0][1]
+    assert "the RAM budget 4.00 GiB cannot hold it even alone" in alone.refused[0][1]
     pinned = [loaded("p", 3 * GIB, pinned=True), wanted("x", 2 * GIB)]
     why = schedule(pinned, 4 * GIB, 0, now=0.0, max_wait=10).refused[0][1]
     assert "held by pinned models (p)" in why

@@ -12,7 +12,9 @@ answer. The rules:
 - Batch by model: a loaded model keeps serving its own queue while others wait, so that
   A,B,A,B traffic swaps once per batch instead of once per request. Once the oldest
   waiting request has waited `max_wait`, the models in its way are *closed*: they take no
-  new requests, finish the ones in flight (never cut) and are then evicted.
+  new requests, finish the ones in flight (never cut) and are then evicted. A model that
+  was loaded less than `max_wait` ago is left to serve its batch first: with loads slower
+  than `max_wait`, closing it at once would swap on every request.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class ModelView:
     last_used: float = 0.0
     load_seconds: float | None = None  # measured time of its last load
     failed: bool = False  # failed for good: never loaded by the scheduler
+    ready_since: float | None = None  # clock() when its server became ready
+
+    def batch_over(self, now: float, max_wait: float) -> bool:
+        """It has served `max_wait` since it was (re)loaded: a starved waiter may close it."""
+        return self.ready_since is None or now - self.ready_since >= max_wait
 
     @property
     def idle(self) -> bool:
@@ -144,11 +151,14 @@ def schedule(models: Sequence[ModelView], budget: int, max_loaded: int, now: flo
         if victims is None and starved and not closed:
             # it has waited long enough: models whose queue is all that keeps them (nothing in
             # flight) go now; busy ones are closed, finish what they run, and go next time
-            free = victim_order([m for m in staying if m.evictable and not m.pinned
-                                 and m.in_flight == 0])
+            # a model loaded for its own waiters serves at least max_wait before it can be
+            # closed, so that slow loads cannot make two models swap per request
+            served = [m for m in staying if m.evictable and not m.pinned
+                      and (m.idle or m.batch_over(now, max_wait))]
+            free = victim_order([m for m in served if m.in_flight == 0])
             victims = _room(staying, free, model.required, budget, max_loaded)
             if victims is None:
-                busy = victim_order([m for m in staying if m.evictable and not m.pinned])
+                busy = victim_order(served)
                 in_way = _room(staying, busy, model.required, budget, max_loaded)
                 if in_way is not None:
                     closed.update(m.name for m in in_way if m.in_flight > 0)

@@ -252,6 +252,7 @@ class Supervisor:
             last_used=record.last_used,
             load_seconds=record.model.load_seconds,
             failed=record.failed_for_good,
+            ready_since=record.model.started_at,
         )
 
     def _refusal(self, record: ModelRecord) -> ModelError | None:

@@ -93,3 +93,16 @@ def test_failed_models_are_not_loaded_and_stopping_ones_wait() -> None:
               ModelView("s", GIB, resident=True, evictable=False, queued=1, oldest_wait=0.0)]
     plan = schedule(models, 8 * GIB, 0, now=1.0, max_wait=10)
     assert plan.loads == ()
+
+
+def test_a_model_just_loaded_serves_its_batch_before_a_starved_waiter_closes_it() -> None:
+    # loads slower than max_wait: both sides' waiters are always "starved"; without the
+    # batch window the fresh model was evicted before it served anything (a swap livelock)
+    fresh = loaded("a", queued=4, oldest_wait=0.0, ready_since=29.0)
+    plan = schedule([fresh, wanted("b", since=1.0)], GIB, 1, now=30.0, max_wait=10)
+    assert plan.loads == () and plan.closed == frozenset()
+    serving = loaded("a", in_flight=1, queued=3, oldest_wait=0.0, ready_since=29.0)
+    later = schedule([serving, wanted("b", since=1.0)], GIB, 1, now=38.5, max_wait=10)
+    assert later.closed == frozenset() and later.loads == ()
+    done = schedule([serving, wanted("b", since=1.0)], GIB, 1, now=40.0, max_wait=10)
+    assert done.closed == frozenset({"a"})  # its batch window is over: drains, then goes

@@ -311,7 +311,8 @@ async def test_a_cancelled_waiter_leaves_nothing_behind(harness: Harness) -> Non
 async def test_only_a_model_that_can_never_fit_is_refused(harness: Harness) -> None:
     sup = harness.build(("big", "small", "p"), required=100 * MIB, budget=150 * MIB,
                         pinned=("p",), sizes={"big": 400 * MIB})
-    with pytest.raises(CapacityError, match=r"big needs 400 MiB; the RAM budget 150 MiB cannot hold it even alone"):
+    with pytest.raises(CapacityError,
+                       match=r"big needs 400 MiB; the RAM budget 150 MiB cannot hold it even"):
         async with sup.lease("big"):
             pass
     await sup.load("p")

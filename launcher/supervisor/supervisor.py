@@ -108,6 +108,7 @@ class ModelRecord:
     swaps: Counter[str] = field(default_factory=Counter)  # evictions of this model, by cause
     waits: WaitStats = field(default_factory=WaitStats)
     loading: bool = False  # a load owns it: its victims stop, then it starts
+    load_began: float | None = None  # clock() when the load under way began
     restart_at: float | None = None  # clock() of a pending crash restart (memory kept)
     restart_timer: asyncio.Task[None] | None = None
     restart_due: bool = False  # backoff over: waits for admission
@@ -433,6 +434,7 @@ class Supervisor:
         record = self._records[load.name]
         victims = [self._records[v] for v in load.victims]
         record.loading = True  # resident from now on, before any await
+        record.load_began = self._clock()
         record.restart_due = False
         record.loads += 1
         for victim in victims:
@@ -450,12 +452,9 @@ class Supervisor:
         except ModelError as exc:
             record.loading = False
             self._start_failed(record, exc)
-        except BaseException:
-            record.loading = False
-            raise
-        else:
-            record.loading = False
         finally:
+            record.loading = False
+            record.load_began = None
             self._dispatch()
 
     async def _evict(self, victim: ModelRecord, name: str, cause: str) -> None:
@@ -685,6 +684,9 @@ class Supervisor:
                 "queued": sum(1 for w in record.queue if w.slot),
                 "waiting_reason": record.waiting_reason,
                 "loading": self.is_loading(name),
+                # how long the load under way has taken, against the last one (load_seconds)
+                "loading_s": round(now - record.load_began, 1)
+                if record.load_began is not None else None,
                 "draining": record.draining,
                 "completion_tokens": record.completion_tokens,
                 "tokens_per_s": round(recent[-1], 1) if recent else None,

@@ -289,6 +289,8 @@ async def test_a_cancelled_waiter_leaves_nothing_behind(harness: Harness) -> Non
     harness.not_ready.add("a")
     loading = Request(sup, "a")
     await until(lambda: sup.models["a"].state == ModelState.STARTING)
+    row = next(r for r in sup.status() if r["name"] == "a")
+    assert sup.is_loading("a") and row["loading"] and row["loading_s"] is not None
     loading.task.cancel()  # the client went away during the load
     with pytest.raises(asyncio.CancelledError):
         await loading.task

@@ -418,8 +418,16 @@ class Supervisor:
             self._wakeup.cancel()
             self._wakeup = None
         oldest = [w.since for name, _ in waiting for w in self._records[name].queue]
-        if oldest:
-            delay = max(0.0, min(oldest) + self.max_wait - now) + 0.01
+        if not oldest:
+            return
+        # the next moment a rule can change its answer: the oldest waiter reaching max_wait,
+        # or a model's batch window closing; otherwise the next event decides
+        moments = [min(oldest) + self.max_wait] + [
+            r.model.started_at + self.max_wait for r in self._records.values()
+            if r.model.started_at is not None and r.state == ModelState.READY]
+        future = [moment for moment in moments if moment > now]
+        if future:
+            delay = min(future) - now + 0.01
             self._wakeup = asyncio.get_running_loop().call_later(delay, self._dispatch)
 
     def _fail_waiters(self, record: ModelRecord, error: ModelError) -> None:

@@ -75,10 +75,12 @@ async def scenario(url: str, names: dict[str, str], burst: int, tokens: int) -> 
         cold = await one(client, url, b, tokens, stream=True)
         cold_ttft = cold[1]
         await one(client, url, a, 4)
+        swaps_before = await swaps(client, url)
         began = time.perf_counter()
         results = await asyncio.gather(*(one(client, url, (a, b)[i % 2], tokens)
                                          for i in range(burst)))
         burst_s = time.perf_counter() - began
+        burst_swaps = await swaps(client, url) - swaps_before
         burst_errors = sum(1 for status, _, _ in results if status != 200)
         began = time.perf_counter()
         alternating_errors = 0
@@ -86,14 +88,18 @@ async def scenario(url: str, names: dict[str, str], burst: int, tokens: int) -> 
             status, _, _ = await one(client, url, (a, b)[i % 2], tokens)
             alternating_errors += status != 200
         alternating_s = time.perf_counter() - began
-    return {"burst_s": burst_s, "burst_errors": burst_errors, "alternating_s": alternating_s,
+    return {"burst_s": burst_s, "burst_errors": burst_errors, "burst_swaps": burst_swaps,
+            "alternating_s": alternating_s,
             "alternating_errors": alternating_errors, "cold_ttft_s": cold_ttft,
             "cold_status": cold[0]}
 
 
-def lalo_swaps(url: str) -> int:
-    status = httpx.get(url + "/api/status", trust_env=False).json()
-    return sum(int(m.get("evictions") or 0) for m in status["models"])
+async def swaps(client: httpx.AsyncClient, url: str) -> int:
+    """Models lalo unloaded to make room so far (-1: not lalo)."""
+    response = await client.get(url + "/api/status")
+    if response.status_code != 200:
+        return -1
+    return sum(int(m.get("evictions") or 0) for m in response.json()["models"])
 
 
 def main() -> None:
@@ -139,9 +145,8 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}"
             wait_http(url + "/health")
-            result = asyncio.run(scenario(url, {n: n for n in models}, args.burst, args.tokens))
-            result["swaps"] = lalo_swaps(url)
-            runs["lalo"].append(result)
+            runs["lalo"].append(asyncio.run(scenario(url, {n: n for n in models}, args.burst,
+                                                     args.tokens)))
         finally:
             lalo.terminate()
             lalo.wait(60)
@@ -157,6 +162,10 @@ def main() -> None:
             os.killpg(router.pid, 15)
             router.wait(30)
     report(runs, args)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "n/a"
 
 
 def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
@@ -181,14 +190,18 @@ def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> N
         "| | lalo | router | lalo / router |",
         "|---|---:|---:|---:|",
         f"| {args.burst} requests at once (half per model): total s | {lalo['burst_s']:.2f} | "
-        f"{router['burst_s']:.2f} | {lalo['burst_s'] / router['burst_s']:.2f} |",
+        f"{router['burst_s']:.2f} | {ratio(lalo['burst_s'], router['burst_s'])} |",
         f"| ... errors (all rounds) | {lalo['burst_errors_total']:.0f} | "
         f"{router['burst_errors_total']:.0f} | |",
         f"| 8 requests A,B,A,B one after another: total s | {lalo['alternating_s']:.2f} | "
-        f"{router['alternating_s']:.2f} | {lalo['alternating_s'] / router['alternating_s']:.2f} |",
+        f"{router['alternating_s']:.2f} | {ratio(lalo['alternating_s'], router['alternating_s'])} |",
         f"| cold request (model not loaded): time to first byte s | {lalo['cold_ttft_s']:.2f} | "
-        f"{router['cold_ttft_s']:.2f} | {lalo['cold_ttft_s'] / router['cold_ttft_s']:.2f} |",
-        f"| lalo swaps in the whole round | {lalo['swaps']:.0f} | | |",
+        f"{router['cold_ttft_s']:.2f} | {ratio(lalo['cold_ttft_s'], router['cold_ttft_s'])} |",
+        f"| ... its HTTP status | {lalo['cold_status']:.0f} | {router['cold_status']:.0f} | |",
+        f"| ... errors in the alternating run | {lalo['alternating_errors']:.0f} | "
+        f"{router['alternating_errors']:.0f} | |",
+        f"| swaps during the {args.burst} requests at once (lalo) | {lalo['burst_swaps']:.0f} "
+        "| | |",
         "",
         "Targets (issue 15): the burst at most 0.5x the router's time with 0 errors; the "
         "alternating run not slower than the router.",

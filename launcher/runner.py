@@ -397,7 +397,11 @@ async def _run(
     stop = asyncio.Event()
     exit_code = [0]
 
+    uvicorn_server: list[Any] = []  # set once the proxy runs
+
     def on_signal(code: int) -> None:
+        if stop.is_set() and uvicorn_server:
+            uvicorn_server[0].force_exit = True  # a second Ctrl+C: do not wait for requests
         exit_code[0] = code
         stop.set()
 
@@ -444,6 +448,7 @@ async def _run(
         app = create_app(supervisor, settings, pool, on_shutdown=lambda: on_signal(0),
                          log_paths=log_paths, on_reload=reloader.reload)
         server = _uvicorn_server(app, config.supervisor.stop_timeout)
+        uvicorn_server.append(server)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         # everything made so far lives until exit: keep it out of the garbage collector's
         # scans, which otherwise stall request handling now and then (the p99 latency)
@@ -481,11 +486,19 @@ async def _run(
         # stop_timeout), and only then stop the model servers they are talking to
         busy = sum(row["in_flight"] for row in supervisor.status())
         announce("stopping: no new requests"
-                 + (f"; letting {busy} request(s) in flight finish" if busy else ""))
+                 + (f"; letting {busy} request(s) in flight finish (Ctrl+C again: at once)"
+                    if busy else ""))
         loading.cancel()
         server.should_exit = True
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(serving), config.supervisor.stop_timeout + 5)
+        # requests still running (a second Ctrl+C) are ended here, their upstream connections
+        # closed, so that each model server stops its generation and exits at once
+        leftover = [task for task in server.server_state.tasks if not task.done()]
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            await asyncio.wait(leftover, timeout=5)
         announce("stopping model servers")
         await supervisor.close()
         announce("stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -520,3 +521,35 @@ def test_reload_restarts_only_what_changed_and_a_bad_file_changes_nothing(
         reply = httpx.post(up.url + "/v1/completions", timeout=60,
                            json={"model": "new", "prompt": "x", "max_tokens": 2})
         assert reply.status_code == 200
+
+
+def test_a_second_ctrl_c_stops_at_once_without_waiting_for_requests(
+    tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path, smollm2: Path,
+) -> None:
+    config = write_config(tmp_path / "lalo.yaml",
+                          {"smol": {"file": str(smollm2), "ctx_size": 4096, "threads": 1}},
+                          engines=engines(llama_server_bin),
+                          supervisor={**FAST_SUPERVISOR, "stop_timeout": 600})
+    up = LaloUp(config, isolated).start()
+    events: list[str] = []
+    try:
+        up.wait_state("smol", "ready")
+        with httpx.stream("POST", up.url + "/v1/completions", timeout=120, json={
+            "model": "smol", "stream": True, "max_tokens": 4000, "ignore_eos": True,
+            "prompt": "Once upon a time",
+        }) as response:
+            # the stream is cut (an error event, or the connection closes): that is the point
+            with contextlib.suppress(httpx.HTTPError):
+                for line in response.iter_lines():
+                    events.append(line)
+                    if len(events) == 3:
+                        up.signal(signal.SIGINT)
+                        wait_until(lambda: "letting 1 request(s)" in up.output(), 30,
+                                   message="the first Ctrl+C to be seen")
+                        began = time.monotonic()
+                        up.signal(signal.SIGINT)
+        assert up.wait(30) == 130
+        assert time.monotonic() - began < 15  # llama-server alone waits 30 s on a live stream
+    finally:
+        up.stop()
+    assert "data: [DONE]" not in events

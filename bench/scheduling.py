@@ -1,14 +1,14 @@
-"""Scheduling when models do not all fit: lalo (`max_loaded: 1`) against llama.cpp's router
-(`--models-max 1`), the same llama-server binary and the same two real models, in one run.
+"""Scheduling when models do not all fit: lalo (`max_loaded: 1`) vs llama.cpp's router
+(`--models-max 1`), same llama-server binary, same two real models (SmolLM2-135M-Instruct and
+Gemma 3 270M), measured in one run:
 
-Cases, each taken by lalo and the router in turn (who goes first alternates by round), each
-starting from the same state (SmolLM2 loaded, Gemma not):
-  - burst: 16 chat requests at once, 8 per model, interleaved: total time, errors, swaps
-  - alternating: 8 requests one after another, A,B,A,B: total time
-  - cold: time to first token of a streamed request to a model that is not loaded
-Writes docs/scheduling-benchmark.md and docs/scheduling-benchmark.json.
+  - burst: N requests at once, half per model: total time, errors, swaps (lalo)
+  - alternating: 8 requests A,B,A,B one after another: total time
+  - cold: time to first token of a request for the model that is not loaded
 
-    python bench/scheduling.py [--rounds 3] [--server PATH]
+Writes docs/scheduling.md and docs/scheduling.json.
+
+    python bench/scheduling.py [--burst 16] [--rounds 3] [--tokens 32] [--server PATH]
 """
 
 from __future__ import annotations
@@ -17,272 +17,197 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy_overhead import free_port, parent_death_signal, wait_http
-from startup import ROOT, clean_environ
-
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.support.real_models import real_model
 
-MODELS = {"smol": "smollm2-135m-instruct", "gemma": "gemma-3-270m"}
-CTX = 2048
-MAX_TOKENS = 16
-QUESTION = "What is the capital of France? Answer in one sentence."
+from bench.proxy_overhead import free_port, parent_death_signal, wait_http  # noqa: E402
 
 
-@dataclass
-class Target:
-    name: str
-    url: str
-    process: subprocess.Popen[bytes]
-
-    async def unload(self, client: httpx.AsyncClient, model: str) -> None:
-        if self.name == "lalo":
-            response = await client.post(f"{self.url}/api/models/{model}/unload")
-        else:
-            response = await client.post(f"{self.url}/models/unload", json={"model": model})
-        if response.status_code not in (200, 400):  # the router says 400 when not loaded
-            raise RuntimeError(f"{self.name}: unload {model}: {response.status_code} {response.text}")
-
-    async def wait_unloaded(self, client: httpx.AsyncClient, model: str) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if not await self.loaded(client, model):
-                return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"{self.name}: {model} still loaded")
-
-    async def loaded(self, client: httpx.AsyncClient, model: str) -> bool:
-        if self.name == "lalo":
-            status = (await client.get(f"{self.url}/api/status")).json()
-            row = next(m for m in status["models"] if m["name"] == model)
-            return bool(row["state"] not in ("stopped", "failed"))
-        listing = (await client.get(f"{self.url}/models")).json()
-        for entry in listing.get("data", []):
-            if entry.get("id") == model:
-                value = entry.get("status", {}).get("value")
-                return value not in (None, "unloaded")
-        return False
-
-    async def swaps(self, client: httpx.AsyncClient) -> int | None:
-        """Loads counted by lalo itself (its /api/status); the router does not report them."""
-        if self.name != "lalo":
-            return None
-        status = (await client.get(f"{self.url}/api/status")).json()
-        total = 0
-        for row in status["models"]:
-            loads = row.get("loads")
-            if not isinstance(loads, int):
-                return None
-            total += loads
-        return total
+def start_router(server: Path, models_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    """llama.cpp's router over the same files, one model in memory at a time."""
+    return subprocess.Popen(
+        [str(server), "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port", str(port),
+         "-c", "2048", "-np", "4", "--models-max", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=parent_death_signal)
 
 
-async def chat(client: httpx.AsyncClient, target: Target, model: str,
-               stream: bool = False) -> dict[str, Any]:
-    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": MAX_TOKENS, "temperature": 0, "seed": 1, "stream": stream}
-    started = time.perf_counter()
+def real_models() -> dict[str, Path]:
+    from tests.support.real_models import real_model
+
+    return {"smol": real_model("smollm2-135m-instruct"), "gemma": real_model("gemma-3-270m")}
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, tokens: int,
+              stream: bool = False) -> tuple[int, float, float]:
+    """(status, time to first byte of the answer, total time) of one completion."""
+    began = time.perf_counter()
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": tokens,
+            "temperature": 0, "stream": stream}
     try:
-        if not stream:
-            response = await client.post(f"{target.url}/v1/chat/completions", json=body)
-            return {"status": response.status_code, "seconds": time.perf_counter() - started,
-                    "error": None if response.status_code == 200 else response.text[:200]}
-        async with client.stream("POST", f"{target.url}/v1/chat/completions", json=body) as response:
+        async with client.stream("POST", url + "/v1/completions", json=body) as response:
             first = None
-            async for line in response.aiter_lines():
-                if first is None and line.startswith("data:") and '"content"' in line:
-                    first = time.perf_counter() - started
-            return {"status": response.status_code, "ttft": first,
-                    "seconds": time.perf_counter() - started,
-                    "error": None if response.status_code == 200 else "stream failed"}
-    except httpx.HTTPError as exc:
-        return {"status": 0, "seconds": time.perf_counter() - started, "error": repr(exc)}
+            async for _ in response.aiter_bytes():
+                if first is None:
+                    first = time.perf_counter() - began
+            return response.status_code, first or 0.0, time.perf_counter() - began
+    except httpx.HTTPError:
+        return 599, 0.0, time.perf_counter() - began
 
 
-async def reset(client: httpx.AsyncClient, target: Target) -> None:
-    """The common starting state: smol loaded and warm, gemma not loaded."""
-    await target.unload(client, "gemma")
-    await target.wait_unloaded(client, "gemma")
-    warm = await chat(client, target, "smol")
-    if warm["status"] != 200:
-        raise RuntimeError(f"{target.name}: warm-up failed: {warm}")
+async def scenario(url: str, names: dict[str, str], burst: int, tokens: int) -> dict[str, Any]:
+    a, b = names["smol"], names["gemma"]
+    async with httpx.AsyncClient(timeout=600, trust_env=False,
+                                 limits=httpx.Limits(max_connections=burst + 4)) as client:
+        await one(client, url, a, 4)  # a loaded, b not
+        cold = await one(client, url, b, tokens, stream=True)
+        cold_ttft = cold[1]
+        await one(client, url, a, 4)
+        swaps_before = await swaps(client, url)
+        began = time.perf_counter()
+        results = await asyncio.gather(*(one(client, url, (a, b)[i % 2], tokens)
+                                         for i in range(burst)))
+        burst_s = time.perf_counter() - began
+        burst_swaps = await swaps(client, url) - swaps_before
+        burst_errors = sum(1 for status, _, _ in results if status != 200)
+        began = time.perf_counter()
+        alternating_errors = 0
+        for i in range(8):
+            status, _, _ = await one(client, url, (a, b)[i % 2], tokens)
+            alternating_errors += status != 200
+        alternating_s = time.perf_counter() - began
+    return {"burst_s": burst_s, "burst_errors": burst_errors, "burst_swaps": burst_swaps,
+            "alternating_s": alternating_s,
+            "alternating_errors": alternating_errors, "cold_ttft_s": cold_ttft,
+            "cold_status": cold[0]}
 
 
-async def burst(client: httpx.AsyncClient, target: Target) -> dict[str, Any]:
-    await reset(client, target)
-    before = await target.swaps(client)
-    order = ["smol", "gemma"] * 8
-    started = time.perf_counter()
-    outcomes = await asyncio.gather(*(chat(client, target, model) for model in order))
-    wall = time.perf_counter() - started
-    after = await target.swaps(client)
-    errors = [o for o in outcomes if o["status"] != 200]
-    return {"seconds": wall, "errors": len(errors), "error_examples": [e["error"] for e in errors[:3]],
-            "swaps": after - before if after is not None and before is not None else None}
-
-
-async def alternating(client: httpx.AsyncClient, target: Target) -> dict[str, Any]:
-    await reset(client, target)
-    started = time.perf_counter()
-    outcomes = [await chat(client, target, model) for model in ["gemma", "smol"] * 4]
-    errors = [o for o in outcomes if o["status"] != 200]
-    return {"seconds": time.perf_counter() - started, "errors": len(errors)}
-
-
-async def cold(client: httpx.AsyncClient, target: Target) -> dict[str, Any]:
-    await reset(client, target)
-    outcome = await chat(client, target, "gemma", stream=True)
-    return {"ttft": outcome.get("ttft"), "errors": int(outcome["status"] != 200)}
-
-
-CASES = {"burst": burst, "alternating": alternating, "cold": cold}
-
-
-def start_lalo(workdir: Path, files: dict[str, Path], port: int) -> subprocess.Popen[bytes]:
-    config = workdir / "lalo.yaml"
-    config.write_text(yaml.safe_dump({
-        "resources": {"max_loaded": 1},
-        "proxy": {"queue_size": 64},
-        "models": {name: {"file": str(path), "ctx_size": CTX, "parallel": 1, "preload": False}
-                   for name, path in files.items()},
-    }, sort_keys=False))
-    env = {**clean_environ(), "LALO_STATE_DIR": str(workdir / "state"),
-           "LALO_CONFIG_DIR": str(workdir / "config"), "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "launcher", "up", "--config", str(config), "--port", str(port)],
-        stdout=(workdir / "lalo.log").open("wb"), stderr=subprocess.STDOUT, env=env,
-        start_new_session=True, preexec_fn=parent_death_signal)
-
-
-def start_router(server: Path, workdir: Path, files: dict[str, Path], port: int
-                 ) -> subprocess.Popen[bytes]:
-    models_dir = workdir / "router-models"
-    models_dir.mkdir(exist_ok=True)
-    for name, path in files.items():
-        link = models_dir / f"{name}.gguf"
-        if not link.exists():
-            link.symlink_to(path)
-    return subprocess.Popen(
-        [str(server), "--models-dir", str(models_dir), "--models-max", "1", "--host", "127.0.0.1",
-         "--port", str(port), "-c", str(CTX), "-np", "1"],
-        stdout=(workdir / "router.log").open("wb"), stderr=subprocess.STDOUT,
-        env=clean_environ(), start_new_session=True, preexec_fn=parent_death_signal)
-
-
-def find_server() -> Path:
-    from launcher.engines.registry import cached_engines
-
-    for folder, manifest in cached_engines():
-        if manifest.variant == "native":
-            return folder / "bin" / "llama-server"
-    raise SystemExit("no llama-server in lalo's cache: run `lalo engine build` first")
-
-
-async def run(targets: list[Target], rounds: int) -> dict[str, Any]:
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {
-        case: {t.name: [] for t in targets} for case in CASES}
-    async with httpx.AsyncClient(timeout=600, trust_env=False) as client:
-        for round_number in range(rounds):
-            order = targets if round_number % 2 == 0 else targets[::-1]
-            for case, measure in CASES.items():
-                for target in order:
-                    outcome = await measure(client, target)
-                    results[case][target.name].append(outcome)
-                    print(f"round {round_number + 1} {case:11s} {target.name:6s} {outcome}",
-                          flush=True)
-    return results
-
-
-def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    for case, per_target in results.items():
-        summary[case] = {}
-        for name, runs in per_target.items():
-            key = "ttft" if case == "cold" else "seconds"
-            values = [r[key] for r in runs if r.get(key) is not None]
-            swaps = [r["swaps"] for r in runs if r.get("swaps") is not None]
-            summary[case][name] = {
-                "median": statistics.median(values) if values else None,
-                "runs": values,
-                "errors": sum(r["errors"] for r in runs),
-                "swaps": statistics.median(swaps) if swaps else None,
-            }
-    return summary
-
-
-def report(summary: dict[str, Any], rounds: int, out: Path) -> None:
-    def cell(case: str, name: str) -> str:
-        row = summary[case][name]
-        return "n/a" if row["median"] is None else f"{row['median']:.2f} s"
-
-    def ratio(case: str) -> str:
-        lalo, router = summary[case]["lalo"]["median"], summary[case]["router"]["median"]
-        return f"{lalo / router:.2f}x" if lalo and router else "n/a"
-
-    lines = [
-        "# Scheduling benchmark: lalo vs llama.cpp's router, one model in memory at a time",
-        "",
-        f"Written by `bench/scheduling.py` ({rounds} rounds, medians; lalo and the router take each "
-        "case in turn, who goes first alternating by round). Same llama-server binary, same real "
-        "models (SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M), ctx 2048, one slot each; "
-        "lalo with `max_loaded: 1`, the router with `--models-max 1`. Every case starts with "
-        f"SmolLM2 loaded and Gemma not; chat completions of at most {MAX_TOKENS} tokens.",
-        "",
-        "| case | lalo | router | lalo / router | errors lalo / router | lalo swaps |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    names = {"burst": "16 at once, 8 per model: total", "alternating": "8 in turn, A,B,A,B: total",
-             "cold": "cold model: time to first token"}
-    for case, label in names.items():
-        lalo, router = summary[case]["lalo"], summary[case]["router"]
-        swaps = "" if lalo["swaps"] is None else f"{lalo['swaps']:g}"
-        lines.append(f"| {label} | {cell(case, 'lalo')} | {cell(case, 'router')} | {ratio(case)} | "
-                     f"{lalo['errors']} / {router['errors']} | {swaps} |")
-    lines += ["", "Targets (issue 15): the burst at most 0.5x the router's time with 0 errors; the "
-              "alternating case no slower than the router.", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    print("\n".join(lines))
+async def swaps(client: httpx.AsyncClient, url: str) -> int:
+    """Models lalo unloaded to make room so far (-1: not lalo)."""
+    response = await client.get(url + "/api/status")
+    if response.status_code != 200:
+        return -1
+    return sum(int(m.get("evictions") or 0) for m in response.json()["models"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--burst", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--server", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "scheduling-benchmark")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--server", type=Path)
+    parser.add_argument("--workdir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "lalo-bench-scheduling")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
-    server = args.server or find_server()
-    files = {name: real_model(model_id) for name, model_id in MODELS.items()}
-    with tempfile.TemporaryDirectory(prefix="lalo-sched-") as tmp:
-        workdir = Path(tmp)
-        lalo_port, router_port = free_port(), free_port()
-        processes = [start_lalo(workdir, files, lalo_port),
-                     start_router(server, workdir, files, router_port)]
+    if args.server is None:
+        from launcher.engines.registry import require_llama_server
+
+        args.server = require_llama_server().path
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    models = real_models()
+    models_dir = args.workdir / "router-models"
+    shutil.rmtree(models_dir, ignore_errors=True)
+    models_dir.mkdir()
+    for path in models.values():
+        (models_dir / path.name).symlink_to(path)
+    router_names = {name: path.stem for name, path in models.items()}
+
+    runs: dict[str, list[dict[str, Any]]] = {"lalo": [], "router": []}
+    for _ in range(args.rounds):
+        # lalo
+        state = args.workdir / "state"
+        shutil.rmtree(state, ignore_errors=True)
+        config = args.workdir / "lalo.yaml"
+        config.write_text(yaml.safe_dump({
+            "engines": {"llama_server": {"path": str(args.server)}},
+            "resources": {"max_loaded": 1},
+            "models": {name: {"file": str(path), "ctx_size": 2048, "parallel": 4,
+                              "preload": name == "smol"} for name, path in models.items()},
+        }))
+        port = free_port()
+        env = {**os.environ, "LALO_STATE_DIR": str(state)}
+        lalo = subprocess.Popen([sys.executable, "-m", "launcher", "up", "--config", str(config),
+                                 "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         try:
-            wait_http(f"http://127.0.0.1:{lalo_port}/health")
-            wait_http(f"http://127.0.0.1:{router_port}/health")
-            targets = [Target("lalo", f"http://127.0.0.1:{lalo_port}", processes[0]),
-                       Target("router", f"http://127.0.0.1:{router_port}", processes[1])]
-            results = asyncio.run(run(targets, args.rounds))
+            url = f"http://127.0.0.1:{port}"
+            wait_http(url + "/health")
+            runs["lalo"].append(asyncio.run(scenario(url, {n: n for n in models}, args.burst,
+                                                     args.tokens)))
         finally:
-            for process in processes:
-                if process.poll() is None:
-                    os.killpg(process.pid, 15)
-                    process.wait(60)
-    report(summarise(results), args.rounds, args.out)
+            lalo.terminate()
+            lalo.wait(60)
+        # llama.cpp's router
+        router_port = free_port()
+        router = start_router(args.server, models_dir, router_port)
+        try:
+            url = f"http://127.0.0.1:{router_port}"
+            wait_http(url + "/health")
+            runs["router"].append(asyncio.run(scenario(url, router_names, args.burst,
+                                                       args.tokens)))
+        finally:
+            os.killpg(router.pid, 15)
+            router.wait(30)
+    report(runs, args)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "n/a"
+
+
+def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    summary: dict[str, dict[str, float]] = {}
+    for name, results in runs.items():
+        summary[name] = {key: statistics.median(float(r[key]) for r in results)
+                         for key in results[0]}
+        summary[name]["burst_errors_total"] = sum(r["burst_errors"] for r in results)
+    lalo, router = summary["lalo"], summary["router"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scheduling.json").write_text(json.dumps({"runs": runs, "summary": summary,
+                                                          "burst": args.burst,
+                                                          "tokens": args.tokens}, indent=2))
+    lines = [
+        "# Scheduling: two models, one place in memory",
+        "",
+        f"`python bench/scheduling.py --burst {args.burst} --rounds {args.rounds} "
+        f"--tokens {args.tokens}`. Same llama-server binary, the real SmolLM2-135M-Instruct "
+        "and Gemma 3 270M, one model in memory at a time (lalo `max_loaded: 1`, llama.cpp's "
+        "router `--models-max 1`), 4 slots each, medians of the rounds.",
+        "",
+        "| | lalo | router | lalo / router |",
+        "|---|---:|---:|---:|",
+        f"| {args.burst} requests at once (half per model): total s | {lalo['burst_s']:.2f} | "
+        f"{router['burst_s']:.2f} | {ratio(lalo['burst_s'], router['burst_s'])} |",
+        f"| ... errors (all rounds) | {lalo['burst_errors_total']:.0f} | "
+        f"{router['burst_errors_total']:.0f} | |",
+        f"| 8 requests A,B,A,B one after another: total s | {lalo['alternating_s']:.2f} | "
+        f"{router['alternating_s']:.2f} | {ratio(lalo['alternating_s'], router['alternating_s'])} |",
+        f"| cold request (model not loaded): time to first byte s | {lalo['cold_ttft_s']:.2f} | "
+        f"{router['cold_ttft_s']:.2f} | {ratio(lalo['cold_ttft_s'], router['cold_ttft_s'])} |",
+        f"| ... its HTTP status | {lalo['cold_status']:.0f} | {router['cold_status']:.0f} | |",
+        f"| ... errors in the alternating run | {lalo['alternating_errors']:.0f} | "
+        f"{router['alternating_errors']:.0f} | |",
+        f"| swaps during the {args.burst} requests at once (lalo) | {lalo['burst_swaps']:.0f} "
+        "| | |",
+        "",
+        "Targets (issue 15): the burst at most 0.5x the router's time with 0 errors; the "
+        "alternating run not slower than the router.",
+    ]
+    (args.out / "scheduling.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,8 @@ class ResourcesConfig(_Section):
     ram_budget: int | Literal["auto"] = "auto"
     ram_reserve: int = 1024**3
     max_loaded: Annotated[int, Field(ge=0)] = 0
+    # seconds a request may wait behind other models' batches before those drain for it
+    max_wait: Annotated[float, Field(ge=0, le=86_400)] = 10.0
 
     @field_validator("ram_budget", mode="before")
     @classmethod
@@ -158,6 +160,7 @@ class ModelConfig(_Section):
     threads: int | Literal["auto"] = "auto"
     parallel: Annotated[int, Field(ge=1, le=256)] = 1
     preload: bool = True
+    pinned: bool = False  # never evicted to make room for another model
     ttl: Annotated[float, Field(ge=0)] = 0.0
     aliases: Annotated[tuple[str, ...], Field(strict=False)] = ()
     args: Annotated[tuple[str, ...], Field(strict=False)] = ()

@@ -13,8 +13,9 @@
     │   ├── ModelStartError         a start attempt failed (exit code, last log lines)
     │   ├── ModelFailedError        failed for good until an explicit restart
     │   ├── ModelStoppedError       stopped (unloaded, shut down) while a caller waited
-    │   ├── CapacityError           does not fit in the RAM budget even after eviction
-    │   └── QueueFullError          more requests waiting than the queue allows
+    │   ├── CapacityError           can never fit (alone beside pinned models, over the budget)
+    │   ├── QueueFullError          more requests waiting than the queue allows
+    │   └── WaitTimeoutError        waited in line (load, restart, other models) too long
     ├── HubError                    pulling a model failed
     │   └── IntegrityError          bytes do not match the expected sha256
     └── PackagingError              `lalo build` failed
@@ -83,6 +84,14 @@ class CapacityError(ModelError):
 
 class QueueFullError(ModelError):
     pass
+
+
+class WaitTimeoutError(ModelError):
+    """A request waited its whole bound for its model; `retry_after` is a hint in seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class HubError(LaloError):

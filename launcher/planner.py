@@ -1,7 +1,7 @@
 """Which models to load within the RAM budget: pure functions, each decision with its reason.
 
-`make_plan` decides what `lalo up` preloads; `choose_evictions` decides which idle
-models to unload when an on-demand load needs room.
+`make_plan` decides what `lalo up` preloads; what to load, evict or keep waiting while
+lalo runs is `launcher.scheduler`'s.
 """
 
 from __future__ import annotations
@@ -167,32 +167,3 @@ def _suggestions(model: Candidate, budget: int) -> tuple[str, ...]:
     if not hints:
         hints.append("no smaller context or quantization fits; use a smaller model or free RAM")
     return tuple(hints)
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """A running model as eviction sees it."""
-
-    name: str
-    required: int
-    last_used: float  # monotonic seconds
-    busy: bool  # requests in flight or queued
-    pinned: bool  # preload: true models are never evicted
-
-
-def choose_evictions(loaded: Sequence[Loaded], budget: int, needed: int,
-                     max_loaded: int = 0) -> list[str] | None:
-    """Least recently used idle, unpinned models to unload so `needed` fits; None if impossible."""
-    used = sum(model.required for model in loaded)
-    count = len(loaded)
-    victims: list[str] = []
-    candidates = sorted((m for m in loaded if not m.busy and not m.pinned), key=lambda m: m.last_used)
-    for model in candidates:
-        if used + needed <= budget and (not max_loaded or count < max_loaded):
-            break
-        victims.append(model.name)
-        used -= model.required
-        count -= 1
-    if used + needed > budget or (max_loaded and count >= max_loaded):
-        return None
-    return victims

@@ -1,13 +1,15 @@
 """`lalo up`: config -> plan -> engines -> model servers + proxy on one event loop; staged shutdown.
 
-Signal handlers only record the signal; the main coroutine acts on it: stop accepting,
-stop every model server (TERM, wait, KILL the group), release the instance lock.
+Signal handlers only record the signal; the main coroutine acts on it: stop accepting, let
+the requests in flight finish (within `stop_timeout`), then stop every model server (TERM,
+wait, KILL the group), release the instance lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import gc
 import logging
@@ -153,6 +155,69 @@ def plan_models(loaded: LoadedConfig, models: Sequence[ResolvedModel], available
     return make_plan([m.candidate() for m in models], budget, resources.max_loaded)
 
 
+@dataclass(frozen=True)
+class ServerFactory:
+    """Makes the ManagedModel (and its facts and restart policy) of one resolved model."""
+
+    loaded: LoadedConfig
+    engines: dict[str, Engine]
+    records: ChildRecords
+    share: CpuShare
+    host: str = "127.0.0.1"
+
+    def make(self, model: ResolvedModel) -> tuple[SupervisedModel, ManagedModel, RestartPolicy]:
+        sup = self.loaded.config.supervisor
+        cfg = model.config
+        # a model without a file (a catalog model that could not be pulled) is failed with its
+        # reason; the others are served
+        path = model.path if model.path is not None else Path(cfg.file or cfg.catalog or model.name)
+        settings = ServerSettings(
+            model_path=path,
+            host=self.host,
+            port=0,
+            api_key="",
+            ctx_size=cfg.ctx_size,
+            parallel=cfg.parallel,
+            threads=cfg.thread_count,
+            embeddings=cfg.embeddings,
+            chat_template=self.loaded.chat_template(model.name),
+            extra_args=(*_alias_args(cfg.engine_kind, model.name), *cfg.args),
+            env={**wait_env(self.share, cfg.env), **cfg.env},
+        )
+        managed = ManagedModel(
+            model.name,
+            self.engines[cfg.engine_kind],
+            settings,
+            ModelLog(log_dir() / f"{model.name}.log"),
+            timeouts=Timeouts(
+                load_timeout=cfg.load_timeout or sup.load_timeout,
+                health_interval=sup.health_interval,
+                liveness_timeout=sup.liveness_timeout,
+                stop_timeout=sup.stop_timeout,
+            ),
+            events=SupervisorEvents(self.records.add, self.records.remove),
+        )
+        policy = RestartPolicy(
+            initial_delay=sup.backoff_initial, max_delay=sup.backoff_max,
+            max_failures=sup.max_failures, stable_after=sup.stable_after,
+        )
+        meta = SupervisedModel(
+            name=model.name,
+            aliases=tuple(cfg.aliases),
+            engine=cfg.engine_kind,
+            estimate=model.estimate.total if model.estimate is not None else 0,
+            preload=cfg.preload,
+            ttl=cfg.ttl,
+            path=str(path),
+            synthetic=bool(model.info and model.info.is_synthetic),
+            measurement_key=measurement_key(path, cfg.engine_kind, cfg.ctx_size, cfg.parallel),
+            pinned=cfg.pinned,
+        )
+        if model.error is not None:
+            managed.mark_invalid(model.error)
+        return meta, managed, policy
+
+
 def build_supervisor(
     loaded: LoadedConfig,
     models: Sequence[ResolvedModel],
@@ -164,80 +229,113 @@ def build_supervisor(
 ) -> tuple[Supervisor, dict[str, Path]]:
     """The supervisor of `models`; `share` decides the OpenMP wait policy of their servers."""
     config = loaded.config
-    sup = config.supervisor
-    keys: dict[str, str] = {}
-    supervisor_ref: list[Supervisor] = []
-
-    def measured(name: str, rss: int) -> None:
-        if supervisor_ref:
-            supervisor_ref[0].record_measurement(name, rss)
-
-    events = SupervisorEvents(records.add, records.remove, measured)
-    entries = []
-    log_paths: dict[str, Path] = {}
-    for model in models:
-        if model.path is None:
-            raise StartupError(f"{model.name}: no model file (catalog model not downloaded)")
-        cfg = model.config
-        keys[model.name] = measurement_key(model.path, cfg.engine_kind, cfg.ctx_size, cfg.parallel)
-        settings = ServerSettings(
-            model_path=model.path,
-            host=host,
-            port=0,
-            api_key="",
-            ctx_size=cfg.ctx_size,
-            parallel=cfg.parallel,
-            threads=cfg.thread_count,
-            embeddings=cfg.embeddings,
-            chat_template=loaded.chat_template(model.name),
-            extra_args=(*_alias_args(cfg.engine_kind, model.name), *cfg.args),
-            env={**wait_env(share, cfg.env), **cfg.env},
-        )
-        log_path = log_dir() / f"{model.name}.log"
-        log_paths[model.name] = log_path
-        managed = ManagedModel(
-            model.name,
-            engines[cfg.engine_kind],
-            settings,
-            ModelLog(log_path),
-            timeouts=Timeouts(
-                load_timeout=cfg.load_timeout or sup.load_timeout,
-                health_interval=sup.health_interval,
-                liveness_timeout=sup.liveness_timeout,
-                stop_timeout=sup.stop_timeout,
-            ),
-            policy=RestartPolicy(
-                initial_delay=sup.backoff_initial, max_delay=sup.backoff_max,
-                max_failures=sup.max_failures, stable_after=sup.stable_after,
-            ),
-            events=events,
-        )
-        meta = SupervisedModel(
-            name=model.name,
-            aliases=tuple(cfg.aliases),
-            engine=cfg.engine_kind,
-            estimate=model.estimate.total if model.estimate is not None else 0,
-            preload=cfg.preload,
-            ttl=cfg.ttl,
-            path=str(model.path),
-            synthetic=bool(model.info and model.info.is_synthetic),
-            measurement_key=keys[model.name],
-        )
-        if model.error is not None:
-            managed.mark_invalid(model.error)
-        entries.append((meta, managed))
+    factory = ServerFactory(loaded, engines, records, share, host)
+    made = [factory.make(model) for model in models]
+    keys = {meta.name: meta.measurement_key for meta, _, _ in made}
     known = {name: value for name in keys if (value := measurements.get(keys[name])) is not None}
     supervisor = Supervisor(
-        entries,
+        [(meta, managed) for meta, managed, _ in made],
         ram_budget=config.resources.ram_budget,
         ram_reserve=config.resources.ram_reserve,
         max_loaded=config.resources.max_loaded,
         queue_size=config.proxy.queue_size,
+        max_wait=config.resources.max_wait,
+        wait_timeout=config.proxy.upstream_timeout,
+        drain_timeout=config.proxy.upstream_timeout,
+        policies={meta.name: policy for meta, _, policy in made},
         measured=known,
-        on_measured=lambda name, rss: measurements.record(keys[name], rss),
+        on_measured=lambda name, rss: measurements.record(supervisor.info[name].measurement_key,
+                                                          rss),
     )
-    supervisor_ref.append(supervisor)
-    return supervisor, log_paths
+    return supervisor, {meta.name: log_dir() / f"{meta.name}.log" for meta, _, _ in made}
+
+
+class Reloader:
+    """`lalo reload`, SIGHUP, `POST /api/reload`: re-read lalo.yaml and apply what changed.
+
+    A config that does not load changes nothing (the reason is the one line `lalo up` would
+    print). Otherwise only models whose settings changed are drained and restarted, new ones
+    are added (started if `preload`), removed ones are drained and stopped; the servers of
+    unchanged models keep running (same pid).
+    """
+
+    def __init__(self, loaded: LoadedConfig, models: Sequence[ResolvedModel],
+                 supervisor: Supervisor, factory: ServerFactory, measurements: Measurements,
+                 announce: Announce) -> None:
+        self.loaded = loaded
+        self.models = {model.name: model for model in models}
+        self.supervisor = supervisor
+        self.factory = factory
+        self.measurements = measurements
+        self.announce = announce
+        self._lock = asyncio.Lock()
+
+    async def reload(self) -> dict[str, Any]:
+        async with self._lock:
+            try:
+                loaded, models = self._read()
+            except LaloError as exc:
+                self.announce(f"reload: {exc}; nothing changed")
+                return {"status": "error", "error": str(exc)}
+            new = {model.name: model for model in models}
+            removed = [name for name in self.models if name not in new]
+            added = [name for name in new if name not in self.models]
+            changed = [name for name in new if name in self.models
+                       and _settings(self.models[name]) != _settings(new[name])]
+            unchanged = [name for name in new if name not in added and name not in changed]
+            factory = dataclasses.replace(self.factory, loaded=loaded)
+            resources = loaded.config.resources
+            await self.supervisor.reconfigure(
+                replace=[factory.make(new[name]) for name in (*changed, *added)],
+                remove=removed,
+                max_loaded=resources.max_loaded, max_wait=resources.max_wait,
+                ram_budget=resources.ram_budget, ram_reserve=resources.ram_reserve,
+            )
+            self.loaded, self.models, self.factory = loaded, new, factory
+            summary: dict[str, Any] = {
+                "status": "ok", "unchanged": unchanged, "restarted": changed,
+                "added": added, "removed": removed}
+            parts = [f"{key} {', '.join(names)}" for key, names in summary.items()
+                     if key != "status" and key != "unchanged" and names]
+            self.announce("reload: " + ("; ".join(parts) if parts else "no model changed"))
+            return summary
+
+    def _read(self) -> tuple[LoadedConfig, list[ResolvedModel]]:
+        from launcher.config import load_config
+        from launcher.models.resolve import catalog_for
+
+        if self.loaded.source is None:
+            raise StartupError("lalo runs the built-in default config: there is no file to reload")
+        loaded = load_config(self.loaded.source)
+        missing = {m.engine_kind for m in loaded.config.models.values()} - set(self.factory.engines)
+        if missing:
+            raise EngineError(f"reload cannot add an engine lalo did not start with "
+                              f"({', '.join(sorted(missing))}); restart lalo")
+        models = usable_models(with_measurements(
+            resolve_models(loaded, catalog=catalog_for(loaded)), self.measurements))
+        return loaded, models
+
+
+def _settings(model: ResolvedModel) -> tuple[object, ...]:
+    """What a model's server is started from: equal means its server can stay."""
+    return (model.config, model.path, model.error)
+
+
+def usable_models(models: Sequence[ResolvedModel]) -> list[ResolvedModel]:
+    """Models without a file become failed with the command that fixes it; StartupError when
+    no model at all can be served (one model's trouble is its own)."""
+    out: list[ResolvedModel] = []
+    for model in models:
+        if model.path is None and model.error is None:
+            entry = model.config.catalog
+            model = dataclasses.replace(model, error=(
+                f"catalog model {entry!r} is not downloaded and could not be pulled; "
+                f"run `lalo models pull {entry}` where the hub is reachable"))
+        out.append(model)
+    if out and all(m.error is not None for m in out):
+        raise StartupError("no model can be served:\n" + "\n".join(
+            f"  {m.name}: {m.error}" for m in out))
+    return out
 
 
 def _alias_args(engine: str, name: str) -> tuple[str, ...]:
@@ -265,7 +363,8 @@ async def serve(
             announce(f"stopped {len(reaped)} model server(s) left by a lalo that was killed: "
                      f"pids {', '.join(map(str, reaped))}")
         measurements = Measurements()
-        models = with_measurements(resolve_models(loaded, catalog=catalog), measurements)
+        models = usable_models(
+            with_measurements(resolve_models(loaded, catalog=catalog), measurements))
         plan = plan_models(loaded, models, _available())
         engines = engines_for(loaded, models, announce)
         sock = bind_socket(host, port)
@@ -299,7 +398,11 @@ async def _run(
     stop = asyncio.Event()
     exit_code = [0]
 
+    uvicorn_server: list[Any] = []  # set once the proxy runs
+
     def on_signal(code: int) -> None:
+        if stop.is_set() and uvicorn_server:
+            uvicorn_server[0].force_exit = True  # a second Ctrl+C: do not wait for requests
         exit_code[0] = code
         stop.set()
 
@@ -311,6 +414,19 @@ async def _run(
     share = config_share(models, config.resources.max_loaded)
     supervisor, log_paths = build_supervisor(loaded, models, engines, records, measurements,
                                              share, host="127.0.0.1")
+    reloader = Reloader(loaded, models, supervisor,
+                        ServerFactory(loaded, engines, records, share, "127.0.0.1"),
+                        measurements, announce)
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def on_hangup() -> None:
+        task = loop.create_task(reloader.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    if hasattr(signal, "SIGHUP"):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
     pool: UpstreamPool | None = None
     serving: asyncio.Task[None] | None = None
     server = None
@@ -334,8 +450,9 @@ async def _run(
         # llama-server closes idle connections after 5 s: drop ours first, never reuse a dead one
         pool = UpstreamPool(keepalive_expiry=4.0)
         app = create_app(supervisor, settings, pool, on_shutdown=lambda: on_signal(0),
-                         log_paths=log_paths)
-        server = _uvicorn_server(app)
+                         log_paths=log_paths, on_reload=reloader.reload)
+        server = _uvicorn_server(app, config.supervisor.stop_timeout)
+        uvicorn_server.append(server)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         # everything made so far lives until exit: keep it out of the garbage collector's
         # scans, which otherwise stall request handling now and then (the p99 latency)
@@ -369,12 +486,25 @@ async def _run(
         if serving.done() and not stop.is_set():
             serving.result()
             raise StartupError("the proxy stopped unexpectedly")
-        announce("stopping: no new requests; stopping model servers")
+        # stop accepting, let the requests in flight finish (uvicorn waits up to
+        # stop_timeout), and only then stop the model servers they are talking to
+        busy = sum(row["in_flight"] for row in supervisor.status())
+        announce("stopping: no new requests"
+                 + (f"; letting {busy} request(s) in flight finish (Ctrl+C again: at once)"
+                    if busy else ""))
         loading.cancel()
         server.should_exit = True
-        await supervisor.close()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(serving, 10)
+            await asyncio.wait_for(asyncio.shield(serving), config.supervisor.stop_timeout + 5)
+        # requests still running (a second Ctrl+C) are ended here, their upstream connections
+        # closed, so that each model server stops its generation and exits at once
+        leftover = [task for task in server.server_state.tasks if not task.done()]
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            await asyncio.wait(leftover, timeout=5)
+        announce("stopping model servers")
+        await supervisor.close()
         announce("stopped")
         return exit_code[0]
     finally:
@@ -387,9 +517,12 @@ async def _run(
         await supervisor.close()
         if pool is not None:
             await pool.aclose()
+        for task in list(reloads):
+            task.cancel()
         with contextlib.suppress(Exception):
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)
+            loop.remove_signal_handler(signal.SIGHUP)
 
 
 async def _until_spawned(supervisor: Supervisor, names: Sequence[str], limit: float = 2.0) -> None:
@@ -401,7 +534,7 @@ async def _until_spawned(supervisor: Supervisor, names: Sequence[str], limit: fl
             wait.cancel()
 
 
-def _uvicorn_server(app: Any) -> Any:
+def _uvicorn_server(app: Any, stop_timeout: float = 10.0) -> Any:
     """uvicorn without its own signal handling: lalo's main loop owns signals."""
     import uvicorn
 
@@ -417,7 +550,7 @@ def _uvicorn_server(app: Any) -> Any:
     # connection the server is closing at that moment (uvicorn's default is also 5 s).
     return Server(uvicorn.Config(
         app, log_level="warning", lifespan="off", access_log=False,
-        timeout_graceful_shutdown=5, loop="none", ws="none", log_config=None,
+        timeout_graceful_shutdown=max(1, round(stop_timeout)), loop="none", ws="none", log_config=None,
         timeout_keep_alive=CLIENT_KEEPALIVE_S,
     ))
 

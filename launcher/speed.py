@@ -25,7 +25,6 @@ from launcher.errors import EngineError, LaloError, ModelError
 from launcher.models.catalog import CatalogEntry
 from launcher.models.synthetic import WRITABLE_TYPES, shape_named, write_synthetic_model
 from launcher.supervisor.logs import ModelLog
-from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import ManagedModel, Timeouts
 from launcher.units import format_size
 
@@ -133,8 +132,7 @@ async def measure_decode(
                               ctx_size=ctx_size, parallel=1, threads=threads)
     log = ModelLog(log_path or model.with_suffix(".bench.log"))
     managed = ManagedModel(model.stem, LlamaServerEngine(server), settings, log,
-                           timeouts=Timeouts(load_timeout=LOAD_TIMEOUT),
-                           policy=RestartPolicy(max_failures=1))
+                           timeouts=Timeouts(load_timeout=LOAD_TIMEOUT))
     try:
         endpoint = await managed.ensure_ready()
         # A new connection per request: llama-server may close a kept-alive connection just

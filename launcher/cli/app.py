@@ -40,7 +40,8 @@ def _root(
 # Which module defines each command: `lalo up` imports only what `up` needs (start-up time
 # and the supervisor's memory both count); help and unknown commands import them all.
 _COMMAND_MODULES = {
-    "up": "commands_run", "down": "commands_run", "status": "commands_run",
+    "up": "commands_run", "down": "commands_run", "reload": "commands_run",
+    "status": "commands_run",
     "logs": "commands_run", "plan": "commands_inspect", "inspect": "commands_inspect",
     "engine": "commands_engine", "models": "commands_models", "doctor": "commands_doctor",
     "build": "commands_build",

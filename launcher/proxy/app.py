@@ -57,6 +57,7 @@ def create_app(
     *,
     on_shutdown: Callable[[], None] = lambda: None,
     log_paths: dict[str, Path] | None = None,
+    on_reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> ASGIApp:
     """The proxy app; `on_shutdown` is called by `POST /api/shutdown` (lalo down)."""
     metrics = ProxyMetrics(supervisor)
@@ -158,6 +159,15 @@ def create_app(
         on_shutdown()
         return JSONResponse({"status": "stopping"}, status_code=202)
 
+    async def reload(request: Request) -> Response:
+        """POST /api/reload (lalo reload): re-read lalo.yaml; a bad file changes nothing."""
+        if on_reload is None:
+            return error_response(501, "this lalo cannot reload its config")
+        result = await on_reload()
+        if result.get("status") != "ok":
+            return error_response(400, str(result.get("error")), code="bad_config")
+        return JSONResponse(result)
+
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -187,6 +197,7 @@ def create_app(
         Route("/api/models/{name}/restart", admin(restart), methods=["POST"]),
         Route("/api/models/{name}/logs", logs, methods=["GET"]),
         Route("/api/shutdown", shutdown, methods=["POST"]),
+        Route("/api/reload", reload, methods=["POST"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route("/", dashboard, methods=["GET"]),
     ]

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 from starlette.types import Message, Receive, Send
 
-from launcher.errors import CapacityError, ModelError, QueueFullError
+from launcher.errors import CapacityError, ModelError, QueueFullError, WaitTimeoutError
 from launcher.proxy.errors import error_body, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.proxy.upstream import (
@@ -240,6 +240,9 @@ class Forwarder:
             raise _Failure(429, str(exc), headers=[(b"retry-after", b"1")]) from exc
         except CapacityError as exc:
             raise _Failure(503, str(exc), code="insufficient_memory") from exc
+        except WaitTimeoutError as exc:
+            retry = str(max(1, round(exc.retry_after))).encode()
+            raise _Failure(503, str(exc), headers=[(b"retry-after", retry)]) from exc
         except ModelError as exc:
             raise _Failure(503, str(exc)) from exc
         finally:

@@ -11,10 +11,10 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from launcher.supervisor.supervisor import Supervisor
+from launcher.supervisor.supervisor import WAIT_BUCKETS, Supervisor
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -26,7 +26,7 @@ class _SupervisorCollector(Collector):
     def __init__(self, supervisor: Supervisor) -> None:
         self._supervisor = supervisor
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         sup = self._supervisor
         in_flight = GaugeMetricFamily("lalo_requests_in_flight", "Requests being served", labels=["model"])
         queued = GaugeMetricFamily("lalo_queue_depth", "Requests waiting for a slot or a load",
@@ -44,20 +44,36 @@ class _SupervisorCollector(Collector):
                                        labels=["model"])
         tokens = CounterMetricFamily("lalo_completion_tokens", "Tokens generated",
                                      labels=["model"])
+        swaps = CounterMetricFamily(
+            "lalo_swaps", "Models unloaded to make room for another, by cause (idle: it was "
+            "idle; max_wait: a request for another model had waited resources.max_wait)",
+            labels=["model", "cause"])
+        waits = HistogramMetricFamily(
+            "lalo_queue_wait_seconds", "Time a request waited for its model (slot, load, "
+            "restart, other models' batches)", labels=["model"])
         for name, model in sup.models.items():
-            usage = sup.usage[name]
-            in_flight.add_metric([name], usage.in_flight)
-            queued.add_metric([name], usage.waiting)
+            record = sup.record(name)
+            in_flight.add_metric([name], record.in_flight)
+            queued.add_metric([name], len(record.queue))
             ready.add_metric([name, str(model.state)], 1.0 if model.state == "ready" else 0.0)
             rss.add_metric([name], float(model.rss or 0))
-            estimate.add_metric([name], float(sup.info[name].estimate))
-            loads.add_metric([name], sup.loads[name])
-            evictions.add_metric([name], sup.evictions[name])
-            restarts.add_metric([name], model.restarts)
-            tokens.add_metric([name], usage.completion_tokens)
+            estimate.add_metric([name], float(record.meta.estimate))
+            loads.add_metric([name], record.loads)
+            evictions.add_metric([name], record.evictions)
+            restarts.add_metric([name], record.restarts)
+            tokens.add_metric([name], record.completion_tokens)
+            for cause in ("idle", "max_wait"):
+                swaps.add_metric([name, cause], record.swaps[cause])
+            cumulative, buckets = 0, []
+            for bound, count in zip(WAIT_BUCKETS, record.waits.buckets, strict=True):
+                cumulative += count
+                buckets.append((str(float(bound)), cumulative))
+            buckets.append(("+Inf", record.waits.count))
+            waits.add_metric([name], buckets, sum_value=record.waits.total)
         budget = GaugeMetricFamily("lalo_ram_budget_bytes", "RAM budget for model servers")
         budget.add_metric([], float(sup.budget().bytes))
-        yield from (in_flight, queued, ready, rss, estimate, loads, evictions, restarts, tokens, budget)
+        yield from (in_flight, queued, ready, rss, estimate, loads, evictions, restarts, tokens,
+                    swaps, waits, budget)
 
 
 class ProxyMetrics:

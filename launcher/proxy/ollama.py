@@ -176,7 +176,7 @@ class OllamaAPI:
             return timestamp(self._expiry[name][0])
         ttl = self.supervisor.info[name].ttl
         if ttl > 0:
-            idle_since = self.supervisor.usage[name].last_used or time.monotonic()
+            idle_since = self.supervisor.record(name).last_used or time.monotonic()
             return timestamp(time.time() + max(0.0, ttl - (time.monotonic() - idle_since)))
         return _FOREVER
 
@@ -238,7 +238,7 @@ class OllamaAPI:
         task.add_done_callback(self._tasks.discard)
 
     async def _unload_when_idle(self, name: str) -> None:
-        if self.supervisor.usage[name].busy:
+        if self.supervisor.record(name).busy:
             return  # in use again; that request's keep_alive applies
         log.info("%s: keep_alive expired (Ollama API), unloading", name)
         await self.supervisor.unload(name, "keep_alive expired (Ollama API)")
@@ -307,7 +307,7 @@ class OllamaAPI:
 
     async def _after(self, name: str, keep_alive: float | None) -> None:
         if keep_alive is not None and keep_alive == 0:
-            if not self.supervisor.usage[name].busy:
+            if not self.supervisor.record(name).busy:
                 await self.supervisor.unload(name, "keep_alive 0 (Ollama API)")
         else:
             self._keep_alive(name, keep_alive)

@@ -1,18 +1,13 @@
-"""One model server's lifecycle: the only code that starts, watches, restarts and stops it.
+"""One model server process and its state machine: start, stop, and the exit notification.
 
-States and what `ensure_ready()` does in each (it is the only way to start a server):
-
-    state      ensure_ready()
-    stopped    starts it and waits until ready (or the start fails)
-    starting   waits on the start already under way (concurrent callers share one start)
-    ready      returns the endpoint at once
-    stopping   waits for the stop, then starts again
-    failed     restart scheduled (backoff): waits for it; for good: raises ModelFailedError
+A ManagedModel never decides *when* to start: the supervisor does (first loads, on-demand
+loads and restarts after a crash all pass its admission). It starts the process when told,
+watches it, and tells its owner the moment the process exits or hangs (`on_exit`).
 
 Transitions (each logged as `name: a -> b`):
     stopped -> starting -> ready -> stopping -> stopped
-    starting -> failed (exit, timeout)    ready -> failed (crash, hang)
-    failed -> starting (after backoff, or an explicit restart)    failed -> stopped (unload)
+    starting -> failed (exit, timeout)    ready -> failed (crash, hang: at once, on exit)
+    failed -> starting (the supervisor restarts it)    failed -> stopping -> stopped
     stopped -> failed (the model file is unusable: never started)
 """
 
@@ -32,13 +27,11 @@ from typing import Any
 from launcher.engines.base import Engine, LaunchSpec, ServerSettings
 from launcher.errors import (
     EngineError,
-    ModelFailedError,
     ModelStartError,
     ModelStoppedError,
 )
 from launcher.supervisor import platform
 from launcher.supervisor.logs import ModelLog
-from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.probe import Probe, ProbeError, http_status
 
 log = logging.getLogger(__name__)
@@ -62,7 +55,7 @@ _ALLOWED: dict[ModelState, frozenset[ModelState]] = {
     ModelState.STARTING: frozenset({ModelState.READY, ModelState.FAILED, ModelState.STOPPING}),
     ModelState.READY: frozenset({ModelState.STOPPING, ModelState.FAILED}),
     ModelState.STOPPING: frozenset({ModelState.STOPPED}),
-    ModelState.FAILED: frozenset({ModelState.STARTING, ModelState.STOPPING, ModelState.STOPPED}),
+    ModelState.FAILED: frozenset({ModelState.STARTING, ModelState.STOPPING}),
 }
 
 
@@ -114,7 +107,6 @@ class ManagedModel:
         *,
         probe: Probe = http_status,
         timeouts: Timeouts = Timeouts(),
-        policy: RestartPolicy | None = None,
         events: ProcessEvents | None = None,
         spawner: Spawner = _default_spawner,
         port_allocator: PortAllocator = platform.free_port,
@@ -125,21 +117,23 @@ class ManagedModel:
         self.settings = settings
         self.log = log_sink
         self.timeouts = timeouts
-        self.policy = policy or RestartPolicy()
         self._probe = probe
         self._events = events or ProcessEvents()
         self._spawner = spawner
         self._ports = port_allocator
         self._clock = clock
+        # the owner's hooks: the process exited or hung while ready (state is already
+        # `failed`), with its uptime; and a new peak of measured memory
+        self.on_exit: Callable[[ManagedModel, float | None], None] | None = None
+        self.on_measured: Callable[[str, int], None] | None = None
 
         self._state = ModelState.STOPPED
         self._process: asyncio.subprocess.Process | None = None
         self._endpoint: Endpoint | None = None
         self._spec: LaunchSpec | None = None
-        self._outcome: asyncio.Future[Endpoint] | None = None  # next start's result
+        self._outcome: asyncio.Future[Endpoint] | None = None  # the start under way
         self._tasks: set[asyncio.Task[Any]] = set()
         self._start_task: asyncio.Task[None] | None = None
-        self._restart_task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -151,9 +145,7 @@ class ManagedModel:
 
         self.started_at: float | None = None  # clock() when it became ready
         self.ready_at_wall: float | None = None
-        self.restarts = 0
         self.last_error: str | None = None
-        self.restart_at: float | None = None  # clock() of a scheduled restart
         self.rss: int | None = None
         self.rss_peak: int | None = None
         self.load_seconds: float | None = None
@@ -176,10 +168,6 @@ class ManagedModel:
     def endpoint(self) -> Endpoint | None:
         return self._endpoint if self._state == ModelState.READY else None
 
-    @property
-    def failed_for_good(self) -> bool:
-        return self._state == ModelState.FAILED and self._restart_task is None
-
     def uptime(self) -> float | None:
         if self._state != ModelState.READY or self.started_at is None:
             return None
@@ -191,46 +179,40 @@ class ManagedModel:
         self.log.note(f"not started: {reason}")
         self._set_state(ModelState.FAILED)
 
-    # --- the door -----------------------------------------------------------------------------
-    async def ensure_ready(self) -> Endpoint:
-        """The ready endpoint, starting the server if needed (see the table in the module doc)."""
+    # --- starting and stopping ------------------------------------------------------------------
+    async def start(self) -> Endpoint:
+        """Start the server (from stopped or failed) and wait until it is ready.
+
+        Raises ModelStartError (with the server's last log lines) when it exits or is not
+        ready within `load_timeout`, ModelStoppedError when `stop()` ends the start. Callers
+        that come while a start is under way share it; a ready server returns at once.
+        """
         while True:
-            state = self._state
-            if state == ModelState.READY and self._endpoint is not None:
+            if self._state == ModelState.READY and self._endpoint is not None:
                 return self._endpoint
-            if state == ModelState.STOPPING:
+            if self._state == ModelState.STOPPING:
                 await self._stopped.wait()
                 continue
-            outcome = self.start_soon()
-            if outcome is None:
+            if self._state != ModelState.STARTING and self._health_task is not None:
+                # a server that just died is still being reaped: let that finish first
+                await asyncio.wait({self._health_task})
                 continue
-            return await asyncio.shield(outcome)
-
-    def start_soon(self) -> asyncio.Future[Endpoint] | None:
-        """Begin a start if stopped and return the future of the start under way or scheduled.
-
-        Synchronous, so a caller holding a lock (the supervisor's admission) knows the model
-        is `starting` before it lets go. None when ready or stopping: call `ensure_ready()`.
-        """
-        state = self._state
-        if state in (ModelState.READY, ModelState.STOPPING):
-            return None
-        if state == ModelState.FAILED and self._restart_task is None:
-            raise ModelFailedError(f"{self.name}: failed: {self.last_error}")
-        if state == ModelState.STOPPED:
-            self._begin_start()
+            break
+        if self._state != ModelState.STARTING:
+            self._outcome = asyncio.get_running_loop().create_future()
+            self._outcome.add_done_callback(_consume_exception)
+            self._set_state(ModelState.STARTING)
+            self._start_task = self._spawn_task(self._start(self._outcome), "start")
         assert self._outcome is not None
-        return self._outcome
+        return await asyncio.shield(self._outcome)
+
+    async def ensure_ready(self) -> Endpoint:
+        """`start()` for code that runs one model without a supervisor (speed tests)."""
+        return await self.start()
 
     async def wait_stopped(self) -> None:
         """Returns at once unless a stop is under way; then when it is done."""
         await self._stopped.wait()
-
-    async def restart(self) -> Endpoint:
-        """Explicit restart (admin, dashboard): forgets past failures, stops, starts."""
-        self.policy.reset()
-        await self.stop("restart requested")
-        return await self.ensure_ready()
 
     async def stop(self, reason: str = "stop requested") -> None:
         """Stop the server (TERM, wait, KILL the group) and wait until it has exited. Safe twice."""
@@ -239,27 +221,23 @@ class ManagedModel:
         if self._state == ModelState.STOPPING:
             await self._stopped.wait()
             return
-        if self._state == ModelState.FAILED and self._process is None:
-            self._cancel(self._restart_task)
-            self._restart_task = None
-            self.restart_at = None
-            self._fail_outcome(ModelStoppedError(f"{self.name}: stopped ({reason})"))
-            self._set_state(ModelState.STOPPED)
-            return
         self._set_state(ModelState.STOPPING)
         self._stopped.clear()
-        self.log.note(f"stopping: {reason}")
-        tasks = [t for t in (self._start_task, self._restart_task, self._health_task) if t]
-        for task in tasks:
-            self._cancel(task)
-        # let them unwind first: a start cancelled mid-spawn still hands over its process
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._start_task = self._restart_task = self._health_task = None
-        self.restart_at = None
-        self._fail_outcome(ModelStoppedError(f"{self.name}: stopped ({reason})"))
-        await self._terminate()
-        self._set_state(ModelState.STOPPED)
-        self._stopped.set()
+        try:
+            self.log.note(f"stopping: {reason}")
+            tasks = [t for t in (self._start_task, self._health_task) if t]
+            for task in tasks:
+                self._cancel(task)
+            # let them unwind first: a start cancelled mid-spawn still hands over its process
+            if tasks:
+                await asyncio.wait(tasks)
+            self._start_task = self._health_task = None
+            self._fail_outcome(ModelStoppedError(f"{self.name}: stopped ({reason})"))
+            await self._terminate()
+        finally:
+            self._endpoint = None
+            self._set_state(ModelState.STOPPED)
+            self._stopped.set()
 
     async def close(self) -> None:
         await self.stop("lalo is shutting down")
@@ -269,34 +247,21 @@ class ManagedModel:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.log.close()
 
-    # --- starting -----------------------------------------------------------------------------
-    def _begin_start(self, delay: float = 0.0) -> None:
-        """Schedule a start (after `delay`); the outcome future is what ensure_ready waits on."""
-        if self._outcome is None or self._outcome.done():
-            self._outcome = asyncio.get_running_loop().create_future()
-            self._outcome.add_done_callback(_consume_exception)
-        if delay > 0:
-            self.restart_at = self._clock() + delay
-            self._restart_task = self._spawn_task(self._delayed_start(delay), "restart")
-        else:
-            self._set_state(ModelState.STARTING)
-            self._start_task = self._spawn_task(self._start(), "start")
-
-    async def _delayed_start(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self._restart_task = None
-        self.restart_at = None
-        if self._state == ModelState.FAILED:
-            self._set_state(ModelState.STARTING)
-            self._start_task = self._spawn_task(self._start(), "start")
-
-    async def _start(self) -> None:
+    async def _start(self, outcome: asyncio.Future[Endpoint]) -> None:
         try:
             endpoint = await self._start_attempts()
-        except asyncio.CancelledError:
-            raise
         except (ModelStartError, EngineError, OSError) as exc:
-            self._after_failure(str(exc), uptime=None, error=exc)
+            self._start_task = None
+            self._endpoint = None
+            self.spawned.set()
+            reason = str(exc)
+            self.last_error = reason
+            self.log.note(f"failed: {reason.splitlines()[0]}")
+            log.warning("%s", reason.splitlines()[0])
+            self._set_state(ModelState.FAILED)
+            if not outcome.done():
+                outcome.set_exception(
+                    exc if isinstance(exc, ModelStartError) else ModelStartError(reason))
             return
         self._start_task = None
         self.started_at = self._clock()
@@ -306,8 +271,8 @@ class ManagedModel:
         self.log.note(f"ready on {endpoint.base_url} (pid {endpoint.pid}) in {self.load_seconds:.2f} s")
         self._sample_memory()
         self._health_task = self._spawn_task(self._watch(), "health")
-        if self._outcome is not None and not self._outcome.done():
-            self._outcome.set_result(endpoint)
+        if not outcome.done():
+            outcome.set_result(endpoint)
 
     async def _start_attempts(self) -> Endpoint:
         """Spawn and wait for readiness; a port someone else took is retried on a fresh port."""
@@ -390,7 +355,11 @@ class ManagedModel:
 
     # --- while ready --------------------------------------------------------------------------
     async def _watch(self) -> None:
-        """Race the process's exit against periodic health checks; a hang is killed."""
+        """Race the process's exit against periodic health checks; a hang is killed.
+
+        The moment the process is gone the model is `failed` (not leasable) and the owner is
+        told; the log is drained and the reason completed afterwards.
+        """
         process = self._process
         spec = self._spec
         assert process is not None and spec is not None
@@ -419,10 +388,17 @@ class ManagedModel:
                 exited.cancel()
         code = exited.result()
         uptime = self.uptime()
-        await self._finish_process()
         reason = self._kill_reason or f"server exited ({_describe_exit(code)})"
+        self._endpoint = None
+        self.last_error = reason
+        self._set_state(ModelState.FAILED)
+        log.warning("%s: %s", self.name, reason)
+        if self.on_exit is not None:
+            self.on_exit(self, uptime)
+        await self._finish_process()
+        self.last_error = reason + self._log_excerpt()
+        self.log.note(f"failed: {reason}")
         self._health_task = None
-        self._after_failure(reason + self._log_excerpt(), uptime=uptime, error=None)
 
     async def _healthy(self, spec: LaunchSpec) -> bool:
         headers = {"Authorization": f"Bearer {self.settings.api_key}"} if spec.health_needs_key else {}
@@ -443,27 +419,8 @@ class ManagedModel:
         if self.rss_peak is None or rss > self.rss_peak:
             self.rss_peak = rss
             self._events.measured(self.name, rss)
-
-    # --- failures -----------------------------------------------------------------------------
-    def _after_failure(self, reason: str, *, uptime: float | None, error: Exception | None) -> None:
-        """A start failed or a ready server died: failed, then a restart after backoff or never."""
-        self._start_task = None
-        self._endpoint = None
-        self.spawned.set()
-        self.last_error = reason
-        self.log.note(f"failed: {reason.splitlines()[0]}")
-        log.warning("%s", reason.splitlines()[0])
-        self._set_state(ModelState.FAILED)
-        delay = self.policy.on_failure(uptime)
-        if self._outcome is not None and not self._outcome.done():
-            # callers waiting on this start learn why at once; a retry gets a new future
-            self._outcome.set_exception(error or ModelStartError(reason))
-        if delay is None:
-            self.log.note(f"giving up after {self.policy.failures} failures; "
-                          "failed until an explicit restart")
-            return
-        self.restarts += 1
-        self._begin_start(delay)
+            if self.on_measured is not None:
+                self.on_measured(self.name, rss)
 
     def _fail_outcome(self, error: Exception) -> None:
         if self._outcome is not None and not self._outcome.done():
@@ -489,14 +446,18 @@ class ManagedModel:
         await self._finish_process()
 
     async def _finish_process(self) -> None:
+        """Reap bookkeeping once the process has exited: drain its output (2 s at most)."""
         process = self._process
         if process is None:
             return
-        if self._reader_task is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(self._reader_task), 2.0)
-            self._cancel(self._reader_task)
+        reader = self._reader_task
+        if reader is not None:
+            # asyncio.wait never raises the reader's errors and lets our own cancel through
+            await asyncio.wait({reader}, timeout=2.0)
+            self._cancel(reader)
             self._reader_task = None
+        if self._process is not process:
+            return  # someone else finished it while we waited
         self.log.note(f"pid {process.pid} exited ({_describe_exit(process.returncode)})")
         self._events.exited(self.name, process.pid)
         self._process = None
@@ -545,7 +506,6 @@ class ManagedModel:
             task.cancel()
 
     def snapshot(self) -> dict[str, Any]:
-        now = self._clock()
         uptime = self.uptime()
         return {
             "state": str(self._state),
@@ -554,12 +514,7 @@ class ManagedModel:
             "rss": self.rss,
             "rss_peak": self.rss_peak,
             "uptime_s": round(uptime, 1) if uptime is not None else None,
-            "restarts": self.restarts,
-            "failures": self.policy.failures,
-            "max_failures": self.policy.max_failures,
             "last_error": self.last_error,
-            "restart_in_s": round(max(0.0, self.restart_at - now), 1)
-            if self.restart_at is not None else None,
             "load_seconds": round(self.load_seconds, 3) if self.load_seconds is not None else None,
             "buffers": dict(self.log.buffers),
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -89,6 +90,12 @@ def test_kill_9_child_comes_back_and_counts_a_restart(
         up.wait_state("b", "ready")
         before = server_pids(up)
         os.kill(before["a"], signal.SIGKILL)
+        # not leasable from the moment it died: a request then waits for the restart
+        # (main: READY for up to 2 s more, and such a request got 502 "unreachable")
+        wait_until(lambda: up.model("a")["state"] != "ready", 10, message="a to leave ready")
+        reply = httpx.post(up.url + "/v1/completions", timeout=60,
+                           json={"model": "a", "prompt": "x", "max_tokens": 2})
+        assert reply.status_code == 200, reply.text
         model = wait_until(lambda: (m := up.model("a"))["state"] == "ready"
                            and m["pid"] != before["a"] and m, 30, message="a to come back")
         assert model["restarts"] == 1
@@ -156,10 +163,10 @@ def test_a_taken_port_is_retried_on_another(
             port_allocator=lambda host: next(ports),
         )
         try:
-            endpoint = await model.ensure_ready()
+            endpoint = await model.start()
             assert model.state == ModelState.READY
             assert not endpoint.base_url.endswith(f":{taken}")
-            assert model.spawn_count == 2 and model.policy.failures == 0
+            assert model.spawn_count == 2
         finally:
             await model.close()
 
@@ -345,3 +352,204 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.timeout(900)  # 300 tokens: seconds here alone, minutes on a crowded machine
+def test_ctrl_c_lets_a_stream_in_flight_finish_then_stops_the_servers(
+    tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path, smollm2: Path,
+) -> None:
+    # main stopped the model servers while uvicorn still drained: the client got ~96 events,
+    # then "the model server broke off the stream"
+    config = write_config(tmp_path / "lalo.yaml",
+                          {"smol": {"file": str(smollm2), "ctx_size": 1024, "threads": 1}},
+                          engines=engines(llama_server_bin),
+                          # long enough for 300 tokens on a busy shared 2-core machine
+                          supervisor={**FAST_SUPERVISOR, "stop_timeout": 600})
+    up = LaloUp(config, isolated).start()
+    events: list[str] = []
+    try:
+        up.wait_state("smol", "ready")
+        child = up.model("smol")["pid"]
+        with httpx.stream("POST", up.url + "/v1/chat/completions", timeout=600, json={
+            "model": "smol", "stream": True, "max_tokens": 300, "temperature": 0,
+            "ignore_eos": True, "messages": [{"role": "user", "content": "Tell me a story."}],
+        }) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line[5:].strip())
+                    if len(events) == 5:
+                        up.signal(signal.SIGINT)
+        assert up.wait(60) == 130  # at once once the stream is done
+        assert not _alive(child)
+    finally:
+        up.stop()
+    assert events[-1] == "[DONE]", events[-3:]
+    assert not any('"error"' in event for event in events)
+    finished = [c["finish_reason"] for e in events[:-1] for c in json.loads(e).get("choices", [])
+                if c.get("finish_reason")]
+    assert finished == ["length"]  # all 300 tokens
+    assert len(events) > 250
+    assert "letting 1 request(s) in flight finish" in up.output()
+
+
+def _completion(url: str, model: str, tokens: int = 8) -> int:
+    try:
+        return httpx.post(url + "/v1/completions", timeout=300, json={
+            "model": model, "prompt": "Once upon a time", "max_tokens": tokens,
+            "temperature": 0}).status_code
+    except httpx.HTTPError as exc:
+        raise AssertionError(f"{model}: {exc!r}") from exc
+
+
+def _burst(url: str, names: list[str]) -> list[int]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        return list(pool.map(lambda name: _completion(url, name), names))
+
+
+def test_mixed_traffic_over_two_real_models_with_max_loaded_1_waits_and_batches(
+    tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path, smollm2: Path,
+    gemma3: Path,
+) -> None:
+    # main: 8 answers and 8 x 503 "insufficient_memory" (blaming memory for max_loaded)
+    config = config_of(tmp_path, llama_server_bin, {
+        "smol": {"file": str(smollm2), "ctx_size": 1024},
+        "gemma": {"file": str(gemma3), "ctx_size": 1024, "preload": False},
+    }, resources={"max_loaded": 1})
+    with LaloUp(config, isolated) as up:
+        up.wait_state("smol", "ready")
+        statuses = _burst(up.url, ["smol", "gemma"] * 8)
+        assert statuses == [200] * 16
+        models = {m["name"]: m for m in up.status()["models"]}
+        swaps = sum(m["evictions"] for m in models.values())
+        assert 1 <= swaps < 16, swaps
+        assert models["smol"]["requests"] == 8 and models["gemma"]["requests"] == 8
+        text = httpx.get(up.url + "/metrics").text
+        assert "lalo_swaps_total{" in text and "lalo_queue_wait_seconds_bucket{" in text
+
+
+def test_three_on_demand_models_with_max_loaded_2_answer_36_requests_at_once(
+    tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path,
+    small_model: Path, small_model_b: Path, small_model_c: Path,
+) -> None:
+    # main: 12 answers and 24 refusals in 0.3 s
+    config = config_of(tmp_path, llama_server_bin, {
+        "a": {"file": str(small_model), "ctx_size": 512},
+        "b": {"file": str(small_model_b), "ctx_size": 512, "preload": False},
+        "c": {"file": str(small_model_c), "ctx_size": 512, "preload": False},
+    }, resources={"max_loaded": 2})
+    with LaloUp(config, isolated) as up:
+        up.wait_state("a", "ready")
+        statuses = _burst(up.url, ["a", "b", "c"] * 12)
+        assert statuses == [200] * 36
+        assert sum(m["evictions"] for m in up.status()["models"]) < 36
+
+
+def test_a_catalog_model_that_cannot_be_pulled_is_failed_and_the_others_are_served(
+    tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path, small_model: Path,
+) -> None:
+    # main: `lalo up` exited with "could not be pulled" and served neither model
+    env = {**isolated, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    config = config_of(tmp_path, llama_server_bin, {
+        "good": {"file": str(small_model), "ctx_size": 512},
+        "missing": {"catalog": "phi-2", "ctx_size": 512},
+    })
+    with LaloUp(config, env) as up:
+        up.wait_state("good", "ready")
+        missing = up.wait_state("missing", "failed")
+        assert "lalo models pull phi-2" in missing["last_error"]
+        assert "missing: FAILED" in up.output() and "lalo models pull phi-2" in up.output()
+        reply = httpx.post(up.url + "/v1/completions",
+                           json={"model": "missing", "prompt": "x", "max_tokens": 1})
+        assert reply.status_code == 503 and "lalo models pull phi-2" in reply.text
+        ok = httpx.post(up.url + "/v1/completions", timeout=60,
+                        json={"model": "good", "prompt": "x", "max_tokens": 1})
+        assert ok.status_code == 200
+    # nothing at all to serve: exit 3 with every reason
+    alone = config_of(tmp_path, llama_server_bin, {"missing": {"catalog": "phi-2"}})
+    done = subprocess.run([sys.executable, "-m", "launcher", "up", "--config", str(alone),
+                           "--port", str(free_port())], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert "no model can be served" in done.stderr and "lalo models pull phi-2" in done.stderr
+
+
+def test_reload_restarts_only_what_changed_and_a_bad_file_changes_nothing(
+    tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path,
+    small_model: Path, small_model_b: Path, small_model_c: Path,
+) -> None:
+    models: dict[str, dict[str, object]] = {
+        "same": {"file": str(small_model), "ctx_size": 512},
+        "changed": {"file": str(small_model_b), "ctx_size": 512},
+        "gone": {"file": str(small_model_c), "ctx_size": 512},
+    }
+    config = config_of(tmp_path, llama_server_bin, models)
+    with LaloUp(config, isolated) as up:
+        for name in models:
+            up.wait_state(name, "ready")
+        before = server_pids(up)
+        # a bad file: one line saying why, nothing changes
+        config_of(tmp_path, llama_server_bin, {**models, "same": {**models["same"], "ctx_size": 1}})
+        bad = subprocess.run([sys.executable, "-m", "launcher", "reload"], env=isolated,
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0
+        assert "models.same.ctx_size" in bad.stderr and "nothing changed" in bad.stderr
+        assert server_pids(up) == before
+        # changed settings, an added and a removed model, through SIGHUP
+        config_of(tmp_path, llama_server_bin, {
+            "same": models["same"],
+            "changed": {**models["changed"], "ctx_size": 1024},
+            "new": {"file": str(small_model_c), "ctx_size": 512},
+        })
+        up.signal(signal.SIGHUP)
+        wait_until(lambda: {m["name"] for m in up.status()["models"]} == {"same", "changed", "new"},
+                   30, message="the reloaded model list")
+        changed = wait_until(lambda: (m := up.model("changed"))["state"] == "ready"
+                             and m["pid"] != before["changed"] and m, 60, message="changed back")
+        assert changed["pid"] != before["changed"]
+        up.wait_state("new", "ready")
+        assert up.model("same")["pid"] == before["same"]  # unchanged: not disturbed
+        assert not _alive(before["gone"])
+        assert not _alive(before["changed"])
+        # the CLI, with nothing left to change
+        again = subprocess.run([sys.executable, "-m", "launcher", "reload"], env=isolated,
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stderr
+        assert "no model changed" in again.stdout
+        reply = httpx.post(up.url + "/v1/completions", timeout=60,
+                           json={"model": "new", "prompt": "x", "max_tokens": 2})
+        assert reply.status_code == 200
+
+
+def test_a_second_ctrl_c_stops_at_once_without_waiting_for_requests(
+    tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path, smollm2: Path,
+) -> None:
+    config = write_config(tmp_path / "lalo.yaml",
+                          {"smol": {"file": str(smollm2), "ctx_size": 4096, "threads": 1}},
+                          engines=engines(llama_server_bin),
+                          supervisor={**FAST_SUPERVISOR, "stop_timeout": 600})
+    up = LaloUp(config, isolated).start()
+    events: list[str] = []
+    try:
+        up.wait_state("smol", "ready")
+        with httpx.stream("POST", up.url + "/v1/completions", timeout=120, json={
+            "model": "smol", "stream": True, "max_tokens": 4000, "ignore_eos": True,
+            "prompt": "Once upon a time",
+        }) as response:
+            # the stream is cut (an error event, or the connection closes): that is the point
+            with contextlib.suppress(httpx.HTTPError):
+                for line in response.iter_lines():
+                    events.append(line)
+                    if len(events) == 3:
+                        up.signal(signal.SIGINT)
+                        wait_until(lambda: "letting 1 request(s)" in up.output(), 30,
+                                   message="the first Ctrl+C to be seen")
+                        began = time.monotonic()
+                        up.signal(signal.SIGINT)
+        assert up.wait(30) == 130
+        assert time.monotonic() - began < 15  # llama-server alone waits 30 s on a live stream
+    finally:
+        up.stop()
+    assert "data: [DONE]" not in events

@@ -1,4 +1,4 @@
-"""ManagedModel lifecycle against a small real fake-server process (slow start, exit, hang)."""
+"""ManagedModel (one process and its state machine) against a small real fake-server process."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launcher.engines.base import LaunchSpec, ServerSettings, base_url
-from launcher.errors import ModelFailedError, ModelStartError, ModelStoppedError
+from launcher.errors import ModelStartError, ModelStoppedError
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import ManagedModel, ModelState, Timeouts
@@ -39,7 +39,6 @@ def make(tmp_path: Path, *flags: str, **timeouts: float) -> ManagedModel:
         "m", FakeEngine(flags), settings, ModelLog(tmp_path / "m.log"),
         timeouts=Timeouts(**{"load_timeout": 10.0, "health_interval": 0.1,
                              "liveness_timeout": 1.0, "stop_timeout": 2.0, **timeouts}),
-        policy=RestartPolicy(initial_delay=0.2, max_delay=0.4, max_failures=3),
     )
 
 
@@ -66,7 +65,7 @@ def test_restart_policy_backs_off_and_gives_up() -> None:
 async def test_concurrent_callers_share_one_start(tmp_path: Path) -> None:
     model = make(tmp_path, "--ready-after", "0.5")
     try:
-        endpoints = await asyncio.gather(*(model.ensure_ready() for _ in range(5)))
+        endpoints = await asyncio.gather(*(model.start() for _ in range(5)))
         assert len({e.pid for e in endpoints}) == 1
         assert model.spawn_count == 1
         assert model.state == ModelState.READY
@@ -84,7 +83,7 @@ async def test_exit_while_starting_fails_at_once_with_code_and_log(
     try:
         started = asyncio.get_running_loop().time()
         with pytest.raises(ModelStartError) as caught:
-            await model.ensure_ready()
+            await model.start()
         assert asyncio.get_running_loop().time() - started < 5  # not the 30 s load timeout
         message = str(caught.value)
         assert "exited while starting (exit code 7)" in message
@@ -98,47 +97,61 @@ async def test_load_timeout_kills_the_server(tmp_path: Path) -> None:
     model = make(tmp_path, "--ready-after", "60", load_timeout=0.5)
     try:
         with pytest.raises(ModelStartError, match=r"not ready within load_timeout=0.5 s; killed"):
-            await model.ensure_ready()
+            await model.start()
         assert model.pid is None
     finally:
         await model.close()
 
 
-async def test_crash_loop_backs_off_then_fails_for_good(
+async def test_crash_after_ready_is_failed_at_once_and_not_restarted_by_itself(
     tmp_path: Path
 ) -> None:
-    model = make(tmp_path, "--exit-after", "0.1", "--exit-code", "1", "--ready-after", "5")
-    try:
-        with pytest.raises(ModelStartError):
-            await model.ensure_ready()
-        await wait_for(lambda: model.failed_for_good)
-        assert model.spawn_count == 3 and model.policy.failures == 3
-        with pytest.raises(ModelFailedError, match="failed: m: server exited while starting"):
-            await model.ensure_ready()
-        assert model.spawn_count == 3  # refusing does not start anything
-    finally:
-        await model.close()
-
-
-async def test_crash_after_ready_is_restarted_and_waiters_get_the_new_server(
-    tmp_path: Path
-) -> None:
+    # the owner (the supervisor) decides restarts: the model only reports the exit, at once
     model = make(tmp_path, "--exit-after", "0.6")
+    exits: list[tuple[ModelState, float | None, object]] = []
+    model.on_exit = lambda m, uptime: exits.append((m.state, uptime, m.endpoint))
     try:
-        first = await model.ensure_ready()
-        await wait_for(lambda: model.state == ModelState.FAILED)
-        assert model.restart_at is not None
-        second = await model.ensure_ready()  # waits for the scheduled restart
-        assert second.pid != first.pid and model.restarts >= 1
+        await model.start()
+        await wait_for(lambda: bool(exits))
+        state, uptime, endpoint = exits[0]
+        assert state == ModelState.FAILED and endpoint is None  # not leasable from that moment
+        assert uptime is not None and uptime > 0
+        await wait_for(lambda: model.pid is None)
+        assert "server exited (exit code 3)" in (model.last_error or "")
+        assert model.spawn_count == 1 and model.state == ModelState.FAILED
+        again = await model.start()  # only when told to
+        assert again.pid != 0 and model.spawn_count == 2
     finally:
         await model.close()
+
+
+async def test_stop_racing_an_exit_is_not_swallowed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # today's main: the watcher swallowed stop()'s cancel while reaping and then tried an
+    # illegal STOPPING -> FAILED transition (logged as an internal error)
+    import psutil
+
+    model = make(tmp_path, "--exit-after", "0.4")
+    model.on_exit = lambda m, uptime: None
+    try:
+        endpoint = await model.start()
+        await wait_for(lambda: not psutil.pid_exists(endpoint.pid)
+                       or psutil.Process(endpoint.pid).status() == psutil.STATUS_ZOMBIE)
+        await model.stop("racing the exit")
+        assert model.state == ModelState.STOPPED
+        await asyncio.sleep(0.1)
+    finally:
+        await model.close()
+    assert "illegal transition" not in caplog.text
+    assert "internal error" not in caplog.text
 
 
 async def test_a_server_that_ignores_sigterm_is_killed(
     tmp_path: Path
 ) -> None:
     model = make(tmp_path, "--ignore-term", stop_timeout=0.5)
-    endpoint = await model.ensure_ready()
+    endpoint = await model.start()
     await model.stop("test")
     assert model.state == ModelState.STOPPED
     import psutil
@@ -152,7 +165,7 @@ async def test_stop_while_starting_wakes_waiters_and_leaves_no_process(
     tmp_path: Path
 ) -> None:
     model = make(tmp_path, "--ready-after", "30", load_timeout=60)
-    waiter = asyncio.ensure_future(model.ensure_ready())
+    waiter = asyncio.ensure_future(model.start())
     await wait_for(lambda: model.pid is not None)
     pid = model.pid
     await asyncio.gather(model.stop("test"), model.stop("twice is fine"))
@@ -164,12 +177,11 @@ async def test_stop_while_starting_wakes_waiters_and_leaves_no_process(
     await model.close()
 
 
-async def test_explicit_restart_clears_failed(tmp_path: Path) -> None:
+async def test_a_model_marked_invalid_is_failed_until_started_again(tmp_path: Path) -> None:
     model = make(tmp_path)
     model.mark_invalid("not a GGUF file")
-    assert model.failed_for_good
-    with pytest.raises(ModelFailedError, match="not a GGUF file"):
-        await model.ensure_ready()
-    await model.restart()
-    assert model.state == ModelState.READY and model.policy.failures == 0
+    assert model.state == ModelState.FAILED and model.last_error == "not a GGUF file"
+    assert model.spawn_count == 0
+    await model.start()  # an explicit restart (the supervisor's) may still try
+    assert model.state == ModelState.READY and model.spawn_count == 1
     await model.close()

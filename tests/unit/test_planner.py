@@ -9,8 +9,6 @@ from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes, 
 from launcher.planner import (
     Budget,
     Candidate,
-    Loaded,
-    choose_evictions,
     compute_budget,
     make_plan,
 )
@@ -105,22 +103,3 @@ def test_nothing_fits_says_so() -> None:
 def test_measured_figure_is_reported() -> None:
     plan = make_plan([Candidate("a", GIB, True, measured=True)], Budget(2 * GIB, "t"))
     assert "(measured)" in plan.decision("a").reason
-
-
-def test_evicts_least_recently_used_idle_unpinned() -> None:
-    loaded = [
-        Loaded("old", 2 * GIB, last_used=1.0, busy=False, pinned=False),
-        Loaded("busy", 2 * GIB, last_used=0.5, busy=True, pinned=False),
-        Loaded("pinned", 2 * GIB, last_used=0.1, busy=False, pinned=True),
-        Loaded("recent", 2 * GIB, last_used=9.0, busy=False, pinned=False),
-    ]
-    assert choose_evictions(loaded, 8 * GIB, 1 * GIB) == ["old"]
-    assert choose_evictions(loaded, 8 * GIB, 3 * GIB) == ["old", "recent"]
-    assert choose_evictions(loaded, 8 * GIB, 5 * GIB) is None  # busy and pinned stay
-    assert choose_evictions(loaded, 9 * GIB, 1 * GIB) == []
-
-
-def test_eviction_respects_max_loaded() -> None:
-    loaded = [Loaded("a", MIB, 1.0, False, False), Loaded("b", MIB, 2.0, False, False)]
-    assert choose_evictions(loaded, GIB, MIB, max_loaded=2) == ["a"]
-    assert choose_evictions(loaded, GIB, MIB, max_loaded=3) == []

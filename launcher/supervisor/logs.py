@@ -23,7 +23,7 @@ class ModelLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self.buffers: dict[str, int] = {}  # last buffer sizes the server logged, bytes
+        self.buffers: dict[str, int] = {}  # buffer sizes the server's current run logged, bytes
         self._file: BinaryIO | None = None
         self._size = 0
         self._partial = b""
@@ -33,6 +33,10 @@ class ModelLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("ab")
             self._size = self._file.tell()
+
+    def new_run(self) -> None:
+        """A new server process starts: forget the buffers the last one logged."""
+        self.buffers.clear()
 
     def note(self, text: str) -> None:
         """A line from lalo itself (start, exit), marked so it stands out in the log."""
@@ -57,9 +61,14 @@ class ModelLog:
         lines = data.split(b"\n")
         self._partial = lines.pop()  # an unfinished last line waits for the next chunk
         self.tail.extend(line.decode("utf-8", errors="replace") for line in lines[-TAIL_LINES:])
-        if b"buffer size" in data:
-            for name, mib in _BUFFER.findall(data):
-                self.buffers[name.decode().strip()] = int(float(mib) * 1024**2)
+        complete = data[: len(data) - len(self._partial)]  # a line is read once, when whole
+        if b"buffer size" in complete:
+            for raw, mib in _BUFFER.findall(complete):
+                name = raw.decode().strip()
+                size = int(float(mib) * 1024**2)
+                # a sliding-window model logs one KV line for its global layers and one for
+                # its window layers: the cache is both
+                self.buffers[name] = self.buffers.get(name, 0) + size if " KV" in name else size
 
     def last_lines(self, count: int) -> list[str]:
         if count <= 0:

@@ -294,6 +294,7 @@ class ManagedModel:
         spec = self.engine.launch_spec(self.settings)
         self._spec = spec
         began = self._clock()
+        self.log.new_run()
         self.log.note("starting: " + " ".join(spec.argv))
         spawning = asyncio.ensure_future(self._spawner(spec))
         try:

@@ -26,6 +26,20 @@ def test_buffer_sizes_are_read_from_the_server_output(tmp_path: Path) -> None:
     log.close()
 
 
+def test_a_sliding_window_models_two_kv_lines_add_up_once_each(tmp_path: Path) -> None:
+    # Gemma 3 logs its global layers' KV, then its window layers': the cache is both (it kept
+    # only the last, 15 of 111 MiB). A line split across reads is counted once, when whole.
+    log = ModelLog(tmp_path / "m.log")
+    log.write(b"llama_kv_cache:        CPU KV buffer size =    96.00 MiB\nllama_kv_cache:  CPU KV buf")
+    log.write(b"fer size =    15.0")
+    log.write(b"0 MiB\n")
+    assert log.buffers["CPU KV"] == 111 * 1024**2
+    log.new_run()  # the next server process logs its own
+    log.write(b"llama_kv_cache:        CPU KV buffer size =    24.00 MiB\n")
+    assert log.buffers == {"CPU KV": 24 * 1024**2}
+    log.close()
+
+
 def test_rotation_caps_the_size_and_read_tail_spans_files(tmp_path: Path) -> None:
     path = tmp_path / "m.log"
     log = ModelLog(path, max_bytes=1000, backups=2)

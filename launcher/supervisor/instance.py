@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from launcher import paths
-from launcher.errors import AlreadyRunningError, NotRunningError
+from launcher.errors import AlreadyRunningError, NotRunningError, StartupError
 from launcher.supervisor import platform
 
 STATE_FILE = "instance.json"
@@ -63,8 +63,14 @@ class InstanceLock:
         self._handle: IO[bytes] | None = None
 
     def acquire(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        handle = (self.dir / LOCK_FILE).open("a+b")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            handle = (self.dir / LOCK_FILE).open("a+b")
+        except OSError as exc:
+            raise StartupError(
+                f"cannot write lalo's state folder {self.dir}: {exc.strerror}; "
+                "set LALO_STATE_DIR to a writable folder"
+            ) from None
         if not _try_lock(handle):
             handle.close()
             running = read_instance(self.dir)

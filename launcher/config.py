@@ -67,6 +67,7 @@ class ResourcesConfig(_Section):
     ram_budget: int | Literal["auto"] = "auto"
     ram_reserve: int = 1024**3
     max_loaded: Annotated[int, Field(ge=0)] = 0
+    prompt_cache_size: int = 2 * 1024**3  # disk for saved prompt caches, all models together
 
     @field_validator("ram_budget", mode="before")
     @classmethod
@@ -81,6 +82,11 @@ class ResourcesConfig(_Section):
     @field_validator("ram_reserve", mode="before")
     @classmethod
     def _reserve(cls, value: Any) -> int:
+        return size_field(value)
+
+    @field_validator("prompt_cache_size", mode="before")
+    @classmethod
+    def _prompt_cache_size(cls, value: Any) -> int:
         return size_field(value)
 
 
@@ -129,6 +135,8 @@ class ModelConfig(_Section):
     license: str | None = None
     embeddings: bool = False
     load_timeout: Annotated[float, Field(gt=0)] | None = None
+    sleep_after: Annotated[int, Field(ge=0, le=31_536_000)] = 0  # llama-server only; 0 = never
+    prompt_cache: bool = True  # llama-server only: save cached prompts on stop, restore on start
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -151,6 +159,11 @@ class ModelConfig(_Section):
     def _source(self) -> ModelConfig:
         if (self.file is None) == (self.catalog is None):
             raise ValueError("give exactly one of 'file' or 'catalog'")
+        if self.sleep_after and self.engine_kind != "llama-server":
+            raise ValueError(f"sleep_after needs engine llama-server, not {self.engine_kind}")
+        if ("prompt_cache" in self.model_fields_set and self.prompt_cache
+                and self.engine_kind != "llama-server"):
+            raise ValueError(f"prompt_cache needs engine llama-server, not {self.engine_kind}")
         return self
 
     @property

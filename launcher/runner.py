@@ -38,6 +38,8 @@ from launcher.supervisor.instance import ChildRecords, InstanceInfo, InstanceLoc
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import ManagedModel, Timeouts
+from launcher.supervisor.server_options import sleep_and_prompt_cache
+from launcher.supervisor.sleep import props_sleeping
 from launcher.supervisor.supervisor import SupervisedModel, Supervisor, SupervisorEvents
 from launcher.units import format_size
 
@@ -192,6 +194,10 @@ def build_supervisor(
             extra_args=(*_alias_args(cfg.engine_kind, model.name), *cfg.args),
             env={**wait_env(share, cfg.env), **cfg.env},
         )
+        # sched hook: sleeping and the prompt cache (llama-server only; see supervisor/sleep.py)
+        settings, slot_store = sleep_and_prompt_cache(
+            model.name, cfg, settings, engines[cfg.engine_kind],
+            config.resources.prompt_cache_size)
         log_path = log_dir() / f"{model.name}.log"
         log_paths[model.name] = log_path
         managed = ManagedModel(
@@ -210,7 +216,11 @@ def build_supervisor(
                 max_failures=sup.max_failures, stable_after=sup.stable_after,
             ),
             events=events,
+            sleep_probe=props_sleeping if settings.sleep_after else None,  # sched hook
+            prompt_cache=slot_store,  # sched hook
         )
+        if slot_store is not None:  # sched hook: the store notes into the model's log
+            slot_store.note = managed.log.note
         meta = SupervisedModel(
             name=model.name,
             aliases=tuple(cfg.aliases),

@@ -14,7 +14,7 @@ class LlamaServerEngine:
     kind: str = "llama-server"
 
     def launch_spec(self, settings: ServerSettings) -> LaunchSpec:
-        argv = [str(self.binary), *server_args(settings)]
+        argv = [str(self.binary), *server_args(settings), *sleep_and_slot_args(settings)]
         return LaunchSpec(
             argv=tuple(argv),
             # The key goes through the environment, not argv: /proc/PID/environ is private to
@@ -43,4 +43,14 @@ def server_args(settings: ServerSettings, *, metrics: bool = True) -> list[str]:
     if settings.embeddings:
         args.append("--embeddings")
     args += list(settings.extra_args)
+    return args
+
+
+def sleep_and_slot_args(settings: ServerSettings) -> list[str]:
+    """llama-server's own flags for sleeping when idle and for slot save/restore."""
+    args: list[str] = []
+    if settings.sleep_after > 0:
+        args += ["--sleep-idle-seconds", str(settings.sleep_after)]
+    if settings.slot_save_path is not None:
+        args += ["--slot-save-path", str(settings.slot_save_path)]
     return args

@@ -14,6 +14,10 @@ Transitions (each logged as `name: a -> b`):
     starting -> failed (exit, timeout)    ready -> failed (crash, hang)
     failed -> starting (after backoff, or an explicit restart)    failed -> stopped (unload)
     stopped -> failed (the model file is unusable: never started)
+
+`sleeping` (llama-server's --sleep-idle-seconds) is a sub-state of `ready` that only the
+server decides: it freed its weights and keeps its process. `state` reports it, learnt from
+the health checks; everything else treats the model as ready (a request wakes it).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from launcher.supervisor import platform
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.probe import Probe, ProbeError, http_status
+from launcher.supervisor.prompt_cache import SlotStore
+from launcher.supervisor.sleep import SleepProbe
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ class ModelState(enum.StrEnum):
     STOPPED = "stopped"
     STARTING = "starting"
     READY = "ready"
+    SLEEPING = "sleeping"  # reported only: internally ready (see the module doc)
     STOPPING = "stopping"
     FAILED = "failed"
 
@@ -61,6 +68,7 @@ _ALLOWED: dict[ModelState, frozenset[ModelState]] = {
     ModelState.STOPPED: frozenset({ModelState.STARTING, ModelState.FAILED}),
     ModelState.STARTING: frozenset({ModelState.READY, ModelState.FAILED, ModelState.STOPPING}),
     ModelState.READY: frozenset({ModelState.STOPPING, ModelState.FAILED}),
+    ModelState.SLEEPING: frozenset(),  # never the internal state
     ModelState.STOPPING: frozenset({ModelState.STOPPED}),
     ModelState.FAILED: frozenset({ModelState.STARTING, ModelState.STOPPING, ModelState.STOPPED}),
 }
@@ -119,6 +127,8 @@ class ManagedModel:
         spawner: Spawner = _default_spawner,
         port_allocator: PortAllocator = platform.free_port,
         clock: Callable[[], float] = time.monotonic,
+        sleep_probe: SleepProbe | None = None,  # sched hook: learns `sleeping`
+        prompt_cache: SlotStore | None = None,  # sched hook: slot save on stop, restore on start
     ) -> None:
         self.name = name
         self.engine = engine
@@ -131,6 +141,10 @@ class ManagedModel:
         self._spawner = spawner
         self._ports = port_allocator
         self._clock = clock
+        self._sleep_probe = sleep_probe  # sched hook
+        self._prompt_cache = prompt_cache  # sched hook
+        self._asleep = False  # sched hook: the server said it sleeps (only while READY)
+        self._waking_until: float | None = None  # sched hook: a wake under way (see mark_awake)
 
         self._state = ModelState.STOPPED
         self._process: asyncio.subprocess.Process | None = None
@@ -162,6 +176,8 @@ class ManagedModel:
     # --- reading ------------------------------------------------------------------------------
     @property
     def state(self) -> ModelState:
+        if self._state == ModelState.READY and self._asleep:  # sched hook
+            return ModelState.SLEEPING
         return self._state
 
     @property
@@ -246,6 +262,8 @@ class ManagedModel:
             self._fail_outcome(ModelStoppedError(f"{self.name}: stopped ({reason})"))
             self._set_state(ModelState.STOPPED)
             return
+        # sched hook: an awake ready server's cached prompts are saved before it goes
+        save_to = self._endpoint if self._state == ModelState.READY and not self._asleep else None
         self._set_state(ModelState.STOPPING)
         self._stopped.clear()
         self.log.note(f"stopping: {reason}")
@@ -257,6 +275,9 @@ class ManagedModel:
         self._start_task = self._restart_task = self._health_task = None
         self.restart_at = None
         self._fail_outcome(ModelStoppedError(f"{self.name}: stopped ({reason})"))
+        if save_to is not None and self._prompt_cache is not None:  # sched hook
+            with contextlib.suppress(Exception):
+                await self._prompt_cache.save(save_to.base_url, save_to.api_key)
         await self._terminate()
         self._set_state(ModelState.STOPPED)
         self._stopped.set()
@@ -299,6 +320,8 @@ class ManagedModel:
             self._after_failure(str(exc), uptime=None, error=exc)
             return
         self._start_task = None
+        if self._prompt_cache is not None:  # sched hook: restore before anyone can lease it
+            await self._prompt_cache.restore(endpoint.base_url, endpoint.api_key)
         self.started_at = self._clock()
         self.ready_at_wall = time.time()
         self._endpoint = endpoint
@@ -403,6 +426,7 @@ class ManagedModel:
                     break
                 if await self._healthy(spec):
                     last_ok = self._clock()
+                    await self._poll_sleep()  # sched hook
                     self._sample_memory()
                 elif self._clock() - last_ok >= self.timeouts.liveness_timeout:
                     self._kill_reason = (
@@ -443,6 +467,41 @@ class ManagedModel:
         if self.rss_peak is None or rss > self.rss_peak:
             self.rss_peak = rss
             self._events.measured(self.name, rss)
+
+    # --- sleeping (sched) ------------------------------------------------------------------------
+    async def _poll_sleep(self) -> None:
+        """Learn from the server whether it sleeps (it never wakes for this question)."""
+        if self._sleep_probe is None or self._endpoint is None:
+            return
+        asleep = await self._sleep_probe(self._endpoint.base_url, self._endpoint.api_key,
+                                         min(self.timeouts.liveness_timeout, 5.0))
+        if asleep is None or self._state != ModelState.READY:
+            return
+        if self._waking_until is not None:
+            # while it reloads its weights the server still says it sleeps: believe that
+            # only once it has said it is awake, or when the wake takes far too long
+            if asleep and self._clock() < self._waking_until:
+                return
+            self._waking_until = None
+        self._set_asleep(asleep)
+
+    def mark_awake(self) -> None:
+        """A request is about to wake the server: ready again, and its RSS is unknown until
+        the next sample (the budget counts its full size meanwhile)."""
+        if self._asleep:
+            self.rss = None
+            self._waking_until = self._clock() + max(self.timeouts.liveness_timeout,
+                                                     2 * (self.load_seconds or 0.0))
+            self._set_asleep(False)
+
+    def _set_asleep(self, asleep: bool) -> None:
+        if asleep == self._asleep:
+            return
+        old = self.state
+        self._asleep = asleep
+        log.info("%s: %s -> %s", self.name, old, self.state)
+        self.log.note("sleeping: weights freed, process kept" if asleep else "awake")
+        self._events.changed(self.name, self.state)
 
     # --- failures -----------------------------------------------------------------------------
     def _after_failure(self, reason: str, *, uptime: float | None, error: Exception | None) -> None:
@@ -503,6 +562,8 @@ class ManagedModel:
         self._endpoint = None
         self.started_at = None
         self.rss = None
+        self._asleep = False  # sched hook
+        self._waking_until = None
 
     async def _read_output(self, stream: asyncio.StreamReader) -> None:
         while True:
@@ -548,7 +609,7 @@ class ManagedModel:
         now = self._clock()
         uptime = self.uptime()
         return {
-            "state": str(self._state),
+            "state": str(self.state),
             "pid": self.pid,
             "port": self.port if self._state in (ModelState.STARTING, ModelState.READY) else None,
             "rss": self.rss,

@@ -24,7 +24,8 @@ from launcher.units import format_size
 
 log = logging.getLogger(__name__)
 
-_HOLDS_MEMORY = (ModelState.STARTING, ModelState.READY, ModelState.STOPPING)
+# sched hook: a sleeping server holds its (small, measured) RSS
+_HOLDS_MEMORY = (ModelState.STARTING, ModelState.READY, ModelState.SLEEPING, ModelState.STOPPING)
 
 
 @dataclass
@@ -148,6 +149,14 @@ class Supervisor:
                     await self.models[victim].stop(f"unloaded to make room for {name}")
                     self.evictions[victim] += 1
                 self.loads[name] += 1
+            elif model.state == ModelState.SLEEPING:
+                # sched hook: this request wakes it to its full size, so a wake is admitted
+                # like a load (victims by the same rule), then it counts as awake
+                for victim in self._make_room(name):
+                    log.info("%s: unloading %s to make room for waking", name, victim)
+                    await self.models[victim].stop(f"unloaded to make room for {name}")
+                    self.evictions[victim] += 1
+                model.mark_awake()
             outcome = model.start_soon()  # starting before we let go of the lock
         if outcome is not None:
             await asyncio.shield(outcome)
@@ -240,7 +249,9 @@ class Supervisor:
             for name, meta in self.info.items():
                 usage = self.usage[name]
                 model = self.models[name]
-                if (meta.ttl > 0 and model.state == ModelState.READY and not usage.busy
+                # sched hook: a sleeping model's ttl still ends its process
+                if (meta.ttl > 0 and model.state in (ModelState.READY, ModelState.SLEEPING)
+                        and not usage.busy
                         and now - max(usage.last_used, model.started_at or 0.0) >= meta.ttl):
                     log.info("%s: idle for %.0f s (ttl), unloading", name, meta.ttl)
                     await model.stop(f"idle for {meta.ttl:g} s (ttl)")

@@ -37,8 +37,8 @@ MODELS_DIR = Path.home() / ".cache" / "lalo" / "test-models"
 QUESTION = "What is the capital of France? Answer with one word."
 
 
-def long_system_prompt(rules: int = 130) -> str:
-    """About 1,500 SmolLM2 tokens of instructions (Gemma's tokenizer makes fewer)."""
+def long_system_prompt(rules: int = 60) -> str:
+    """About 1,500 SmolLM2 tokens of instructions (25 per rule; Gemma's tokenizer differs)."""
     return "You are a careful assistant. " + " ".join(
         f"Rule {i}: answer in plain words, keep it short, and never invent facts about item {i}."
         for i in range(rules))

@@ -74,7 +74,7 @@ class SlotStore:
         *,
         root: Path | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
-        timeout: float = 30.0,
+        timeout: float = 10.0,  # per slot action: a hung server must not hold up a stop long
         requester: Requester = request_json,
         note: Callable[[str], None] = lambda line: None,
     ) -> None:

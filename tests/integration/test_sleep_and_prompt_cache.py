@@ -15,8 +15,8 @@ pytestmark = pytest.mark.integration
 QUESTION = "What is the capital of France? Answer with one word."
 
 
-def long_system_prompt(rules: int = 130) -> str:
-    """About 1,500 SmolLM2 tokens of instructions, as the LALO backend sends."""
+def long_system_prompt(rules: int) -> str:
+    """Instructions as the LALO backend sends them: about 25 SmolLM2 tokens per rule."""
     return "You are a careful assistant. " + " ".join(
         f"Rule {i}: answer in plain words, keep it short, and never invent facts about item {i}."
         for i in range(rules))
@@ -25,7 +25,7 @@ def long_system_prompt(rules: int = 130) -> str:
 def chat(up: LaloUp, model: str, system: str | None = None) -> dict[str, Any]:
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": QUESTION}]
-    response = httpx.post(up.url + "/v1/chat/completions", timeout=120.0, json={
+    response = httpx.post(up.url + "/v1/chat/completions", timeout=600.0, json={
         "model": model, "messages": messages, "temperature": 0, "max_tokens": 12})
     assert response.status_code == 200, response.text
     return dict(response.json())
@@ -64,11 +64,11 @@ def test_prompt_cache_survives_an_unload(
     config = write_config(
         tmp_path / "lalo.yaml", {"smol": {"file": str(smollm2), "ctx_size": 4096}},
         engines={"llama_server": {"path": str(llama_server_bin)}}, supervisor=FAST_SUPERVISOR)
-    system = long_system_prompt()
+    system = long_system_prompt(16)  # ~400 tokens: enough to tell reuse from recompute
     with LaloUp(config, {**isolated, "LALO_CACHE_DIR": str(cache)}) as up:
         up.wait_state("smol", "ready")
         first = chat(up, "smol", system)["timings"]
-        assert first["prompt_n"] > 1200, first  # the whole prompt was computed
+        assert first["prompt_n"] > 300, first  # the whole prompt was computed
         unloaded = httpx.post(up.url + "/api/models/smol/unload", timeout=60)
         assert unloaded.status_code == 200, unloaded.text
         up.wait_state("smol", "stopped")

@@ -38,7 +38,7 @@ from launcher.supervisor.instance import ChildRecords, InstanceInfo, InstanceLoc
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import ManagedModel, Timeouts
-from launcher.supervisor.server_options import sleep_and_prompt_cache
+from launcher.supervisor.server_options import sleep_and_prompt_cache, uses_sliding_window
 from launcher.supervisor.sleep import props_sleeping
 from launcher.supervisor.supervisor import SupervisedModel, Supervisor, SupervisorEvents
 from launcher.units import format_size
@@ -197,7 +197,7 @@ def build_supervisor(
         # sched hook: sleeping and the prompt cache (llama-server only; see supervisor/sleep.py)
         settings, slot_store = sleep_and_prompt_cache(
             model.name, cfg, settings, engines[cfg.engine_kind],
-            config.resources.prompt_cache_size)
+            config.resources.prompt_cache_size, sliding_window=uses_sliding_window(model.info))
         log_path = log_dir() / f"{model.name}.log"
         log_paths[model.name] = log_path
         managed = ManagedModel(

@@ -8,6 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
+from launcher.models.gguf_file import read_gguf
+from launcher.supervisor.server_options import uses_sliding_window
 from tests.support.lalo import FAST_SUPERVISOR, LaloUp, wait_until, write_config
 
 pytestmark = pytest.mark.integration
@@ -29,6 +31,11 @@ def chat(up: LaloUp, model: str, system: str | None = None) -> dict[str, Any]:
         "model": model, "messages": messages, "temperature": 0, "max_tokens": 12})
     assert response.status_code == 200, response.text
     return dict(response.json())
+
+
+def test_sliding_window_is_read_from_the_real_files(smollm2: Path, gemma3: Path) -> None:
+    assert uses_sliding_window(read_gguf(gemma3))
+    assert not uses_sliding_window(read_gguf(smollm2))
 
 
 def test_sleep_frees_memory_and_the_next_request_wakes_it(

@@ -129,3 +129,18 @@ def test_options_only_for_llama_server(tmp_path: Path, monkeypatch: Any) -> None
     assert store is None and settings.slot_save_path is None
     settings, store = sleep_and_prompt_cache("a", cfg, base, LlamafileEngine(tmp_path / "rt"), 1)
     assert store is None and settings == base
+
+
+def test_sliding_window_models_need_swa_full(tmp_path: Path, monkeypatch: Any) -> None:
+    # this llama-server recomputes a restored prompt of a sliding-window model (Gemma 3)
+    # unless its SWA cache is full-size: measured in docs/scheduling.md
+    monkeypatch.setenv("LALO_CACHE_DIR", str(tmp_path))
+    cfg = parse_config("models:\n  g: {file: g.gguf}\n", label="t").models["g"]
+    base = ServerSettings(model_path=tmp_path / "g.gguf", host="127.0.0.1", port=0, api_key="",
+                          ctx_size=512, parallel=1, threads=None)
+    engine = LlamaServerEngine(tmp_path / "ls")
+    _, store = sleep_and_prompt_cache("g", cfg, base, engine, 1024, sliding_window=True)
+    assert store is None
+    full = ServerSettings(**{**base.__dict__, "extra_args": ("--swa-full",)})
+    settings, store = sleep_and_prompt_cache("g", cfg, full, engine, 1024, sliding_window=True)
+    assert store is not None and settings.slot_save_path == store.directory

@@ -62,6 +62,7 @@ WAYS = [
     Way("GOMP_SPINCOUNT=100000", {"GOMP_SPINCOUNT": "100000"}),
     Way("GOMP_SPINCOUNT=10000", {"GOMP_SPINCOUNT": "10000"}),
     Way("GOMP_SPINCOUNT=1000", {"GOMP_SPINCOUNT": "1000"}),
+    Way("GOMP_SPINCOUNT=300", {"GOMP_SPINCOUNT": "300"}),
     Way("GOMP_SPINCOUNT=100", {"GOMP_SPINCOUNT": "100"}),
     Way("threads = CPUs / busy", threads_by_busy=True),
     Way("threads = CPUs / busy, PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, threads_by_busy=True),
@@ -181,7 +182,9 @@ def main() -> None:
     lines = [
         "# Model servers sharing the CPU: how their threads wait",
         "",
-        f"Made by `python bench/cpu_sharing.py --rounds {args.rounds} --servers {args.servers}` "
+        f"Made by `python bench/cpu_sharing.py --rounds {args.rounds} --tokens {args.tokens} "
+        f"--servers {args.servers}" + (f" --ways '{args.ways}'" if args.ways else "")
+        + (" --server-noomp PATH" if args.server_noomp else "") + "` "
         f"in one run: llama-servers on {summary['model']}, {default_threads()} compute threads "
         f"each unless the row says otherwise, on {cpus} CPUs. Each request: a 100-token prompt, "
         f"then {args.tokens} tokens decoded; decode tokens/s as llama-server timed them, median "

@@ -13,9 +13,11 @@ from launcher.config import parse_config
 from launcher.engines.base import ServerSettings
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.errors import ConfigError
+from launcher.supervisor import platform
 from launcher.supervisor.localhttp import LocalHttpError, request_json
 from launcher.supervisor.process import ModelState
 from launcher.supervisor.sleep import is_sleeping_in, props_sleeping
+from launcher.supervisor.supervisor import SupervisedModel, Supervisor
 from tests.unit.test_managed_model import make
 
 
@@ -158,3 +160,39 @@ async def _until(condition: object, limit: float = 10.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+async def test_waking_is_admitted_like_a_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    """A sleeping model counts its small RSS; the request that wakes it first makes room for
+    its full size (here by evicting the idle model that fits beside it only while it sleeps)."""
+    mib = 1024**2
+    asleep = {"flag": False}
+    sleepy = make(tmp_path / "a")
+    other = make(tmp_path / "b")
+
+    async def probe(base_url: str, api_key: str, within: float) -> bool | None:
+        return asleep["flag"]
+
+    sleepy._sleep_probe = probe
+    # the real RSS of the stand-in servers says nothing about a model: give the figures
+    monkeypatch.setattr(platform, "rss_of", lambda pid, children=False: (
+        10 * mib if pid == sleepy.pid and asleep["flag"] else 60 * mib))
+    meta = [SupervisedModel(name=n, aliases=(), engine="fake", estimate=60 * mib, preload=False,
+                            ttl=0, path="") for n in ("a", "b")]
+    sleepy.name, other.name = "a", "b"
+    sup = Supervisor([(meta[0], sleepy), (meta[1], other)], ram_budget=100 * mib,
+                     measured={"a": 60 * mib, "b": 60 * mib})
+    try:
+        await sup.load("a")
+        asleep["flag"] = True
+        await _until(lambda: sleepy.state == ModelState.SLEEPING and sleepy.rss == 10 * mib)
+        await sup.load("b")  # 10 MiB asleep + 60 fit in 100: nothing evicted
+        assert sleepy.state == ModelState.SLEEPING and other.state == ModelState.READY
+        async with sup.lease("a") as endpoint:
+            # waking needs 60 beside b's 60: b (idle) made room first
+            assert endpoint.pid == sleepy.pid
+            assert other.state == ModelState.STOPPED and sup.evictions["b"] == 1
+            assert sleepy.state == ModelState.READY
+    finally:
+        await sup.close()

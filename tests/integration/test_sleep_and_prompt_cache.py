@@ -52,16 +52,20 @@ def test_sleep_frees_memory_and_the_next_request_wakes_it(
         pid = up.model("smol")["pid"]
         asleep = up.wait_state("smol", "sleeping", timeout=30)
         # weights and KV cache freed: the RSS the budget counts falls to the bare process
-        low = wait_until(lambda: (r := up.model("smol")["rss"]) and r < awake * 0.6 and r,
+        wait_until(lambda: (r := up.model("smol")["rss"]) and r < awake * 0.6,
                          message=f"RSS below 60 % of {awake} while asleep")
         assert asleep["pid"] == pid
         answer = chat(up, "smol")
         assert "Paris" in answer["choices"][0]["message"]["content"]
         woke = up.model("smol")
-        assert woke["state"] == "ready" and woke["pid"] == pid and woke["restarts"] == 0
-        assert low < awake
-        log = httpx.get(up.url + "/api/models/smol/logs?n=400", timeout=5).text
-        assert "sleeping: weights freed" in log and "awake" in log
+        assert woke["pid"] == pid and woke["restarts"] == 0
+        notes = [line for line in httpx.get(up.url + "/api/models/smol/logs?n=400",
+                                            timeout=5).text.splitlines()
+                 if line.endswith(("sleeping: weights freed, process kept", "lalo: awake"))]
+        assert notes[:2] == ["--- lalo: sleeping: weights freed, process kept", "--- lalo: awake"]
+        # ready now, unless this slow machine took over sleep_after since the answer and it
+        # has gone back to sleep (then the log says so after the wake)
+        assert woke["state"] == "ready" or (woke["state"] == "sleeping" and len(notes) >= 3)
 
 
 def test_prompt_cache_survives_an_unload(

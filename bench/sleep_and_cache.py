@@ -171,6 +171,63 @@ def cache_round(binary: Path, model: Path, slots: Path, rules: int, *extra: str
             "cache_n_after_restore": after.get("cache_n", -1)}
 
 
+def render(results: dict[str, dict[str, list[dict[str, float]]]], made_by: str,
+           seconds: float) -> str:
+    """The markdown page: medians over rounds, ratios as the median of each round's ratio."""
+    med = statistics.median
+
+    def m(name: str, kind: str, key: str) -> float:
+        return float(med(r[key] for r in results[name][kind]))
+
+    def ratio(name: str, kind: str, top: str, bottom: str) -> str:
+        values = [r[top] / r[bottom] for r in results[name][kind]]
+        return f"{med(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+    lines = [
+        "# Sleep and the prompt cache: measured",
+        "",
+        f"Made by `{made_by}` in one run; medians over the rounds, ratios as the median of "
+        "each round's ratio (range in brackets), the models taking turns. llama-server driven "
+        "directly, `--ctx-size 4096 --parallel 1`, threads left to llama.cpp. The machine is "
+        "shared: compare ratios, not times. \"Start\" is spawn to first token (load, /health "
+        "200, the request); \"wake\" is a request to a server asleep after "
+        "`--sleep-idle-seconds 1`.",
+        "",
+        "| model | warm TTFT | wake from sleep: TTFT | start from stopped: to first token "
+        "| wake / start | RSS awake | RSS asleep |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in results:
+        lines.append(
+            f"| {name} | {m(name, 'sleep', 'warm_ttft_s') * 1000:.0f} ms "
+            f"| {m(name, 'sleep', 'wake_ttft_s') * 1000:.0f} ms "
+            f"| {m(name, 'sleep', 'start_to_first_token_s') * 1000:.0f} ms "
+            f"| {ratio(name, 'sleep', 'wake_ttft_s', 'start_to_first_token_s')} "
+            f"| {m(name, 'sleep', 'rss_awake') / 2**20:.0f} MiB "
+            f"| {m(name, 'sleep', 'rss_asleep') / 2**20:.0f} MiB |")
+    lines += [
+        "",
+        "| model | system prompt tokens | TTFT after a new start, recomputed | with the slot "
+        "restored | with / without | restore | save | slot file | prompt_n after restore |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in results:
+        lines.append(
+            f"| {name} | {m(name, 'cache', 'prompt_tokens'):.0f} "
+            f"| {m(name, 'cache', 'ttft_without_restore_s') * 1000:.0f} ms "
+            f"| {m(name, 'cache', 'ttft_with_restore_s') * 1000:.0f} ms "
+            f"| {ratio(name, 'cache', 'ttft_with_restore_s', 'ttft_without_restore_s')} "
+            f"| {m(name, 'cache', 'restore_s') * 1000:.0f} ms "
+            f"| {m(name, 'cache', 'save_s') * 1000:.0f} ms "
+            f"| {m(name, 'cache', 'slot_file_bytes') / 2**20:.1f} MiB "
+            f"| {m(name, 'cache', 'prompt_n_after_restore'):.0f} |")
+    lines += ["", "Gemma 3 has sliding-window attention: its prompt-cache rows run with "
+              "`--swa-full`, without which this llama-server recomputes a restored prompt "
+              "(it needs context checkpoints that a slot file does not hold).",
+              "", f"Whole run: {seconds:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -180,8 +237,16 @@ def main() -> None:
     parser.add_argument("--rules", type=int, default=60,
                         help="system prompt size: about 25 SmolLM2 tokens per rule")
     parser.add_argument("--only", choices=["smollm2", "gemma3"], help="one model (smoke runs)")
+    parser.add_argument("--render", type=Path, help="only re-render the page from this JSON")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        page = render(saved["results"], saved["made_by"], saved["seconds"])
+        (args.out / "sleep-and-cache.md").write_text(page)
+        print(page)
+        return
     if args.server is None:
         from launcher.engines.registry import require_llama_server
 
@@ -200,54 +265,13 @@ def main() -> None:
                 extra = ("--swa-full",) if "Gemma" in name else ()
                 results[name]["cache"].append(cache_round(args.server, model, Path(slots),
                                                           args.rules, *extra))
-    med = statistics.median
-
-    def m(name: str, kind: str, key: str) -> float:
-        return float(med(r[key] for r in results[name][kind]))
-
-    lines = [
-        "# Sleep and the prompt cache: measured",
-        "",
-        f"Made by `python bench/sleep_and_cache.py --rounds {args.rounds} --rules {args.rules}` "
-        "in one run; medians "
-        "over the rounds, the models taking turns. llama-server driven directly, `--ctx-size "
-        "4096 --parallel 1`, threads left to llama.cpp. The machine is shared: compare ratios.",
-        "",
-        "| model | warm TTFT | wake from sleep: TTFT | start from stopped: to first token "
-        "| wake / start | RSS awake | RSS asleep |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name in models:
-        wake, start = m(name, "sleep", "wake_ttft_s"), m(name, "sleep", "start_to_first_token_s")
-        lines.append(
-            f"| {name} | {m(name, 'sleep', 'warm_ttft_s') * 1000:.0f} ms | {wake * 1000:.0f} ms "
-            f"| {start * 1000:.0f} ms | {wake / start:.2f}x "
-            f"| {m(name, 'sleep', 'rss_awake') / 2**20:.0f} MiB "
-            f"| {m(name, 'sleep', 'rss_asleep') / 2**20:.0f} MiB |")
-    lines += [
-        "",
-        "| model | system prompt tokens | TTFT after a new start, recomputed | with the slot "
-        "restored | ratio | restore | save | slot file | prompt_n after restore |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name in models:
-        without = m(name, "cache", "ttft_without_restore_s")
-        with_ = m(name, "cache", "ttft_with_restore_s")
-        lines.append(
-            f"| {name} | {m(name, 'cache', 'prompt_tokens'):.0f} | {without * 1000:.0f} ms "
-            f"| {with_ * 1000:.0f} ms | {with_ / without:.2f}x "
-            f"| {m(name, 'cache', 'restore_s') * 1000:.0f} ms "
-            f"| {m(name, 'cache', 'save_s') * 1000:.0f} ms "
-            f"| {m(name, 'cache', 'slot_file_bytes') / 2**20:.1f} MiB "
-            f"| {m(name, 'cache', 'prompt_n_after_restore'):.0f} |")
-    lines += ["", "Gemma 3 has sliding-window attention: its prompt-cache rows run with "
-              "`--swa-full`, without which this llama-server recomputes a restored prompt "
-              "(it needs context checkpoints that a slot file does not hold).",
-              "", f"Whole run: {time.monotonic() - started:.0f} s."]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sleep-and-cache.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "sleep-and-cache.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    made_by = f"python bench/sleep_and_cache.py --rounds {args.rounds} --rules {args.rules}"
+    seconds = time.monotonic() - started
+    (args.out / "sleep-and-cache.json").write_text(json.dumps(
+        {"made_by": made_by, "seconds": seconds, "results": results}, indent=1) + "\n")
+    page = render(results, made_by, seconds)
+    (args.out / "sleep-and-cache.md").write_text(page)
+    print(page)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def test_sleep_frees_memory_and_the_next_request_wakes_it(
         asleep = up.wait_state("smol", "sleeping", timeout=30)
         # weights and KV cache freed: the RSS the budget counts falls to the bare process
         wait_until(lambda: (r := up.model("smol")["rss"]) and r < awake * 0.6,
-                         message=f"RSS below 60 % of {awake} while asleep")
+                   message=f"RSS below 60 % of {awake} while asleep")
         assert asleep["pid"] == pid
         answer = chat(up, "smol")
         assert "Paris" in answer["choices"][0]["message"]["content"]

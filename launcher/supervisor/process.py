@@ -276,8 +276,10 @@ class ManagedModel:
         self.restart_at = None
         self._fail_outcome(ModelStoppedError(f"{self.name}: stopped ({reason})"))
         if save_to is not None and self._prompt_cache is not None:  # sched hook
-            with contextlib.suppress(Exception):
+            try:
                 await self._prompt_cache.save(save_to.base_url, save_to.api_key)
+            except Exception:  # never fails a stop; the store logs its own expected errors
+                log.exception("%s: prompt cache save", self.name)
         await self._terminate()
         self._set_state(ModelState.STOPPED)
         self._stopped.set()
@@ -321,7 +323,10 @@ class ManagedModel:
             return
         self._start_task = None
         if self._prompt_cache is not None:  # sched hook: restore before anyone can lease it
-            await self._prompt_cache.restore(endpoint.base_url, endpoint.api_key)
+            try:
+                await self._prompt_cache.restore(endpoint.base_url, endpoint.api_key)
+            except Exception:  # never fails a start; the store logs its own expected errors
+                log.exception("%s: prompt cache restore", self.name)
         self.started_at = self._clock()
         self.ready_at_wall = time.time()
         self._endpoint = endpoint

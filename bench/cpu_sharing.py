@@ -1,13 +1,19 @@
-"""How llama-servers that share the CPU decode under each OpenMP wait policy; writes
+"""How llama-servers that share the CPU decode under each way their threads can wait; writes
 docs/cpu-sharing.md and .json.
 
-One server alone, then two decoding at once, each with the default wait (GNU libgomp spins
-at a barrier before it sleeps), OMP_WAIT_POLICY=PASSIVE (sleeps at once; what lalo sets when
-its servers have more threads than the machine has CPUs) and GOMP_SPINCOUNT=1000 (a short
-spin). The policies alternate round by round in one run; every server runs the same random-
-weight 350M-parameter model with the same argv, threads left to llama.cpp.
+One, two and three servers decoding at once, each way in turn, round by round in one run; every
+server runs the same random-weight 350M-parameter model with the same argv:
+- OpenMP (the default build): the default wait (GNU libgomp spins at a barrier before it
+  sleeps), OMP_WAIT_POLICY=PASSIVE (sleeps at once; what lalo sets when its servers have more
+  threads than the machine has CPUs), and GOMP_SPINCOUNT levels (a bounded spin);
+- ggml's own thread pool (a llama-server built with `-DGGML_OPENMP=OFF`, given with
+  `--server-noomp`; rows skipped without it) at llama-server's `--poll` levels (0 = sleep at
+  once, 50 = its default, 100 = spin);
+- threads chosen from what is busy: `--threads max(1, CPUs / servers busy)` with the default
+  wait, as lalo could choose if it knew how many models will decode at once.
 
-    python bench/cpu_sharing.py [--rounds 5] [--tokens 64] [--server PATH]
+    python bench/cpu_sharing.py [--rounds 5] [--tokens 64] [--servers 1,2,3]
+                                [--ways default,PASSIVE,...] [--server PATH] [--server-noomp PATH]
 """
 
 from __future__ import annotations
@@ -20,30 +26,59 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from launcher.cpu_share import cpu_share, default_threads, usable_cpus
+from launcher.cpu_share import default_threads, usable_cpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from startup import ROOT, clean_environ, free_port, prepare
 
-POLICIES: dict[str, dict[str, str]] = {
-    "default": {},
-    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
-}
 PROMPT = "hello " * 100
 
 
+@dataclass(frozen=True)
+class Way:
+    """One way for a server's threads to wait: the build, its environment and flags."""
+
+    label: str
+    env: dict[str, str] = field(default_factory=dict)
+    args: tuple[str, ...] = ()
+    noomp: bool = False  # needs the llama-server built without OpenMP
+    threads_by_busy: bool = False  # --threads CPUs / servers at once
+
+    def argv(self, servers: int, cpus: int) -> tuple[str, ...]:
+        if self.threads_by_busy:
+            return (*self.args, "--threads", str(max(1, cpus // servers)))
+        return self.args
+
+
+WAYS = [
+    Way("default"),
+    Way("PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}),
+    Way("GOMP_SPINCOUNT=100000", {"GOMP_SPINCOUNT": "100000"}),
+    Way("GOMP_SPINCOUNT=10000", {"GOMP_SPINCOUNT": "10000"}),
+    Way("GOMP_SPINCOUNT=1000", {"GOMP_SPINCOUNT": "1000"}),
+    Way("GOMP_SPINCOUNT=300", {"GOMP_SPINCOUNT": "300"}),
+    Way("GOMP_SPINCOUNT=100", {"GOMP_SPINCOUNT": "100"}),
+    Way("threads = CPUs / busy", threads_by_busy=True),
+    Way("threads = CPUs / busy, PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, threads_by_busy=True),
+    Way("ggml pool --poll 0", args=("--poll", "0"), noomp=True),
+    Way("ggml pool --poll 50", args=("--poll", "50"), noomp=True),
+    Way("ggml pool --poll 100", args=("--poll", "100"), noomp=True),
+]
+
+
 class Server:
-    def __init__(self, binary: Path, model: Path, env: dict[str, str]) -> None:
+    def __init__(self, binary: Path, model: Path, env: dict[str, str],
+                 args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
             [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-             "--ctx-size", "2048", "--parallel", "1"],
+             "--ctx-size", "2048", "--parallel", "1", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             env={**clean_environ(), **env})
 
@@ -77,27 +112,24 @@ class Server:
         self.process.wait(30)
 
 
-def measure(binary: Path, model: Path, servers: int, rounds: int, tokens: int
-            ) -> dict[str, list[tuple[float, float]]]:
-    """Per policy, (prompt t/s, decode t/s) of every server in every round; `servers` of
-    each policy generate at once, and the policies take turns."""
-    fleets = {name: [Server(binary, model, env) for _ in range(servers)]
-              for name, env in POLICIES.items()}
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in POLICIES}
-    try:
-        for fleet in fleets.values():
-            for server in fleet:
-                server.wait_ready()
-        for fleet in fleets.values():  # one untimed pass: page cache and first-request work
-            fleet[0].generate(8)
-        with concurrent.futures.ThreadPoolExecutor(servers) as pool:
-            for _ in range(rounds):
-                for name, fleet in fleets.items():
-                    results[name].extend(pool.map(lambda s: s.generate(tokens), fleet))
-    finally:
-        for fleet in fleets.values():
-            for server in fleet:
-                server.stop()
+def measure(binaries: dict[bool, Path], model: Path, ways: list[Way], servers: int,
+            rounds: int, tokens: int, cpus: int) -> dict[str, list[tuple[float, float]]]:
+    """Per way, (prompt t/s, decode t/s) of every server in every round; the `servers` of one
+    way generate at once, and the ways take turns (only one way's fleet runs at a time)."""
+    results: dict[str, list[tuple[float, float]]] = {way.label: [] for way in ways}
+    with concurrent.futures.ThreadPoolExecutor(servers) as pool:
+        for _ in range(rounds):
+            for way in ways:
+                fleet = [Server(binaries[way.noomp], model, way.env, way.argv(servers, cpus))
+                         for _ in range(servers)]
+                try:
+                    for server in fleet:
+                        server.wait_ready()
+                    fleet[0].generate(8)  # untimed: first-request work
+                    results[way.label].extend(pool.map(lambda s: s.generate(tokens), fleet))
+                finally:
+                    for server in fleet:
+                        server.stop()
     return results
 
 
@@ -105,7 +137,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--servers", default="1,2,3", help="fleet sizes, comma separated")
+    parser.add_argument("--ways", default="", help="labels to run (default: all that can)")
     parser.add_argument("--server", type=Path)
+    parser.add_argument("--server-noomp", type=Path,
+                        help="a llama-server built with -DGGML_OPENMP=OFF (ggml pool rows)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lalo-startup")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
@@ -113,84 +149,64 @@ def main() -> None:
         from launcher.engines.registry import require_llama_server
 
         args.server = require_llama_server().path
+    wanted = [w.strip() for w in args.ways.split(",") if w.strip()]
+    unknown = set(wanted) - {way.label for way in WAYS}
+    if unknown:
+        parser.error(f"unknown ways {sorted(unknown)}; known: {[w.label for w in WAYS]}")
+    ways = [w for w in WAYS if (not wanted or w.label in wanted)
+            and (not w.noomp or args.server_noomp is not None)]
+    sizes = [int(n) for n in args.servers.split(",")]
+    binaries = {False: args.server, True: args.server_noomp or args.server}
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = prepare(args.workdir)[-1]  # the 350M-parameter shape
+    cpus = usable_cpus()
     started = time.monotonic()
-    alone = measure(args.server, model, 1, args.rounds, args.tokens)
-    two = measure(args.server, model, 2, max(2, args.rounds // 2), args.tokens)
+    runs = {n: measure(binaries, model, ways, n, args.rounds, args.tokens, cpus) for n in sizes}
     med = statistics.median
 
-    def decode(values: list[tuple[float, float]]) -> float:
-        return med(v[1] for v in values)
+    def decode(n: int, label: str) -> float:
+        values = runs[n][label]
+        return float(med(v[1] for v in values)) if values else float("nan")
 
-    def prompt(values: list[tuple[float, float]]) -> float:
-        return med(v[0] for v in values)
-
-    threads = default_threads()
-    cpus = usable_cpus()
     summary: dict[str, Any] = {
         "model": f"{model.name} ({model.stat().st_size / 2**20:.0f} MiB, random weights)",
-        "threads_per_server": threads, "cpus": cpus, "tokens": args.tokens,
-        "lalo_sets_passive_for_two": cpu_share([None, None]).oversubscribed,
-        "alone": {name: {"prompt_tps": prompt(v), "decode_tps": decode(v), "all": v}
-                  for name, v in alone.items()},
-        "two_at_once": {name: {"prompt_tps": prompt(v), "decode_tps": decode(v), "all": v}
-                        for name, v in two.items()},
-        "seconds": time.monotonic() - started,
+        "default_threads": default_threads(), "cpus": cpus, "tokens": args.tokens,
+        "rounds": args.rounds, "noomp_server": str(args.server_noomp or ""),
+        "decode_tps": {str(n): {w.label: decode(n, w.label) for w in ways} for n in sizes},
+        "all": {str(n): runs[n] for n in sizes},
     }
+    spin_alone = decode(1, "default") if 1 in sizes and ways[0].label == "default" else None
+    passive = {n: decode(n, "PASSIVE") for n in sizes if any(w.label == "PASSIVE" for w in ways)}
+    header = "| way | " + " | ".join(
+        "alone" if n == 1 else f"{n} at once (each)" for n in sizes) + " |"
+    lines = [
+        "# Model servers sharing the CPU: how their threads wait",
+        "",
+        f"Made by `python bench/cpu_sharing.py --rounds {args.rounds} --tokens {args.tokens} "
+        f"--servers {args.servers}" + (f" --ways '{args.ways}'" if args.ways else "")
+        + (" --server-noomp PATH" if args.server_noomp else "") + "` "
+        f"in one run: llama-servers on {summary['model']}, {default_threads()} compute threads "
+        f"each unless the row says otherwise, on {cpus} CPUs. Each request: a 100-token prompt, "
+        f"then {args.tokens} tokens decoded; decode tokens/s as llama-server timed them, median "
+        "per server over the rounds; the ways took turns round by round. In brackets: alone, "
+        "against the OpenMP default (spin); at once, against PASSIVE at the same count. "
+        "Target for a policy that gives both: alone >= 0.97x spin, at once >= 0.95x PASSIVE.",
+        "",
+        header,
+        "|---|" + "---:|" * len(sizes),
+    ]
+    for way in ways:
+        cells = []
+        for n in sizes:
+            value = decode(n, way.label)
+            base = spin_alone if n == 1 else passive.get(n)
+            ratio = f" ({value / base:.2f}x)" if base else ""
+            cells.append(f"{value:.1f}{ratio}")
+        lines.append(f"| {way.label} | " + " | ".join(cells) + " |")
+    lines += ["", f"Whole run: {time.monotonic() - started:.0f} s."]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cpu-sharing.json").write_text(json.dumps(summary, indent=1) + "\n")
-    base_alone = decode(alone["default"])
-    base_two = decode(two["default"])
-    lines = [
-        "# Model servers sharing the CPU: OpenMP wait policies",
-        "",
-        "Made by `python bench/cpu_sharing.py` in one run: llama-servers on "
-        f"{summary['model']}, {threads} compute threads each (llama.cpp's default: one per "
-        f"physical core), on {cpus} CPUs. Each request: a 100-token prompt, then "
-        f"{args.tokens} tokens decoded; tokens/s as llama-server timed them, median over "
-        f"{len(alone['default'])} requests alone and {len(two['default'])} with two at once. "
-        "The policies took turns round by round.",
-        "",
-        "| wait policy | alone: prompt t/s | alone: decode t/s | two at once: decode t/s each |",
-        "|---|---:|---:|---:|",
-    ]
-    for name in POLICIES:
-        lines.append(
-            f"| {name} | {prompt(alone[name]):.0f} | {decode(alone[name]):.1f} "
-            f"({decode(alone[name]) / base_alone:.2f}x) | {decode(two[name]):.1f} "
-            f"({decode(two[name]) / base_two:.2f}x) |")
-    lines += [
-        "",
-        "Per request, decode t/s alone: " + "; ".join(
-            f"{name} " + ", ".join(f"{v[1]:.1f}" for v in values) for name, values in alone.items())
-        + ". Two at once: " + "; ".join(
-            f"{name} " + ", ".join(f"{v[1]:.1f}" for v in values) for name, values in two.items())
-        + ".",
-        "",
-        "Why: llama.cpp's CPU backend (built with OpenMP, as `lalo engine build` and "
-        "llama.cpp's own cmake default do) meets its threads at an OpenMP barrier after every "
-        "step of a graph. GNU libgomp spins at a barrier before it sleeps. Alone, that is the "
-        "fastest way to wait. When two servers have more threads than there are CPUs, a thread "
-        "spins for a peer the scheduler has taken off the CPU, and every barrier costs a "
-        "time slice. PASSIVE sleeps at once: a little slower alone, far faster shared. A short "
-        "spin (GOMP_SPINCOUNT=1000, about 10 microseconds in libgomp) recovers less when "
-        "shared; it is a GNU libgomp setting, while OMP_WAIT_POLICY is standard OpenMP that "
-        "every runtime reads (a llama-server built with clang, llama-cpp-python's wheels), which "
-        "is why lalo sets PASSIVE. Who prefers the short spin can set it in a model's `env:`.",
-        "",
-        "What lalo does (launcher/cpu_share.py): when the models of one config may run at once "
-        "with more compute threads than the CPUs lalo may use (its affinity mask), it starts "
-        "their servers with `OMP_WAIT_POLICY=PASSIVE`; a single model, `max_loaded: 1`, or "
-        "threads that fit the CPUs keep the engine's default. A wait setting the user gave "
-        "(OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME or KMP_LIBRARY, in lalo's environment "
-        "or a model's `env:`) is never overridden. `lalo plan` and `lalo up` say which applies. "
-        "Loading is affected the same way: see docs/startup-benchmark.md (three servers "
-        "starting at once).",
-        "",
-        f"Whole run: {summary['seconds']:.0f} s.",
-    ]
-    (args.out / "cpu-sharing.md").write_text("\n".join(lines) + "\n")
+    (args.out / "cpu-sharing-table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -6,7 +6,7 @@ Gemma 3 270M), measured in one run:
   - alternating: 8 requests A,B,A,B one after another: total time
   - cold: time to first token of a request for the model that is not loaded
 
-Writes docs/scheduling.md and docs/scheduling.json.
+Writes docs/scheduling-benchmark.md and .json (docs/scheduling.md explains the behaviour).
 
     python bench/scheduling.py [--burst 16] [--rounds 3] [--tokens 32] [--server PATH]
 """
@@ -176,7 +176,7 @@ def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> N
         summary[name]["burst_errors_total"] = sum(r["burst_errors"] for r in results)
     lalo, router = summary["lalo"], summary["router"]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scheduling.json").write_text(json.dumps({"runs": runs, "summary": summary,
+    (args.out / "scheduling-benchmark.json").write_text(json.dumps({"runs": runs, "summary": summary,
                                                           "burst": args.burst,
                                                           "tokens": args.tokens}, indent=2))
     lines = [
@@ -206,7 +206,7 @@ def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> N
         "Targets (issue 15): the burst at most 0.5x the router's time with 0 errors; the "
         "alternating run not slower than the router.",
     ]
-    (args.out / "scheduling.md").write_text("\n".join(lines) + "\n")
+    (args.out / "scheduling-benchmark.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

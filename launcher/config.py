@@ -105,6 +105,7 @@ class ResourcesConfig(_Section):
     max_loaded: Annotated[int, Field(ge=0)] = 0
     # seconds a request may wait behind other models' batches before those drain for it
     max_wait: Annotated[float, Field(ge=0, le=86_400)] = 10.0
+    prompt_cache_size: int = 2 * 1024**3  # disk for saved prompt caches, all models together
 
     @field_validator("ram_budget", mode="before")
     @classmethod
@@ -119,6 +120,11 @@ class ResourcesConfig(_Section):
     @field_validator("ram_reserve", mode="before")
     @classmethod
     def _reserve(cls, value: Any) -> int:
+        return size_field(value)
+
+    @field_validator("prompt_cache_size", mode="before")
+    @classmethod
+    def _prompt_cache_size(cls, value: Any) -> int:
         return size_field(value)
 
 
@@ -170,6 +176,8 @@ class ModelConfig(_Section):
     load_timeout: Annotated[float, Field(gt=0)] | None = None
     # a Jinja template file (relative to this config), or the name of one built into llama.cpp
     chat_template: str | None = None
+    sleep_after: Annotated[int, Field(ge=0, le=31_536_000)] = 0  # llama-server only; 0 = never
+    prompt_cache: bool = True  # llama-server only: save cached prompts on stop, restore on start
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -202,6 +210,11 @@ class ModelConfig(_Section):
             raise ValueError("give exactly one of 'file' or 'catalog'")
         if self.chat_template is not None and self.engine_kind != "llama-server":
             raise ValueError(f"chat_template needs the llama-server engine, not {self.engine_kind}")
+        if self.sleep_after and self.engine_kind != "llama-server":
+            raise ValueError(f"sleep_after needs engine llama-server, not {self.engine_kind}")
+        if ("prompt_cache" in self.model_fields_set and self.prompt_cache
+                and self.engine_kind != "llama-server"):
+            raise ValueError(f"prompt_cache needs engine llama-server, not {self.engine_kind}")
         return self
 
     @property

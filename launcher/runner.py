@@ -40,6 +40,8 @@ from launcher.supervisor.instance import ChildRecords, InstanceInfo, InstanceLoc
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import ManagedModel, Timeouts
+from launcher.supervisor.server_options import sleep_and_prompt_cache, uses_sliding_window
+from launcher.supervisor.sleep import props_sleeping
 from launcher.supervisor.supervisor import SupervisedModel, Supervisor, SupervisorEvents
 from launcher.units import format_size
 
@@ -184,6 +186,12 @@ class ServerFactory:
             extra_args=(*_alias_args(cfg.engine_kind, model.name), *cfg.args),
             env={**wait_env(self.share, cfg.env), **cfg.env},
         )
+        # sleeping when idle and the prompt cache kept across stops (llama-server only);
+        # this also drops slot files of an older model file, engine or setting
+        settings, slot_store = sleep_and_prompt_cache(
+            model.name, cfg, settings, self.engines[cfg.engine_kind],
+            self.loaded.config.resources.prompt_cache_size,
+            sliding_window=uses_sliding_window(model.info))
         managed = ManagedModel(
             model.name,
             self.engines[cfg.engine_kind],
@@ -196,7 +204,11 @@ class ServerFactory:
                 stop_timeout=sup.stop_timeout,
             ),
             events=SupervisorEvents(self.records.add, self.records.remove),
+            sleep_probe=props_sleeping if settings.sleep_after else None,
+            prompt_cache=slot_store,
         )
+        if slot_store is not None:  # the store writes what it did into the model's log
+            slot_store.note = managed.log.note
         policy = RestartPolicy(
             initial_delay=sup.backoff_initial, max_delay=sup.backoff_max,
             max_failures=sup.max_failures, stable_after=sup.stable_after,

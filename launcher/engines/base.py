@@ -26,6 +26,8 @@ class ServerSettings:
     chat_template: str | None = None  # a template file's absolute path, or a built-in name
     extra_args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    sleep_after: int = 0  # llama-server: seconds idle before it frees its weights; 0 = never
+    slot_save_path: Path | None = None  # llama-server: where slot save/restore files go
 
 
 @dataclass(frozen=True)

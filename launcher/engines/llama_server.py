@@ -14,7 +14,8 @@ class LlamaServerEngine:
     kind: str = "llama-server"
 
     def launch_spec(self, settings: ServerSettings) -> LaunchSpec:
-        argv = [str(self.binary), *server_args(settings), *chat_template_args(settings.chat_template)]
+        argv = [str(self.binary), *server_args(settings), *chat_template_args(settings.chat_template),
+                *sleep_and_slot_args(settings)]
         return LaunchSpec(
             argv=tuple(argv),
             # The key goes through the environment, not argv: /proc/PID/environ is private to
@@ -59,3 +60,13 @@ def chat_template_args(template: str | None) -> list[str]:
     if Path(template).is_absolute():
         return ["--jinja", "--chat-template-file", template]
     return ["--no-jinja", "--chat-template", template]
+
+
+def sleep_and_slot_args(settings: ServerSettings) -> list[str]:
+    """llama-server's own flags for sleeping when idle and for slot save/restore."""
+    args: list[str] = []
+    if settings.sleep_after > 0:
+        args += ["--sleep-idle-seconds", str(settings.sleep_after)]
+    if settings.slot_save_path is not None:
+        args += ["--slot-save-path", str(settings.slot_save_path)]
+    return args

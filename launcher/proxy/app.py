@@ -105,7 +105,7 @@ def create_app(
         for name, model in supervisor.models.items():
             info = supervisor.info[name]
             entry = {"object": "model", "created": int(started), "owned_by": "lalo",
-                     "state": str(model.state)}
+                     "state": str(model.reported_state)}
             data.append({"id": name, **entry, "aliases": list(info.aliases)})
             data.extend({"id": alias, **entry, "parent": name} for alias in info.aliases)
         return JSONResponse({"object": "list", "data": data})

@@ -55,7 +55,8 @@ class _SupervisorCollector(Collector):
             record = sup.record(name)
             in_flight.add_metric([name], record.in_flight)
             queued.add_metric([name], len(record.queue))
-            ready.add_metric([name, str(model.state)], 1.0 if model.state == "ready" else 0.0)
+            state = model.reported_state  # "sleeping" shows as such
+            ready.add_metric([name, str(state)], 1.0 if state == "ready" else 0.0)
             rss.add_metric([name], float(model.rss or 0))
             estimate.add_metric([name], float(record.meta.estimate))
             loads.add_metric([name], record.loads)

@@ -9,6 +9,10 @@ Transitions (each logged as `name: a -> b`):
     starting -> failed (exit, timeout)    ready -> failed (crash, hang: at once, on exit)
     failed -> starting (the supervisor restarts it)    failed -> stopping -> stopped
     stopped -> failed (the model file is unusable: never started)
+
+`sleeping` (llama-server's --sleep-idle-seconds) is a sub-state of `ready` that only the
+server decides: it freed its weights and keeps its process. `state` reports it, learnt from
+the health checks; everything else treats the model as ready (a request wakes it).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from launcher.errors import (
 from launcher.supervisor import platform
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.probe import Probe, ProbeError, http_status
+from launcher.supervisor.prompt_cache import SlotStore
+from launcher.supervisor.sleep import SleepProbe
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ class ModelState(enum.StrEnum):
     STOPPED = "stopped"
     STARTING = "starting"
     READY = "ready"
+    SLEEPING = "sleeping"  # reported only: internally ready (see the module doc)
     STOPPING = "stopping"
     FAILED = "failed"
 
@@ -54,6 +61,7 @@ _ALLOWED: dict[ModelState, frozenset[ModelState]] = {
     ModelState.STOPPED: frozenset({ModelState.STARTING, ModelState.FAILED}),
     ModelState.STARTING: frozenset({ModelState.READY, ModelState.FAILED, ModelState.STOPPING}),
     ModelState.READY: frozenset({ModelState.STOPPING, ModelState.FAILED}),
+    ModelState.SLEEPING: frozenset(),  # never the internal state
     ModelState.STOPPING: frozenset({ModelState.STOPPED}),
     ModelState.FAILED: frozenset({ModelState.STARTING, ModelState.STOPPING}),
 }
@@ -111,6 +119,8 @@ class ManagedModel:
         spawner: Spawner = _default_spawner,
         port_allocator: PortAllocator = platform.free_port,
         clock: Callable[[], float] = time.monotonic,
+        sleep_probe: SleepProbe | None = None,  # learns `sleeping`
+        prompt_cache: SlotStore | None = None,  # slot save on stop, restore on start
     ) -> None:
         self.name = name
         self.engine = engine
@@ -126,6 +136,10 @@ class ManagedModel:
         # `failed`), with its uptime; and a new peak of measured memory
         self.on_exit: Callable[[ManagedModel, float | None], None] | None = None
         self.on_measured: Callable[[str, int], None] | None = None
+        self._sleep_probe = sleep_probe
+        self._prompt_cache = prompt_cache
+        self._asleep = False  # the server said it sleeps (only while READY)
+        self._waking_until: float | None = None  # a wake under way (see mark_awake)
 
         self._state = ModelState.STOPPED
         self._process: asyncio.subprocess.Process | None = None
@@ -154,7 +168,17 @@ class ManagedModel:
     # --- reading ------------------------------------------------------------------------------
     @property
     def state(self) -> ModelState:
+        """The lifecycle state the owner acts on: a sleeping server is `ready` (a request wakes it)."""
         return self._state
+
+    @property
+    def asleep(self) -> bool:
+        return self._state == ModelState.READY and self._asleep
+
+    @property
+    def reported_state(self) -> ModelState:
+        """What status shows: `sleeping` while the server has freed its weights."""
+        return ModelState.SLEEPING if self.asleep else self._state
 
     @property
     def pid(self) -> int | None:
@@ -221,6 +245,8 @@ class ManagedModel:
         if self._state == ModelState.STOPPING:
             await self._stopped.wait()
             return
+        # an awake ready server's cached prompts are saved before it goes
+        save_to = self._endpoint if self._state == ModelState.READY and not self._asleep else None
         self._set_state(ModelState.STOPPING)
         self._stopped.clear()
         try:
@@ -233,6 +259,11 @@ class ManagedModel:
                 await asyncio.wait(tasks)
             self._start_task = self._health_task = None
             self._fail_outcome(ModelStoppedError(f"{self.name}: stopped ({reason})"))
+            if save_to is not None and self._prompt_cache is not None:
+                try:
+                    await self._prompt_cache.save(save_to.base_url, save_to.api_key)
+                except Exception:  # never fails a stop; the store logs its own expected errors
+                    log.exception("%s: prompt cache save", self.name)
             await self._terminate()
         finally:
             self._endpoint = None
@@ -264,6 +295,11 @@ class ManagedModel:
                     exc if isinstance(exc, ModelStartError) else ModelStartError(reason))
             return
         self._start_task = None
+        if self._prompt_cache is not None:  # restore before anyone can lease it
+            try:
+                await self._prompt_cache.restore(endpoint.base_url, endpoint.api_key)
+            except Exception:  # never fails a start; the store logs its own expected errors
+                log.exception("%s: prompt cache restore", self.name)
         self.started_at = self._clock()
         self.ready_at_wall = time.time()
         self._endpoint = endpoint
@@ -373,6 +409,7 @@ class ManagedModel:
                     break
                 if await self._healthy(spec):
                     last_ok = self._clock()
+                    await self._poll_sleep()
                     self._sample_memory()
                 elif self._clock() - last_ok >= self.timeouts.liveness_timeout:
                     self._kill_reason = (
@@ -423,6 +460,42 @@ class ManagedModel:
             if self.on_measured is not None:
                 self.on_measured(self.name, rss)
 
+    # --- sleeping --------------------------------------------------------------------------------
+    async def _poll_sleep(self) -> None:
+        """Learn from the server whether it sleeps (it never wakes for this question)."""
+        if self._sleep_probe is None or self._endpoint is None:
+            return
+        asleep = await self._sleep_probe(self._endpoint.base_url, self._endpoint.api_key,
+                                         min(self.timeouts.liveness_timeout, 5.0))
+        if asleep is None or self._state != ModelState.READY:
+            return
+        if self._waking_until is not None:
+            # while it reloads its weights the server still says it sleeps: believe that
+            # only once it has said it is awake, or when the wake takes far too long
+            if asleep and self._clock() < self._waking_until:
+                return
+            self._waking_until = None
+        self._set_asleep(asleep)
+
+    def mark_awake(self) -> None:
+        """A request is about to wake the server: ready again, and its RSS is unknown until
+        the next sample (the budget counts its full size meanwhile)."""
+        if self._asleep:
+            self.rss = None
+            self._waking_until = self._clock() + max(self.timeouts.liveness_timeout,
+                                                     2 * (self.load_seconds or 0.0))
+            self._set_asleep(False)
+
+    def _set_asleep(self, asleep: bool) -> None:
+        if asleep == self._asleep:
+            return
+        old = self.reported_state
+        self._asleep = asleep
+        log.info("%s: %s -> %s", self.name, old, self.reported_state)
+        self.log.note("sleeping: weights freed, process kept" if asleep else "awake")
+        self._events.changed(self.name, self.reported_state)
+
+
     def _fail_outcome(self, error: Exception) -> None:
         if self._outcome is not None and not self._outcome.done():
             self._outcome.set_exception(error)
@@ -465,6 +538,8 @@ class ManagedModel:
         self._endpoint = None
         self.started_at = None
         self.rss = None
+        self._asleep = False
+        self._waking_until = None
 
     async def _read_output(self, stream: asyncio.StreamReader) -> None:
         while True:
@@ -509,7 +584,7 @@ class ManagedModel:
     def snapshot(self) -> dict[str, Any]:
         uptime = self.uptime()
         return {
-            "state": str(self._state),
+            "state": str(self.reported_state),
             "pid": self.pid,
             "port": self.port if self._state in (ModelState.STARTING, ModelState.READY) else None,
             "rss": self.rss,

@@ -219,7 +219,8 @@ class Supervisor:
         return self._measured.get(name) or self._records[name].meta.estimate
 
     def _holds(self, record: ModelRecord) -> int:
-        """What a model counts for in admission: a fresh server grows to what it needs."""
+        """What a model counts for in admission: a fresh server grows to what it needs, and a
+        sleeping one keeps its full size, so that a request can always wake it at once."""
         return max(record.model.rss or 0, self.required(record.name))
 
     def budget(self) -> Budget:
@@ -398,6 +399,9 @@ class Supervisor:
             if not waiter.slot:
                 waiter.future.set_result(endpoint)  # a load call: ready is all it wanted
             elif record.in_flight < record.parallel:
+                # a sleeping server wakes for this request: its RSS grows back to full size
+                # (admission already counts it at full size; see _holds)
+                record.model.mark_awake()
                 self._take_slot(record, now - waiter.since)
                 waiter.future.set_result(endpoint)
             else:

@@ -227,7 +227,8 @@
     }
     const ready = counts.ready || 0;
     setText(ui.version, `v${status.version}`);
-    setText(ui.healthLine, `${ready} of ${models.length} models ready`);
+    const sleeping = counts.sleeping ? ` (${counts.sleeping} sleeping)` : "";
+    setText(ui.healthLine, `${ready} of ${models.length} models ready${sleeping}`);
     const busy = counts.starting || counts.restarting || counts.stopping;
     ui.healthLine.dataset.health = counts.failed ? "failed" : busy ? "busy" : "ok";
     document.title = (counts.failed ? `⚠ ${counts.failed} failed · ` : "") +
@@ -256,7 +257,7 @@
     setStat("ram-total", bytes(total), "");
     setStat("ram-available", bytes(available), `${Math.round((available / total) * 100)} % of total`);
     setStat("ram-budget", bytes(budget), status.ram.budget_source || "");
-    const order = ["ready", "starting", "restarting", "stopping", "stopped", "failed"];
+    const order = ["ready", "sleeping", "starting", "restarting", "stopping", "stopped", "failed"];
     const parts = order.filter((s) => counts[s]).map((s) => `${counts[s]} ${s}`);
     setStat("models-summary", parts.join(" · ") || "none configured",
       status.max_loaded ? `at most ${status.max_loaded} loaded` : "");
@@ -432,6 +433,7 @@
   // which buttons make sense in each state; `failed` has no load (it would be refused)
   const ENABLED = {
     ready: ["unload", "restart"],
+    sleeping: ["unload", "restart"], // weights freed by the server; the next request wakes it
     starting: ["unload", "restart"],
     restarting: ["unload", "restart"],
     stopped: ["load"],

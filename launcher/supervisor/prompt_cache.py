@@ -1,0 +1,225 @@
+"""Keep a model's cached prompts across a stop: llama-server's slot save before, restore after.
+
+A llama-server started with `--slot-save-path DIR` writes a slot's tokens and its KV cache to
+`DIR/NAME` on `POST /slots/ID?action=save` and reads them back on `action=restore`. The file
+is only valid for the same model file, the same context per slot and KV settings, and the same
+llama.cpp build, so each model gets one directory per such combination (`cache_key`) and the
+directories of older combinations are dropped. Disk use has a bound over all models (oldest
+files go first). Saving and restoring never fail a stop or a start: problems are logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher import paths
+from launcher.supervisor.localhttp import JsonAnswer, LocalHttpError, request_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 2 * 1024**3
+_SUFFIX = ".slot"
+
+Requester = Callable[[str, str, Mapping[str, str], float, Any], Awaitable[JsonAnswer]]
+"""(method, url, headers, seconds, JSON payload) -> answer; raises LocalHttpError."""
+
+
+def cache_root() -> Path:
+    return paths.cache_dir() / "prompt-cache"
+
+
+def _identity(path: Path) -> str:
+    try:
+        stat = path.stat()
+    except OSError:
+        return f"{path}|missing"
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def cache_key(model_path: Path, engine_binary: Path | None, ctx_size: int, parallel: int,
+              extra_args: Sequence[str]) -> str:
+    """What a slot file depends on: the model file, the engine build, context, slots, KV flags."""
+    parts = [
+        _identity(model_path),
+        _identity(engine_binary) if engine_binary is not None else "-",
+        f"ctx={ctx_size}", f"np={parallel}", *extra_args,
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class SlotOutcome:
+    slot: int
+    tokens: int
+    seconds: float
+
+
+class SlotStore:
+    """One model's slot files: where llama-server writes them, saving, restoring, the disk bound."""
+
+    def __init__(
+        self,
+        model: str,
+        key: str,
+        slots: int,
+        *,
+        root: Path | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        timeout: float = 10.0,  # per slot action: a hung server must not hold up a stop long
+        requester: Requester = request_json,
+        note: Callable[[str], None] = lambda line: None,
+    ) -> None:
+        self.model = model
+        self.key = key
+        self.slots = slots
+        self.root = root or cache_root()
+        self.directory = self.root / _safe(model) / key
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        self._request = requester
+        self.note = note  # where it says what it did: the model's log
+        self.saved: list[SlotOutcome] = []  # the last save
+        self.restored: list[SlotOutcome] = []  # the last restore
+
+    def prepare(self) -> Path | None:
+        """Create this key's directory, drop the model's other keys; None if it cannot be made."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            log.warning("%s: prompt cache disabled: cannot create %s: %s",
+                        self.model, self.directory, exc)
+            return None
+        for other in self.directory.parent.iterdir():
+            if other.is_dir() and other.name != self.key:
+                # another model file, build or settings: its slot files would not load
+                shutil.rmtree(other, ignore_errors=True)
+        return self.directory
+
+    def slot_file(self, slot: int) -> Path:
+        return self.directory / f"slot-{slot}{_SUFFIX}"
+
+    async def save(self, base_url: str, api_key: str) -> list[SlotOutcome]:
+        """Save every slot that holds a prompt; a slot without one keeps its older file."""
+        self.saved = []
+        for slot in range(self.slots):
+            temp = f"slot-{slot}{_SUFFIX}.part"
+            answer = await self._action(base_url, api_key, slot, "save", temp)
+            tokens = _int(answer, "n_saved")
+            written = self.directory / temp
+            if tokens is None:
+                with contextlib.suppress(OSError):
+                    written.unlink()
+                continue
+            if tokens == 0:
+                with contextlib.suppress(OSError):
+                    written.unlink()
+                continue
+            try:
+                os.replace(written, self.slot_file(slot))
+            except OSError as exc:
+                self._warn(f"cannot keep the saved slot {slot}: {exc}")
+                continue
+            self.saved.append(SlotOutcome(slot, tokens, _ms(answer, "save_ms")))
+        if self.saved:
+            total = sum(o.tokens for o in self.saved)
+            self.note(f"prompt cache: saved {total} tokens from {len(self.saved)} slot(s)")
+        self.enforce_bound(keep=self.directory)
+        return self.saved
+
+    async def restore(self, base_url: str, api_key: str) -> list[SlotOutcome]:
+        """Load each saved slot back; a file the server refuses is deleted."""
+        self.restored = []
+        for slot in range(self.slots):
+            path = self.slot_file(slot)
+            if not path.is_file():
+                continue
+            answer = await self._action(base_url, api_key, slot, "restore", path.name)
+            tokens = _int(answer, "n_restored")
+            if tokens is None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: the disk bound removes it last
+            self.restored.append(SlotOutcome(slot, tokens, _ms(answer, "restore_ms")))
+        if self.restored:
+            total = sum(o.tokens for o in self.restored)
+            self.note(f"prompt cache: restored {total} tokens into {len(self.restored)} slot(s)")
+        return self.restored
+
+    def enforce_bound(self, keep: Path | None = None) -> list[Path]:
+        """Delete the least recently used slot files of all models until under `max_bytes`."""
+        files: list[tuple[float, int, Path]] = []
+        for path in self.root.glob(f"*/*/*{_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                files.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        removed: list[Path] = []
+        # this model's fresh files go last; oldest first among the rest
+        for _, size, path in sorted(files, key=lambda f: (f[2].parent == keep, f[0])):
+            if total <= self.max_bytes:
+                break
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+                total -= size
+        if removed:
+            log.info("prompt cache: removed %d old slot file(s) to stay under %d bytes",
+                     len(removed), self.max_bytes)
+        return removed
+
+    async def _action(self, base_url: str, api_key: str, slot: int, action: str,
+                      filename: str) -> JsonAnswer | None:
+        url = f"{base_url}/slots/{slot}?action={action}"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        started = time.monotonic()
+        try:
+            answer = await self._request("POST", url, headers, self.timeout, {"filename": filename})
+        except LocalHttpError as exc:
+            self._warn(f"slot {slot} {action} failed: {exc}")
+            return None
+        if answer.status != 200:
+            message = _error_message(answer.body)
+            self._warn(f"slot {slot} {action} refused ({answer.status}): {message}")
+            return None
+        log.debug("%s: slot %d %s in %.3f s", self.model, slot, action, time.monotonic() - started)
+        return answer
+
+    def _warn(self, message: str) -> None:
+        log.warning("%s: prompt cache: %s", self.model, message)
+        self.note(f"prompt cache: {message}")
+
+
+def _int(answer: JsonAnswer | None, field: str) -> int | None:
+    if answer is None or not isinstance(answer.body, dict):
+        return None
+    value = answer.body.get(field)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _ms(answer: JsonAnswer | None, field: str) -> float:
+    if answer is None or not isinstance(answer.body, dict):
+        return 0.0
+    timings = answer.body.get("timings")
+    value = timings.get(field) if isinstance(timings, dict) else None
+    return float(value) / 1000.0 if isinstance(value, int | float) else 0.0
+
+
+def _error_message(body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message", ""))
+    return str(body)[:200]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"

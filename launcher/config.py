@@ -25,7 +25,7 @@ from pydantic import (
 
 from launcher import paths
 from launcher.errors import ConfigError
-from launcher.units import format_size, size_field
+from launcher.units import auto_or_size_field, format_size, size_field
 from launcher.yamlfile import Lines, describe, read_yaml, where
 
 CONFIG_NAME = "lalo.yaml"
@@ -110,12 +110,7 @@ class ResourcesConfig(_Section):
     @field_validator("ram_budget", mode="before")
     @classmethod
     def _budget(cls, value: Any) -> int | str:
-        if value == "auto":
-            return "auto"
-        size = size_field(value)
-        if size <= 0:
-            raise ValueError(f"must be 'auto' or a positive size, got {value!r}")
-        return size
+        return auto_or_size_field(value)
 
     @field_validator("ram_reserve", mode="before")
     @classmethod

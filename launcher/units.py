@@ -47,6 +47,16 @@ def size_field(value: Any) -> int:
         raise ValueError(str(exc)) from None
 
 
+def auto_or_size_field(value: Any) -> int | str:
+    """"auto", or a positive size (see size_field), for validators of budget-like keys."""
+    if value == "auto":
+        return "auto"
+    size = size_field(value)
+    if size <= 0:
+        raise ValueError(f"must be 'auto' or a positive size, got {value!r}")
+    return size
+
+
 def format_size(n: int | float | None) -> str:
     """Binary units, three significant figures: 1.5 GiB, 232 MiB, 900 B."""
     if n is None:

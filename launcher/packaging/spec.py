@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.config import Config, ModelConfig, resolve_path, validate
 from launcher.errors import ConfigError
-from launcher.units import size_field
+from launcher.units import auto_or_size_field, size_field
 from launcher.yamlfile import describe, read_yaml, where
 
 SPEC_DIR = "bundles"
@@ -154,12 +154,7 @@ class KubernetesSpec(_Section):
     @field_validator("storage", mode="before")
     @classmethod
     def _storage(cls, value: Any) -> int | str:
-        if value == "auto":
-            return "auto"
-        size = size_field(value)
-        if size <= 0:
-            raise ValueError(f"must be 'auto' or a positive size, got {value!r}")
-        return size
+        return auto_or_size_field(value)
 
     @field_validator("namespace")
     @classmethod

@@ -26,7 +26,7 @@ import psutil
 from starlette.types import Message, Receive, Send
 
 from launcher.errors import CapacityError, ModelError, QueueFullError, WaitTimeoutError
-from launcher.proxy.errors import error_body, sse_error_event
+from launcher.proxy.errors import error_body, error_message, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.proxy.upstream import (
     UpstreamBadTarget,
@@ -398,18 +398,8 @@ async def _client_gone(receive: Receive) -> None:
 
 
 def _upstream_message(content: bytes, status: int) -> str:
-    try:
-        data: Any = json.loads(content)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
-    text = content.decode("utf-8", "replace").strip()
-    return text[:500] or f"the model server answered {status}"
+    message = error_message(content)[:500]
+    return message if content.strip() else f"the model server answered {status}"
 
 
 def _last_event(tail: bytes) -> bytes:

@@ -178,11 +178,16 @@ def start_router(server: Path, models_dir: Path, port: int) -> subprocess.Popen[
         preexec_fn=parent_death_signal)  # the router and its children die with this script
 
 
+_BENCH_PID = os.getpid()
+
+
 def parent_death_signal() -> None:
+    """preexec_fn: the child dies with this script (it runs in the child, so the parent's pid
+    is the one taken when this module was imported)."""
     from launcher.supervisor import platform
 
     if platform.IS_LINUX:
-        platform.set_parent_death_signal()
+        platform.set_parent_death_signal(_BENCH_PID)
 
 
 def wait_http(url: str, timeout: float = 120, headers: dict[str, str] | None = None) -> None:

@@ -331,6 +331,10 @@ class ManagedModel:
         self._spec = spec
         began = self._clock()
         self.log.new_run()
+        if self._prompt_cache is not None and not self._prompt_cache.ensure():
+            # llama-server refuses a --slot-save-path that is not a directory
+            raise ModelStartError(f"{self.name}: the prompt cache folder "
+                                  f"{self._prompt_cache.directory} cannot be made")
         self.log.note("starting: " + " ".join(spec.argv))
         spawning = asyncio.ensure_future(self._spawner(spec))
         try:

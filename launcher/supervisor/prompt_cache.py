@@ -56,6 +56,9 @@ def cache_key(model_path: Path, engine_binary: Path | None, ctx_size: int, paral
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
+STALE_AFTER = 7 * 24 * 3600  # a key directory unused this long is removed at the next start
+
+
 @dataclass(frozen=True)
 class SlotOutcome:
     slot: int
@@ -90,19 +93,31 @@ class SlotStore:
         self.saved: list[SlotOutcome] = []  # the last save
         self.restored: list[SlotOutcome] = []  # the last restore
 
-    def prepare(self) -> Path | None:
-        """Create this key's directory, drop the model's other keys; None if it cannot be made."""
+    def prepare(self, now: float | None = None) -> Path | None:
+        """Create this key's directory and drop the model's other keys that nothing used for
+        STALE_AFTER seconds; None if the directory cannot be made.
+
+        Another key is another model file, build or setting: its slot files would not load
+        here. A recent one may belong to another lalo sharing this cache (another config, a
+        test run): it stays until it goes stale or the disk bound removes its files.
+        """
+        if not self.ensure():
+            return None
+        cutoff = (time.time() if now is None else now) - STALE_AFTER
+        for other in self.directory.parent.iterdir():
+            if other.is_dir() and other.name != self.key and _last_used(other) < cutoff:
+                shutil.rmtree(other, ignore_errors=True)
+        return self.directory
+
+    def ensure(self) -> bool:
+        """The directory exists (again: another lalo may have removed it); False if it cannot."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             log.warning("%s: prompt cache disabled: cannot create %s: %s",
                         self.model, self.directory, exc)
-            return None
-        for other in self.directory.parent.iterdir():
-            if other.is_dir() and other.name != self.key:
-                # another model file, build or settings: its slot files would not load
-                shutil.rmtree(other, ignore_errors=True)
-        return self.directory
+            return False
+        return True
 
     def slot_file(self, slot: int) -> Path:
         return self.directory / f"slot-{slot}{_SUFFIX}"
@@ -219,6 +234,15 @@ def _error_message(body: Any) -> str:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return str(body["error"].get("message", ""))
     return str(body)[:200]
+
+
+def _last_used(directory: Path) -> float:
+    """The newest mtime of a key directory and its files (a save or restore touches them)."""
+    try:
+        return max([directory.stat().st_mtime,
+                    *(entry.stat().st_mtime for entry in directory.iterdir())])
+    except OSError:
+        return 0.0
 
 
 def _safe(name: str) -> str:

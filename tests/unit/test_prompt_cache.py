@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from launcher.engines.base import ServerSettings
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.engines.llamafile import LlamafileEngine
 from launcher.supervisor.localhttp import JsonAnswer, LocalHttpError
-from launcher.supervisor.prompt_cache import SlotStore, cache_key
+from launcher.supervisor.prompt_cache import STALE_AFTER, SlotStore, cache_key
 from launcher.supervisor.server_options import sleep_and_prompt_cache
 
 
@@ -30,17 +32,33 @@ def test_cache_key_follows_the_model_file_and_settings(tmp_path: Path) -> None:
     assert key != cache_key(model, binary, 2048, 1, ())
 
 
-def test_prepare_drops_the_model_s_older_keys_only(tmp_path: Path) -> None:
+def test_prepare_drops_the_model_s_stale_keys_only(tmp_path: Path) -> None:
     old = SlotStore("smol", "oldkey", 1, root=tmp_path)
     assert old.prepare() is not None
     old.slot_file(0).write_bytes(b"old")
+    recent = SlotStore("smol", "recentkey", 1, root=tmp_path)
+    recent.prepare()
+    recent.slot_file(0).write_bytes(b"another lalo's")
     other = SlotStore("gemma", "gkey", 1, root=tmp_path)
     other.prepare()
     other.slot_file(0).write_bytes(b"keep")
+    long_ago = time.time() - STALE_AFTER - 60
+    for path in (old.slot_file(0), old.directory):
+        os.utime(path, (long_ago, long_ago))
     new = SlotStore("smol", "newkey", 1, root=tmp_path)
     assert new.prepare() == tmp_path / "smol" / "newkey"
     assert not old.directory.exists()
+    # used lately: maybe another lalo sharing the cache (this removed a running test's folder,
+    # and its model could not start again: "--slot-save-path: not a directory")
+    assert recent.slot_file(0).read_bytes() == b"another lalo's"
     assert other.slot_file(0).read_bytes() == b"keep"
+
+
+def test_ensure_makes_the_directory_again(tmp_path: Path) -> None:
+    store = SlotStore("smol", "k", 1, root=tmp_path)
+    assert store.prepare() is not None
+    shutil.rmtree(store.directory)
+    assert store.ensure() and store.directory.is_dir()
 
 
 def test_prepare_failure_disables_the_cache(tmp_path: Path) -> None:

@@ -208,6 +208,22 @@ def find_nvcc(which: Callable[[str], str | None] = shutil.which) -> str:
     return path
 
 
+def check_cuda_libraries(nvcc: str, extra_roots: Sequence[Path] | None = None) -> None:
+    """llama.cpp's CUDA backend links cuBLAS: a toolkit with nvcc but no cuBLAS headers (as on
+    a runtime-only or minimal CUDA install) fails at cmake's generate step, so say it first.
+    Looked for beside nvcc, in $CUDA_PATH / $CUDA_HOME, /usr/local/cuda and /usr."""
+    if extra_roots is None:
+        extra_roots = [Path(v) for v in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME")) if v]
+        extra_roots += [Path("/usr/local/cuda"), Path("/usr")]
+    roots = [Path(nvcc).resolve().parent.parent, *extra_roots]
+    candidates = [folder for root in roots
+                  for folder in (root / "include", *sorted(root.glob("targets/*/include")))]
+    if not any((folder / "cublas_v2.h").is_file() for folder in candidates):
+        raise EngineError(f"the cuda variant needs cuBLAS, which the CUDA toolkit of {nvcc} lacks "
+                          "(no cublas_v2.h): install its libcublas-dev package (e.g. "
+                          "libcublas-dev-13-0 from NVIDIA's apt repository)")
+
+
 def nvcc_version(nvcc: str) -> str:
     """"13.0.88" from `nvcc --version`, or its last line when the format is unknown."""
     text = compiler_version_text(nvcc)
@@ -248,6 +264,7 @@ class EngineBuilder:
         clock: Callable[[], float] = time.monotonic,
         compiler_probe: Callable[[str], str] = compiler_version,
         nvcc_probe: Callable[[str], str] = nvcc_version,
+        cuda_check: Callable[[str], None] = check_cuda_libraries,
     ) -> None:
         self.engines_root = engines_root if engines_root is not None else paths.engines_dir()
         self.cache_root = cache_root if cache_root is not None else paths.cache_dir()
@@ -257,6 +274,7 @@ class EngineBuilder:
         self.clock = clock
         self.compiler_probe = compiler_probe
         self.nvcc_probe = nvcc_probe
+        self.cuda_check = cuda_check
 
     def _fetch_pinned(self, note: Callable[[str], None]) -> sources.LlamaCppSource:
         return sources.pinned_source(cache=self.cache_root / "sources", progress=note)
@@ -278,6 +296,8 @@ class EngineBuilder:
             raise EngineError("--cuda-arch is for --variant cuda")
         flags = cmake_flags(variant, cuda_archs)
         nvcc = find_nvcc(self.which) if variant == "cuda" else None
+        if nvcc is not None:
+            self.cuda_check(nvcc)
         report = progress or (lambda event: None)
         if jobs is not None and jobs < 1:
             raise EngineError(f"--jobs must be >= 1, got {jobs}")

@@ -695,7 +695,8 @@ def test_cuda_build_configures_with_nvcc_and_records_cuda_in_the_manifest(
     runner = FakeCMake()
     builder = EngineBuilder(
         engines_root=cache / "engines", cache_root=cache, runner=runner, which=which_all,
-        compiler_probe=lambda cc: "cc (Fake) 12.2.0", nvcc_probe=lambda nvcc: "13.0.88")
+        compiler_probe=lambda cc: "cc (Fake) 12.2.0", nvcc_probe=lambda nvcc: "13.0.88",
+        cuda_check=lambda nvcc: None)
     built = builder.build("cuda", tree, cuda_archs=["89"])
     configure = runner.calls[0]
     assert "-DGGML_CUDA=ON" in configure and "-DCMAKE_CUDA_ARCHITECTURES=89" in configure
@@ -718,3 +719,19 @@ def test_nvcc_version_is_read_from_its_release_line(tmp_path: Path) -> None:
     write_exe(fake, "#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
                     "echo 'Cuda compilation tools, release 13.0, V13.0.88'\n")
     assert nvcc_version(str(fake)) == "13.0.88"
+
+
+def test_a_toolkit_without_cublas_is_one_line_before_cmake(tmp_path: Path) -> None:
+    """This machine's CUDA 13.0 has nvcc and cudart but no cuBLAS: cmake configured, then
+    failed generating (`Target "ggml-cuda" links to: CUDA::cublas but the target was not found`)."""
+    from launcher.engines.builder import check_cuda_libraries
+
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    write_exe(toolkit / "bin" / "nvcc", "#!/bin/sh\n")
+    with pytest.raises(EngineError,
+                       match=r"needs cuBLAS, which the CUDA toolkit of .*cuda-13.0/bin/nvcc lacks"):
+        check_cuda_libraries(str(toolkit / "bin" / "nvcc"), extra_roots=[tmp_path / "none"])
+    (toolkit / "targets" / "x86_64-linux" / "include").mkdir(parents=True)
+    (toolkit / "targets" / "x86_64-linux" / "include" / "cublas_v2.h").write_text("")
+    check_cuda_libraries(str(toolkit / "bin" / "nvcc"), extra_roots=[])

@@ -46,7 +46,7 @@ def gpu_facts() -> GpuReport:
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError_LibraryNotFound:
-        return GpuReport((), None, "no NVIDIA driver (libnvidia-ml not found)")
+        return GpuReport((), None, "no NVIDIA driver: libnvidia-ml not found")
     except pynvml.NVMLError as exc:
         return GpuReport((), None, f"NVIDIA driver present but NVML failed: {exc}")
     try:

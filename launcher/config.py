@@ -125,7 +125,7 @@ class ResourcesConfig(_Section):
 
 class LlamaServerEngineConfig(_Section):
     path: str = "auto"
-    variant: Literal["native", "portable"] = "native"
+    variant: Literal["native", "portable", "cuda"] = "native"
 
 
 class LlamafileEngineConfig(_Section):

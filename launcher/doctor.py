@@ -17,7 +17,8 @@ from launcher.config import ResourcesConfig
 from launcher.engines.registry import FoundEngine, list_engines
 from launcher.errors import EngineError
 from launcher.estimate import estimate_memory
-from launcher.hardware import FEATURES, CpuInfo, cpu_info, gpus
+from launcher.gpu import GpuReport, describe, gpu_facts
+from launcher.hardware import FEATURES, CpuInfo, cpu_info
 from launcher.models.catalog import Catalog, cached_entry_path, default_catalog
 from launcher.models.hub import HubClient
 from launcher.planner import Budget, Candidate, compute_budget, make_plan
@@ -47,6 +48,33 @@ TIERS: tuple[Tier, ...] = (
 
 
 @dataclass(frozen=True)
+class GpuTier:
+    """A GPU tier of the original plan: per-GPU VRAM (nominal) and how many such GPUs."""
+
+    name: str
+    min_vram: int  # per GPU
+    count: int
+    means: str
+
+
+GPU_TIERS: tuple[GpuTier, ...] = (
+    GpuTier("RTX 4060 Ti 16 GB", 16 * GIB, 1, "7B at Q4_K_M fully in VRAM, 14B partly"),
+    GpuTier("RTX 4090 24 GB", 24 * GIB, 1, "14B at Q4_K_M fully in VRAM, several small models"),
+    GpuTier("2x A100 80 GB", 80 * GIB, 2, "70B at Q4_K_M fully in VRAM"),
+    GpuTier("4x A100 80 GB", 80 * GIB, 4, "70B at Q8_0 or several 70B at Q4_K_M"),
+)
+
+
+def gpu_tier(vram_per_gpu: list[int]) -> GpuTier | None:
+    """The highest GPU tier met: `count` GPUs of at least 90 % of `min_vram` each."""
+    reached: GpuTier | None = None
+    for tier in GPU_TIERS:
+        if sum(1 for vram in vram_per_gpu if vram >= tier.min_vram * 0.9) >= tier.count:
+            reached = tier
+    return reached
+
+
+@dataclass(frozen=True)
 class ModelFit:
     """A catalog model's estimate at its default context on this machine."""
 
@@ -71,7 +99,9 @@ class DoctorReport:
     budget: Budget
     disk_path: str
     disk_free: int
-    gpus: tuple[str, ...]
+    gpus: tuple[str, ...]  # one line per GPU
+    gpu: GpuReport
+    gpu_tier: GpuTier | None
     engines: tuple[dict[str, Any], ...]
     engine_error: str | None
     tier: Tier | None
@@ -81,6 +111,7 @@ class DoctorReport:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["budget"] = {"bytes": self.budget.bytes, "source": self.budget.source}
+        data["gpu"] = self.gpu.to_json()
         return data
 
 
@@ -133,6 +164,7 @@ def collect_report(
             Candidate(entry.id, estimate, preload=True, facts=entry.facts(), ctx_size=entry.default_ctx)
         )
     plan = make_plan(candidates, budget)
+    gpu_report = gpu_facts()
     return DoctorReport(
         system=f"{platform.system()} {platform.release()}",
         python=platform.python_version(),
@@ -142,7 +174,9 @@ def collect_report(
         budget=budget,
         disk_path=str(disk_path),
         disk_free=shutil.disk_usage(disk_path).free,
-        gpus=gpus(),
+        gpus=tuple(g.line() for g in gpu_report.gpus),
+        gpu=gpu_report,
+        gpu_tier=gpu_tier([g.vram_total for g in gpu_report.gpus]),
         engines=tuple(_engine_json(engine) for engine in found),
         engine_error=engine_error,
         tier=machine_tier(memory.total, cpu.physical_cores),
@@ -176,7 +210,7 @@ def format_report(report: DoctorReport) -> list[str]:
         f"ram         {format_size(report.ram_total)} total, {format_size(report.ram_available)} "
         f"available; budget {format_size(report.budget.bytes)} ({report.budget.source})",
         f"disk        {format_size(report.disk_free)} free in {report.disk_path}",
-        f"gpu         {'; '.join(report.gpus) or 'none found'} (lalo's engines run on the CPU)",
+        f"gpu         {describe(report.gpu)}",
     ]
     if report.engines:
         for engine in report.engines:
@@ -198,6 +232,8 @@ def format_report(report: DoctorReport) -> list[str]:
             f"            ({higher[0].name} needs {format_size(higher[0].min_ram)} RAM and "
             f"{higher[0].min_cores} cores)"
         )
+    if report.gpu_tier:
+        lines.append(f"gpu tier    {report.gpu_tier.name}: {report.gpu_tier.means}")
     lines.append("")
     width = max((len(m.id) for m in report.models), default=5)
     lines.append(f"{'model':<{width}}  {'file':>9}  {'ctx':>5}  {'needs':>9}  fits now  cached  licence")

@@ -105,6 +105,14 @@ class ModelFacts:
     # sliding-window attention: the window (tokens; 0 = none) and, per layer, whether it slides
     sliding_window: int = 0
     swa_layers: tuple[bool, ...] = ()
+    # where the weights sit, for offloading (llama-model.cpp): the input layer (token_embd,
+    # always on the CPU), each repeating layer `blk.N.*`, the output layer (output + output_norm;
+    # a tied output is token_embd loaded a second time, on the output layer's device).
+    # Empty: known only from the file size (a catalog entry), see `weight_layout`.
+    input_bytes: int = 0
+    layer_bytes: tuple[int, ...] = ()
+    output_bytes: int = 0
+    output_tied: bool = False
 
     @classmethod
     def from_gguf(cls, info: GGUFInfo) -> ModelFacts:
@@ -116,7 +124,12 @@ class ModelFacts:
         window = int(info.arch_value("attention.sliding_window", 0) or 0)
         pattern = info.arch_value("attention.sliding_window_pattern", SWA_PATTERNS.get(info.architecture))
         swa = swa_layer_flags(info.block_count, pattern) if window > 0 and pattern is not None else ()
+        input_bytes, layer_bytes, output_bytes, tied = _weight_layout(info)
         return cls(
+            input_bytes=input_bytes,
+            layer_bytes=layer_bytes,
+            output_bytes=output_bytes,
+            output_tied=tied,
             sliding_window=window if any(swa) else 0,
             swa_layers=swa if any(swa) else (),
             matmul_bytes_by_type=_repackable_bytes(info),
@@ -151,6 +164,30 @@ class ModelFacts:
             if sliding is None or slides == sliding
         ) * width
 
+    def weight_layout(self) -> tuple[int, tuple[int, ...], int]:
+        """(input layer, each repeating layer, output layer) weight bytes: from the GGUF's
+        tensors, or, for a model known by file size only, the embedding at the file's mean
+        bits per weight for input and output and the rest spread evenly over the layers."""
+        if self.layer_bytes:
+            return self.input_bytes, self.layer_bytes, self.output_bytes
+        bits = self.weight_bytes * 8 / max(1, self.parameters)
+        embd = min(int(self.n_vocab * self.n_embd * bits / 8), self.weight_bytes // 2)
+        per_layer = max(0, self.weight_bytes - 2 * embd) // max(1, self.n_layer)
+        return embd, (per_layer,) * self.n_layer, embd
+
+    def kv_layer_bytes(self, ctx_size: int, parallel: int = 1, kv_type: str = "f16") -> tuple[int, ...]:
+        """Each layer's KV cache bytes at `-c ctx_size -np parallel` (0 for layers without
+        attention): what moves to a GPU with the layer (llama-kv-cache.cpp: `dev_layer(il)`)."""
+        global_cells, swa_cells = self.kv_cells(ctx_size, parallel)
+        width = KV_TYPE_BYTES[kv_type]
+        flags = self.swa_layers or (False,) * len(self.kv_heads)
+        return tuple(
+            int(heads * (self.key_length + self.value_length) * width
+                * (swa_cells if slides else global_cells))
+            for heads, slides in zip(self.kv_heads, flags + (False,) * (len(self.kv_heads) - len(flags)),
+                                     strict=True)
+        )
+
     def kv_cells(self, ctx_size: int, parallel: int = 1, ubatch: int = UBATCH) -> tuple[int, int]:
         """KV cache cells (all slots together) of the global and the sliding-window layers, as
         llama-server sizes them with `-c ctx_size -np parallel` (one KV stream per slot):
@@ -176,6 +213,27 @@ def swa_layer_flags(n_layer: int, pattern: int | list[Any] | None) -> tuple[bool
         return tuple(bool(flag) for flag in pattern[:n_layer])
     n = int(pattern)
     return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
+
+
+def _weight_layout(info: GGUFInfo) -> tuple[int, tuple[int, ...], int, bool]:
+    """(input, per layer, output, output tied) bytes from the tensor table."""
+    layers = [0] * info.block_count
+    input_bytes = output_bytes = 0
+    has_output = any(t.name == "output.weight" for t in info.tensors)
+    for tensor in info.tensors:
+        name = tensor.name
+        if name.startswith("blk."):
+            index = int(name.split(".", 2)[1])
+            if index < len(layers):
+                layers[index] += tensor.n_bytes
+                continue
+        if name.startswith("output"):
+            output_bytes += tensor.n_bytes
+        else:
+            input_bytes += tensor.n_bytes
+            if name == "token_embd.weight" and not has_output:
+                output_bytes += tensor.n_bytes  # tied: a second copy on the output layer's device
+    return input_bytes, tuple(layers), output_bytes, not has_output
 
 
 def _repackable_bytes(info: GGUFInfo) -> dict[str, int]:
@@ -327,3 +385,127 @@ def approximate_matmul_bytes(file_type: str, weight_bytes: int) -> dict[str, int
     """`matmul_bytes_by_type` for a model known only by its file type and size (no file yet)."""
     main = _MAIN_TYPE.get(file_type.upper())
     return {main: int(weight_bytes * MAIN_TYPE_SHARE)} if main else {}
+
+
+# --- offloading layers to GPUs ----------------------------------------------------------------
+# Not measured on a GPU (no GPU where these were written): the CUDA context is the driver's and
+# the runtime's own memory on each GPU a process uses, a few hundred MiB with CUDA 12/13's lazy
+# module loading (the PyTorch and llama.cpp issue reports give 300-500 MiB); the larger figure.
+CUDA_CONTEXT = 500 * MIB
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """What one GPU holds of a model: its layers' weights and KV, a compute buffer, the context."""
+
+    layers: int  # repeating layers on this GPU
+    output: bool  # whether the output layer is here
+    weights: int
+    kv_cache: int
+    compute: int
+    context: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute + self.context
+
+    def as_dict(self) -> dict[str, int | bool]:
+        return {"layers": self.layers, "output": self.output, "weights": self.weights,
+                "kv_cache": self.kv_cache, "compute": self.compute, "context": self.context,
+                "total": self.total}
+
+
+@dataclass(frozen=True)
+class OffloadSplit:
+    """A model's memory with `-ngl gpu_layers --tensor-split ...`: per GPU, and what stays in RAM."""
+
+    gpu_layers: int  # llama.cpp's -ngl: the last N of the n_layer + 1 layers (the output counts)
+    tensor_split: tuple[float, ...]
+    devices: tuple[DeviceShare, ...]
+    ram: MemoryEstimate
+
+    @property
+    def vram(self) -> int:
+        return sum(device.total for device in self.devices)
+
+
+def layer_devices(n_layer: int, gpu_layers: int, split: tuple[float, ...]) -> tuple[int, ...]:
+    """The device of each of the n_layer + 1 layers (the last is the output layer), -1 = CPU.
+
+    llama-model.cpp `load_tensors`: the last `ngl` layers are offloaded, and offloaded layer il
+    goes to the first GPU whose cumulative split share exceeds (il - i_gpu_start) / ngl.
+    """
+    n_all = n_layer + 1
+    ngl = max(0, min(gpu_layers, n_all))
+    if ngl == 0 or not split:
+        return (-1,) * n_all
+    total = sum(split)
+    if total <= 0:
+        raise ValueError("a tensor split needs a positive share")
+    bounds, running = [], 0.0
+    for share in split:
+        running += share
+        bounds.append(running / total)
+    start = n_all - ngl
+    devices = []
+    for il in range(n_all):
+        if il < start:
+            devices.append(-1)
+            continue
+        position = (il - start) / ngl
+        index = next((i for i, bound in enumerate(bounds) if bound > position), len(split) - 1)
+        devices.append(index)
+    return tuple(devices)
+
+
+def split_memory(
+    facts: ModelFacts,
+    ctx_size: int,
+    parallel: int = 1,
+    gpu_layers: int = 0,
+    tensor_split: tuple[float, ...] = (1.0,),
+    kv_type: str = "f16",
+    repack_types: frozenset[str] | None = None,
+) -> OffloadSplit:
+    """`estimate_memory` split between GPUs and RAM for `-ngl gpu_layers --tensor-split ...`.
+
+    On each GPU: its layers' weights and KV cache, a CUDA compute buffer (the graph of one
+    ubatch, sized like the CPU's; the GPU holding the output layer also the vocabulary part),
+    and the CUDA context. In RAM: the CPU estimate less what moved, with the input layer
+    (always on the CPU) and, while any layer stays, the CPU compute buffer. At `gpu_layers=0`
+    the RAM part is exactly `estimate_memory`.
+    """
+    cpu = estimate_memory(facts, ctx_size, parallel, kv_type, repack_types)
+    placement = layer_devices(facts.n_layer, gpu_layers, tensor_split)
+    if all(device < 0 for device in placement):
+        return OffloadSplit(0, tensor_split, (), cpu)
+    _, layer_weights, output_weights = facts.weight_layout()
+    kv = facts.kv_layer_bytes(ctx_size, parallel, kv_type)
+    ctx = padded_ctx(ctx_size)
+    ubatch = min(UBATCH, ctx)
+    _, swa_cells = facts.kv_cells(ctx_size, parallel)
+    activations = int(ubatch * (facts.n_embd * COMPUTE_PER_EMBD + facts.n_ff * COMPUTE_PER_FF)
+                      + ubatch * ctx * MASK_BYTES + ubatch * swa_cells // max(1, parallel) * MASK_BYTES)
+    vocab_part = facts.n_vocab * COMPUTE_PER_VOCAB
+    shares: list[DeviceShare] = []
+    moved_weights = moved_kv = 0
+    for index in range(len(tensor_split)):
+        layers = [il for il in range(facts.n_layer) if placement[il] == index]
+        has_output = placement[facts.n_layer] == index
+        if not layers and not has_output:
+            shares.append(DeviceShare(0, False, 0, 0, 0, 0))
+            continue
+        weights = sum(layer_weights[il] for il in layers) + (output_weights if has_output else 0)
+        kv_bytes = sum(kv[il] for il in layers)
+        moved_weights += weights - (output_weights if has_output and facts.output_tied else 0)
+        moved_kv += kv_bytes
+        shares.append(DeviceShare(len(layers), has_output, weights, kv_bytes,
+                                  activations + (vocab_part if has_output else 0), CUDA_CONTEXT))
+    cpu_layers = sum(1 for il in range(facts.n_layer) if placement[il] < 0)
+    # all layers offloaded: the CPU keeps a small host buffer (the input embeddings of a ubatch)
+    cpu_compute = cpu.compute if cpu_layers else ubatch * facts.n_embd * 4 * 2
+    kept = 1 - moved_weights / max(1, facts.weight_bytes)
+    ram = replace(cpu, weights=max(0, facts.weight_bytes - moved_weights),
+                  repacked=int(cpu.repacked * max(0.0, kept)),
+                  kv_cache=max(0, cpu.kv_cache - moved_kv), compute=cpu_compute)
+    return OffloadSplit(min(gpu_layers, facts.n_layer + 1), tensor_split, tuple(shares), ram)

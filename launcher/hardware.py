@@ -10,7 +10,6 @@ import contextlib
 import functools
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -102,22 +101,3 @@ def _sysctl(key: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
-
-
-def gpus() -> tuple[str, ...]:
-    """NVIDIA GPUs as nvidia-smi names them ("NVIDIA H100 80GB HBM3, 81559 MiB"); the
-    engines lalo builds run on the CPU, so this is for information and tiers only."""
-    tool = shutil.which("nvidia-smi")
-    if tool is None:
-        return ()
-    try:
-        done = subprocess.run(
-            [tool, "--query-gpu=name,memory.total", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return ()
-    return tuple(line.strip() for line in done.stdout.splitlines() if line.strip())

@@ -31,6 +31,7 @@ app.add_typer(engine_app, name="engine")
 class VariantChoice(StrEnum):
     native = "native"
     portable = "portable"
+    cuda = "cuda"
 
 
 class ProgressPrinter:
@@ -75,9 +76,15 @@ def build(
         typer.Option(
             "--variant",
             help="native: tuned to this CPU, static. "
-            "portable: runs on other CPUs of this OS/arch (CPU variant picked at run time).",
+            "portable: runs on other CPUs of this OS/arch (CPU variant picked at run time). "
+            "cuda: NVIDIA GPUs (needs the CUDA toolkit's nvcc; no GPU needed to build).",
         ),
     ] = VariantChoice.native,
+    cuda_arch: Annotated[
+        list[str] | None,
+        typer.Option("--cuda-arch", help="cuda variant: GPU architectures to compile for "
+                     "(repeatable, e.g. 89; default 80, 86, 89, 90: A100, RTX 30xx, RTX 40xx, H100)."),
+    ] = None,
     source: Annotated[
         Path | None,
         typer.Option(
@@ -98,7 +105,7 @@ def build(
     printer = ProgressPrinter(sys.stderr)
     started = time.monotonic()
     try:
-        built = build_engine(variant.value, source, jobs, printer, force=force)
+        built = build_engine(variant.value, source, jobs, printer, force=force, cuda_archs=cuda_arch)
     finally:
         printer.close()
     if built.already_built:

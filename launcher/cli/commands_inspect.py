@@ -14,12 +14,14 @@ from launcher.config import LoadedConfig, load_config
 from launcher.cpu_share import CpuShare, config_share, policy_line
 from launcher.cpu_share import to_json as cpu_json
 from launcher.demo import demo_config
+from launcher.errors import UsageError
 from launcher.estimate import ModelFacts, estimate_memory
+from launcher.gpu_plan import Gpu, GpuModel, GpuPlan, plan_gpus
 from launcher.measurements import Measurements, with_measurements
 from launcher.models.gguf_file import read_gguf
 from launcher.models.resolve import catalog_for, resolve_models
 from launcher.planner import Plan, compute_budget, make_plan
-from launcher.units import format_size
+from launcher.units import format_size, parse_size
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="Config file (default: lookup order).")
@@ -90,14 +92,51 @@ def build_plan(loaded: LoadedConfig) -> tuple[Plan, CpuShare]:
     return make_plan([m.candidate() for m in models], budget, resources.max_loaded), share
 
 
+GpuOption = Annotated[list[str] | None, typer.Option(
+    "--gpu", help="Plan for a GPU of this much VRAM (e.g. 24GiB; repeat for several) instead of "
+    "the GPUs this machine has.")]
+
+
+def gpus_for_plan(sizes: list[str] | None) -> list[Gpu]:
+    """GPUs given as sizes (a box being sized), else the ones NVML sees (free VRAM)."""
+    if sizes:
+        gpus = []
+        for text in sizes:
+            try:
+                vram = parse_size(text)
+            except ValueError as exc:
+                raise UsageError(f"--gpu: {exc}") from None
+            if vram <= 0:
+                raise UsageError(f"--gpu: a GPU needs some VRAM, got {text!r}")
+            gpus.append(Gpu(f"GPU of {format_size(vram)}", vram))
+        return gpus
+    from launcher.gpu import gpu_facts
+
+    return [Gpu(g.name, g.vram_free) for g in gpu_facts().gpus]
+
+
+def build_gpu_plan(result: Plan, gpus: list[Gpu], candidates: list[GpuModel]) -> GpuPlan:
+    return plan_gpus(candidates, gpus, result.budget.bytes)
+
+
 @app.command()
-def plan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """What `lalo up` would load now, each model's memory estimate, and what does not fit."""
+def plan(config: ConfigOption = None, as_json: JsonOption = False, gpu: GpuOption = None) -> None:
+    """What `lalo up` would load now, each model's memory estimate, and what does not fit;
+    with GPUs (this machine's, or `--gpu SIZE`), each model's layers per GPU and in RAM."""
     loaded = load(config)
     result, share = build_plan(loaded)
+    gpus = gpus_for_plan(gpu)
+    gpu_plan: GpuPlan | None = None
+    if gpus:
+        models = with_measurements(resolve_models(loaded, catalog=catalog_for(loaded)), Measurements())
+        candidates = [m.candidate() for m in models]
+        gpu_plan = build_gpu_plan(result, gpus, [
+            GpuModel(c.name, c.facts, c.ctx_size, c.parallel, c.preload)
+            for c in candidates if c.facts is not None and c.invalid is None])
     if as_json:
         typer.echo(json.dumps({"config": loaded.describe_source(), **result.to_json(),
-                               "cpu": cpu_json(share)}, indent=2))
+                               "cpu": cpu_json(share),
+                               "gpu": gpu_plan.to_json() if gpu_plan else None}, indent=2))
         return
     typer.echo(f"config: {loaded.describe_source()}")
     typer.echo(f"budget: {format_size(result.budget.bytes)} ({result.budget.source})")
@@ -115,3 +154,19 @@ def plan(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     typer.echo(f"preload total: {format_size(result.preload_total)}, "
                f"left for on-demand models: {format_size(result.remaining)}")
     typer.echo(f"cpu: {policy_line(share)}")
+    if gpu_plan is not None:
+        print_gpu_plan(gpu_plan)
+
+
+def print_gpu_plan(gpu_plan: GpuPlan) -> None:
+    typer.echo("")
+    typer.echo("gpus: " + "; ".join(f"{index}: {g.name} ({format_size(g.vram)} usable)"
+                                    for index, g in enumerate(gpu_plan.gpus)))
+    if not gpu_plan.placements:
+        return
+    width = max(len(p.name) for p in gpu_plan.placements)
+    for p in gpu_plan.placements:
+        typer.echo(f"  {p.name:<{width}}  -ngl {p.gpu_layers:<3} VRAM {format_size(p.split.vram):>9}  "
+                   f"RAM {format_size(p.split.ram.total):>9}  {p.reason}")
+    left = gpu_plan.vram_left()
+    typer.echo("VRAM left: " + ", ".join(f"GPU {i} {format_size(max(0, v))}" for i, v in enumerate(left)))

@@ -28,6 +28,10 @@ class ServerSettings:
     env: Mapping[str, str] = field(default_factory=dict)
     sleep_after: int = 0  # llama-server: seconds idle before it frees its weights; 0 = never
     slot_save_path: Path | None = None  # llama-server: where slot save/restore files go
+    # llama-server on a GPU build: layers to offload (-ngl) and the share per GPU, as
+    # launcher.gpu_plan chose them; None leaves it to llama-server (--fit, see docs/gpu.md)
+    gpu_layers: int | None = None
+    tensor_split: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from launcher.toolrun import run_lines
 
 log = logging.getLogger(__name__)
 
-Variant = Literal["native", "portable"]
+Variant = Literal["native", "portable", "cuda"]
 Stage = Literal["source", "configure", "build", "install"]
 
 QUANTIZE = "llama-quantize"
@@ -67,6 +67,11 @@ VARIANT_FLAGS: dict[str, tuple[str, ...]] = {
         "-DLLAMA_OPENSSL=OFF",
     ),
 }
+# The GPUs of the plan's tiers: Ampere (A100 sm_80, RTX 30xx sm_86), Ada (RTX 40xx sm_89),
+# Hopper (H100/H200 sm_90). Real code for each, no PTX: a build for other GPUs names them.
+CUDA_ARCHITECTURES = ("80", "86", "89", "90")
+_CUDA_ARCH = re.compile(r"^\d{2,3}[af]?(-real|-virtual)?$")
+_NVCC_RELEASE = re.compile(r"release [\d.]+, V([\d.]+)")
 _CPU_VARIANT_TARGET = re.compile(r"\b(ggml-cpu-[A-Za-z0-9_.]+)\b")
 _MAKE_PERCENT = re.compile(r"^\[\s*(\d{1,3})%\]\s*(.*)")
 _NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]\s*(.*)")
@@ -160,21 +165,81 @@ def check_tools(which: Callable[[str], str | None] = shutil.which) -> dict[str, 
     return found
 
 
-def compiler_version(compiler: str) -> str:
+def compiler_version_text(compiler: str) -> str:
     try:
         done = subprocess.run(
             [compiler, "--version"], capture_output=True, text=True, errors="replace",
             timeout=30, check=False, stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.TimeoutExpired):
-        return compiler
-    first = (done.stdout or done.stderr).strip().splitlines()
+        return ""
+    return done.stdout or done.stderr
+
+
+def compiler_version(compiler: str) -> str:
+    first = compiler_version_text(compiler).strip().splitlines()
     return first[0] if first else compiler
 
 
-def cmake_flags(variant: str) -> tuple[str, ...]:
+def cuda_architectures(requested: Sequence[str] | None) -> tuple[str, ...]:
+    """The CUDA architectures to compile for: `requested` (e.g. ["89"], "8.9" also accepted),
+    else the plan's tiers. Each must look like cmake's CMAKE_CUDA_ARCHITECTURES entries."""
+    if not requested:
+        return CUDA_ARCHITECTURES
+    archs: list[str] = []
+    for item in requested:
+        for part in str(item).split(","):
+            arch = part.strip().replace(".", "").removeprefix("sm_")
+            if not _CUDA_ARCH.match(arch):
+                raise EngineError(f"--cuda-arch: {part.strip()!r} is not a CUDA architecture "
+                                  "(e.g. 89 for RTX 40xx, 80 for A100, 90 for H100)")
+            if arch not in archs:
+                archs.append(arch)
+    return tuple(archs)
+
+
+def find_nvcc(which: Callable[[str], str | None] = shutil.which) -> str:
+    """The CUDA compiler ($CUDACXX, else nvcc on PATH); EngineError in one line without it."""
+    override = os.environ.get("CUDACXX")
+    path = override if override and Path(override).is_file() else which("nvcc")
+    if path is None:
+        raise EngineError("the cuda variant needs the CUDA toolkit: nvcc not found on PATH "
+                          "(install CUDA 12 or 13, or set CUDACXX to its nvcc)")
+    return path
+
+
+def check_cuda_libraries(nvcc: str, extra_roots: Sequence[Path] | None = None) -> None:
+    """llama.cpp's CUDA backend links cuBLAS: a toolkit with nvcc but no cuBLAS headers (as on
+    a runtime-only or minimal CUDA install) fails at cmake's generate step, so say it first.
+    Looked for beside nvcc, in $CUDA_PATH / $CUDA_HOME, /usr/local/cuda and /usr."""
+    if extra_roots is None:
+        extra_roots = [Path(v) for v in (os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME")) if v]
+        extra_roots += [Path("/usr/local/cuda"), Path("/usr")]
+    roots = [Path(nvcc).resolve().parent.parent, *extra_roots]
+    candidates = [folder for root in roots
+                  for folder in (root / "include", *sorted(root.glob("targets/*/include")))]
+    if not any((folder / "cublas_v2.h").is_file() for folder in candidates):
+        raise EngineError(f"the cuda variant needs cuBLAS, which the CUDA toolkit of {nvcc} lacks "
+                          "(no cublas_v2.h): install its libcublas-dev package (e.g. "
+                          "libcublas-dev-13-0 from NVIDIA's apt repository)")
+
+
+def nvcc_version(nvcc: str) -> str:
+    """"13.0.88" from `nvcc --version`, or its last line when the format is unknown."""
+    text = compiler_version_text(nvcc)
+    match = _NVCC_RELEASE.search(text)
+    return match.group(1) if match else (text.strip().splitlines() or [nvcc])[-1]
+
+
+def cmake_flags(variant: str, cuda_archs: Sequence[str] | None = None) -> tuple[str, ...]:
+    if variant == "cuda":
+        # The CPU part tuned to this CPU (partly offloaded models run layers there), CUDA for
+        # the named architectures: without the list, cmake would ask for `native`, which
+        # needs a GPU at build time.
+        return (*COMMON_FLAGS, *VARIANT_FLAGS["native"], "-DGGML_CUDA=ON",
+                f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(cuda_architectures(cuda_archs))}")
     if variant not in VARIANT_FLAGS:
-        raise EngineError(f"unknown engine variant {variant!r}; use native or portable")
+        raise EngineError(f"unknown engine variant {variant!r}; use native, portable or cuda")
     flags = (*COMMON_FLAGS, *VARIANT_FLAGS[variant])
     if sys.platform == "darwin":  # macOS spells "the binary's own directory" differently
         flags = tuple(f.replace("$ORIGIN", "@loader_path") for f in flags)
@@ -198,6 +263,8 @@ class EngineBuilder:
         fetch_pinned: Callable[[Callable[[str], None]], sources.LlamaCppSource] | None = None,
         clock: Callable[[], float] = time.monotonic,
         compiler_probe: Callable[[str], str] = compiler_version,
+        nvcc_probe: Callable[[str], str] = nvcc_version,
+        cuda_check: Callable[[str], None] = check_cuda_libraries,
     ) -> None:
         self.engines_root = engines_root if engines_root is not None else paths.engines_dir()
         self.cache_root = cache_root if cache_root is not None else paths.cache_dir()
@@ -206,6 +273,8 @@ class EngineBuilder:
         self.fetch_pinned = fetch_pinned or self._fetch_pinned
         self.clock = clock
         self.compiler_probe = compiler_probe
+        self.nvcc_probe = nvcc_probe
+        self.cuda_check = cuda_check
 
     def _fetch_pinned(self, note: Callable[[str], None]) -> sources.LlamaCppSource:
         return sources.pinned_source(cache=self.cache_root / "sources", progress=note)
@@ -218,10 +287,17 @@ class EngineBuilder:
         progress: ProgressCallback | None = None,
         *,
         force: bool = False,
+        cuda_archs: Sequence[str] | None = None,
     ) -> BuiltEngine:
         """Build (or find already built) the engine for `variant` from `source` (None: pinned
-        sdist). Blocks for minutes; interrupting it leaves no engine directory behind."""
-        flags = cmake_flags(variant)
+        sdist). Blocks for minutes; interrupting it leaves no engine directory behind.
+        `cuda_archs`: the cuda variant's GPU architectures (default CUDA_ARCHITECTURES)."""
+        if cuda_archs and variant != "cuda":
+            raise EngineError("--cuda-arch is for --variant cuda")
+        flags = cmake_flags(variant, cuda_archs)
+        nvcc = find_nvcc(self.which) if variant == "cuda" else None
+        if nvcc is not None:
+            self.cuda_check(nvcc)
         report = progress or (lambda event: None)
         if jobs is not None and jobs < 1:
             raise EngineError(f"--jobs must be >= 1, got {jobs}")
@@ -234,7 +310,7 @@ class EngineBuilder:
             existing = None if force else self._existing(engine_key(tree.commit, variant))
         else:
             existing = None if force else self._built_from(sources.SDIST_LABEL, variant)
-        if existing is not None:
+        if existing is not None and _same_cuda_build(existing, flags):
             return existing
 
         tools = check_tools(self.which)
@@ -243,7 +319,7 @@ class EngineBuilder:
         key = engine_key(tree.commit, variant)
         self.engines_root.mkdir(parents=True, exist_ok=True)
         with self._lock(key):
-            return self._build_locked(key, tree, variant, flags, tools, jobs, report, force)
+            return self._build_locked(key, tree, variant, flags, tools, jobs, report, force, nvcc)
 
     def _built_from(self, label: str, variant: str) -> BuiltEngine | None:
         for engine_dir, manifest in cached_engines(self.engines_root):
@@ -294,10 +370,11 @@ class EngineBuilder:
         jobs: int | None,
         report: ProgressCallback,
         force: bool,
+        nvcc: str | None = None,
     ) -> BuiltEngine:
         if not force:  # built by another process meanwhile, or from another source label
             existing = self._existing(key)
-            if existing is not None:
+            if existing is not None and _same_cuda_build(existing, flags):
                 return existing
         for stale in self.engines_root.glob(f".*-{key}-*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock
@@ -317,7 +394,7 @@ class EngineBuilder:
             session.run(
                 # Resolved, as CMakeCache.txt records it: a symlinked cache must not look moved.
                 "configure",
-                [tools["cmake"], "-S", str(tree.tree.resolve()), "-B", str(build_dir), *flags],
+                configure_argv(tools["cmake"], tree.tree.resolve(), build_dir, flags, nvcc),
                 cwd=build_dir,
             )
             targets = list(TARGETS)
@@ -339,6 +416,8 @@ class EngineBuilder:
             "source": tree.label,
             "compiler": self.compiler_probe(tools["cc"]),
         }
+        if nvcc is not None:
+            manifest_fields["cuda"] = self.nvcc_probe(nvcc)
         engine_dir = self._install(
             key, variant, flags, build_dir, manifest_fields, lambda: self.clock() - started
         )
@@ -400,6 +479,7 @@ class EngineBuilder:
                 cmake_flags=flags, compiler=fields["compiler"], files=tuple(files),
                 build_seconds=round(elapsed(), 1), lalo_version=__version__,
                 built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                extra=_cuda_extra(fields, flags),
             )
             _write_json(staging / MANIFEST, manifest)
             old = None
@@ -460,6 +540,28 @@ class _BuildSession:
             )
 
 
+def _same_cuda_build(existing: BuiltEngine, flags: Sequence[str]) -> bool:
+    """A built cuda engine counts only for the same architectures (CPU variants: always)."""
+    return existing.manifest.variant != "cuda" or tuple(existing.manifest.cmake_flags) == tuple(flags)
+
+
+def configure_argv(cmake: str, tree: Path, build_dir: Path, flags: Sequence[str],
+                   nvcc: str | None = None) -> list[str]:
+    """cmake's configure command line; with nvcc, the CUDA compiler named (not looked up)."""
+    argv = [cmake, "-S", str(tree), "-B", str(build_dir), *flags]
+    if nvcc is not None:
+        argv.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+    return argv
+
+
+def _cuda_extra(fields: dict[str, str], flags: Sequence[str]) -> dict[str, object]:
+    """The manifest's CUDA facts: the toolkit version and the architectures compiled for."""
+    if "cuda" not in fields:
+        return {}
+    archs = next(f.partition("=")[2] for f in flags if f.startswith("-DCMAKE_CUDA_ARCHITECTURES="))
+    return {"cuda": fields["cuda"], "cuda_architectures": archs.split(";")}
+
+
 def _configured_elsewhere(build_dir: Path, tree: Path) -> bool:
     """True when the build tree was configured for another source directory (cmake refuses)."""
     cache = build_dir / "CMakeCache.txt"
@@ -501,6 +603,7 @@ def build_engine(
     progress: ProgressCallback | None = None,
     *,
     force: bool = False,
+    cuda_archs: Sequence[str] | None = None,
 ) -> BuiltEngine:
     """Build llama-server into the user cache (see EngineBuilder.build)."""
-    return EngineBuilder().build(variant, source, jobs, progress, force=force)
+    return EngineBuilder().build(variant, source, jobs, progress, force=force, cuda_archs=cuda_archs)

@@ -43,7 +43,18 @@ def server_args(settings: ServerSettings, *, metrics: bool = True) -> list[str]:
         args += ["--threads", str(settings.threads)]
     if settings.embeddings:
         args.append("--embeddings")
+    args += gpu_args(settings)
     args += list(settings.extra_args)
+    return args
+
+
+def gpu_args(settings: ServerSettings) -> list[str]:
+    """-ngl and --tensor-split as lalo's GPU plan chose them (nothing when it chose nothing)."""
+    if settings.gpu_layers is None:
+        return []
+    args = ["--n-gpu-layers", str(settings.gpu_layers)]
+    if settings.tensor_split:
+        args += ["--tensor-split", ",".join(f"{share:g}" for share in settings.tensor_split)]
     return args
 
 

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 SERVER = "llama-server"
 KIND = "llama-server"
-VARIANTS = ("native", "portable")
+VARIANTS = ("native", "portable", "cuda")
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
 VERSION_TIMEOUT = 15.0

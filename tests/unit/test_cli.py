@@ -105,3 +105,27 @@ def test_no_arguments_prints_help_and_usage_errors_exit_2() -> None:
     assert lalo("up", "--port", "0").returncode == 2
     version = lalo("--version")
     assert version.returncode == 0 and version.stdout.startswith("lalo ")
+
+
+def test_plan_for_gpus_the_machine_does_not_have(tmp_path: Path, model: Path) -> None:
+    config = tmp_path / "lalo.yaml"
+    config.write_text(f"models:\n  a: {{file: {model}, ctx_size: 512}}\n"
+                      f"  b: {{file: {model}, ctx_size: 512, preload: false}}\n")
+    env = {**os.environ, "LALO_STATE_DIR": str(tmp_path)}
+    done = lalo("plan", "--config", str(config), "--json", "--gpu", "2GiB", "--gpu", "1GiB", env=env)
+    assert done.returncode == 0, done.stderr
+    gpu = json.loads(done.stdout)["gpu"]
+    assert [g["vram"] for g in gpu["gpus"]] == [2 * 1024**3, 1024**3]
+    first, second = gpu["models"]
+    assert first["name"] == "a" and first["fits"]
+    assert first["gpu_layers"] == SHAPE.n_layer + 1 and first["devices"][0]["gpu"] == 0
+    assert first["args"] == ["--n-gpu-layers", "5", "--tensor-split", "1,0"]
+    assert first["vram"] == first["devices"][0]["total"] and first["ram"] > 0
+    assert second["name"] == "b" and second["fits"]
+    text = lalo("plan", "--config", str(config), "--gpu", "2GiB", env=env).stdout
+    assert "gpus: 0: GPU of 2.00 GiB" in text and "a  -ngl 5" in text
+    bad = lalo("plan", "--config", str(config), "--gpu", "lots", env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("lalo: error: --gpu: not a size: 'lots'")
+    # no --gpu on a machine without a driver: the CPU plan only
+    plain = json.loads(lalo("plan", "--config", str(config), "--json", env=env).stdout)
+    assert plain["gpu"] is None

@@ -653,3 +653,85 @@ def test_cli_build_when_already_built_says_so(cache: Path, tree: Path) -> None:
     assert result.stdout == f"already built: {built.server}\n"
     result = CliRunner().invoke(app, ["engine", "build", "--variant", "fast"])
     assert result.exit_code == 2
+
+
+# --- the cuda variant (configure and manifest only: no CUDA build runs in the unit tests) ------
+
+
+def test_cuda_flags_name_the_plan_tiers_architectures_or_the_narrowed_list() -> None:
+    from launcher.engines.builder import CUDA_ARCHITECTURES, cuda_architectures
+
+    flags = cmake_flags("cuda")
+    assert "-DGGML_CUDA=ON" in flags and "-DGGML_NATIVE=ON" in flags
+    assert "-DCMAKE_CUDA_ARCHITECTURES=80;86;89;90" in flags
+    assert CUDA_ARCHITECTURES == ("80", "86", "89", "90")
+    assert "-DCMAKE_CUDA_ARCHITECTURES=89" in cmake_flags("cuda", ["89"])
+    assert cuda_architectures(["8.9", "sm_90,80", "89"]) == ("89", "90", "80")
+    assert cuda_architectures(["90a", "120-real"]) == ("90a", "120-real")
+    with pytest.raises(EngineError, match="--cuda-arch: 'ada' is not a CUDA architecture"):
+        cuda_architectures(["ada"])
+    with pytest.raises(EngineError, match="use native, portable or cuda"):
+        cmake_flags("rocm")
+
+
+def test_cuda_build_without_nvcc_is_one_line(cache: Path, tree: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDACXX", raising=False)
+    runner = FakeCMake()
+    builder = EngineBuilder(engines_root=cache / "engines", cache_root=cache, runner=runner,
+                            which=lambda name: None if name == "nvcc" else f"/usr/bin/{name}")
+    with pytest.raises(EngineError) as caught:
+        builder.build("cuda", tree)
+    assert str(caught.value) == ("the cuda variant needs the CUDA toolkit: nvcc not found on PATH "
+                                 "(install CUDA 12 or 13, or set CUDACXX to its nvcc)")
+    assert runner.calls == []
+    with pytest.raises(EngineError, match="--cuda-arch is for --variant cuda"):
+        builder.build("native", tree, cuda_archs=["89"])
+
+
+def test_cuda_build_configures_with_nvcc_and_records_cuda_in_the_manifest(
+        cache: Path, tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDACXX", raising=False)
+    runner = FakeCMake()
+    builder = EngineBuilder(
+        engines_root=cache / "engines", cache_root=cache, runner=runner, which=which_all,
+        compiler_probe=lambda cc: "cc (Fake) 12.2.0", nvcc_probe=lambda nvcc: "13.0.88",
+        cuda_check=lambda nvcc: None)
+    built = builder.build("cuda", tree, cuda_archs=["89"])
+    configure = runner.calls[0]
+    assert "-DGGML_CUDA=ON" in configure and "-DCMAKE_CUDA_ARCHITECTURES=89" in configure
+    assert configure[-1] == "-DCMAKE_CUDA_COMPILER=/usr/bin/nvcc"
+    assert built.key.startswith("llama.cpp-") and "-cuda-" in built.key
+    data = json.loads((built.path / "manifest.json").read_text())
+    assert data["variant"] == "cuda"
+    assert data["cuda"] == "13.0.88" and data["cuda_architectures"] == ["89"]
+    # the same architectures again: cached; others: rebuilt in place
+    assert builder.build("cuda", tree, cuda_archs=["89"]).already_built
+    again = builder.build("cuda", tree, cuda_archs=["80", "90"])
+    assert not again.already_built
+    assert json.loads((again.path / "manifest.json").read_text())["cuda_architectures"] == ["80", "90"]
+
+
+def test_nvcc_version_is_read_from_its_release_line(tmp_path: Path) -> None:
+    from launcher.engines.builder import nvcc_version
+
+    fake = tmp_path / "nvcc"
+    write_exe(fake, "#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                    "echo 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    assert nvcc_version(str(fake)) == "13.0.88"
+
+
+def test_a_toolkit_without_cublas_is_one_line_before_cmake(tmp_path: Path) -> None:
+    """This machine's CUDA 13.0 has nvcc and cudart but no cuBLAS: cmake configured, then
+    failed generating (`Target "ggml-cuda" links to: CUDA::cublas but the target was not found`)."""
+    from launcher.engines.builder import check_cuda_libraries
+
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    write_exe(toolkit / "bin" / "nvcc", "#!/bin/sh\n")
+    with pytest.raises(EngineError,
+                       match=r"needs cuBLAS, which the CUDA toolkit of .*cuda-13.0/bin/nvcc lacks"):
+        check_cuda_libraries(str(toolkit / "bin" / "nvcc"), extra_roots=[tmp_path / "none"])
+    (toolkit / "targets" / "x86_64-linux" / "include").mkdir(parents=True)
+    (toolkit / "targets" / "x86_64-linux" / "include" / "cublas_v2.h").write_text("")
+    check_cuda_libraries(str(toolkit / "bin" / "nvcc"), extra_roots=[])

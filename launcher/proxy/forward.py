@@ -7,10 +7,12 @@ exchange at once. The lease (its slot, its place in the queue) is released and t
 connection closed, not pooled: the close makes llama-server stop generating. No framework sits
 between the socket and this code: every token of every stream goes through it.
 
-Two things a client does not see: a model server that died before lalo sent the client any
-byte of its answer is asked once more after a new lease (the supervisor restarts it), and a
+Three things a client does not see: a model server that died before lalo sent the client any
+byte of its answer is asked once more after a new lease (the supervisor restarts it); a
 streamed request that waits more than a moment for its model to load gets its response head
-early and SSE comment lines while it waits, so clients and proxies in between do not time out.
+early and SSE comment lines while it waits, so clients and proxies in between do not time out;
+and a non-streamed generation is asked of llama-server as a stream and put back together
+(`assemble.py`), because only a stream makes llama-server stop when lalo closes the connection.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import psutil
 from starlette.types import Message, Receive, Send
 
 from launcher.errors import CapacityError, ModelError, QueueFullError, WaitTimeoutError
+from launcher.proxy.assemble import AssemblyError, EventReader, Plan, assembler
 from launcher.proxy.errors import error_body, error_message, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.proxy.upstream import (
@@ -149,17 +152,19 @@ class Forwarder:
         query: str = "",
         content_type: str = "application/json",
         stream: bool = False,
+        assemble: Plan | None = None,
     ) -> None:
         """Answer one request (its body already read) from `name`'s server.
 
         `stream`: the client asked for an event stream, so a long wait for the model may be
-        filled with SSE comments.
+        filled with SSE comments. `assemble`: `body` asks for a stream that the client did not
+        (`assemble.plan`): an event stream in answer is read whole and sent back as one JSON.
         """
         started = time.perf_counter()
         reply = _Reply(send)
         target = path + (f"?{query}" if query else "")
         exchange = asyncio.ensure_future(self._exchange(
-            reply, name, method, target, body, content_type, stream, started))
+            reply, name, method, target, body, content_type, stream, assemble, started))
         gone = asyncio.ensure_future(_client_gone(receive))
         try:
             await asyncio.wait({exchange, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -179,14 +184,15 @@ class Forwarder:
             self._record_usage(name, reply.usage, started)
 
     async def _exchange(self, reply: _Reply, name: str, method: str, target: str, body: bytes,
-                        content_type: str, stream: bool, started: float) -> None:
+                        content_type: str, stream: bool, assemble: Plan | None,
+                        started: float) -> None:
         dead: Endpoint | None = None
         for attempt in (1, 2):
             try:
                 if dead is not None:
                     await self._replaced(name, dead)
                 await self._attempt(reply, name, method, target, body, content_type, stream,
-                                    started, retry_allowed=attempt == 1)
+                                    assemble, started, retry_allowed=attempt == 1)
                 return
             except _Retry as retry:
                 log.warning("%s: the model server closed the connection before answering "
@@ -197,8 +203,8 @@ class Forwarder:
                 return
 
     async def _attempt(self, reply: _Reply, name: str, method: str, target: str, body: bytes,
-                       content_type: str, stream: bool, started: float, *,
-                       retry_allowed: bool) -> None:
+                       content_type: str, stream: bool, assemble: Plan | None, started: float,
+                       *, retry_allowed: bool) -> None:
         async with contextlib.AsyncExitStack() as stack:
             endpoint = await self._lease(stack, reply, name, stream)
             headers = [(b"authorization", f"Bearer {endpoint.api_key}".encode())]
@@ -220,10 +226,12 @@ class Forwarder:
             except UpstreamError as exc:
                 raise _Failure(502, f"{name}: model server broke off: {exc}") from exc
             stack.push_async_callback(upstream.aclose)
-            if (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
-                await self._relay(reply, name, endpoint, upstream, started, retry_allowed)
-            else:
+            if not (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
                 await self._whole(reply, name, method, endpoint, upstream, retry_allowed)
+            elif assemble is not None:
+                await self._assembled(reply, name, endpoint, upstream, assemble, retry_allowed)
+            else:
+                await self._relay(reply, name, endpoint, upstream, started, retry_allowed)
 
     async def _lease(self, stack: contextlib.AsyncExitStack, reply: _Reply, name: str,
                      stream: bool) -> Endpoint:
@@ -325,6 +333,41 @@ class Forwarder:
             headers.append((b"content-length", str(len(content)).encode()))
         reply.status = status
         await reply.send({"type": "http.response.start", "status": status, "headers": headers})
+        await reply.send({"type": "http.response.body", "body": content})
+        reply.usage = content
+
+    async def _assembled(self, reply: _Reply, name: str, endpoint: Endpoint,
+                         upstream: UpstreamResponse, plan: Plan, retry_allowed: bool) -> None:
+        """The stream asked for a non-streamed request, read whole and answered as one JSON.
+
+        Nothing reaches the client before the end, so a server that dies on the way is asked
+        once more, as for any non-streamed answer.
+        """
+        events = EventReader()
+        answer = assembler(plan)
+        try:
+            async for chunk in upstream.chunks():
+                for event, data in events.feed(chunk):
+                    answer.feed(event, data)
+            result = answer.answer()
+        except UpstreamTimeout as exc:
+            raise _Failure(504, f"{name}: the model server went silent for too long") from exc
+        except UpstreamClosed as exc:
+            if retry_allowed:
+                raise _Retry(endpoint, exc) from exc
+            raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
+        except UpstreamError as exc:
+            raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
+        except AssemblyError as exc:
+            raise _Failure(502, f"{name}: {exc}") from exc
+        content = result.encode()
+        headers = [(k, v) for k, v in upstream.headers
+                   if k.lower() not in _HOP_BY_HOP and k.lower() != b"content-type"]
+        headers += [(b"content-type", b"application/json; charset=utf-8"),
+                    (b"content-length", str(len(content)).encode())]
+        reply.status = result.status
+        await reply.send({"type": "http.response.start", "status": result.status,
+                          "headers": headers})
         await reply.send({"type": "http.response.body", "body": content})
         reply.usage = content
 

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from launcher import __version__
 from launcher.errors import CapacityError, GGUFError, ModelError
 from launcher.models.gguf_file import GGUFInfo, read_gguf
+from launcher.proxy.assemble import plan
 from launcher.proxy.errors import error_message
 from launcher.proxy.forward import Forwarder
 from launcher.proxy.ollama_convert import (
@@ -288,6 +289,7 @@ class OllamaAPI:
         if payload.get("think") is False:
             body["reasoning_format"] = "none"
         encoded = json.dumps(body).encode()
+        streamed = None if stream else plan(path, body)  # see assemble.py
         label = "ollama_chat" if chat else "ollama_generate"
         try:
             if stream:
@@ -296,8 +298,10 @@ class OllamaAPI:
                                              route=label)
             else:
                 captured = CapturedAnswer()
-                await self.forwarder.forward(receive, captured.send, name, "POST", path, encoded,
-                                             route=label)
+                await self.forwarder.forward(
+                    receive, captured.send, name, "POST", path,
+                    streamed.body if streamed else encoded, route=label,
+                    assemble=streamed)
                 if captured.status != 200:
                     raise OllamaError(captured.status, error_message(b"".join(captured.body)))
                 answer = whole_answer(captured.json(), requested, chat, begun, load_seconds)

@@ -17,6 +17,7 @@ from typing import Final, Literal
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive, Scope, Send
 
+from launcher.proxy.assemble import Plan, plan
 from launcher.proxy.forward import Forwarder, send_error
 from launcher.supervisor.supervisor import Supervisor
 
@@ -199,6 +200,7 @@ class ModelRouter:
             return await send_error(send, 413, f"request body larger than {self.max_body_size} bytes")
         content_type = b"application/json"
         stream = False
+        assemble: Plan | None = None
         if route.model_in == "form":
             content_type = _header(scope, b"content-type") or b""
             try:
@@ -214,6 +216,9 @@ class ModelRouter:
                 return await send_error(send, 400, "request body must be a JSON object")
             requested = payload.get("model")
             stream = payload.get("stream") is True
+            streamed = plan(path, payload)  # a generation not streamed: asked as a stream
+            if streamed is not None:
+                assemble, body = streamed, streamed.body
         if not isinstance(requested, str) or not requested:
             where = "form field 'model'" if route.model_in == "form" else "'model'"
             return await send_error(
@@ -226,7 +231,7 @@ class ModelRouter:
         await self.forwarder.forward(
             receive, send, name, "POST", path, body, route=route.label,
             query=scope.get("query_string", b"").decode("latin-1"),
-            content_type=content_type.decode("latin-1"), stream=stream,
+            content_type=content_type.decode("latin-1"), stream=stream, assemble=assemble,
         )
 
 

@@ -1,7 +1,9 @@
 """The proxy's request path with the real SmolLM2 model: nothing lost, nothing left running.
 
 A client that leaves cancels its request upstream at once (llama-server's `/slots` shows the
-slot idle), a queued client that leaves frees its place, HEAD and percent-encoded paths pass
+slot idle), also a non-streamed one while another slot streams (lalo asks for a stream and puts
+the answer back together, identical to llama-server's own), a queued client that leaves frees
+its place, HEAD and percent-encoded paths pass
 through `/upstream/...`, a model server killed before it answered is asked again, and a
 streamed request that waits for a slow load hears about it (SSE comments, then the answer or
 the error event).
@@ -54,6 +56,7 @@ def lalo(tmp_path_factory: pytest.TempPathFactory, llama_server_bin: Path,
         tmp / "lalo.yaml",
         {
             "smol": {**common, "parallel": 1},
+            "duo": {**common, "parallel": 2, "preload": False},
             "slow": {**common, "preload": False, "env": {"LALO_TEST_SLOW_START": str(SLOW_START)}},
             "broken": {**common, "preload": False,
                        "env": {"LALO_TEST_SLOW_START": "2", "LALO_TEST_FAIL_START": "1"}},
@@ -84,8 +87,11 @@ class Server:
         self.headers = {"Authorization": f"Bearer {server_key(self.pid)}"}
 
     def processing(self) -> bool:
+        return self.busy() > 0
+
+    def busy(self) -> int:
         slots = httpx.get(self.url + "/slots", headers=self.headers, timeout=5).json()
-        return any(slot["is_processing"] for slot in slots)
+        return sum(bool(slot["is_processing"]) for slot in slots)
 
     def idle(self) -> bool:
         return not self.processing()
@@ -141,11 +147,103 @@ def test_a_client_that_leaves_a_non_streamed_request_frees_the_slot_at_once(lalo
     client = open_request(lalo, {"model": "smol", "prompt": "Write a long story.", **LONG})
     wait_until(server.processing, 30, message="smol to start generating")
     client.close()
-    # llama-server looks at a non-streamed client once a second (lalo closes at once)
     wait_until(CpuQuiet(server.pid), 2.0, interval=0.05, message="generation to stop")
     assert server.idle()
     assert quick_completion(lalo) < 10  # served at once, not after 1,500 tokens
     assert lalo.model("smol")["in_flight"] == 0
+
+
+def test_a_non_streamed_client_that_leaves_while_another_streams_frees_its_slot(
+        lalo: LaloUp) -> None:
+    # Before: the non-streamed request kept its slot to the end (1,500 tokens): llama-server
+    # looks for a gone non-streamed client only after a second without a result for any
+    # request, and the other slot's stream produced one every few milliseconds.
+    httpx.post(lalo.url + "/api/models/duo/load", timeout=60).raise_for_status()
+    server = Server(lalo, "duo")
+    stream_body = {"model": "duo", "prompt": "Write a long story.", "stream": True, **LONG}
+    with httpx.stream("POST", lalo.url + "/v1/completions", json=stream_body,
+                      timeout=60) as streamed:
+        lines = streamed.iter_lines()
+        next(line for line in lines if line.startswith("data:"))  # the stream runs
+        client = open_request(lalo, {"model": "duo", "messages": [
+            {"role": "user", "content": "Write another long story."}], **LONG},
+            path="/v1/chat/completions")
+        wait_until(lambda: server.busy() == 2, 30, message="both of duo's slots to generate")
+        client.close()
+        left = time.monotonic()
+        wait_until(lambda: server.busy() == 1, 5, interval=0.05,
+                   message="the abandoned request's slot to stop")
+        stopped_after = time.monotonic() - left
+        assert next(line for line in lines if line.startswith("data:"))  # still streaming
+    wait_until(lambda: server.busy() == 0, 5, interval=0.05, message="the stream to stop")
+    assert stopped_after < 2, stopped_after
+    assert lalo.model("duo")["in_flight"] == 0
+
+
+# Fields that differ between two answers to the same request: ids, clocks, what was cached.
+_VOLATILE = {"id", "created", "created_at", "completed_at", "timings", "system_fingerprint",
+             "id_slot", "prompt_tokens_details", "input_tokens_details", "cache_read_input_tokens",
+             "tokens_cached", "call_id"}
+
+
+def _stable(value: Any) -> Any:
+    if isinstance(value, dict) and "cache_read_input_tokens" in value:  # Anthropic's usage
+        value = {**value, "input_tokens": value["input_tokens"] + value["cache_read_input_tokens"]}
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+CHATML_HI = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+             "Say only: hi<|im_end|>\n<|im_start|>assistant\n")  # ends with end-of-text
+SAME_AS_DIRECT = {
+    "chat": ("/v1/chat/completions", {"messages": ASK, "max_tokens": 16}),
+    "chat, logprobs, n=2": ("/v1/chat/completions", {
+        "messages": ASK, "max_tokens": 4, "logprobs": True, "top_logprobs": 2, "n": 2}),
+    "chat, tools": ("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Weather in Paris? Use the tool."}],
+        "max_tokens": 40, "tools": [{"type": "function", "function": {
+            "name": "get_weather", "parameters": WEATHER}}], "tool_choice": "required"}),
+    "completions, logprobs, stop": ("/v1/completions", {
+        "prompt": "The capital of France is", "max_tokens": 8, "logprobs": 2, "stop": ["."]}),
+    "native": ("/completion", {"prompt": "The capital of France is", "n_predict": 6,
+                               "n_probs": 2}),
+    "native, tokens": ("/completion", {"prompt": "The capital of France is", "n_predict": 6,
+                                       "return_tokens": True}),
+    "native, probs, stop word": ("/completion", {"prompt": "The capital of France is",
+                                                 "n_predict": 8, "n_probs": 1, "stop": ["."]}),
+    "native, probs, end of text": ("/completion", {"prompt": CHATML_HI, "n_predict": 30,
+                                                   "n_probs": 1}),
+    "completions, logprobs, end of text": ("/v1/completions", {
+        "prompt": CHATML_HI, "max_tokens": 30, "logprobs": 1, "stop": ["zzz"]}),
+    "anthropic messages": ("/v1/messages", {"messages": ASK, "max_tokens": 16}),
+    "anthropic, tools": ("/v1/messages", {
+        "messages": [{"role": "user", "content": "Weather in Paris? Use the tool."}],
+        "max_tokens": 40, "tools": [{"name": "get_weather", "input_schema": WEATHER}],
+        "tool_choice": {"type": "any"}}),
+    "responses": ("/v1/responses", {"input": "What is the capital of France?",
+                                    "max_output_tokens": 16}),
+}
+
+
+@pytest.mark.parametrize("case", SAME_AS_DIRECT)
+def test_a_non_streamed_answer_is_the_one_llama_server_gives(lalo: LaloUp, case: str) -> None:
+    # lalo asks for a stream and puts the answer together: field for field what llama-server
+    # answers the same request not streamed, apart from ids, clocks and cache counters
+    path, body = SAME_AS_DIRECT[case]
+    body = {**body, "model": "duo", "temperature": 0, "seed": 1}
+    httpx.post(lalo.url + "/api/models/duo/load", timeout=60).raise_for_status()
+    server = Server(lalo, "duo")
+    direct = httpx.post(server.url + path, json=body, headers=server.headers, timeout=60)
+    through = httpx.post(lalo.url + path, json=body, timeout=60)
+    assert (direct.status_code, through.status_code) == (200, 200), through.text
+    assert through.headers["content-type"].startswith("application/json")
+    assert _stable(through.json()) == _stable(direct.json())
+    assert list(through.json()) == list(direct.json())  # keys in llama-server's order
 
 
 def test_a_queued_client_that_leaves_gives_its_place_back(lalo: LaloUp) -> None:

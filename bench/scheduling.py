@@ -35,19 +35,30 @@ sys.path.insert(0, str(ROOT))
 from bench.proxy_overhead import free_port, parent_death_signal, wait_http  # noqa: E402
 
 
-def start_router(server: Path, models_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    """llama.cpp's router over the same files, one model in memory at a time."""
-    return subprocess.Popen(
-        [str(server), "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port", str(port),
-         "-c", "2048", "-np", "4", "--models-max", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        preexec_fn=parent_death_signal)
+def start_router(server: Path, models_dir: Path, port: int,
+                 log: Path) -> subprocess.Popen[bytes]:
+    """llama.cpp's router over the same files, one model in memory at a time; its log kept
+    (it says when it starts a model: the router's swaps are counted there)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [str(server), "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port",
+             str(port), "-c", "2048", "-np", "4", "--models-max", "1"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=parent_death_signal)
+
+
+def router_loads(log: Path) -> int:
+    """Model servers the router has started so far (each start after the first is a swap)."""
+    return log.read_bytes().count(b"spawning server instance with name=")
 
 
 def real_models() -> dict[str, Path]:
     from tests.support.real_models import real_model
 
     return {"smol": real_model("smollm2-135m-instruct"), "gemma": real_model("gemma-3-270m")}
+
+
+ERRORS: dict[str, int] = {}  # what the answers that were not 200 said, and how often
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, tokens: int,
@@ -59,42 +70,60 @@ async def one(client: httpx.AsyncClient, url: str, model: str, tokens: int,
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as response:
             first = None
-            async for _ in response.aiter_bytes():
+            content = b""
+            async for piece in response.aiter_bytes():
                 if first is None:
                     first = time.perf_counter() - began
+                if response.status_code != 200:
+                    content += piece
+            if response.status_code != 200:
+                said = f"{url.rsplit(':', 1)[-1]} {model}: {response.status_code} " \
+                    f"{content[:300].decode('utf-8', 'replace')}"
+                ERRORS[said] = ERRORS.get(said, 0) + 1
             return response.status_code, first or 0.0, time.perf_counter() - began
-    except httpx.HTTPError:
+    except httpx.HTTPError as exc:
+        said = f"{model}: {type(exc).__name__} {exc}"
+        ERRORS[said] = ERRORS.get(said, 0) + 1
         return 599, 0.0, time.perf_counter() - began
 
 
-async def scenario(url: str, names: dict[str, str], burst: int, tokens: int) -> dict[str, Any]:
+async def scenario(url: str, names: dict[str, str], burst: int, tokens: int,
+                   router_log: Path | None = None) -> dict[str, Any]:
     a, b = names["smol"], names["gemma"]
+
+    async def swaps(client: httpx.AsyncClient) -> int:
+        if router_log is not None:
+            return router_loads(router_log)
+        return await lalo_swaps(client, url)
+
     async with httpx.AsyncClient(timeout=600, trust_env=False,
                                  limits=httpx.Limits(max_connections=burst + 4)) as client:
         await one(client, url, a, 4)  # a loaded, b not
         cold = await one(client, url, b, tokens, stream=True)
         cold_ttft = cold[1]
         await one(client, url, a, 4)
-        swaps_before = await swaps(client, url)
+        swaps_before = await swaps(client)
         began = time.perf_counter()
         results = await asyncio.gather(*(one(client, url, (a, b)[i % 2], tokens)
                                          for i in range(burst)))
         burst_s = time.perf_counter() - began
-        burst_swaps = await swaps(client, url) - swaps_before
+        burst_swaps = await swaps(client) - swaps_before
         burst_errors = sum(1 for status, _, _ in results if status != 200)
         began = time.perf_counter()
         alternating_errors = 0
+        swaps_before = await swaps(client)
         for i in range(8):
             status, _, _ = await one(client, url, (a, b)[i % 2], tokens)
             alternating_errors += status != 200
         alternating_s = time.perf_counter() - began
+        alternating_swaps = await swaps(client) - swaps_before
     return {"burst_s": burst_s, "burst_errors": burst_errors, "burst_swaps": burst_swaps,
-            "alternating_s": alternating_s,
+            "alternating_s": alternating_s, "alternating_swaps": alternating_swaps,
             "alternating_errors": alternating_errors, "cold_ttft_s": cold_ttft,
             "cold_status": cold[0]}
 
 
-async def swaps(client: httpx.AsyncClient, url: str) -> int:
+async def lalo_swaps(client: httpx.AsyncClient, url: str) -> int:
     """Models lalo unloaded to make room so far (-1: not lalo)."""
     response = await client.get(url + "/api/status")
     if response.status_code != 200:
@@ -152,12 +181,13 @@ def main() -> None:
             lalo.wait(60)
         # llama.cpp's router
         router_port = free_port()
-        router = start_router(args.server, models_dir, router_port)
+        router_log = args.workdir / f"router-{len(runs['router'])}.log"
+        router = start_router(args.server, models_dir, router_port, router_log)
         try:
             url = f"http://127.0.0.1:{router_port}"
             wait_http(url + "/health")
             runs["router"].append(asyncio.run(scenario(url, router_names, args.burst,
-                                                       args.tokens)))
+                                                       args.tokens, router_log)))
         finally:
             os.killpg(router.pid, 15)
             router.wait(30)
@@ -200,9 +230,16 @@ def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> N
         f"| ... its HTTP status | {lalo['cold_status']:.0f} | {router['cold_status']:.0f} | |",
         f"| ... errors in the alternating run | {lalo['alternating_errors']:.0f} | "
         f"{router['alternating_errors']:.0f} | |",
-        f"| swaps during the {args.burst} requests at once (lalo) | {lalo['burst_swaps']:.0f} "
-        "| | |",
+        f"| model starts during the {args.burst} requests at once | {lalo['burst_swaps']:.0f} "
+        f"| {router['burst_swaps']:.0f} | |",
+        f"| model starts during the 8 alternating requests | {lalo['alternating_swaps']:.0f} "
+        f"| {router['alternating_swaps']:.0f} | |",
         "",
+        "Model starts: lalo's evictions (`/api/status`), the router's \"spawning server instance\" "
+        "log lines, each counted over the part of the run named.",
+        "",
+        *(["Answers that were not 200:", "",
+           *(f"- {count}x {said}" for said, count in ERRORS.items()), ""] if ERRORS else []),
         "Targets (issue 15): the burst at most 0.5x the router's time with 0 errors; the "
         "alternating run not slower than the router.",
     ]

@@ -10,6 +10,7 @@ files go first). Saving and restoring never fail a stop or a start: problems are
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -123,53 +124,59 @@ class SlotStore:
         return self.directory / f"slot-{slot}{_SUFFIX}"
 
     async def save(self, base_url: str, api_key: str) -> list[SlotOutcome]:
-        """Save every slot that holds a prompt; a slot without one keeps its older file."""
-        self.saved = []
-        for slot in range(self.slots):
-            temp = f"slot-{slot}{_SUFFIX}.part"
-            answer = await self._action(base_url, api_key, slot, "save", temp)
-            tokens = _int(answer, "n_saved")
-            written = self.directory / temp
-            if tokens is None:
-                with contextlib.suppress(OSError):
-                    written.unlink()
-                continue
-            if tokens == 0:
-                with contextlib.suppress(OSError):
-                    written.unlink()
-                continue
-            try:
-                os.replace(written, self.slot_file(slot))
-            except OSError as exc:
-                self._warn(f"cannot keep the saved slot {slot}: {exc}")
-                continue
-            self.saved.append(SlotOutcome(slot, tokens, _ms(answer, "save_ms")))
+        """Save every slot that holds a prompt; a slot without one keeps its older file.
+
+        All slots are asked at once: this sits on a swap's path (the next model waits for the
+        memory), and the round trips, not the server's work, are most of a small slot's cost.
+        """
+        outcomes = await asyncio.gather(*(self._save(base_url, api_key, slot)
+                                          for slot in range(self.slots)))
+        self.saved = [outcome for outcome in outcomes if outcome is not None]
         if self.saved:
             total = sum(o.tokens for o in self.saved)
             self.note(f"prompt cache: saved {total} tokens from {len(self.saved)} slot(s)")
         self.enforce_bound(keep=self.directory)
         return self.saved
 
-    async def restore(self, base_url: str, api_key: str) -> list[SlotOutcome]:
-        """Load each saved slot back; a file the server refuses is deleted."""
-        self.restored = []
-        for slot in range(self.slots):
-            path = self.slot_file(slot)
-            if not path.is_file():
-                continue
-            answer = await self._action(base_url, api_key, slot, "restore", path.name)
-            tokens = _int(answer, "n_restored")
-            if tokens is None:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                continue
+    async def _save(self, base_url: str, api_key: str, slot: int) -> SlotOutcome | None:
+        temp = f"slot-{slot}{_SUFFIX}.part"
+        answer = await self._action(base_url, api_key, slot, "save", temp)
+        tokens = _int(answer, "n_saved")
+        written = self.directory / temp
+        if not tokens:  # refused (None) or an empty slot (0): nothing worth keeping
             with contextlib.suppress(OSError):
-                os.utime(path)  # recently used: the disk bound removes it last
-            self.restored.append(SlotOutcome(slot, tokens, _ms(answer, "restore_ms")))
+                written.unlink()
+            return None
+        try:
+            os.replace(written, self.slot_file(slot))
+        except OSError as exc:
+            self._warn(f"cannot keep the saved slot {slot}: {exc}")
+            return None
+        return SlotOutcome(slot, tokens, _ms(answer, "save_ms"))
+
+    async def restore(self, base_url: str, api_key: str) -> list[SlotOutcome]:
+        """Load each saved slot back, all at once (the model is not ready before); a file the
+        server refuses is deleted."""
+        outcomes = await asyncio.gather(*(self._restore(base_url, api_key, slot)
+                                          for slot in range(self.slots)
+                                          if self.slot_file(slot).is_file()))
+        self.restored = [outcome for outcome in outcomes if outcome is not None]
         if self.restored:
             total = sum(o.tokens for o in self.restored)
             self.note(f"prompt cache: restored {total} tokens into {len(self.restored)} slot(s)")
         return self.restored
+
+    async def _restore(self, base_url: str, api_key: str, slot: int) -> SlotOutcome | None:
+        path = self.slot_file(slot)
+        answer = await self._action(base_url, api_key, slot, "restore", path.name)
+        tokens = _int(answer, "n_restored")
+        if tokens is None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: the disk bound removes it last
+        return SlotOutcome(slot, tokens, _ms(answer, "restore_ms"))
 
     def enforce_bound(self, keep: Path | None = None) -> list[Path]:
         """Delete the least recently used slot files of all models until under `max_bytes`."""

@@ -103,6 +103,7 @@ class ModelRecord:
     completion_tokens: int = 0
     token_rates: list[tuple[float, float]] = field(default_factory=list)  # (wall time, tok/s)
     loads: int = 0
+    wakes: int = 0  # wakes from sleep admitted (the server was kept: no load)
     evictions: int = 0
     restarts: int = 0
     swaps: Counter[str] = field(default_factory=Counter)  # evictions of this model, by cause
@@ -115,6 +116,7 @@ class ModelRecord:
     draining: bool = False  # takes no new requests (unload, eviction) until it has stopped
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     waiting_reason: str | None = None
+    wake_admitted: bool = False  # asleep, and its wake passed admission: the next grant wakes it
 
     @property
     def name(self) -> str:
@@ -131,9 +133,16 @@ class ModelRecord:
                 or self.state in (ModelState.STARTING, ModelState.READY, ModelState.STOPPING))
 
     @property
+    def must_wake(self) -> bool:
+        """Asleep (weights freed) with requests waiting, its wake not yet admitted: waking
+        takes its full size back, so it is admitted like a load."""
+        return self.model.asleep and not self.wake_admitted and bool(self.queue)
+
+    @property
     def grantable(self) -> bool:
         return (self.state == ModelState.READY and not self.draining and not self.loading
-                and self.model.endpoint is not None)
+                and self.model.endpoint is not None
+                and not (self.model.asleep and not self.wake_admitted))
 
     @property
     def failed_for_good(self) -> bool:
@@ -219,8 +228,11 @@ class Supervisor:
         return self._measured.get(name) or self._records[name].meta.estimate
 
     def _holds(self, record: ModelRecord) -> int:
-        """What a model counts for in admission: a fresh server grows to what it needs, and a
-        sleeping one keeps its full size, so that a request can always wake it at once."""
+        """What a model counts for in admission: a fresh server grows to what it needs; a
+        sleeping one holds what it measures (its weights are freed) until its wake is admitted
+        (`must_wake`), which counts it at full size again."""
+        if record.model.asleep and not record.wake_admitted and record.model.rss:
+            return record.model.rss
         return max(record.model.rss or 0, self.required(record.name))
 
     def budget(self) -> Budget:
@@ -241,6 +253,12 @@ class Supervisor:
         queued = len(record.queue) + (1 if record.restart_due else 0)
         if record.draining and not record.resident:
             queued = 0  # an unload under way: do not bring it back before it is done
+        if record.must_wake:  # to the scheduler, a load of its full size
+            return ModelView(
+                name=record.name, required=self.required(record.name), resident=False,
+                evictable=False, in_flight=0, queued=queued, oldest_wait=min(waiting),
+                pinned=record.meta.pinned, last_used=record.last_used,
+                load_seconds=record.model.load_seconds, failed=False, ready_since=None)
         return ModelView(
             name=record.name,
             required=self._holds(record),
@@ -369,7 +387,7 @@ class Supervisor:
             if record.failed_for_good and record.queue:
                 self._fail_waiters(record, ModelFailedError(
                     f"{record.name}: failed: {record.model.last_error}"))
-        if any((r.queue or r.restart_due) and not r.resident for r in records):
+        if any(((r.queue or r.restart_due) and not r.resident) or r.must_wake for r in records):
             plan = schedule([self._view(r) for r in records], self.budget().bytes,
                             self.max_loaded, now, self.max_wait)
         else:
@@ -400,8 +418,9 @@ class Supervisor:
                 waiter.future.set_result(endpoint)  # a load call: ready is all it wanted
             elif record.in_flight < record.parallel:
                 # a sleeping server wakes for this request: its RSS grows back to full size
-                # (admission already counts it at full size; see _holds)
+                # (its wake was admitted at full size; see must_wake)
                 record.model.mark_awake()
+                record.wake_admitted = False
                 self._take_slot(record, now - waiter.since)
                 waiter.future.set_result(endpoint)
             else:
@@ -448,7 +467,10 @@ class Supervisor:
         record.loading = True  # resident from now on, before any await
         record.load_began = self._clock()
         record.restart_due = False
-        record.loads += 1
+        if record.must_wake:
+            record.wakes += 1
+        else:
+            record.loads += 1
         for victim in victims:
             victim.draining = True  # no new request can lease a victim
         if victims or load.cause != "fits":
@@ -459,6 +481,11 @@ class Supervisor:
         try:
             if victims:
                 await asyncio.gather(*(self._evict(v, record.name, cause) for v in victims))
+            if record.model.asleep and record.model.endpoint is not None:
+                # a wake: the server is there, its memory is now free; a request wakes it
+                record.wake_admitted = True
+                log.info("%s: waking (%s)", record.name, cause)
+                return
             await record.model.wait_stopped()
             await record.model.start()
         except ModelError as exc:
@@ -710,6 +737,7 @@ class Supervisor:
                 "restart_in_s": round(max(0.0, record.restart_at - now), 1)
                 if record.restart_at is not None else None,
                 "loads": record.loads,
+                "wakes": record.wakes,
                 "evictions": record.evictions,
             })
         return rows

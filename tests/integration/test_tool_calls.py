@@ -180,7 +180,9 @@ def test_openai_tool_round_trip_passes_unchanged(stand_in: tuple[LaloUp, Recorde
     assert second.choices[0].message.content == "The tool said: 18 C and sunny"
     sent = recorded.take()
     assert [entry["path"] for entry in sent] == ["/v1/chat/completions"] * 2
-    assert sent[0]["body"] == request  # tools, tool_choice: exactly as the client sent them
+    # tools, tool_choice: exactly as the client sent them; asked as a stream (assemble.py)
+    assert sent[0]["body"] == {**request, "stream": True,
+                               "stream_options": {"include_usage": True}}
     assert sent[1]["body"]["messages"] == follow_up["messages"]  # the tool call and its result
 
 

@@ -382,3 +382,47 @@ async def test_reconfigure_restarts_only_what_changed(harness: Harness) -> None:
     async with sup.lease("new") as endpoint:
         assert endpoint.pid in harness.alive("new")
     assert sup.max_wait == 3
+
+
+def fall_asleep(model: ManagedModel, rss: int) -> None:
+    """What the sleep probe and the memory sample would report: weights freed."""
+    model._set_asleep(True)
+    model.rss = rss
+
+
+async def test_a_sleeping_model_counts_what_it_holds_and_its_wake_is_admitted_like_a_load(
+    harness: Harness
+) -> None:
+    # main: a sleeping model counted at its full size, so b evicted it although its freed
+    # weights left room for b; and its wake needed no admission
+    sup = harness.build(budget=150 * MIB)
+    a_first = await sup.load("a")
+    fall_asleep(sup.models["a"], 5 * MIB)
+    b = Request(sup, "b")
+    await until(lambda: b.granted)
+    assert harness.alive("a") == [a_first.pid]  # a sleeps on beside b: not evicted
+    assert sup.record("a").evictions == 0
+    # b busy: waking a needs its full 100 MiB, which only b's eviction frees: a waits
+    fall_asleep(sup.models["a"], 5 * MIB)  # the memory sample ran again meanwhile
+    a = Request(sup, "a")
+    await asyncio.sleep(0.05)
+    assert not a.granted and sup.models["a"].asleep
+    assert "b" in (sup.record("a").waiting_reason or "")
+    await b.done()
+    await until(lambda: a.granted)
+    assert a.endpoint is not None and a.endpoint.pid == a_first.pid  # woken, not restarted
+    assert not sup.models["a"].asleep
+    assert sup.record("b").evictions == 1 and harness.alive("b") == []
+    await a.done()
+
+
+async def test_a_sleeping_model_wakes_at_once_when_there_is_room(harness: Harness) -> None:
+    sup = harness.build(budget=1024 * MIB)
+    first = await sup.load("a")
+    fall_asleep(sup.models["a"], 5 * MIB)
+    a = Request(sup, "a")
+    await until(lambda: a.granted)
+    assert a.endpoint is not None and a.endpoint.pid == first.pid
+    assert not sup.models["a"].asleep and not sup.record("a").wake_admitted
+    await a.done()
+    assert sup.record("a").loads == 1  # the wake is no load

@@ -238,7 +238,7 @@ class PeerConfig(_Section):
 
     url: str
     api_key_env: str | None = None  # the variable holding its key; never written to lalo.yaml
-    models: Literal["auto"] | Annotated[tuple[str, ...], Field(strict=False, min_length=1)] = "auto"
+    models: Literal["auto"] | tuple[str, ...] = "auto"  # auto: what its /v1/models lists
     health_interval: Annotated[float, Field(gt=0, le=3600)] = 5.0
     health_timeout: Annotated[float, Field(gt=0, le=600)] = 3.0
     max_failures: Annotated[int, Field(ge=1, le=100)] = 2  # failed checks in a row: down
@@ -256,14 +256,17 @@ class PeerConfig(_Section):
                              "(the key itself goes in that variable, not here)")
         return value
 
-    @field_validator("models")
+    @field_validator("models", mode="before")
     @classmethod
-    def _models(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
-        if isinstance(value, tuple):
-            for name in value:
-                if not _NAME.match(name):
-                    raise ValueError(f"model name {name!r} must match {_NAME.pattern}")
-        return value
+    def _models(cls, value: Any) -> str | tuple[str, ...]:
+        if value == "auto":
+            return "auto"
+        if not isinstance(value, list | tuple) or not value:
+            raise ValueError(f"must be 'auto' or a list of model names, got {value!r}")
+        for name in value:
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise ValueError(f"model name {name!r} must match {_NAME.pattern}")
+        return tuple(value)
 
 
 def check_peer_url(value: str) -> str:

@@ -27,7 +27,6 @@ from urllib.parse import urlsplit
 from launcher.config import Config, PeerConfig
 from launcher.errors import ConfigError, PeerDownError
 from launcher.supervisor.process import Endpoint
-from launcher.supervisor.supervisor import Supervisor
 
 if TYPE_CHECKING:  # httpx is imported when checks start, not on lalo's startup path
     import httpx
@@ -35,8 +34,10 @@ if TYPE_CHECKING:  # httpx is imported when checks start, not on lalo's startup 
 log = logging.getLogger(__name__)
 
 PeerState = Literal["unknown", "up", "down"]
-LocalState = Literal["absent", "serving", "failed"]
 OWNED_BY_PREFIX = "peer:"
+# on every request lalo forwards to a peer: a lalo serves such a request from its own models
+# only, so a request never travels on from peer to peer (or back)
+HOP_HEADER = b"x-lalo-hop"
 
 
 @dataclass(frozen=True)
@@ -57,29 +58,26 @@ class Route:
     offered_by: tuple[str, ...] = ()
 
 
-def choose_route(model: str, local: LocalState, peers: Sequence[PeerView]) -> Route:
-    """The routing rule: a local model is preferred; else the first peer (in config order) that
-    is up, then one not checked yet; a local model that failed for good gives way to a peer
-    that is up; a model that only down peers offer is `down`."""
+def choose_route(model: str, local: bool, peers: Sequence[PeerView]) -> Route:
+    """The routing rule: a model this lalo serves (`local`) is always served here, whatever its
+    state (so that a request never goes back and forth between two lalos); else the first peer
+    (in config order) that is up, then one not checked yet; a model only down peers offer is
+    `down`."""
     offering = tuple(p.name for p in peers if model in p.models)
-    if local == "serving":
+    if local:
         return Route("local", offered_by=offering)
     for wanted in ("up", "unknown"):
         for peer in peers:
             if peer.state == wanted and model in peer.models:
                 return Route("peer", peer.name, offering)
-    if local == "failed":
-        return Route("local", offered_by=offering)  # its own error says why
     if offering:
         return Route("down", offered_by=offering)
     return Route("unknown")
 
 
-def local_state(supervisor: Supervisor, name: str) -> LocalState:
-    """How `name` stands locally, for the routing rule."""
-    if name not in supervisor.models:
-        return "absent"
-    return "failed" if supervisor.record(name).failed_for_good else "serving"
+def is_peer_endpoint(endpoint: Endpoint) -> bool:
+    """A peer's endpoint (PeerTable.lease makes them with pid 0), not a local server's."""
+    return endpoint.pid == 0
 
 
 def listed_models(payload: Any) -> tuple[str, ...]:
@@ -188,10 +186,10 @@ class PeerTable:
         """Every model some peer offers, in config order."""
         return list(dict.fromkeys(m for peer in self._peers.values() for m in peer.models))
 
-    def route(self, model: str, local: LocalState) -> Route:
+    def route(self, model: str, local: bool) -> Route:
         return choose_route(model, local, self.views())
 
-    def lease(self, model: str, local: LocalState) -> Endpoint | None:
+    def lease(self, model: str, local: bool) -> Endpoint | None:
         """Where to send a request for `model`: a peer's endpoint, or None (serve it locally).
 
         PeerDownError when only down peers offer it."""
@@ -220,7 +218,7 @@ class PeerTable:
 
         Returns the peer's name, or None when the endpoint is not a peer's (a local server)."""
         for peer in self._peers.values():
-            if endpoint.pid == 0 and (peer.host, peer.port) == (endpoint.host, endpoint.port):
+            if is_peer_endpoint(endpoint) and (peer.host, peer.port) == (endpoint.host, endpoint.port):
                 self._failed(peer, f"forwarding: {error}", at_once=at_once)
                 return peer.name
         return None
@@ -319,13 +317,13 @@ class PeerTable:
             "requests": peer.requests,
         } for peer in self._peers.values()]
 
-    def model_entries(self, local: Callable[[str], LocalState], created: int) -> list[dict[str, Any]]:
+    def model_entries(self, local: Callable[[str], bool], created: int) -> list[dict[str, Any]]:
         """`/v1/models` entries for the models only peers serve (local ones are listed already)."""
         entries = []
         for model in self.model_names():
-            if local(model) != "absent":
+            if local(model):
                 continue
-            route = self.route(model, "absent")
+            route = self.route(model, False)
             owner = route.peer or route.offered_by[0]
             entries.append({
                 "id": model, "object": "model", "created": created,

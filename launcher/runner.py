@@ -304,12 +304,16 @@ class Reloader:
                 max_loaded=resources.max_loaded, max_wait=resources.max_wait,
                 ram_budget=resources.ram_budget, ram_reserve=resources.ram_reserve,
             )
+            previous_peers = self.loaded.config.peers
             self.loaded, self.models, self.factory = loaded, new, factory
             summary: dict[str, Any] = {
                 "status": "ok", "unchanged": unchanged, "restarted": changed,
                 "added": added, "removed": removed}
             parts = [f"{key} {', '.join(names)}" for key, names in summary.items()
                      if key != "status" and key != "unchanged" and names]
+            if loaded.config.peers != previous_peers:  # read once, at `lalo up`
+                summary["peers"] = "changed in the file but not applied: restart lalo for peers"
+                parts.append(f"peers {summary['peers']}")
             self.announce("reload: " + ("; ".join(parts) if parts else "no model changed"))
             return summary
 

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from launcher import __version__
 from launcher.errors import CapacityError, ModelError
-from launcher.peers import PeerTable, local_state
+from launcher.peers import PeerTable
 from launcher.proxy.anthropic import AnthropicErrors
 from launcher.proxy.auth import AuthMiddleware
 from launcher.proxy.errors import error_response
@@ -113,7 +113,7 @@ def create_app(
             data.extend({"id": alias, **entry, "parent": name} for alias in info.aliases)
         if peers is not None:  # models only peers serve, marked `owned_by: peer:NAME`
             data.extend(peers.model_entries(
-                lambda name: local_state(supervisor, supervisor.resolve(name) or name),
+                lambda name: supervisor.resolve(name) is not None,
                 int(started)))
         return JSONResponse({"object": "list", "data": data})
 

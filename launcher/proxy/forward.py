@@ -32,7 +32,7 @@ from launcher.errors import (
     QueueFullError,
     WaitTimeoutError,
 )
-from launcher.peers import PeerTable, local_state
+from launcher.peers import HOP_HEADER, PeerTable, is_peer_endpoint
 from launcher.proxy.errors import error_body, error_message, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.proxy.upstream import (
@@ -210,6 +210,8 @@ class Forwarder:
         async with contextlib.AsyncExitStack() as stack:
             endpoint = await self._lease(stack, reply, name, stream)
             headers = [(b"authorization", f"Bearer {endpoint.api_key}".encode())]
+            if is_peer_endpoint(endpoint):
+                headers.append((HOP_HEADER, b"1"))
             if body:
                 headers.append((b"content-type", content_type.encode()))
             try:
@@ -242,7 +244,7 @@ class Forwarder:
         A model that a peer serves instead (see `launcher.peers.choose_route`) is its endpoint."""
         if self.peers is not None:
             try:
-                remote = self.peers.lease(name, local_state(self.supervisor, name))
+                remote = self.peers.lease(name, local=name in self.supervisor.models)
             except PeerDownError as exc:
                 raise _Failure(503, str(exc), code="peer_unavailable",
                                headers=[(b"retry-after", str(exc.retry_after).encode())]) from exc

@@ -17,7 +17,7 @@ from typing import Final, Literal
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive, Scope, Send
 
-from launcher.peers import PeerTable
+from launcher.peers import HOP_HEADER, PeerTable
 from launcher.proxy.forward import Forwarder, send_error
 from launcher.supervisor.supervisor import Supervisor
 
@@ -224,7 +224,8 @@ class ModelRouter:
                 send, 400, f"missing {where}: name one of {known_models(self.supervisor, self.peers)}",
                 code="model_required")
         name = self.supervisor.resolve(requested)
-        if name is None and self.peers is not None and self.peers.offers(requested):
+        if (name is None and self.peers is not None and self.peers.offers(requested)
+                and _header(scope, HOP_HEADER) is None):  # came from a peer: never sent on
             name = requested  # a peer's model: the forwarder sends it there
         if name is None:
             return await send_error(send, 404, f"unknown model {requested!r}; known: "

@@ -188,6 +188,11 @@ def test_three_lalos_serve_each_others_models_and_survive_a_peer_going_away(
     # an unknown model names what is known, local and remote
     unknown = a.chat("nope")
     assert unknown.status_code == 404 and "gamma" in unknown.json()["error"]["message"]
+    # a request that came from a peer is never sent on (one hop: no chains, no loops)
+    hop = httpx.post(b.url + "/v1/chat/completions", timeout=10,
+                     json={"model": "gamma", "messages": [{"role": "user", "content": "hi"}]},
+                     headers={**b.headers(), "x-lalo-hop": "1"})
+    assert hop.status_code == 404, hop.text
     # the peer's key is checked: a lalo that is given a wrong key cannot use B
     assert httpx.post(b.url + "/v1/chat/completions", json={"model": "beta"},
                       headers={"authorization": "Bearer key-a"}, timeout=10).status_code == 401

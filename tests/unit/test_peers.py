@@ -72,25 +72,22 @@ def _views(*peers: tuple[str, str, set[str]]) -> list[PeerView]:
 
 @pytest.mark.parametrize(("local", "peers", "kind", "peer"), [
     # a local model is preferred over any peer
-    ("serving", [("a", "up", {"m"})], "local", None),
+    (True, [("a", "up", {"m"})], "local", None),
     # the first peer in config order that is up
-    ("absent", [("a", "up", {"m"}), ("b", "up", {"m"})], "peer", "a"),
+    (False, [("a", "up", {"m"}), ("b", "up", {"m"})], "peer", "a"),
     # failover: the first is down, the second takes it
-    ("absent", [("a", "down", {"m"}), ("b", "up", {"m"})], "peer", "b"),
+    (False, [("a", "down", {"m"}), ("b", "up", {"m"})], "peer", "b"),
     # an up peer before one not checked yet, which is tried before a down one
-    ("absent", [("a", "unknown", {"m"}), ("b", "up", {"m"})], "peer", "b"),
-    ("absent", [("a", "down", {"m"}), ("b", "unknown", {"m"})], "peer", "b"),
+    (False, [("a", "unknown", {"m"}), ("b", "up", {"m"})], "peer", "b"),
+    (False, [("a", "down", {"m"}), ("b", "unknown", {"m"})], "peer", "b"),
     # only down peers offer it: 503
-    ("absent", [("a", "down", {"m"}), ("b", "up", {"x"})], "down", None),
+    (False, [("a", "down", {"m"}), ("b", "up", {"x"})], "down", None),
     # nobody offers it: 404
-    ("absent", [("a", "up", {"x"})], "unknown", None),
-    # a local model failed for good gives way to a peer that is up, else answers itself
-    ("failed", [("a", "up", {"m"})], "peer", "a"),
-    ("failed", [("a", "down", {"m"})], "local", None),
+    (False, [("a", "up", {"x"})], "unknown", None),
 ])
-def test_choose_route(local: str, peers: list[tuple[str, str, set[str]]], kind: str,
+def test_choose_route(local: bool, peers: list[tuple[str, str, set[str]]], kind: str,
                       peer: str | None) -> None:
-    route = choose_route("m", local, _views(*peers))  # type: ignore[arg-type]
+    route = choose_route("m", local, _views(*peers))
     assert (route.kind, route.peer) == (kind, peer)
 
 
@@ -137,14 +134,14 @@ def test_checks_mark_a_peer_up_and_down_and_auto_models_follow_its_list() -> Non
         clock = [100.0]
         table = _table(fake, "peers:\n  p: {url: 'http://h:8080', api_key_env: K, "
                              "max_failures: 3}\n", clock)
-        assert table.route("m1", "absent").kind == "unknown"  # auto: nothing known yet
+        assert table.route("m1", False).kind == "unknown"  # auto: nothing known yet
         assert await table.check("p") == "up"
         assert fake.keys == ["Bearer sk-secret"]
         assert table.offers("m1")
-        endpoint = table.lease("m1", "absent")
+        endpoint = table.lease("m1", False)
         assert endpoint is not None
         assert (endpoint.host, endpoint.port, endpoint.api_key) == ("h", 8080, "sk-secret")
-        assert table.lease("m1", "serving") is None  # a local copy is preferred
+        assert table.lease("m1", True) is None  # a local copy is preferred
 
         fake.models = ["m1", "m2"]
         await table.check("p")
@@ -156,10 +153,10 @@ def test_checks_mark_a_peer_up_and_down_and_auto_models_follow_its_list() -> Non
         assert await table.check("p") == "down"
         table.peers["p"].next_check = 104.2
         with pytest.raises(PeerDownError, match=r"m2: served by peer\(s\) p") as caught:
-            table.lease("m2", "absent")
+            table.lease("m2", False)
         assert caught.value.retry_after == 5  # whole seconds to the next check
         # models learnt stay known while it is down: 503, not 404
-        assert table.route("m2", "absent").kind == "down"
+        assert table.route("m2", False).kind == "down"
         [row] = table.status()
         assert row["state"] == "down" and row["failures"] == 3 and "refused" in row["last_error"]
         assert "sk-secret" not in json.dumps(table.status())
@@ -193,7 +190,7 @@ def test_a_listed_peer_is_tried_before_its_first_check_and_names_what_it_lacks()
     async def run() -> None:
         fake = FakePeer(["a"])
         table = _table(fake, "peers:\n  p: {url: 'http://h', models: [a, b]}\n", [0.0])
-        assert table.route("b", "absent").kind == "peer"  # unknown state: tried
+        assert table.route("b", False).kind == "peer"  # unknown state: tried
         assert await table.check("p") == "up"
         assert table.status()[0]["last_error"] == "does not list b"
         await table.close()
@@ -210,18 +207,18 @@ def test_a_refused_forward_marks_the_peer_down_at_once() -> None:
         table = PeerTable(cfg.peers, {}, transport=httpx.MockTransport(fake))
         await table.check("p")
         await table.check("q")
-        first = table.lease("m", "absent")
+        first = table.lease("m", False)
         assert first is not None and first.host == "h"
         assert table.unreachable(first, ConnectionRefusedError(), at_once=False) == "p"
         assert table.peers["p"].state == "up"  # a dropped connection: one failure only
         assert table.unreachable(first, ConnectionRefusedError()) == "p"
-        second = table.lease("m", "absent")  # failover
+        second = table.lease("m", False)  # failover
         assert second is not None and second.host == "g"
-        entries = table.model_entries(lambda name: "absent", 0)
+        entries = table.model_entries(lambda name: False, 0)
         assert entries[0]["owned_by"] == "peer:q"
         assert entries[0]["lalo"] == {"remote": True, "peer": "q", "peers": ["p", "q"],
                                       "peer_state": "up"}
-        assert table.model_entries(lambda name: "serving", 0) == []  # listed as local
+        assert table.model_entries(lambda name: True, 0) == []  # listed as local
         await table.close()
 
     asyncio.run(run())

@@ -230,6 +230,9 @@ def test_three_lalos_serve_each_others_models_and_survive_a_peer_going_away(
     assert down.json()["error"]["code"] == "peer_unavailable"
     assert a.get("/v1/models")["data"] and \
         {m["id"]: m for m in a.get("/v1/models")["data"]}["beta"]["state"] == "unavailable"
+    shown = subprocess.run([sys.executable, "-m", "launcher", "status"], env=a.env,
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert f"peer b (http://{b.address}:{PORT}): down: beta, shared" in shown, shown
     # the others are unaffected
     for instance, model in ((a, "gamma"), (c, "alpha"), (c, "shared"), (a, "alpha")):
         answer = instance.chat(model)

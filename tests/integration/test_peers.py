@@ -88,6 +88,9 @@ class Instance:
     def peer_state(self, peer: str) -> str:
         return str(next(p for p in self.get("/api/status")["peers"] if p["name"] == peer)["state"])
 
+    def upstream(self, path: str) -> Any:  # what tests.support.lalo.generating asks
+        return self.get(f"/upstream/{path}")
+
     def kill(self) -> None:
         """SIGKILL lalo and its model servers: the machine is gone, nothing drains."""
         assert self.proc is not None
@@ -123,7 +126,10 @@ def cluster(network: Network, tmp_path: Path, llama_server_bin: Path, smollm2: P
             small_model: Path, small_model_b: Path, small_model_c: Path) -> Iterator[dict[str, Instance]]:
     models = {
         "a": {"alpha": {"file": str(smollm2)}},
-        "b": {"beta": {"file": str(small_model_b)}, "shared": {"file": str(small_model)}},
+        # two slots (/upstream/beta/slots takes one while a stream holds the other) of 16k
+        # tokens: room for a generation that only a disconnect ends early
+        "b": {"beta": {"file": str(small_model_b), "parallel": 2, "ctx_size": 32768},
+              "shared": {"file": str(small_model)}},
         "c": {"gamma": {"file": str(small_model_c)}, "shared": {"file": str(small_model)}},
     }
     hosts = {name: network.add(name) for name in models}
@@ -146,6 +152,19 @@ def cluster(network: Network, tmp_path: Path, llama_server_bin: Path, smollm2: P
     finally:
         for instance in instances.values():
             instance.stop()
+
+
+def generating(instance: Instance, model: str) -> bool:
+    """Whether any slot of `model`'s server on that lalo is working on a request."""
+    return any(slot["is_processing"] for slot in instance.upstream(f"{model}/slots"))
+
+
+def tokens_predicted(instance: Instance, model: str) -> float:
+    """llama-server's count of tokens `model` generated so far (its /metrics, through lalo)."""
+    text = httpx.get(f"{instance.url}/upstream/{model}/metrics", headers=instance.headers(),
+                     timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("llamacpp:tokens_predicted_total"))
 
 
 def _all_peers_up(instances: dict[str, Instance]) -> bool:
@@ -196,6 +215,26 @@ def test_three_lalos_serve_each_others_models_and_survive_a_peer_going_away(
     # the peer's key is checked: a lalo that is given a wrong key cannot use B
     assert httpx.post(b.url + "/v1/chat/completions", json={"model": "beta"},
                       headers={"authorization": "Bearer key-a"}, timeout=10).status_code == 401
+
+    # errors come back as the peer made them: the same status and body as asked of B directly
+    bad = {"model": "beta", "messages": "not a list"}
+    direct = httpx.post(b.url + "/v1/chat/completions", json=bad, headers=b.headers(), timeout=30)
+    through = httpx.post(a.url + "/v1/chat/completions", json=bad, headers=a.headers(), timeout=30)
+    assert direct.status_code >= 400 and through.status_code == direct.status_code
+    assert through.json()["error"]["message"] == direct.json()["error"]["message"]
+
+    # a client that goes away mid-stream stops the generation on the peer's model server
+    long = {"model": "beta", "max_tokens": 16_000, "stream": True, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "go on"}]}
+    before = tokens_predicted(b, "beta")
+    with httpx.stream("POST", a.url + "/v1/chat/completions", json=long, headers=a.headers(),
+                      timeout=60) as answer:
+        for line in answer.iter_lines():
+            if line.startswith("data:") and generating(b, "beta"):
+                break
+    wait_until(lambda: not generating(b, "beta"), 60, message="B's beta to stop generating")
+    cut_at = tokens_predicted(b, "beta") - before
+    assert cut_at < 8_000, f"B generated {cut_at:g} tokens for a client that had gone"
 
     # B is killed while a long stream of beta runs through A
     events: list[str] = []

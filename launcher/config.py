@@ -238,6 +238,9 @@ class PeerConfig(_Section):
 
     url: str
     api_key_env: str | None = None  # the variable holding its key; never written to lalo.yaml
+    # https peers: the PEM file of the CA (or the self-signed certificate) that signed the peer's
+    # certificate, relative to this config; None: the system's trust store
+    tls_ca_file: str | None = None
     models: Literal["auto"] | tuple[str, ...] = "auto"  # auto: what its /v1/models lists
     health_interval: Annotated[float, Field(gt=0, le=3600)] = 5.0
     health_timeout: Annotated[float, Field(gt=0, le=600)] = 3.0
@@ -256,6 +259,12 @@ class PeerConfig(_Section):
                              "(the key itself goes in that variable, not here)")
         return value
 
+    @model_validator(mode="after")
+    def _tls(self) -> PeerConfig:
+        if self.tls_ca_file is not None and not self.url.startswith("https://"):
+            raise ValueError("tls_ca_file needs an https:// url")
+        return self
+
     @field_validator("models", mode="before")
     @classmethod
     def _models(cls, value: Any) -> str | tuple[str, ...]:
@@ -270,22 +279,18 @@ class PeerConfig(_Section):
 
 
 def check_peer_url(value: str) -> str:
-    """`http://HOST[:PORT]` (the address before `/v1`), normalised without a trailing slash."""
+    """`http[s]://HOST[:PORT]` (the address before `/v1`), without a trailing slash."""
     parts = urlsplit(value)
-    if parts.scheme == "https":
-        raise ValueError(f"{value!r}: https peers are not supported yet (lalo's forwarder speaks "
-                         "plain HTTP): reach the peer over a trusted network, a VPN or an SSH "
-                         "tunnel, with its api key")
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"must be http://HOST[:PORT], got {value!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be http://HOST[:PORT] or https://HOST[:PORT], got {value!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"must be http://HOST[:PORT] with no path (lalo adds /v1/...), "
-                         f"got {value!r}")
+        raise ValueError(f"must be {parts.scheme}://HOST[:PORT] with no path (lalo adds "
+                         f"/v1/...), got {value!r}")
     try:
         parts.port  # noqa: B018 - raises for a port out of range
     except ValueError as exc:
         raise ValueError(f"{value!r}: {exc}") from None
-    return f"http://{parts.netloc}"
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 class Config(_Section):

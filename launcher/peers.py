@@ -18,13 +18,15 @@ import contextlib
 import logging
 import math
 import os
+import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
-from launcher.config import Config, PeerConfig
+from launcher.config import Config, PeerConfig, resolve_path
 from launcher.errors import ConfigError, PeerDownError
 from launcher.supervisor.process import Endpoint
 
@@ -106,6 +108,7 @@ class Peer:
     name: str
     config: PeerConfig
     api_key: str = field(repr=False)  # never in status, logs or errors
+    tls: ssl.SSLContext | None = None  # https peers: how their certificate is verified
     state: PeerState = "unknown"
     failures: int = 0
     models: tuple[str, ...] = ()
@@ -121,7 +124,7 @@ class Peer:
 
     @property
     def port(self) -> int:
-        return urlsplit(self.config.url).port or 80
+        return urlsplit(self.config.url).port or (443 if self.tls is not None else 80)
 
     def view(self) -> PeerView:
         return PeerView(self.name, self.state, frozenset(self.models))
@@ -143,6 +146,21 @@ def peer_keys(config: Config, environ: Mapping[str, str] | None = None) -> dict[
     return keys
 
 
+def tls_context(peer: PeerConfig, base_dir: Path | None = None) -> ssl.SSLContext | None:
+    """How an https peer's certificate is checked: against `tls_ca_file`, else the system's
+    trust store; None for an http peer."""
+    if not peer.url.startswith("https://"):
+        return None
+    if peer.tls_ca_file is None:
+        return ssl.create_default_context()
+    path = resolve_path(peer.tls_ca_file, base_dir or Path.cwd())
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_ca_file: {path}: not a readable PEM file of certificates "
+                          f"({exc})") from exc
+
+
 class PeerTable:
     """The peers of one lalo, their health task, and where each peer model's requests go."""
 
@@ -151,22 +169,33 @@ class PeerTable:
         peers: Mapping[str, PeerConfig],
         keys: Mapping[str, str],
         *,
+        tls: Mapping[str, ssl.SSLContext | None] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        tls = tls if tls is not None else {name: tls_context(cfg) for name, cfg in peers.items()}
         self._peers = {
-            name: Peer(name, cfg, keys.get(name, ""),
+            name: Peer(name, cfg, keys.get(name, ""), tls.get(name),
                        models=() if cfg.models == "auto" else tuple(cfg.models))
             for name, cfg in peers.items()
         }
         self._transport = transport
         self._clock = clock
-        self._client: httpx.AsyncClient | None = None
+        self._clients: dict[str, httpx.AsyncClient] = {}  # one per peer: each has its own CA
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> PeerTable:
-        return cls(config.peers, peer_keys(config, environ))
+    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None, *,
+                    base_dir: Path | None = None) -> PeerTable:
+        """The table for `config`; ConfigError for a key missing from the environment or an
+        unreadable `tls_ca_file` (relative to `base_dir`, the config file's folder)."""
+        tls = {}
+        for name, cfg in config.peers.items():
+            try:
+                tls[name] = tls_context(cfg, base_dir)
+            except ConfigError as exc:
+                raise ConfigError(f"peers.{name}.{exc}") from None
+        return cls(config.peers, peer_keys(config, environ), tls=tls)
 
     def __bool__(self) -> bool:
         return bool(self._peers)
@@ -205,6 +234,14 @@ class PeerTable:
         return Endpoint(base_url=peer.config.url, api_key=peer.api_key, pid=0,
                         host=peer.host, port=peer.port)
 
+    def tls_for(self, endpoint: Endpoint) -> ssl.SSLContext | None:
+        """The TLS context to reach that endpoint with (None: plain HTTP)."""
+        if is_peer_endpoint(endpoint):
+            for peer in self._peers.values():
+                if (peer.host, peer.port) == (endpoint.host, endpoint.port):
+                    return peer.tls
+        return None
+
     def retry_after(self, names: Iterable[str]) -> int:
         """Whole seconds until the next check of any of these peers (at least 1)."""
         now = self._clock()
@@ -228,14 +265,18 @@ class PeerTable:
         """Start checking every peer (the first check at once)."""
         if self._tasks or not self._peers:
             return
-        self._client = self._make_client()
         self._tasks = [asyncio.create_task(self._watch(peer), name=f"peer {peer.name}")
                        for peer in self._peers.values()]
 
-    def _make_client(self) -> httpx.AsyncClient:
-        import httpx
+    def _client(self, peer: Peer) -> httpx.AsyncClient:
+        client = self._clients.get(peer.name)
+        if client is None:
+            import httpx
 
-        return httpx.AsyncClient(transport=self._transport, follow_redirects=False)
+            client = httpx.AsyncClient(transport=self._transport, follow_redirects=False,
+                                       verify=peer.tls if peer.tls is not None else True)
+            self._clients[peer.name] = client
+        return client
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -244,9 +285,9 @@ class PeerTable:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
 
     async def _watch(self, peer: Peer) -> None:
         while True:
@@ -259,12 +300,10 @@ class PeerTable:
         import httpx
 
         peer = self._peers[name]
-        if self._client is None:
-            self._client = self._make_client()
         headers = {"authorization": f"Bearer {peer.api_key}"} if peer.api_key else {}
         started = time.perf_counter()
         try:
-            answer = await self._client.get(peer.config.url + "/v1/models", headers=headers,
+            answer = await self._client(peer).get(peer.config.url + "/v1/models", headers=headers,
                                             timeout=peer.config.health_timeout)
             if answer.status_code != 200:
                 hint = " (check its api_key_env)" if answer.status_code in (401, 403) else ""

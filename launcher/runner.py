@@ -375,7 +375,8 @@ async def serve(
     if config.peers:
         from launcher.peers import PeerTable
 
-        peers = PeerTable.from_config(config)  # a peer's key missing from the environment: now
+        # a peer's key missing from the environment, an unreadable CA file: now, not later
+        peers = PeerTable.from_config(config, base_dir=loaded.base_dir)
     lock = InstanceLock()
     lock.acquire()
     try:

@@ -215,8 +215,9 @@ class Forwarder:
             if body:
                 headers.append((b"content-type", content_type.encode()))
             try:
-                upstream = await self.pool.request(method, endpoint.host, endpoint.port, target,
-                                                   headers, body, self.timeout)
+                upstream = await self.pool.request(
+                    method, endpoint.host, endpoint.port, target, headers, body, self.timeout,
+                    tls=self.peers.tls_for(endpoint) if self.peers is not None else None)
             except UpstreamBadTarget as exc:
                 raise _Failure(400, str(exc)) from exc
             except UpstreamTimeout as exc:

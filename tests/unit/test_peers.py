@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -37,8 +38,9 @@ def test_a_list_of_models() -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("peers:\n  p: {url: 'https://h:8443'}\n", "https peers are not supported yet"),
+    ("peers:\n  p: {url: 'ftp://h:8443'}\n", "must be http://HOST[:PORT] or https://"),
     ("peers:\n  p: {url: 'h:8080'}\n", "must be http://HOST[:PORT]"),
+    ("peers:\n  p: {url: 'http://h', tls_ca_file: ca.pem}\n", "tls_ca_file needs an https"),
     ("peers:\n  p: {url: 'http://h:8080/v1'}\n", "with no path"),
     ("peers:\n  p: {url: 'http://h:99999'}\n", "out of range"),
     ("peers:\n  p: {url: 'http://h', api_key_env: 'sk-123 456'}\n",
@@ -245,3 +247,26 @@ def test_the_health_task_runs_until_closed() -> None:
         assert tasks and all(task.done() for task in tasks)
 
     asyncio.run(run())
+
+
+def test_https_peers_get_a_tls_context_and_a_bad_ca_file_is_a_config_error(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    cfg = config("peers:\n  plain: {url: 'http://h'}\n  system: {url: 'https://h'}\n"
+                 "  office: {url: 'https://g:8443', tls_ca_file: ca.pem}\n")
+    table = PeerTable.from_config(cfg, {}, base_dir=tmp_path)
+    peers = table.peers
+    assert peers["plain"].tls is None and peers["plain"].port == 80
+    assert peers["system"].tls is not None and peers["system"].port == 443
+    assert peers["office"].tls is not None and peers["office"].port == 8443
+    assert peers["office"].tls.verify_mode.name == "CERT_REQUIRED"
+    bad = config("peers:\n  office: {url: 'https://g', tls_ca_file: junk.pem}\n")
+    with pytest.raises(ConfigError, match=r"peers\.office\.tls_ca_file: .*junk\.pem: not a "
+                                          r"readable PEM"):
+        PeerTable.from_config(bad, {}, base_dir=tmp_path)
+    missing = config("peers:\n  office: {url: 'https://g', tls_ca_file: nope.pem}\n")
+    with pytest.raises(ConfigError, match=r"peers\.office\.tls_ca_file: .*nope\.pem"):
+        PeerTable.from_config(missing, {}, base_dir=tmp_path)

@@ -32,6 +32,7 @@ from launcher.proxy.forward import Forwarder, send_error
 from launcher.proxy.hosts import HostGuard
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.proxy.ollama import OLLAMA_ROUTES, OllamaAPI
+from launcher.proxy.peer_metrics import PeerCollector
 from launcher.proxy.routes import MODEL_ROUTES, BodyTooLarge, ModelRouter, read_body, route_list
 from launcher.proxy.upstream import UpstreamBadTarget, UpstreamPool, check_target
 from launcher.supervisor.logs import read_tail
@@ -64,6 +65,8 @@ def create_app(
     """The proxy app; `on_shutdown` is called by `POST /api/shutdown` (lalo down); `peers`:
     other servers whose models are served here too (launcher.peers)."""
     metrics = ProxyMetrics(supervisor)
+    if peers is not None:
+        metrics.registry.register(PeerCollector(peers))
     forwarder = Forwarder(supervisor, pool, metrics, settings.upstream_timeout, peers=peers)
     started = time.time()
     log_paths = log_paths or {}

@@ -65,3 +65,7 @@ def test_an_https_peer_is_reached_over_tls_and_its_certificate_is_checked(
             assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content) >= 1
             assert relay.connections > before  # the requests went through the TLS front
             assert peers()["secure"]["requests"] == 2
+            metrics = httpx.get(a.url + "/metrics", timeout=10).text
+            assert 'lalo_peer_up{peer="secure",state="up"} 1.0' in metrics
+            assert 'lalo_peer_up{peer="unknown-ca",state="down"} 0.0' in metrics
+            assert 'lalo_peer_requests_total{peer="secure"} 2.0' in metrics

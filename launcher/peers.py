@@ -4,8 +4,9 @@ The PeerTable is the one owner of what lalo knows about its peers: whether each 
 health check asks its `/v1/models` every `health_interval`; `max_failures` failed checks in a
 row, or a refused connection while forwarding, mark it down; one good check brings it back),
 and which models each offers (its list, or `auto`: the models it serves itself, refreshed by
-every check). Requests are forwarded by the proxy's own forwarder (`launcher.proxy.forward`);
-this module only says where to: `choose_route()` is the rule, a pure function.
+every check). Requests are forwarded by the proxy's own forwarder (`launcher.proxy.forward`),
+over TLS for an https peer, with the peer's key and `x-lalo-hop` (a lalo never sends such a
+request on: one hop); this module only says where to: `choose_route()` is the rule.
 
 Peer states: `unknown` (not checked yet; tried), `up`, `down` (its models answer 503 with
 `Retry-After` until a check succeeds).
@@ -292,7 +293,10 @@ class PeerTable:
     async def _watch(self, peer: Peer) -> None:
         while True:
             peer.next_check = self._clock() + peer.config.health_interval
-            await self.check(peer.name)
+            try:
+                await self.check(peer.name)
+            except Exception:  # a bug must not end the checks: the peer would stay as it was
+                log.exception("peer %s: health check", peer.name)
             await asyncio.sleep(max(0.0, peer.next_check - self._clock()))
 
     async def check(self, name: str) -> PeerState:
@@ -303,8 +307,9 @@ class PeerTable:
         headers = {"authorization": f"Bearer {peer.api_key}"} if peer.api_key else {}
         started = time.perf_counter()
         try:
-            answer = await self._client(peer).get(peer.config.url + "/v1/models", headers=headers,
-                                            timeout=peer.config.health_timeout)
+            answer = await self._client(peer).get(
+                peer.config.url + "/v1/models", headers=headers,
+                timeout=peer.config.health_timeout)
             if answer.status_code != 200:
                 hint = " (check its api_key_env)" if answer.status_code in (401, 403) else ""
                 raise ValueError(f"/v1/models answered {answer.status_code}{hint}")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import psutil
 from pydantic import (
@@ -35,6 +36,7 @@ _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])
                         r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$")
 _ORIGIN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".tmpl", ".txt")
 
@@ -231,12 +233,73 @@ class ModelConfig(_Section):
         return "llama-server"
 
 
+class PeerConfig(_Section):
+    """Another lalo, or any OpenAI-compatible server, whose models this one serves too."""
+
+    url: str
+    api_key_env: str | None = None  # the variable holding its key; never written to lalo.yaml
+    # https peers: the PEM file of the CA (or the self-signed certificate) that signed the peer's
+    # certificate, relative to this config; None: the system's trust store
+    tls_ca_file: str | None = None
+    models: Literal["auto"] | tuple[str, ...] = "auto"  # auto: what its /v1/models lists
+    health_interval: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    health_timeout: Annotated[float, Field(gt=0, le=600)] = 3.0
+    max_failures: Annotated[int, Field(ge=1, le=100)] = 2  # failed checks in a row: down
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_peer_url(value)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_env(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError(f"must be the name of an environment variable, got {value!r} "
+                             "(the key itself goes in that variable, not here)")
+        return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> PeerConfig:
+        if self.tls_ca_file is not None and not self.url.startswith("https://"):
+            raise ValueError("tls_ca_file needs an https:// url")
+        return self
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value: Any) -> str | tuple[str, ...]:
+        if value == "auto":
+            return "auto"
+        if not isinstance(value, list | tuple) or not value:
+            raise ValueError(f"must be 'auto' or a list of model names, got {value!r}")
+        for name in value:
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise ValueError(f"model name {name!r} must match {_NAME.pattern}")
+        return tuple(value)
+
+
+def check_peer_url(value: str) -> str:
+    """`http[s]://HOST[:PORT]` (the address before `/v1`), without a trailing slash."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be http://HOST[:PORT] or https://HOST[:PORT], got {value!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"must be {parts.scheme}://HOST[:PORT] with no path (lalo adds "
+                         f"/v1/...), got {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: {exc}") from None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 class Config(_Section):
     proxy: ProxyConfig = ProxyConfig()
     resources: ResourcesConfig = ResourcesConfig()
     engines: EnginesConfig = EnginesConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     models: Mapping[str, ModelConfig] = Field(default_factory=dict)
+    peers: Mapping[str, PeerConfig] = Field(default_factory=dict)
 
     @field_validator("models")
     @classmethod
@@ -245,6 +308,14 @@ class Config(_Section):
             if not _NAME.match(name):
                 raise ValueError(f"model name {name!r} must match {_NAME.pattern}")
         return models
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_names(cls, peers: Mapping[str, PeerConfig]) -> Mapping[str, PeerConfig]:
+        for name in peers:
+            if not _NAME.match(name):
+                raise ValueError(f"peer name {name!r} must match {_NAME.pattern}")
+        return peers
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@
     │   ├── ModelStoppedError       stopped (unloaded, shut down) while a caller waited
     │   ├── CapacityError           can never fit (alone beside pinned models, over the budget)
     │   ├── QueueFullError          more requests waiting than the queue allows
-    │   └── WaitTimeoutError        waited in line (load, restart, other models) too long
+    │   ├── WaitTimeoutError        waited in line (load, restart, other models) too long
+    │   └── PeerDownError           every peer that offers the model is down
     ├── HubError                    pulling a model failed
     │   └── IntegrityError          bytes do not match the expected sha256
     └── PackagingError              `lalo build` failed
@@ -90,6 +91,14 @@ class WaitTimeoutError(ModelError):
     """A request waited its whole bound for its model; `retry_after` is a hint in seconds."""
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PeerDownError(ModelError):
+    """No peer offering the model answers now; `retry_after`: seconds to the next health check."""
+
+    def __init__(self, message: str, retry_after: float = 5.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 

@@ -46,6 +46,7 @@ from launcher.supervisor.supervisor import SupervisedModel, Supervisor, Supervis
 from launcher.units import format_size
 
 if TYPE_CHECKING:  # imported at run time only once the model servers are starting
+    from launcher.peers import PeerTable
     from launcher.proxy.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -303,12 +304,16 @@ class Reloader:
                 max_loaded=resources.max_loaded, max_wait=resources.max_wait,
                 ram_budget=resources.ram_budget, ram_reserve=resources.ram_reserve,
             )
+            previous_peers = self.loaded.config.peers
             self.loaded, self.models, self.factory = loaded, new, factory
             summary: dict[str, Any] = {
                 "status": "ok", "unchanged": unchanged, "restarted": changed,
                 "added": added, "removed": removed}
             parts = [f"{key} {', '.join(names)}" for key, names in summary.items()
                      if key != "status" and key != "unchanged" and names]
+            if loaded.config.peers != previous_peers:  # read once, at `lalo up`
+                summary["peers"] = "changed in the file but not applied: restart lalo for peers"
+                parts.append(f"peers {summary['peers']}")
             self.announce("reload: " + ("; ".join(parts) if parts else "no model changed"))
             return summary
 
@@ -366,6 +371,12 @@ async def serve(
     config = loaded.config
     host = options.host or config.proxy.host
     port = options.port if options.port is not None else config.proxy.port
+    peers = None
+    if config.peers:
+        from launcher.peers import PeerTable
+
+        # a peer's key missing from the environment, an unreadable CA file: now, not later
+        peers = PeerTable.from_config(config, base_dir=loaded.base_dir)
     lock = InstanceLock()
     lock.acquire()
     try:
@@ -381,7 +392,7 @@ async def serve(
         engines = engines_for(loaded, models, announce)
         sock = bind_socket(host, port)
         return await _run(loaded, models, plan, engines, sock, host, port, lock, records,
-                          measurements, announce)
+                          measurements, announce, peers)
     finally:
         lock.release()
 
@@ -404,6 +415,7 @@ async def _run(
     records: ChildRecords,
     measurements: Measurements,
     announce: Announce,
+    peers: PeerTable | None = None,
 ) -> int:
     config = loaded.config
     loop = asyncio.get_running_loop()
@@ -462,7 +474,7 @@ async def _run(
         # llama-server closes idle connections after 5 s: drop ours first, never reuse a dead one
         pool = UpstreamPool(keepalive_expiry=4.0)
         app = create_app(supervisor, settings, pool, on_shutdown=lambda: on_signal(0),
-                         log_paths=log_paths, on_reload=reloader.reload)
+                         log_paths=log_paths, on_reload=reloader.reload, peers=peers)
         server = _uvicorn_server(app, config.supervisor.stop_timeout)
         uvicorn_server.append(server)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -490,6 +502,9 @@ async def _run(
             if model.info is not None and model.info.is_synthetic:
                 announce(f"  {model.name}: random-weight demo model (it answers with noise, not text)")
         supervisor.start_background()
+        if peers:
+            peers.start()
+            announce(f"peers: {', '.join(f'{n} ({p.config.url})' for n, p in peers.peers.items())}")
         for decision in plan.decisions:
             if decision.action != "start":
                 announce(f"  {decision.name}: {decision.action}: {decision.reason}")
@@ -527,6 +542,8 @@ async def _run(
             with contextlib.suppress(BaseException):
                 await serving
         await supervisor.close()
+        if peers is not None:
+            await peers.close()
         if pool is not None:
             await pool.aclose()
         for task in list(reloads):

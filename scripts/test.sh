@@ -22,6 +22,8 @@ command -v buildah >/dev/null || need+=(buildah)
 command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
 command -v kubectl >/dev/null || need+=(kubernetes-client)
+# The peers test joins three lalos, each in its own network namespace, with `ip netns`/`ip link`.
+command -v ip >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   echo "installing system packages: ${need[*]}" >&2

@@ -145,6 +145,10 @@ def status(as_json: JsonOption = False) -> None:
     for m in data["models"]:
         if m.get("last_error"):
             typer.echo(f"{m['name']}: last error: {m['last_error'].splitlines()[0]}")
+    for peer in data.get("peers", []):
+        models = ", ".join(peer["models"]) or "no models known"
+        problem = f"; {peer['last_error']}" if peer.get("last_error") else ""
+        typer.echo(f"peer {peer['name']} ({peer['url']}): {peer['state']}: {models}{problem}")
 
 
 def _duration(seconds: float | None) -> str:

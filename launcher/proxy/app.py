@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from launcher import __version__
 from launcher.errors import CapacityError, ModelError
+from launcher.peers import PeerTable
 from launcher.proxy.anthropic import AnthropicErrors
 from launcher.proxy.auth import AuthMiddleware
 from launcher.proxy.errors import error_response
@@ -31,6 +32,7 @@ from launcher.proxy.forward import Forwarder, send_error
 from launcher.proxy.hosts import HostGuard
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.proxy.ollama import OLLAMA_ROUTES, OllamaAPI
+from launcher.proxy.peer_metrics import PeerCollector
 from launcher.proxy.routes import MODEL_ROUTES, BodyTooLarge, ModelRouter, read_body, route_list
 from launcher.proxy.upstream import UpstreamBadTarget, UpstreamPool, check_target
 from launcher.supervisor.logs import read_tail
@@ -58,14 +60,18 @@ def create_app(
     on_shutdown: Callable[[], None] = lambda: None,
     log_paths: dict[str, Path] | None = None,
     on_reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    peers: PeerTable | None = None,
 ) -> ASGIApp:
-    """The proxy app; `on_shutdown` is called by `POST /api/shutdown` (lalo down)."""
+    """The proxy app; `on_shutdown` is called by `POST /api/shutdown` (lalo down); `peers`:
+    other servers whose models are served here too (launcher.peers)."""
     metrics = ProxyMetrics(supervisor)
-    forwarder = Forwarder(supervisor, pool, metrics, settings.upstream_timeout)
+    if peers is not None:
+        metrics.registry.register(PeerCollector(peers))
+    forwarder = Forwarder(supervisor, pool, metrics, settings.upstream_timeout, peers=peers)
     started = time.time()
     log_paths = log_paths or {}
     too_large = f"request body larger than {settings.max_body_size} bytes"
-    model_route = ModelRouter(supervisor, forwarder, settings.max_body_size)
+    model_route = ModelRouter(supervisor, forwarder, settings.max_body_size, peers)
     ollama = OllamaAPI(supervisor, forwarder, settings.max_body_size, started)
 
     async def health(request: Request) -> Response:
@@ -108,6 +114,10 @@ def create_app(
                      "state": str(model.reported_state)}
             data.append({"id": name, **entry, "aliases": list(info.aliases)})
             data.extend({"id": alias, **entry, "parent": name} for alias in info.aliases)
+        if peers is not None:  # models only peers serve, marked `owned_by: peer:NAME`
+            data.extend(peers.model_entries(
+                lambda name: supervisor.resolve(name) is not None,
+                int(started)))
         return JSONResponse({"object": "list", "data": data})
 
     async def status(request: Request) -> Response:
@@ -122,6 +132,7 @@ def create_app(
             "cpu": {"count": psutil.cpu_count(), "load": _load()},
             "max_loaded": supervisor.max_loaded,
             "models": supervisor.status(),
+            "peers": peers.status() if peers is not None else [],
         })
 
     def admin(action: Callable[[str], Awaitable[object]]) -> Callable[[Request], Awaitable[Response]]:

@@ -27,7 +27,14 @@ from typing import Any
 import psutil
 from starlette.types import Message, Receive, Send
 
-from launcher.errors import CapacityError, ModelError, QueueFullError, WaitTimeoutError
+from launcher.errors import (
+    CapacityError,
+    ModelError,
+    PeerDownError,
+    QueueFullError,
+    WaitTimeoutError,
+)
+from launcher.peers import HOP_HEADER, PeerTable, is_peer_endpoint
 from launcher.proxy.assemble import AssemblyError, EventReader, Plan, assembler
 from launcher.proxy.errors import error_body, error_message, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
@@ -131,8 +138,9 @@ class Forwarder:
 
     def __init__(self, supervisor: Supervisor, pool: UpstreamPool, metrics: ProxyMetrics,
                  upstream_timeout: float, *, notice_after: float = 1.0,
-                 notice_interval: float = 3.0) -> None:
+                 notice_interval: float = 3.0, peers: PeerTable | None = None) -> None:
         self.supervisor = supervisor
+        self.peers = peers  # other lalos / OpenAI servers: `_lease` sends a request there
         self.pool = pool
         self.metrics = metrics
         self.timeout = upstream_timeout
@@ -180,7 +188,7 @@ class Forwarder:
         if error is not None:
             raise error  # a bug: let the server log it and answer 500
         self._count(name, route, reply.status, started)
-        if reply.status == 200 and route != "upstream":
+        if reply.status == 200 and route != "upstream" and name in self.supervisor.models:
             self._record_usage(name, reply.usage, started)
 
     async def _exchange(self, reply: _Reply, name: str, method: str, target: str, body: bytes,
@@ -208,16 +216,22 @@ class Forwarder:
         async with contextlib.AsyncExitStack() as stack:
             endpoint = await self._lease(stack, reply, name, stream)
             headers = [(b"authorization", f"Bearer {endpoint.api_key}".encode())]
+            if is_peer_endpoint(endpoint):
+                headers.append((HOP_HEADER, b"1"))
             if body:
                 headers.append((b"content-type", content_type.encode()))
             try:
-                upstream = await self.pool.request(method, endpoint.host, endpoint.port, target,
-                                                   headers, body, self.timeout)
+                upstream = await self.pool.request(
+                    method, endpoint.host, endpoint.port, target, headers, body, self.timeout,
+                    tls=self.peers.tls_for(endpoint) if self.peers is not None else None)
             except UpstreamBadTarget as exc:
                 raise _Failure(400, str(exc)) from exc
             except UpstreamTimeout as exc:
                 raise _Failure(504, f"{name}: no answer from the model server in time") from exc
             except (UpstreamUnavailable, UpstreamClosed) as exc:
+                if self.peers is not None:  # a peer's endpoint: down if unreachable (failover)
+                    self.peers.unreachable(endpoint, exc,
+                                           at_once=isinstance(exc, UpstreamUnavailable))
                 if retry_allowed:
                     raise _Retry(endpoint, exc) from exc
                 if isinstance(exc, UpstreamUnavailable):
@@ -235,7 +249,16 @@ class Forwarder:
 
     async def _lease(self, stack: contextlib.AsyncExitStack, reply: _Reply, name: str,
                      stream: bool) -> Endpoint:
-        """A slot on `name`'s server; a streamed request that waits long hears about it."""
+        """A slot on `name`'s server; a streamed request that waits long hears about it.
+        A model that a peer serves instead (see `launcher.peers.choose_route`) is its endpoint."""
+        if self.peers is not None:
+            try:
+                remote = self.peers.lease(name, local=name in self.supervisor.models)
+            except PeerDownError as exc:
+                raise _Failure(503, str(exc), code="peer_unavailable",
+                               headers=[(b"retry-after", str(exc.retry_after).encode())]) from exc
+            if remote is not None:
+                return remote
         lease = self.supervisor.lease(name)
         # a timer, not a task, on the fast path: the notices start only after a real wait
         notices: list[asyncio.Task[None]] = []

@@ -17,6 +17,7 @@ from typing import Final, Literal
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive, Scope, Send
 
+from launcher.peers import HOP_HEADER, PeerTable
 from launcher.proxy.assemble import Plan, plan
 from launcher.proxy.forward import Forwarder, send_error
 from launcher.supervisor.supervisor import Supervisor
@@ -176,15 +177,18 @@ def form_field(body: bytes, content_type: bytes, field: str) -> str | None:
         raise FormError(f"form field {field!r} is not UTF-8") from exc
 
 
-def known_models(supervisor: Supervisor) -> str:
-    return ", ".join(supervisor.names_and_aliases()) or "(none configured)"
+def known_models(supervisor: Supervisor, peers: PeerTable | None = None) -> str:
+    names = supervisor.names_and_aliases() + (peers.model_names() if peers is not None else [])
+    return ", ".join(dict.fromkeys(names)) or "(none configured)"
 
 
 class ModelRouter:
     """POST on any route of MODEL_ROUTES: find the model, forward. Raw ASGI: the hot path."""
 
-    def __init__(self, supervisor: Supervisor, forwarder: Forwarder, max_body_size: int) -> None:
+    def __init__(self, supervisor: Supervisor, forwarder: Forwarder, max_body_size: int,
+                 peers: PeerTable | None = None) -> None:
         self.supervisor = supervisor
+        self.peers = peers
         self.forwarder = forwarder
         self.max_body_size = max_body_size
 
@@ -222,12 +226,15 @@ class ModelRouter:
         if not isinstance(requested, str) or not requested:
             where = "form field 'model'" if route.model_in == "form" else "'model'"
             return await send_error(
-                send, 400, f"missing {where}: name one of {known_models(self.supervisor)}",
+                send, 400, f"missing {where}: name one of {known_models(self.supervisor, self.peers)}",
                 code="model_required")
         name = self.supervisor.resolve(requested)
+        if (name is None and self.peers is not None and self.peers.offers(requested)
+                and _header(scope, HOP_HEADER) is None):  # came from a peer: never sent on
+            name = requested  # a peer's model: the forwarder sends it there
         if name is None:
-            return await send_error(
-                send, 404, f"unknown model {requested!r}; known: {known_models(self.supervisor)}")
+            return await send_error(send, 404, f"unknown model {requested!r}; known: "
+                                               f"{known_models(self.supervisor, self.peers)}")
         await self.forwarder.forward(
             receive, send, name, "POST", path, body, route=route.label,
             query=scope.get("query_string", b"").decode("latin-1"),

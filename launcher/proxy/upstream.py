@@ -4,7 +4,8 @@ Every streamed token crosses this code, on a machine whose cores the model serve
 so it does as little as possible: an asyncio Protocol per connection, httptools' C parser
 (which also undoes chunked encoding), and body bytes handed on as they arrive, coalesced
 when several came at once. It speaks only to model servers on loopback; everything else
-in lalo uses httpx.
+in lalo uses httpx. Peers (other lalos, launcher.peers) are reached the same way, over TLS
+for an https peer.
 
 A connection goes back to the pool only after a complete answer that allows keep-alive;
 after an error, a cancel or an answer left unread it is closed (closing is also what makes
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import cast
@@ -274,8 +276,9 @@ class UpstreamPool:
         headers: Sequence[tuple[bytes, bytes]],
         body: bytes,
         read_timeout: float,
+        tls: ssl.SSLContext | None = None,
     ) -> UpstreamResponse:
-        """Send one request and wait for the answer's headers.
+        """Send one request and wait for the answer's headers (`tls`: over TLS, checked so).
 
         Cancelled while waiting (the client went away), the connection is closed, never
         pooled: the server sees the close and stops working on the request.
@@ -288,7 +291,8 @@ class UpstreamPool:
         is_head = method == "HEAD"
         for attempt in range(2):
             # the retry takes a new connection: the other idle ones may be as stale
-            connection, reused = await self._connection(host, port, is_head, fresh=attempt > 0)
+            connection, reused = await self._connection(host, port, is_head, fresh=attempt > 0,
+                                                        tls=tls)
             assert connection.transport is not None
             connection.transport.write(payload)
             loop = asyncio.get_running_loop()
@@ -310,8 +314,8 @@ class UpstreamPool:
             return UpstreamResponse(connection, read_timeout)
         raise AssertionError("unreachable")
 
-    async def _connection(self, host: str, port: int, head: bool,
-                          fresh: bool = False) -> tuple[_Connection, bool]:
+    async def _connection(self, host: str, port: int, head: bool, fresh: bool = False,
+                          tls: ssl.SSLContext | None = None) -> tuple[_Connection, bool]:
         key = (host, port)
         idle = None if fresh else self._idle.get(key)
         now = time.monotonic()
@@ -325,7 +329,8 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         try:
             _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, key), host, port),
+                loop.create_connection(lambda: _Connection(self, key), host, port, ssl=tls,
+                                       server_hostname=host if tls is not None else None),
                 self.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:

@@ -33,6 +33,7 @@
     ramBar: byId("ram-bar"),
     ramLegend: byId("ram-legend"),
     models: byId("models"),
+    peers: byId("peers"),
     template: byId("model-template"),
   };
 
@@ -238,6 +239,26 @@
     renderOverview(status, counts);
     renderRam(status);
     renderModels(models);
+    renderPeers(status.peers || []);
+  }
+
+  // Other lalos / OpenAI servers whose models this one serves (GET api/status "peers").
+  function renderPeers(peers) {
+    ui.peers.hidden = peers.length === 0;
+    const rows = peers.map((peer) => {
+      const row = document.createElement("tr");
+      row.dataset.testid = "peer";
+      const check = peer.state === "up" ? `${peer.latency_ms} ms` : (peer.last_error || "");
+      for (const text of [peer.name, peer.url, peer.state, peer.models.join(", "), check,
+                          String(peer.requests)]) {
+        const cell = document.createElement("td");
+        cell.textContent = text;
+        row.append(cell);
+      }
+      row.children[2].className = `peer-${peer.state}`;
+      return row;
+    });
+    field(ui.peers, "peer-rows").replaceChildren(...rows);
   }
 
   function setStat(id, value, detail) {

@@ -136,7 +136,8 @@ class ModelRecord:
     def must_wake(self) -> bool:
         """Asleep (weights freed) with requests waiting, its wake not yet admitted: waking
         takes its full size back, so it is admitted like a load."""
-        return self.model.asleep and not self.wake_admitted and bool(self.queue)
+        return (self.model.asleep and not self.wake_admitted and bool(self.queue)
+                and not self.loading)  # while its wake is under way it is resident
 
     @property
     def grantable(self) -> bool:
@@ -464,17 +465,18 @@ class Supervisor:
     def _begin_load(self, load: Load) -> None:
         record = self._records[load.name]
         victims = [self._records[v] for v in load.victims]
-        record.loading = True  # resident from now on, before any await
-        record.load_began = self._clock()
-        record.restart_due = False
         if record.must_wake:
             record.wakes += 1
         else:
             record.loads += 1
+        record.loading = True  # resident from now on, before any await
+        record.load_began = self._clock()
+        record.restart_due = False
         for victim in victims:
             victim.draining = True  # no new request can lease a victim
         if victims or load.cause != "fits":
-            log.info("%s: loading: %s", load.name, load.reason)
+            log.info("%s: %s: %s", load.name, "loading" if not record.model.asleep else "waking",
+                     load.reason)
         self._spawn(self._load(record, victims, load.cause))
 
     async def _load(self, record: ModelRecord, victims: list[ModelRecord], cause: str) -> None:

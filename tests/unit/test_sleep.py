@@ -164,11 +164,11 @@ async def _until(condition: object, limit: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_a_sleeping_model_keeps_its_full_size_in_admission(
+async def test_a_sleeping_model_lends_its_freed_memory_and_wakes_through_admission(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A sleeping model holds its place in the budget at full size, so a request can always
-    wake it at once: another model that would fit only beside its small sleeping RSS evicts it
-    instead (idle, cheap to bring back), and never the other way round mid-request."""
+    """A sleeping model counts at its measured (small) RSS, so another model fits beside it;
+    its wake is admitted like a load: the other model, idle, is evicted to make room, and the
+    same process wakes (no restart). (Before, it kept its full size and was evicted.)"""
     mib = 1024**2
     asleep = {"flag": False}
     sleepy = make(tmp_path / "a")
@@ -187,17 +187,18 @@ async def test_a_sleeping_model_keeps_its_full_size_in_admission(
     sup = Supervisor([(meta[0], sleepy), (meta[1], other)], ram_budget=100 * mib,
                      measured={"a": 60 * mib, "b": 60 * mib})
     try:
-        await sup.load("a")
+        first = await sup.load("a")
         asleep["flag"] = True
         await _until(lambda: sleepy.reported_state == ModelState.SLEEPING
                      and sleepy.rss == 10 * mib)
         assert sup.status()[0]["state"] == "sleeping"
-        await sup.load("b")  # 60 + 60 > 100 although a's RSS is 10 now: a (idle) goes
-        assert sleepy.state == ModelState.STOPPED and other.state == ModelState.READY
-        assert sup.record("a").evictions == 1
+        await sup.load("b")  # 10 + 60 <= 100: b loads beside the sleeping a
+        assert sleepy.asleep and other.state == ModelState.READY
+        assert sup.record("a").evictions == 0
         asleep["flag"] = False
-        async with sup.lease("a") as endpoint:  # and back: b is idle, so it goes
-            assert endpoint.pid == sleepy.pid
+        async with sup.lease("a") as endpoint:  # a's wake needs 60: b (idle) goes
+            assert endpoint.pid == first.pid == sleepy.pid
             assert other.state == ModelState.STOPPED
+        assert sup.record("a").wakes == 1 and sup.record("b").evictions == 1
     finally:
         await sup.close()

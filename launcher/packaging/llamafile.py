@@ -4,6 +4,7 @@ byte for byte as ../shared/LLAMAFILE.md describes, without the zipalign tool.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -370,8 +371,39 @@ class _Copier:
         self.buffer = bytearray(_CHUNK_SIZE)
 
     def copy(self, src: BufferedReader, size: int, source: Path) -> int:
-        """Copy exactly `size` bytes of `src` from its current position; return their CRC-32."""
+        """Copy exactly `size` bytes of `src` from its current position; return their CRC-32.
+
+        Holes in a sparse `src` stay holes in the output (the CRC counts their zeros), so a
+        sparse model costs no disk twice; where the file system cannot tell, all is data.
+        """
         crc = 0
+        position = src.tell()
+        end = position + size
+        while position < end:
+            data = position if _SEEK_DATA is None else _next_offset(src, position, _SEEK_DATA, end)
+            if data == end and os.fstat(src.fileno()).st_size < end:
+                data = position  # no data left because the file shrank: reading says so
+            if data > position:
+                crc = _zeros_crc(crc, data - position)
+                self.dest.seek(data - position, os.SEEK_CUR)
+                self.advance(data - position)
+                position = data
+            if position == end:
+                break
+            hole = end if _SEEK_HOLE is None else _next_offset(src, position, _SEEK_HOLE, end)
+            if hole <= position:
+                hole = end
+            src.seek(position)
+            crc = self._copy_data(src, hole - position, crc, source)
+            position = hole
+        src.seek(end)
+        if src.read(1):
+            raise PackagingError(f"{source}: file grew while being copied")
+        if os.fstat(src.fileno()).st_size < end:
+            raise PackagingError(f"{source}: file shrank while being copied")
+        return crc
+
+    def _copy_data(self, src: BufferedReader, size: int, crc: int, source: Path) -> int:
         view = memoryview(self.buffer)
         left = size
         while left:
@@ -382,14 +414,41 @@ class _Copier:
             self.dest.write(view[:got])
             left -= got
             self.advance(got)
-        if src.read(1):
-            raise PackagingError(f"{source}: file grew while being copied")
         return crc
 
     def advance(self, count: int) -> None:
         self.done += count
         if self.progress is not None:
             self.progress(self.done, self.total)
+
+
+_SEEK_DATA: int | None = getattr(os, "SEEK_DATA", None)  # Linux, macOS; not Windows
+_SEEK_HOLE: int | None = getattr(os, "SEEK_HOLE", None)
+_ZEROS = bytes(_CHUNK_SIZE)
+
+
+def _next_offset(src: BufferedReader, position: int, whence: int, end: int) -> int:
+    """Where the next data (SEEK_DATA) or hole (SEEK_HOLE) starts at or after `position`, at
+    most `end`; where the file system cannot tell, all is data. The file's offset is put back
+    (the buffered reader keeps its own idea of it)."""
+    fd = src.fileno()
+    saved = os.lseek(fd, 0, os.SEEK_CUR)
+    try:
+        return min(os.lseek(fd, position, whence), end)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO and whence == _SEEK_DATA:
+            return end  # only a hole from here to the end
+        return position if whence == _SEEK_DATA else end
+    finally:
+        os.lseek(fd, saved, os.SEEK_SET)
+
+
+def _zeros_crc(crc: int, count: int) -> int:
+    while count:
+        step = min(count, _CHUNK_SIZE)
+        crc = zlib.crc32(_ZEROS[:step], crc) if step < _CHUNK_SIZE else zlib.crc32(_ZEROS, crc)
+        count -= step
+    return crc
 
 
 def _append_entry(copier: _Copier, name: str, source: Path | bytes, alignment: int) -> ZipEntry:

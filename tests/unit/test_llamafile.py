@@ -528,3 +528,26 @@ def test_a_llamafile_can_be_the_runtime_of_another(built: Built, tmp_path: Path)
     assert [i.filename for i in archive.infolist()].count("tiny.gguf") == 1
     assert again.model_entry.header_offset > len(built.data)
     assert os.path.getsize(tmp_path / "again") == again.size
+
+
+def test_holes_in_a_sparse_model_stay_holes(tmp_path: Path) -> None:
+    # Data islands at the start, in the middle (not on a block boundary) and at the end, with
+    # holes of several MiB between: the entry reads back byte for byte, CRC included, and the
+    # output takes about the islands' disk space, not the model's size.
+    model = tmp_path / "sparse.gguf"
+    islands = {0: b"GGUF" + _random_bytes(5000, 1), 9_000_001: _random_bytes(70_000, 2),
+               40 * 1024**2 - 3: b"end"}
+    with model.open("wb") as f:
+        for offset, data in islands.items():
+            f.seek(offset)
+            f.write(data)
+    runtime = tmp_path / "runtime"
+    runtime.write_bytes(b"MZqFpD='\n" + _random_bytes(1000, 3))
+    out = tmp_path / "out.llamafile"
+    write_llamafile(runtime, model, out)
+    expected = model.read_bytes()
+    with zipfile.ZipFile(out) as archive:
+        assert archive.testzip() is None
+        assert archive.read("sparse.gguf") == expected
+    if model.stat().st_blocks * 512 < 1024**2:  # the file system keeps holes
+        assert out.stat().st_blocks * 512 < 2 * 1024**2

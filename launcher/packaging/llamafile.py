@@ -1,4 +1,4 @@
-"""Write and read llamafiles (runtime + page-aligned stored GGUF + `.args` + ZIP64 directory),
+"""Write llamafiles (runtime + page-aligned stored GGUF + `.args` + ZIP64 directory),
 byte for byte as ../shared/LLAMAFILE.md describes, without the zipalign tool.
 """
 
@@ -9,13 +9,13 @@ import os
 import re
 import stat
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
 from typing import BinaryIO
 
-from launcher.errors import GGUFError, PackagingError
+from launcher.errors import PackagingError
 from launcher.packaging import zip64
 from launcher.packaging.atomic import atomic_output
 from launcher.packaging.zip64 import ZipEntry
@@ -27,17 +27,11 @@ DEFAULT_RUNTIME_VERSION = "0.10"
 WINDOWS_MAX_SIZE = 4 * 1024**3
 ARGS_ENTRY = ".args"
 MODEL_SUFFIX = ".gguf"
-GGUF_MAGIC = b"GGUF"
 USER_ARGS_MARKER = "..."
 
 _CHUNK_SIZE = 8 * 1024 * 1024
-_BLANKS = " \t\r\n\f\v"
 _UNSAFE_CHARS = frozenset("'\"$\\")
 _VERSION = re.compile(r"^(\d+)\.(\d+)")
-_VAR_NAME = re.compile(r"[A-Za-z0-9_]+")
-_HEX_ESCAPE = re.compile(r"\\x([0-9A-Fa-f]{1,2})")
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{1,3})")
-_C_ESCAPES = dict(zip("abtnvfre", "\a\b\t\n\v\f\r\x1b", strict=True))
 
 Progress = Callable[[int, int], None]
 """Called as progress(bytes_written, bytes_total) while copying the runtime and inputs."""
@@ -54,27 +48,6 @@ class LlamafileResult:
     args: tuple[str, ...]
     """The tokens written to `.args` before the trailing `...`."""
     warnings: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class LlamafileInfo:
-    """A llamafile's zip entries as read back from its (ZIP64) central directory."""
-
-    path: Path
-    size: int
-    runtime_length: int
-    """Bytes before the first zip entry: the runtime's own zip, or else our first entry."""
-    entries: tuple[ZipEntry, ...]
-
-    def find_model_entry(self) -> ZipEntry:
-        """The one stored `.gguf` entry; PackagingError when there is none or several."""
-        models = [e for e in self.entries if e.name.endswith(MODEL_SUFFIX)]
-        if len(models) != 1:
-            found = ", ".join(e.name for e in models) or "none"
-            raise PackagingError(f"{self.path}: expected one {MODEL_SUFFIX} entry, found {found}")
-        if models[0].method != zip64.METHOD_STORED:
-            raise PackagingError(f"{self.path}: {models[0].name} is compressed; it must be stored")
-        return models[0]
 
 
 # --- .args ---------------------------------------------------------------------------------
@@ -128,112 +101,6 @@ def _check_token(token: str) -> None:
         )
 
 
-def parse_args_file(
-    text: str,
-    user_args: Sequence[str] = (),
-    environ: Mapping[str, str] | None = None,
-) -> list[str]:
-    """The argv (without argv[0]) a runtime builds from `.args` text and the user's args.
-
-    Follows cosmopolitan's cosmo_args(): blanks split, `#` at a token's start comments to
-    the end of the line, '...' is literal, "..." takes C escapes and $VAR, unquoted $VAR and
-    ${VAR} expand (unset is empty), a standalone `...` becomes user_args, which otherwise go
-    at the end.
-    """
-    env = os.environ if environ is None else environ
-    args: list[str] = []
-    placed_user_args = False
-    i = 0
-    while i < len(text):
-        if text[i] in _BLANKS:
-            i += 1
-        elif text[i] == "#":
-            newline = text.find("\n", i)
-            i = len(text) if newline < 0 else newline + 1
-        elif text.startswith(USER_ARGS_MARKER, i) and text[i + 3 : i + 4] in ("", *_BLANKS):
-            args.extend(user_args)
-            placed_user_args = True
-            i += 3
-        else:
-            token, i = _scan_token(text, i, env)
-            args.append(token)
-    if not placed_user_args:
-        args.extend(user_args)
-    return args
-
-
-def _scan_token(text: str, i: int, env: Mapping[str, str]) -> tuple[str, int]:
-    parts: list[str] = []
-    while i < len(text) and text[i] not in _BLANKS:
-        c = text[i]
-        if c == "'":
-            close = text.find("'", i + 1)
-            close = len(text) if close < 0 else close
-            parts.append(text[i + 1 : close])
-            i = close + 1
-        elif c == '"':
-            i = _scan_dquoted(text, i + 1, env, parts)
-        elif c == "$":
-            value, i = _expand_var(text, i + 1, env)
-            parts.append(value)
-        elif c == "\\":
-            escaped, i = _escaped_char(text, i + 1)
-            parts.append(_C_ESCAPES.get(escaped, escaped))
-        else:
-            parts.append(c)
-            i += 1
-    return "".join(parts), i
-
-
-def _scan_dquoted(text: str, i: int, env: Mapping[str, str], parts: list[str]) -> int:
-    """Append the body of a "..." string starting at `i`; return the index after its end."""
-    while i < len(text) and text[i] != '"':
-        c = text[i]
-        if c == "$":
-            value, i = _expand_var(text, i + 1, env)
-            parts.append(value)
-        elif numeric := _HEX_ESCAPE.match(text, i):
-            parts.append(chr(int(numeric[1], 16)))
-            i = numeric.end()
-        elif numeric := _OCTAL_ESCAPE.match(text, i):
-            parts.append(chr(int(numeric[1], 8)))
-            i = numeric.end()
-        elif c == "\\":
-            escaped, i = _escaped_char(text, i + 1)
-            parts.append(_C_ESCAPES.get(escaped, escaped))
-        else:
-            parts.append(c)
-            i += 1
-    return i + 1
-
-
-def _escaped_char(text: str, i: int) -> tuple[str, int]:
-    """The character after a backslash; a backslash-newline (a line continuation) gives ""."""
-    if text.startswith("\r\n", i):
-        return "", i + 2
-    if text.startswith("\n", i):
-        return "", i + 1
-    return text[i : i + 1], i + 1
-
-
-def _expand_var(text: str, i: int, env: Mapping[str, str]) -> tuple[str, int]:
-    """Expand the variable whose name starts at `i` (just after a `$`)."""
-    name = _VAR_NAME.match(text, i)
-    if name:
-        return env.get(name[0], ""), name.end()
-    if text.startswith("{", i):
-        close = text.find("}", i)
-        if close < 0:
-            return "$" + text[i:], len(text)
-        return env.get(text[i + 1 : close], ""), close + 1
-    if text.startswith("$", i):  # `$$` is one literal dollar
-        return "$", i + 1
-    return "$", i
-
-
-# --- writing -------------------------------------------------------------------------------
-
-
 def windows_warnings(size: int, out_name: str) -> tuple[str, ...]:
     """Why a llamafile of this size and name will not start on Windows, if it will not."""
     warnings = []
@@ -266,10 +133,11 @@ def write_llamafile(
     """
     name = entry_name if entry_name is not None else _default_entry_name(model)
     _check_entry_name(name)
-    tokens = _args_tokens(name, args, runtime_version)
+    text = build_args(name, args, runtime_version=runtime_version)
+    tokens = text.splitlines()[:-1]  # before the trailing `...`
     entries = append_aligned(
         runtime,
-        [(name, model), (ARGS_ENTRY, _format_args(tokens).encode())],
+        [(name, model), (ARGS_ENTRY, text.encode())],
         out,
         alignment=alignment,
         progress=progress,
@@ -492,33 +360,3 @@ def _write_directory(dest: BinaryIO, entries: Sequence[ZipEntry]) -> None:
     directory = b"".join(entry.central_record for entry in entries)
     dest.write(directory)
     dest.write(zip64.end_records(cd_offset, len(directory), len(entries)))
-
-
-# --- reading -------------------------------------------------------------------------------
-
-
-def read_llamafile(path: Path) -> LlamafileInfo:
-    """The zip entries of a llamafile (ZIP64-aware) and where its runtime ends.
-
-    PackagingError when it is not a zip-bearing executable or its directory is corrupt;
-    GGUFError when a stored `.gguf` entry does not hold GGUF bytes.
-    """
-    try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            entries = zip64.read_central_directory(f, size, path)
-            if not entries:
-                raise PackagingError(f"{path}: not a llamafile: it holds no zip entries")
-            for entry in entries:
-                if entry.name.endswith(MODEL_SUFFIX) and entry.method == zip64.METHOD_STORED:
-                    f.seek(entry.data_offset)
-                    if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
-                        raise GGUFError(f"{path}: entry {entry.name} does not hold a GGUF model")
-    except OSError as exc:
-        raise PackagingError(f"cannot read {path}: {exc}") from exc
-    return LlamafileInfo(
-        path=path,
-        size=size,
-        runtime_length=min(entry.header_offset for entry in entries),
-        entries=entries,
-    )

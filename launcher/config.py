@@ -275,15 +275,6 @@ class LoadedConfig:
             raise ConfigError(f"models.{name}: is a catalog model; resolve it first")
         return resolve_path(model.file, self.base_dir)
 
-    def resolve_name(self, name: str) -> str | None:
-        """Model name for a name or alias, or None."""
-        if name in self.config.models:
-            return name
-        for model_name, model in self.config.models.items():
-            if name in model.aliases:
-                return model_name
-        return None
-
     def describe_source(self) -> str:
         return str(self.source) if self.source is not None else "built-in default"
 

@@ -25,7 +25,6 @@ from launcher.errors import ConfigError, HubError, UsageError
 from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes
 from launcher.licenses import lookup
 from launcher.models.hub import HubClient, HubFile, ProgressCallback, PullResult
-from launcher.models.resolve import CatalogResolver
 from launcher.models.wheels import (
     LineCallback,
     PhaseProgress,
@@ -36,6 +35,9 @@ from launcher.models.wheels import (
     stderr_line,
 )
 from launcher.yamlfile import read_yaml, where
+
+# name -> (path of the GGUF to load, or None when not available yet, facts when known without a file)
+CatalogResolver = Callable[[str, ModelConfig], tuple[Path | None, ModelFacts | None]]
 
 CATALOG_ENV = "LALO_CATALOG"  # another catalog file instead of the packaged one
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.config import LoadedConfig, ModelConfig
 from launcher.errors import ConfigError, HubError, UsageError
-from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes
+from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes, conv_state_bytes
 from launcher.licenses import lookup
 from launcher.models.hub import HubClient, HubFile, ProgressCallback, PullResult
 from launcher.models.wheels import (
@@ -278,8 +278,7 @@ class CatalogEntry(_Strict):
         arch = self.architecture
         recurrent = 0
         if arch.conv_l_cache is not None:
-            # Same formula as ModelFacts.from_gguf: a (l_cache - 1) x n_embd f32 conv state.
-            recurrent = (arch.conv_l_cache - 1) * arch.n_embd * 4
+            recurrent = conv_state_bytes(arch.conv_l_cache, arch.n_embd)
         return ModelFacts(
             architecture=arch.name,
             parameters=arch.parameters,

@@ -195,18 +195,21 @@ class Running:
                                    text=True, timeout=30, check=True).stdout
             assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"]
 
-    def chat(self, model: str, question: str = "hello", max_tokens: int = 6) -> dict[str, object]:
+    def chat(self, model: str, question: str = "hello", max_tokens: int = 6,
+             system: str | None = None) -> dict[str, object]:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": question})
         response = self.inside(lambda: httpx.post(
             self.url + "/v1/chat/completions", timeout=60.0, trust_env=False,
             json={"model": model, "max_tokens": max_tokens, "temperature": 0,
-                  "messages": [{"role": "user", "content": question}]},
+                  "messages": messages},
         ))
         assert response.status_code == 200, response.text
         return dict(response.json())
 
     def ask_paris(self, model: str) -> dict[str, object]:
         """The real model's answer to QUESTION, which names Paris."""
-        reply = self.chat(model, QUESTION, max_tokens=16)
+        reply = self.chat(model, QUESTION, max_tokens=24, system="You are a helpful assistant.")
         choices = reply["choices"]
         assert isinstance(choices, list)
         assert "Paris" in choices[0]["message"]["content"], reply

@@ -30,7 +30,6 @@ from launcher.yamlfile import Lines, describe, read_yaml, where
 
 CONFIG_NAME = "lalo.yaml"
 EngineKind = Literal["llama-server", "llamafile", "llama-cpp-python"]
-ENGINE_KINDS: tuple[str, ...] = ("llama-server", "llamafile", "llama-cpp-python")
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
                         r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$")
 _ORIGIN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+$")

@@ -24,7 +24,8 @@ from launcher.config import LoadedConfig, ModelConfig
 from launcher.errors import ConfigError, HubError, UsageError
 from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes, conv_state_bytes
 from launcher.licenses import lookup
-from launcher.models.hub import HubClient, HubFile, ProgressCallback, PullResult
+from launcher.models.download import ProgressCallback
+from launcher.models.hub import HubClient, HubFile, PullResult
 from launcher.models.wheels import (
     LineCallback,
     PhaseProgress,

@@ -1,7 +1,7 @@
 """Pulling GGUF files from the Hugging Face hub into its cache, verified before they are used.
 
 huggingface_hub's public API does the hub's part (file metadata, auth headers, URLs, reading and
-scanning its cache, its progress bar); the transfer itself is one ranged GET with httpx into
+scanning its cache); the transfer itself (launcher/models/download.py) is one ranged GET into
 the blob's `.incomplete` file, which stays between runs so an interrupted pull resumes
 (huggingface_hub 2.x's hf_hub_download deletes a partial download). The sha256 is checked
 against the hub's LFS metadata and the catalog pin *before* the blob and its snapshot link
@@ -45,12 +45,12 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-# Public helpers (listed in huggingface_hub.utils.__all__), exported lazily where mypy cannot see.
+# A public helper (listed in huggingface_hub.utils.__all__), exported lazily where mypy cannot see.
 from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
-from huggingface_hub.utils import tqdm as hf_tqdm  # type: ignore[attr-defined]
 
 from launcher.digest import file_sha256
 from launcher.errors import HubError, IntegrityError, UsageError
+from launcher.models.download import ProgressBar, ProgressCallback, fetch
 from launcher.units import format_size
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,10 @@ log = logging.getLogger(__name__)
 DEFAULT_ENDPOINT = "https://huggingface.co"
 HF_SCHEME = "hf://"
 METADATA_TIMEOUT = 10.0
-DOWNLOAD_TIMEOUT = 30.0  # seconds without a byte before a transfer counts as dropped
-DOWNLOAD_CHUNK = 1024**2
-DOWNLOAD_RETRIES = 5  # reconnections within one pull, each resuming where the last stopped
 DISK_MARGIN = 64 * 1024**2  # keep this much free beyond the file itself
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TRUE = {"1", "on", "yes", "true"}
-
-ProgressCallback = Callable[[int, "int | None"], None]  # (bytes so far, total bytes)
-
 
 class _DiskSpace(Protocol):
     @property
@@ -380,13 +374,13 @@ class HubClient:
                 headers.pop("authorization", None)  # signed CDN URL: the token stays on the hub
             if have:
                 log.info("%s: resuming at byte %d", file.ref, have)
-            with _ProgressBar(
+            with ProgressBar(
                 callback=progress, disable=not show_progress, file=sys.stderr, total=remote.size,
                 initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=Path(file.filename).name, mininterval=0.5 if sys.stderr.isatty() else 5.0,
             ) as bar:
                 try:
-                    _fetch(remote.url, partial, headers, bar)
+                    fetch(remote.url, partial, headers, bar)
                 except httpx.HTTPStatusError as exc:
                     status = exc.response.status_code
                     if status == 416:
@@ -501,57 +495,6 @@ class HubClient:
                     partial.unlink()
                     removed.append(partial)
         return removed
-
-
-class _ProgressBar(hf_tqdm):
-    """huggingface_hub's download bar (it honours HF_HUB_DISABLE_PROGRESS_BARS), also
-    reporting (bytes so far, total) to a callback."""
-
-    def __init__(self, *args: Any, callback: ProgressCallback | None = None, **kwargs: Any) -> None:
-        self._callback = callback
-        self._done = int(kwargs.get("initial") or 0)
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        if callback is not None:
-            callback(self._done, self.total)
-
-    def update(self, n: float | None = 1) -> bool | None:
-        step = int(n or 0)
-        self._done += step
-        if self._callback is not None:
-            self._callback(self._done, self.total)
-        result: bool | None = super().update(n)
-        return result
-
-
-def _fetch(url: str, partial: Path, headers: dict[str, str], bar: _ProgressBar) -> None:
-    """GET `url` onto the end of `partial` (a Range request when it holds a prefix); a
-    connection dropped mid-transfer is taken up again where it stopped, as long as bytes come.
-    A server that ignores Range sends the whole file: the prefix is dropped."""
-    retries = DOWNLOAD_RETRIES
-    with httpx.Client(follow_redirects=True, timeout=DOWNLOAD_TIMEOUT) as client:
-        while True:
-            have = partial.stat().st_size if partial.exists() else 0
-            ranged = {**headers, "Range": f"bytes={have}-"} if have else headers
-            received = 0
-            try:
-                with client.stream("GET", url, headers=ranged) as response:
-                    response.raise_for_status()
-                    with partial.open("r+b" if partial.exists() else "wb") as out:
-                        if have and response.status_code != 206:
-                            out.truncate(0)
-                            bar.update(-have)
-                        else:
-                            out.seek(have)
-                        for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
-                            out.write(chunk)
-                            received += len(chunk)
-                            bar.update(len(chunk))
-                return
-            except httpx.TransportError:
-                if not received or retries == 0:
-                    raise
-                retries -= 1
-                log.warning("%s: connection dropped after %d bytes; resuming", url, received)
 
 
 def _sha_or_none(etag: str) -> str | None:

@@ -9,7 +9,8 @@ compared here with the files that went in. Three runtimes: `ent.com` (an Actuall
 Executable with a zip of its own, from the package's macOS wheel, run with `sh` as an APE is
 on a Linux without binfmt_misc; it extracts its loader to TMPDIR), `ent.elf` from the Linux
 wheel with its zip cut off (a runtime without a zip: lalo writes the only one; the wheel's
-`pledge` cannot stand in, it has a zip of its own and reads no `/zip/` path it is given), and a sparse
+`pledge` cannot stand in: it has a zip of its own, and it runs a program rather than reading a
+file), and a sparse
 model above 4 GiB (ZIP64 sizes and offsets; the sparse file and the llamafile cost no disk).
 """
 

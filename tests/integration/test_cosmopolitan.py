@@ -10,8 +10,8 @@ Executable with a zip of its own, from the package's macOS wheel, run with `sh` 
 on a Linux without binfmt_misc; it extracts its loader to TMPDIR), `ent.elf` from the Linux
 wheel with its zip cut off (a runtime without a zip: lalo writes the only one; the wheel's
 `pledge` cannot stand in: it has a zip of its own, and it runs a program rather than reading a
-file), and a sparse
-model above 4 GiB (ZIP64 sizes and offsets; the sparse file and the llamafile cost no disk).
+file), and a sparse model above 4 GiB (ZIP64 sizes and offsets; the sparse file and the
+llamafile cost no disk).
 """
 
 from __future__ import annotations

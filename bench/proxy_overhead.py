@@ -340,7 +340,7 @@ def report(results: dict[str, Any], out: Path, samples: int) -> None:
     summary["lalo_rss"] = results["lalo_rss"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "proxy-benchmark.json").write_text(json.dumps({"summary": summary, "raw": results}, indent=1))
-    plot(ms, decode, out / "proxy-benchmark.png")
+    plotted = plot(ms, decode, out / "proxy-benchmark.png")
     proxies = names[1:]
     rows = [summary[name] for name in names]
 
@@ -393,21 +393,22 @@ def report(results: dict[str, Any], out: Path, samples: int) -> None:
         "Requests retried on a keep-alive connection the server had already closed "
         "(llama-server's HTTP library drops one after 100 requests; the retry restarts the "
         f"clock): {results.get('reconnects') or 'none'}.",
-        "",
-        "![TTFT and decode speed](proxy-benchmark.png)",
+        *(["", "![TTFT and decode speed](proxy-benchmark.png)"] if plotted else []),
     ]
     (out / "proxy-benchmark.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def plot(ttft_ms: dict[str, list[float]], decode: dict[str, list[float]], path: Path) -> None:
+def plot(ttft_ms: dict[str, list[float]], decode: dict[str, list[float]], path: Path) -> bool:
+    """The figure, when matplotlib is installed (no extra brings it: the report does not need it)."""
     try:
         import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        return False
 
     names = list(ttft_ms)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -422,6 +423,7 @@ def plot(ttft_ms: dict[str, list[float]], decode: dict[str, list[float]], path: 
     right.set_title("350M Q4_K_M, 128 tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    return True
 
 
 if __name__ == "__main__":

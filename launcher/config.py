@@ -31,7 +31,6 @@ from launcher.yamlfile import Lines, describe, read_yaml, where
 
 CONFIG_NAME = "lalo.yaml"
 EngineKind = Literal["llama-server", "llamafile", "llama-cpp-python"]
-ENGINE_KINDS: tuple[str, ...] = ("llama-server", "llamafile", "llama-cpp-python")
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
                         r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$")
 _ORIGIN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+$")
@@ -345,15 +344,6 @@ class LoadedConfig:
         if model.file is None:
             raise ConfigError(f"models.{name}: is a catalog model; resolve it first")
         return resolve_path(model.file, self.base_dir)
-
-    def resolve_name(self, name: str) -> str | None:
-        """Model name for a name or alias, or None."""
-        if name in self.config.models:
-            return name
-        for model_name, model in self.config.models.items():
-            if name in model.aliases:
-                return model_name
-        return None
 
     def describe_source(self) -> str:
         return str(self.source) if self.source is not None else "built-in default"

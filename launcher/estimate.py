@@ -80,6 +80,12 @@ QUANT_BITS = {
 }
 
 
+def conv_state_bytes(l_cache: int, n_embd: int) -> int:
+    """Per-sequence state of one short-convolution layer (lfm2): the last `l_cache - 1` inputs
+    of width n_embd, f32 (llama.cpp's llama_memory_recurrent r_l)."""
+    return (l_cache - 1) * n_embd * 4
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """The architecture facts that decide memory, from a GGUF header or a catalog entry."""
@@ -120,7 +126,7 @@ class ModelFacts:
         recurrent = 0
         if info.architecture.startswith("lfm2"):
             l_cache = int(info.arch_value("shortconv.l_cache", 3))
-            recurrent = (l_cache - 1) * info.embedding_length * 4
+            recurrent = conv_state_bytes(l_cache, info.embedding_length)
         window = int(info.arch_value("attention.sliding_window", 0) or 0)
         pattern = info.arch_value("attention.sliding_window_pattern", SWA_PATTERNS.get(info.architecture))
         swa = swa_layer_flags(info.block_count, pattern) if window > 0 and pattern is not None else ()

@@ -1,4 +1,4 @@
-"""The licence gate for redistribution: which licences a bundle may ship, and NOTICE texts.
+"""The licence gate for redistribution: which licences a bundle may ship, and NOTICE entries.
 
 The default allow-list holds permissive SPDX licences only (MIT, Apache-2.0, BSD variants).
 Anything else, custom model licences above all, is refused unless the bundle spec names
@@ -7,10 +7,8 @@ its id in `licenses.allow`; the decision always says why.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-
-from launcher.errors import LicenseError
 
 
 @dataclass(frozen=True)
@@ -208,16 +206,6 @@ def check_redistribution(
     )
 
 
-def require_redistribution(
-    model_id: str, license_id: str | None, allowed_extra: Iterable[str] = ()
-) -> LicenseDecision:
-    """check_redistribution, raising LicenseError with the reason when refused."""
-    decision = check_redistribution(model_id, license_id, allowed_extra)
-    if not decision.allowed:
-        raise LicenseError(f"licence gate: {decision.reason}")
-    return decision
-
-
 def _describe(license_id: str, known: License | None) -> str:
     if known is None:
         return f"licence {license_id!r}"
@@ -258,100 +246,3 @@ def notice_entry(component: Component) -> str:
     if component.note:
         lines.append(f"  Note: {component.note}")
     return "\n".join(lines)
-
-
-def notice_text(product: str, components: Sequence[Component]) -> str:
-    """A NOTICE file for `product`: every component's entry, in the given order."""
-    header = (
-        f"{product}\n\nThis distribution includes the following third-party components, each "
-        "under its own licence. Licence texts are in the licenses/ folder beside this file.\n"
-    )
-    return header + "\n" + "\n\n".join(notice_entry(c) for c in components) + "\n"
-
-
-# Components every lalo distribution ships (the engine and lalo's runtime dependencies).
-ENGINE_COMPONENTS: tuple[Component, ...] = (
-    Component(
-        "llama.cpp",
-        "MIT",
-        "Copyright (c) 2023-2024 The ggml authors",
-        "https://github.com/ggml-org/llama.cpp",
-    ),
-    Component(
-        "llamafile",
-        "Apache-2.0",
-        "Copyright 2023 Mozilla Foundation",
-        "https://github.com/Mozilla-Ocho/llamafile",
-        note="only in llamafile targets",
-    ),
-)
-PYTHON_COMPONENTS: tuple[Component, ...] = (
-    Component("lalo-launcher", "Apache-2.0", "Copyright LALO AI", "this product"),
-    Component(
-        "httpx",
-        "BSD-3-Clause",
-        "Copyright (c) 2019, Encode OSS Ltd.",
-        "https://github.com/encode/httpx",
-    ),
-    Component(
-        "uvicorn",
-        "BSD-3-Clause",
-        "Copyright (c) 2017-present, Encode OSS Ltd.",
-        "https://github.com/encode/uvicorn",
-    ),
-    Component(
-        "starlette",
-        "BSD-3-Clause",
-        "Copyright (c) 2018, Encode OSS Ltd.",
-        "https://github.com/encode/starlette",
-    ),
-    Component("typer", "MIT", "Copyright (c) 2019 Sebastián Ramírez", "https://github.com/fastapi/typer"),
-    Component(
-        "pydantic",
-        "MIT",
-        "Copyright (c) 2017 to present Pydantic Services Inc. and individual contributors",
-        "https://github.com/pydantic/pydantic",
-    ),
-    Component(
-        "PyYAML",
-        "MIT",
-        "Copyright (c) 2017-2021 Ingy döt Net, Copyright (c) 2006-2016 Kirill Simonov",
-        "https://github.com/yaml/pyyaml",
-    ),
-    Component(
-        "psutil",
-        "BSD-3-Clause",
-        "Copyright (c) 2009, Jay Loden, Dave Daeschler, Giampaolo Rodola",
-        "https://github.com/giampaolo/psutil",
-    ),
-    Component(
-        "platformdirs",
-        "MIT",
-        "Copyright (c) 2010-202x The platformdirs developers",
-        "https://github.com/tox-dev/platformdirs",
-    ),
-    Component(
-        "numpy",
-        "BSD-3-Clause",
-        "Copyright (c) 2005-2024, NumPy Developers",
-        "https://github.com/numpy/numpy",
-    ),
-    Component(
-        "gguf",
-        "MIT",
-        "Copyright (c) 2023-2024 The ggml authors",
-        "https://github.com/ggml-org/llama.cpp/tree/master/gguf-py",
-    ),
-    Component(
-        "huggingface_hub",
-        "Apache-2.0",
-        "Copyright 2022- The HuggingFace Team",
-        "https://github.com/huggingface/huggingface_hub",
-    ),
-    Component(
-        "prometheus-client",
-        "Apache-2.0",
-        "Copyright 2015 The Prometheus Authors",
-        "https://github.com/prometheus/client_python",
-    ),
-)

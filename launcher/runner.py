@@ -33,7 +33,7 @@ from launcher.engines.llama_server import LlamaServerEngine
 from launcher.engines.llamafile import LlamafileEngine
 from launcher.errors import EngineError, LaloError, StartupError
 from launcher.measurements import Measurements, measurement_key, with_measurements
-from launcher.models.resolve import CatalogResolver, ResolvedModel, resolve_models
+from launcher.models.resolve import ResolvedModel, resolve_models
 from launcher.planner import Plan, compute_budget, make_plan
 from launcher.supervisor import platform
 from launcher.supervisor.instance import ChildRecords, InstanceInfo, InstanceLock
@@ -46,6 +46,7 @@ from launcher.supervisor.supervisor import SupervisedModel, Supervisor, Supervis
 from launcher.units import format_size
 
 if TYPE_CHECKING:  # imported at run time only once the model servers are starting
+    from launcher.models.catalog import CatalogResolver
     from launcher.peers import PeerTable
     from launcher.proxy.upstream import UpstreamPool
 

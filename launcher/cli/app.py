@@ -8,7 +8,7 @@ import typer
 from typer.exceptions import TyperException
 
 from launcher import __version__
-from launcher.cli.main import configure_logging, fail, quiet_broken_pipe
+from launcher.cli.console import configure_logging, fail, quiet_broken_pipe
 from launcher.errors import LaloError
 
 app = typer.Typer(

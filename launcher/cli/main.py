@@ -11,13 +11,13 @@ checks that both parse every accepted form the same way.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from launcher.cli.console import configure_logging, fail, quiet_broken_pipe
 from launcher.errors import LaloError
 
 if TYPE_CHECKING:
@@ -112,23 +112,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail("interrupted", 130)
     except BrokenPipeError:
         quiet_broken_pipe()
-    sys.exit(code)
-
-
-def configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def quiet_broken_pipe() -> None:
-    """stdout was closed early (`lalo ... | head`): exit 1, not worth a traceback."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    sys.exit(1)
-
-
-def fail(message: str, code: int) -> None:
-    """One line on stderr and lalo's exit code: how every error ends the `lalo` command."""
-    print(f"lalo: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, Protocol
 
+from filelock import FileLock, Timeout
+
 from launcher import __version__, paths
 from launcher.digest import file_sha256
 from launcher.engines import source as sources
@@ -344,21 +346,15 @@ class EngineBuilder:
     @contextlib.contextmanager
     def _lock(self, key: str) -> Iterator[None]:
         """One build per key at a time: they would share the build tree and the staging names."""
+        lock = FileLock(self.engines_root / f".lock-{key}")
         try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks worth having here
+            lock.acquire(timeout=0)
+        except Timeout as exc:
+            raise EngineError(f"another `lalo engine build` of {key} is running") from exc
+        try:
             yield
-            return
-        lock_path = self.engines_root / f".lock-{key}"
-        with lock_path.open("w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise EngineError(f"another `lalo engine build` of {key} is running") from exc
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        finally:
+            lock.release()
 
     def _build_locked(
         self,

@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.config import LoadedConfig, ModelConfig
 from launcher.errors import ConfigError, HubError, UsageError
-from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes
+from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes, conv_state_bytes
 from launcher.licenses import lookup
-from launcher.models.hub import HubClient, HubFile, ProgressCallback, PullResult
-from launcher.models.resolve import CatalogResolver
+from launcher.models.download import ProgressCallback
+from launcher.models.hub import HubClient, HubFile, PullResult
 from launcher.models.wheels import (
     LineCallback,
     PhaseProgress,
@@ -36,6 +36,9 @@ from launcher.models.wheels import (
     stderr_line,
 )
 from launcher.yamlfile import read_yaml, where
+
+# name -> (path of the GGUF to load, or None when not available yet, facts when known without a file)
+CatalogResolver = Callable[[str, ModelConfig], tuple[Path | None, ModelFacts | None]]
 
 CATALOG_ENV = "LALO_CATALOG"  # another catalog file instead of the packaged one
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -276,8 +279,7 @@ class CatalogEntry(_Strict):
         arch = self.architecture
         recurrent = 0
         if arch.conv_l_cache is not None:
-            # Same formula as ModelFacts.from_gguf: a (l_cache - 1) x n_embd f32 conv state.
-            recurrent = (arch.conv_l_cache - 1) * arch.n_embd * 4
+            recurrent = conv_state_bytes(arch.conv_l_cache, arch.n_embd)
         return ModelFacts(
             architecture=arch.name,
             parameters=arch.parameters,

@@ -1,9 +1,11 @@
 """Pulling GGUF files from the Hugging Face hub into its cache, verified before they are used.
 
-huggingface_hub does the talking (HEAD metadata, redirects, auth, ranged GETs with retries and
-its progress bar); this module keeps the partial file between runs so an interrupted pull
-resumes, checks the sha256 against the hub's LFS metadata and the catalog pin *before* the
-blob and its snapshot link appear in the cache, and maps hub exceptions to HubError:
+huggingface_hub's public API does the hub's part (file metadata, auth headers, URLs, reading and
+scanning its cache); the transfer itself (launcher/models/download.py) is one ranged GET into
+the blob's `.incomplete` file, which stays between runs so an interrupted pull resumes
+(huggingface_hub 2.x's hf_hub_download deletes a partial download). The sha256 is checked
+against the hub's LFS metadata and the catalog pin *before* the blob and its snapshot link
+appear in the cache; hub exceptions are mapped to HubError:
 
     HubError
     ├── HubNotFoundError      repository, revision or file does not exist (or needs a token)
@@ -14,7 +16,6 @@ blob and its snapshot link appear in the cache, and maps hub exceptions to HubEr
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -26,8 +27,15 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
-import httpx2
-from huggingface_hub import get_hf_file_metadata, hf_hub_url
+import httpx
+from filelock import FileLock
+from huggingface_hub import (
+    CacheNotFound,
+    get_hf_file_metadata,
+    hf_hub_url,
+    scan_cache_dir,
+    try_to_load_from_cache,
+)
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -36,17 +44,13 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.file_download import http_get, repo_folder_name
 
-# Public helpers (listed in huggingface_hub.utils.__all__), exported lazily where mypy cannot see.
-from huggingface_hub.utils import (  # type: ignore[attr-defined]
-    WeakFileLock,
-    build_hf_headers,
-)
-from huggingface_hub.utils import tqdm as hf_tqdm  # type: ignore[attr-defined]
+# A public helper (listed in huggingface_hub.utils.__all__), exported lazily where mypy cannot see.
+from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
 from launcher.digest import file_sha256
 from launcher.errors import HubError, IntegrityError, UsageError
+from launcher.models.download import ProgressBar, ProgressCallback, fetch
 from launcher.units import format_size
 
 log = logging.getLogger(__name__)
@@ -58,9 +62,6 @@ DISK_MARGIN = 64 * 1024**2  # keep this much free beyond the file itself
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TRUE = {"1", "on", "yes", "true"}
-
-ProgressCallback = Callable[[int, "int | None"], None]  # (bytes so far, total bytes)
-
 
 class _DiskSpace(Protocol):
     @property
@@ -183,31 +184,24 @@ class HubClient:
 
     # --- cache layout ------------------------------------------------------------------
     def storage(self, file: HubFile) -> Path:
-        return self.settings.cache_dir / repo_folder_name(repo_id=file.repo, repo_type="model")
+        return self.settings.cache_dir / ("models--" + file.repo.replace("/", "--"))
 
     def _pointer(self, file: HubFile, commit: str) -> Path:
         return self.storage(file) / "snapshots" / commit / Path(*file.filename.split("/"))
 
-    def cached_commit(self, file: HubFile) -> str | None:
-        """The commit the cache knows for `file.revision` (itself when it is a commit)."""
-        if _COMMIT.match(file.revision):
-            return file.revision
-        ref = self.storage(file) / "refs" / file.revision
-        try:
-            return ref.read_text(encoding="utf-8").strip() or None
-        except OSError:
-            return None
+    def _cached_pointer(self, file: HubFile) -> Path | None:
+        found = try_to_load_from_cache(
+            file.repo, file.filename, cache_dir=self.settings.cache_dir, revision=file.revision
+        )
+        return Path(found) if isinstance(found, str) else None  # else None or "not at that commit"
 
     def cached_path(self, file: HubFile) -> Path | None:
         """The cached file for `file` (its snapshot link), or None; never touches the network.
 
         With a sha256 pin, a cached blob with another LFS hash is not this file.
         """
-        commit = self.cached_commit(file)
-        if commit is None:
-            return None
-        pointer = self._pointer(file, commit)
-        if not pointer.exists():
+        pointer = self._cached_pointer(file)
+        if pointer is None:
             return None
         if file.sha256 is not None and pointer.is_symlink():
             blob_name = Path(os.path.realpath(pointer)).name
@@ -281,15 +275,16 @@ class HubClient:
             ) from exc
         except OfflineModeIsEnabled as exc:
             raise HubOfflineError("offline (HF_HUB_OFFLINE is set)") from exc
-        except (httpx2.TransportError, httpx2.TooManyRedirects) as exc:
-            raise HubOfflineError(
-                f"cannot reach the hub at {self.settings.endpoint} ({type(exc).__name__}: {exc})"
-            ) from exc
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else "?"
             if isinstance(status, int) and status >= 500:
                 raise HubOfflineError(f"the hub at {self.settings.endpoint} answered HTTP {status}") from exc
             raise HubError(f"{file.ref}: the hub answered HTTP {status}") from exc
+        except Exception as exc:  # the HTTP library's own errors: requests, httpx
+            # or httpx2 depending on huggingface_hub's version; every one means "not reached"
+            raise HubOfflineError(
+                f"cannot reach the hub at {self.settings.endpoint} ({type(exc).__name__}: {exc})"
+            ) from exc
         if not meta.commit_hash or not meta.etag:
             raise HubError(
                 f"{url} answered without X-Repo-Commit/ETag: HF_ENDPOINT={self.settings.endpoint} "
@@ -301,7 +296,8 @@ class HubClient:
         return self.settings.token if self.settings.token else None
 
     def _from_cache(self, file: HubFile, why: str, verify: bool) -> PullResult:
-        commit = self.cached_commit(file)
+        pointer = self._cached_pointer(file)
+        commit = pointer.relative_to(self.storage(file) / "snapshots").parts[0] if pointer else None
         cached = self._verified_cached(file, commit, verify) if commit else None
         if cached is None:
             raise HubOfflineError(
@@ -363,10 +359,10 @@ class HubClient:
         blobs = storage / "blobs"
         blob = blobs / remote.etag
         pointer = self._pointer(file, remote.commit)
-        lock = self.settings.cache_dir / ".locks" / storage.name / f"{remote.etag}.lock"
+        lock = self.settings.cache_dir / ".locks" / storage.name / f"{remote.etag}.lock"  # as the hub's
         blobs.mkdir(parents=True, exist_ok=True)
         lock.parent.mkdir(parents=True, exist_ok=True)
-        with WeakFileLock(lock):
+        with FileLock(lock):
             partial = self.partial_path(file, remote.etag)
             have = partial.stat().st_size if partial.exists() else 0
             if remote.size is not None and have > remote.size:
@@ -376,41 +372,30 @@ class HubClient:
             headers = build_hf_headers(token=self._token())
             if not _same_origin(remote.url, self.settings.endpoint):
                 headers.pop("authorization", None)  # signed CDN URL: the token stays on the hub
-            bar = functools.partial(
-                _ProgressBar,
-                callback=progress,
-                disable=not show_progress,
-                file=sys.stderr,
-                mininterval=0.5 if sys.stderr.isatty() else 5.0,
-            )
             if have:
                 log.info("%s: resuming at byte %d", file.ref, have)
-            try:
-                with _open_for_append(partial) as stream:
-                    http_get(
-                        remote.url,
-                        stream,
-                        resume_size=have,
-                        headers=headers,
-                        expected_size=remote.size,
-                        displayed_filename=Path(file.filename).name,
-                        tqdm_class=bar,  # type: ignore[arg-type]  # a partial of a tqdm class
-                    )
-            except HfHubHTTPError as exc:
-                status = exc.response.status_code if exc.response is not None else "?"
-                if status == 416:
-                    partial.unlink(missing_ok=True)  # our prefix does not fit the file: start over
-                raise HubError(
-                    f"{file.ref}: download failed with HTTP {status} after "
-                    f"{_size_of(partial)} of {format_size(remote.size)}; run the pull again to "
-                    "resume"
-                ) from exc
-            except (httpx2.HTTPError, OSError) as exc:
-                raise HubError(
-                    f"{file.ref}: download interrupted after {_size_of(partial)} of "
-                    f"{format_size(remote.size)} ({type(exc).__name__}: {exc}); run the pull "
-                    "again to resume"
-                ) from exc
+            with ProgressBar(
+                callback=progress, disable=not show_progress, file=sys.stderr, total=remote.size,
+                initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=Path(file.filename).name, mininterval=0.5 if sys.stderr.isatty() else 5.0,
+            ) as bar:
+                try:
+                    fetch(remote.url, partial, headers, bar)
+                except httpx.HTTPStatusError as exc:
+                    status = exc.response.status_code
+                    if status == 416:
+                        partial.unlink(missing_ok=True)  # our prefix does not fit the file: start over
+                    raise HubError(
+                        f"{file.ref}: download failed with HTTP {status} after "
+                        f"{_size_of(partial)} of {format_size(remote.size)}; run the pull again to "
+                        "resume"
+                    ) from exc
+                except (httpx.HTTPError, OSError) as exc:
+                    raise HubError(
+                        f"{file.ref}: download interrupted after {_size_of(partial)} of "
+                        f"{format_size(remote.size)} ({type(exc).__name__}: {exc}); run the pull "
+                        "again to resume"
+                    ) from exc
             digest = file_sha256(partial)
             size = partial.stat().st_size
             expected = [value for value in (file.sha256, _sha_or_none(remote.etag)) if value]
@@ -462,41 +447,47 @@ class HubClient:
 
     def cached_files(self, suffix: str = ".gguf") -> list[tuple[HubFile, Path]]:
         """Every cached model file ending in `suffix`, as (repo/file@commit, snapshot path)."""
-        found: list[tuple[HubFile, Path]] = []
-        root = self.settings.cache_dir
-        for storage in sorted(root.glob("models--*")) if root.is_dir() else ():
-            repo = "/".join(storage.name.split("--")[1:])
-            for pointer in sorted((storage / "snapshots").glob(f"*/**/*{suffix}")):
-                if not pointer.exists():
-                    continue  # a dangling link (its blob was removed)
-                relative = pointer.relative_to(storage / "snapshots")
-                commit, filename = relative.parts[0], "/".join(relative.parts[1:])
-                found.append((HubFile(repo=repo, filename=filename, revision=commit), pointer))
-        return found
+        found = [
+            (HubFile(repo=repo.repo_id, filename=name, revision=revision.commit_hash), path)
+            for repo, revision, name, path in self._scan()
+            if name.endswith(suffix)
+        ]
+        return sorted(found, key=lambda item: (item[0].repo, str(item[1])))
+
+    def _scan(self) -> list[tuple[Any, Any, str, Path]]:
+        """(repo, revision, file name in the repo, snapshot path) of every cached model file,
+        from huggingface_hub's cache scan; repositories it finds damaged are logged."""
+        try:
+            info = scan_cache_dir(self.settings.cache_dir)
+        except CacheNotFound:
+            return []
+        for warning in info.warnings:
+            log.warning("hub cache: %s", warning)
+        return [
+            (repo, revision, cached.file_path.relative_to(revision.snapshot_path).as_posix(),
+             cached.file_path)
+            for repo in info.repos if repo.repo_type == "model"
+            for revision in repo.revisions
+            for cached in revision.files
+        ]
 
     # --- removing ------------------------------------------------------------------------
     def remove(self, file: HubFile) -> list[Path]:
         """Delete `file` from the cache at every cached commit: snapshot links, blobs no other
         link uses, and partial downloads. Returns what was deleted."""
-        storage = self.storage(file)
+        entries = [entry for entry in self._scan() if entry[0].repo_id == file.repo]
+        chosen = [path for _, _, name, path in entries if name == file.filename]
+        blobs = {Path(os.path.realpath(path)) for path in chosen}
+        still_used = {Path(os.path.realpath(path)) for _, _, name, path in entries
+                      if name != file.filename}
+        snapshots = self.storage(file) / "snapshots"
         removed: list[Path] = []
-        snapshots = storage / "snapshots"
-        blobs: set[Path] = set()
-        for commit_dir in snapshots.iterdir() if snapshots.is_dir() else ():
-            pointer = commit_dir / Path(*file.filename.split("/"))
-            if pointer.is_symlink() or pointer.exists():
-                if pointer.is_symlink():
-                    blobs.add(Path(os.path.realpath(pointer)))
-                pointer.unlink()
-                removed.append(pointer)
-                _prune_empty(pointer.parent, stop=snapshots)
-        still_used = (
-            {Path(os.path.realpath(p)) for p in snapshots.rglob("*") if p.is_symlink()}
-            if snapshots.is_dir()
-            else set()
-        )
+        for pointer in chosen:
+            pointer.unlink()
+            removed.append(pointer)
+            _prune_empty(pointer.parent, stop=snapshots)
         for blob in sorted(blobs - still_used):
-            if blob.is_file():
+            if blob.is_file() and blob.parent.name == "blobs":
                 blob.unlink()
                 removed.append(blob)
                 partial = blob.with_name(blob.name + ".incomplete")
@@ -504,43 +495,6 @@ class HubClient:
                     partial.unlink()
                     removed.append(partial)
         return removed
-
-
-class _ProgressBar(hf_tqdm):
-    """huggingface_hub's download bar (it honours HF_HUB_DISABLE_PROGRESS_BARS), also
-    reporting (bytes so far, total) to a callback."""
-
-    def __init__(self, *args: Any, callback: ProgressCallback | None = None, **kwargs: Any) -> None:
-        self._callback = callback
-        self._done = int(kwargs.get("initial") or 0)
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        if callback is not None:
-            callback(self._done, self.total)
-
-    def update(self, n: float | None = 1) -> bool | None:
-        step = int(n or 0)
-        self._done += step
-        if self._callback is not None:
-            self._callback(self._done, self.total)
-        result: bool | None = super().update(n)
-        return result
-
-
-class _open_for_append:
-    """The partial file, opened read-write at its end (huggingface_hub may rewind it when a
-    server ignores Range, which an O_APPEND file would not honour)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.stream: Any = None
-
-    def __enter__(self) -> Any:
-        self.stream = self.path.open("r+b" if self.path.exists() else "w+b")
-        self.stream.seek(0, os.SEEK_END)
-        return self.stream
-
-    def __exit__(self, *exc: object) -> None:
-        self.stream.close()
 
 
 def _sha_or_none(etag: str) -> str | None:

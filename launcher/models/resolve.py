@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher.config import LoadedConfig, ModelConfig
 from launcher.errors import ConfigError, GGUFError
@@ -12,8 +13,8 @@ from launcher.estimate import MemoryEstimate, ModelFacts, estimate_memory
 from launcher.models.gguf_file import GGUFInfo, read_gguf
 from launcher.planner import Candidate
 
-# name -> (path of the GGUF to load, or None when not available yet, facts when known without a file)
-CatalogResolver = Callable[[str, ModelConfig], tuple[Path | None, ModelFacts | None]]
+if TYPE_CHECKING:  # the catalog brings the hub client: imported only when a model uses it
+    from launcher.models.catalog import CatalogResolver
 
 
 def catalog_for(loaded: LoadedConfig) -> CatalogResolver | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.engines.builder import BuildProgress, BuiltEngine, build_engine
-from launcher.engines.registry import platform_tag
+from launcher.engines.registry import platform_tag, verify_engine
 from launcher.errors import ConfigError
 from launcher.licenses import LicenseDecision
 from launcher.models.catalog import Catalog
@@ -181,6 +181,7 @@ class Packager:
         variant = spec.fields.engine.llama_server.variant
         engine = self.engine_source(variant, self.report)
         self.report(f"engine: {engine.key} ({'cached' if engine.already_built else 'built'})")
+        verify_engine(engine.path)  # every file against its manifest: never ship a damaged one
         if engine.manifest.variant == "native":
             warnings.append(
                 "engine: the NATIVE llama-server (tuned to this build machine's CPU) is packaged "

@@ -48,8 +48,6 @@ PROXY_DRAIN_TIMEOUT = 10
 EXIT_MARGIN = 5
 GPU_RESOURCE = "nvidia.com/gpu"
 Report = Callable[[str], None]
-FILES = ("kustomization.yaml", "deployment.yaml", "service.yaml", "pvc.yaml",
-         "networkpolicy.yaml", "lalo.yaml")
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,21 @@
-"""Write and read llamafiles (runtime + page-aligned stored GGUF + `.args` + ZIP64 directory),
+"""Write llamafiles (runtime + page-aligned stored GGUF + `.args` + ZIP64 directory),
 byte for byte as ../shared/LLAMAFILE.md describes, without the zipalign tool.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
 from typing import BinaryIO
 
-from launcher.errors import GGUFError, PackagingError
+from launcher.errors import PackagingError
 from launcher.packaging import zip64
 from launcher.packaging.atomic import atomic_output
 from launcher.packaging.zip64 import ZipEntry
@@ -26,17 +27,11 @@ DEFAULT_RUNTIME_VERSION = "0.10"
 WINDOWS_MAX_SIZE = 4 * 1024**3
 ARGS_ENTRY = ".args"
 MODEL_SUFFIX = ".gguf"
-GGUF_MAGIC = b"GGUF"
 USER_ARGS_MARKER = "..."
 
 _CHUNK_SIZE = 8 * 1024 * 1024
-_BLANKS = " \t\r\n\f\v"
 _UNSAFE_CHARS = frozenset("'\"$\\")
 _VERSION = re.compile(r"^(\d+)\.(\d+)")
-_VAR_NAME = re.compile(r"[A-Za-z0-9_]+")
-_HEX_ESCAPE = re.compile(r"\\x([0-9A-Fa-f]{1,2})")
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{1,3})")
-_C_ESCAPES = dict(zip("abtnvfre", "\a\b\t\n\v\f\r\x1b", strict=True))
 
 Progress = Callable[[int, int], None]
 """Called as progress(bytes_written, bytes_total) while copying the runtime and inputs."""
@@ -53,27 +48,6 @@ class LlamafileResult:
     args: tuple[str, ...]
     """The tokens written to `.args` before the trailing `...`."""
     warnings: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class LlamafileInfo:
-    """A llamafile's zip entries as read back from its (ZIP64) central directory."""
-
-    path: Path
-    size: int
-    runtime_length: int
-    """Bytes before the first zip entry: the runtime's own zip, or else our first entry."""
-    entries: tuple[ZipEntry, ...]
-
-    def find_model_entry(self) -> ZipEntry:
-        """The one stored `.gguf` entry; PackagingError when there is none or several."""
-        models = [e for e in self.entries if e.name.endswith(MODEL_SUFFIX)]
-        if len(models) != 1:
-            found = ", ".join(e.name for e in models) or "none"
-            raise PackagingError(f"{self.path}: expected one {MODEL_SUFFIX} entry, found {found}")
-        if models[0].method != zip64.METHOD_STORED:
-            raise PackagingError(f"{self.path}: {models[0].name} is compressed; it must be stored")
-        return models[0]
 
 
 # --- .args ---------------------------------------------------------------------------------
@@ -127,112 +101,6 @@ def _check_token(token: str) -> None:
         )
 
 
-def parse_args_file(
-    text: str,
-    user_args: Sequence[str] = (),
-    environ: Mapping[str, str] | None = None,
-) -> list[str]:
-    """The argv (without argv[0]) a runtime builds from `.args` text and the user's args.
-
-    Follows cosmopolitan's cosmo_args(): blanks split, `#` at a token's start comments to
-    the end of the line, '...' is literal, "..." takes C escapes and $VAR, unquoted $VAR and
-    ${VAR} expand (unset is empty), a standalone `...` becomes user_args, which otherwise go
-    at the end.
-    """
-    env = os.environ if environ is None else environ
-    args: list[str] = []
-    placed_user_args = False
-    i = 0
-    while i < len(text):
-        if text[i] in _BLANKS:
-            i += 1
-        elif text[i] == "#":
-            newline = text.find("\n", i)
-            i = len(text) if newline < 0 else newline + 1
-        elif text.startswith(USER_ARGS_MARKER, i) and text[i + 3 : i + 4] in ("", *_BLANKS):
-            args.extend(user_args)
-            placed_user_args = True
-            i += 3
-        else:
-            token, i = _scan_token(text, i, env)
-            args.append(token)
-    if not placed_user_args:
-        args.extend(user_args)
-    return args
-
-
-def _scan_token(text: str, i: int, env: Mapping[str, str]) -> tuple[str, int]:
-    parts: list[str] = []
-    while i < len(text) and text[i] not in _BLANKS:
-        c = text[i]
-        if c == "'":
-            close = text.find("'", i + 1)
-            close = len(text) if close < 0 else close
-            parts.append(text[i + 1 : close])
-            i = close + 1
-        elif c == '"':
-            i = _scan_dquoted(text, i + 1, env, parts)
-        elif c == "$":
-            value, i = _expand_var(text, i + 1, env)
-            parts.append(value)
-        elif c == "\\":
-            escaped, i = _escaped_char(text, i + 1)
-            parts.append(_C_ESCAPES.get(escaped, escaped))
-        else:
-            parts.append(c)
-            i += 1
-    return "".join(parts), i
-
-
-def _scan_dquoted(text: str, i: int, env: Mapping[str, str], parts: list[str]) -> int:
-    """Append the body of a "..." string starting at `i`; return the index after its end."""
-    while i < len(text) and text[i] != '"':
-        c = text[i]
-        if c == "$":
-            value, i = _expand_var(text, i + 1, env)
-            parts.append(value)
-        elif numeric := _HEX_ESCAPE.match(text, i):
-            parts.append(chr(int(numeric[1], 16)))
-            i = numeric.end()
-        elif numeric := _OCTAL_ESCAPE.match(text, i):
-            parts.append(chr(int(numeric[1], 8)))
-            i = numeric.end()
-        elif c == "\\":
-            escaped, i = _escaped_char(text, i + 1)
-            parts.append(_C_ESCAPES.get(escaped, escaped))
-        else:
-            parts.append(c)
-            i += 1
-    return i + 1
-
-
-def _escaped_char(text: str, i: int) -> tuple[str, int]:
-    """The character after a backslash; a backslash-newline (a line continuation) gives ""."""
-    if text.startswith("\r\n", i):
-        return "", i + 2
-    if text.startswith("\n", i):
-        return "", i + 1
-    return text[i : i + 1], i + 1
-
-
-def _expand_var(text: str, i: int, env: Mapping[str, str]) -> tuple[str, int]:
-    """Expand the variable whose name starts at `i` (just after a `$`)."""
-    name = _VAR_NAME.match(text, i)
-    if name:
-        return env.get(name[0], ""), name.end()
-    if text.startswith("{", i):
-        close = text.find("}", i)
-        if close < 0:
-            return "$" + text[i:], len(text)
-        return env.get(text[i + 1 : close], ""), close + 1
-    if text.startswith("$", i):  # `$$` is one literal dollar
-        return "$", i + 1
-    return "$", i
-
-
-# --- writing -------------------------------------------------------------------------------
-
-
 def windows_warnings(size: int, out_name: str) -> tuple[str, ...]:
     """Why a llamafile of this size and name will not start on Windows, if it will not."""
     warnings = []
@@ -265,10 +133,11 @@ def write_llamafile(
     """
     name = entry_name if entry_name is not None else _default_entry_name(model)
     _check_entry_name(name)
-    tokens = _args_tokens(name, args, runtime_version)
+    text = build_args(name, args, runtime_version=runtime_version)
+    tokens = text.splitlines()[:-1]  # before the trailing `...`
     entries = append_aligned(
         runtime,
-        [(name, model), (ARGS_ENTRY, _format_args(tokens).encode())],
+        [(name, model), (ARGS_ENTRY, text.encode())],
         out,
         alignment=alignment,
         progress=progress,
@@ -370,8 +239,39 @@ class _Copier:
         self.buffer = bytearray(_CHUNK_SIZE)
 
     def copy(self, src: BufferedReader, size: int, source: Path) -> int:
-        """Copy exactly `size` bytes of `src` from its current position; return their CRC-32."""
+        """Copy exactly `size` bytes of `src` from its current position; return their CRC-32.
+
+        Holes in a sparse `src` stay holes in the output (the CRC counts their zeros), so a
+        sparse model costs no disk twice; where the file system cannot tell, all is data.
+        """
         crc = 0
+        position = src.tell()
+        end = position + size
+        while position < end:
+            data = position if _SEEK_DATA is None else _next_offset(src, position, _SEEK_DATA, end)
+            if data == end and os.fstat(src.fileno()).st_size < end:
+                data = position  # no data left because the file shrank: reading says so
+            if data > position:
+                crc = _zeros_crc(crc, data - position)
+                self.dest.seek(data - position, os.SEEK_CUR)
+                self.advance(data - position)
+                position = data
+            if position == end:
+                break
+            hole = end if _SEEK_HOLE is None else _next_offset(src, position, _SEEK_HOLE, end)
+            if hole <= position:
+                hole = end
+            src.seek(position)
+            crc = self._copy_data(src, hole - position, crc, source)
+            position = hole
+        src.seek(end)
+        if src.read(1):
+            raise PackagingError(f"{source}: file grew while being copied")
+        if os.fstat(src.fileno()).st_size < end:
+            raise PackagingError(f"{source}: file shrank while being copied")
+        return crc
+
+    def _copy_data(self, src: BufferedReader, size: int, crc: int, source: Path) -> int:
         view = memoryview(self.buffer)
         left = size
         while left:
@@ -382,14 +282,41 @@ class _Copier:
             self.dest.write(view[:got])
             left -= got
             self.advance(got)
-        if src.read(1):
-            raise PackagingError(f"{source}: file grew while being copied")
         return crc
 
     def advance(self, count: int) -> None:
         self.done += count
         if self.progress is not None:
             self.progress(self.done, self.total)
+
+
+_SEEK_DATA: int | None = getattr(os, "SEEK_DATA", None)  # Linux, macOS; not Windows
+_SEEK_HOLE: int | None = getattr(os, "SEEK_HOLE", None)
+_ZEROS = bytes(_CHUNK_SIZE)
+
+
+def _next_offset(src: BufferedReader, position: int, whence: int, end: int) -> int:
+    """Where the next data (SEEK_DATA) or hole (SEEK_HOLE) starts at or after `position`, at
+    most `end`; where the file system cannot tell, all is data. The file's offset is put back
+    (the buffered reader keeps its own idea of it)."""
+    fd = src.fileno()
+    saved = os.lseek(fd, 0, os.SEEK_CUR)
+    try:
+        return min(os.lseek(fd, position, whence), end)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO and whence == _SEEK_DATA:
+            return end  # only a hole from here to the end
+        return position if whence == _SEEK_DATA else end
+    finally:
+        os.lseek(fd, saved, os.SEEK_SET)
+
+
+def _zeros_crc(crc: int, count: int) -> int:
+    while count:
+        step = min(count, _CHUNK_SIZE)
+        crc = zlib.crc32(_ZEROS[:step], crc) if step < _CHUNK_SIZE else zlib.crc32(_ZEROS, crc)
+        count -= step
+    return crc
 
 
 def _append_entry(copier: _Copier, name: str, source: Path | bytes, alignment: int) -> ZipEntry:
@@ -433,33 +360,3 @@ def _write_directory(dest: BinaryIO, entries: Sequence[ZipEntry]) -> None:
     directory = b"".join(entry.central_record for entry in entries)
     dest.write(directory)
     dest.write(zip64.end_records(cd_offset, len(directory), len(entries)))
-
-
-# --- reading -------------------------------------------------------------------------------
-
-
-def read_llamafile(path: Path) -> LlamafileInfo:
-    """The zip entries of a llamafile (ZIP64-aware) and where its runtime ends.
-
-    PackagingError when it is not a zip-bearing executable or its directory is corrupt;
-    GGUFError when a stored `.gguf` entry does not hold GGUF bytes.
-    """
-    try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            entries = zip64.read_central_directory(f, size, path)
-            if not entries:
-                raise PackagingError(f"{path}: not a llamafile: it holds no zip entries")
-            for entry in entries:
-                if entry.name.endswith(MODEL_SUFFIX) and entry.method == zip64.METHOD_STORED:
-                    f.seek(entry.data_offset)
-                    if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
-                        raise GGUFError(f"{path}: entry {entry.name} does not hold a GGUF model")
-    except OSError as exc:
-        raise PackagingError(f"cannot read {path}: {exc}") from exc
-    return LlamafileInfo(
-        path=path,
-        size=size,
-        runtime_length=min(entry.header_offset for entry in entries),
-        entries=entries,
-    )

@@ -25,7 +25,6 @@ SPEC_DIR = "bundles"
 Target = Literal["llamafile", "bundle", "exe", "image", "k8s"]
 # The default when a spec names none (image and k8s are asked for by name).
 TARGETS: tuple[Target, ...] = ("llamafile", "bundle", "exe")
-ALL_TARGETS: tuple[Target, ...] = ("llamafile", "bundle", "exe", "image", "k8s")
 Platform = Literal["linux", "macos", "windows"]
 DEFAULT_EMBED_LIMIT = 2 * 1024**3
 _CONFIG_KEYS = ("proxy", "resources", "supervisor", "models")

@@ -16,7 +16,6 @@ CENTRAL_RECORD = struct.Struct("<4s6H3L5H2L")  # 46 bytes
 EOCD64 = struct.Struct("<4sQ2H2L4Q")  # 56 bytes
 LOCATOR = struct.Struct("<4sLQL")  # 20 bytes
 EOCD = struct.Struct("<4s4H2LH")  # 22 bytes
-TRAILER_SIZE = EOCD64.size + LOCATOR.size + EOCD.size  # 98
 
 LOCAL_SIG = b"PK\x03\x04"
 CENTRAL_SIG = b"PK\x01\x02"
@@ -25,7 +24,6 @@ LOCATOR_SIG = b"PK\x06\x07"
 EOCD_SIG = b"PK\x05\x06"
 
 LOCAL_EXTRA_SIZE = 20  # ZIP64 extra {id, len 16, size, compressed size}
-CENTRAL_EXTRA_SIZE = 28  # ZIP64 extra {id, len 24, size, compressed size, offset}
 CRC_OFFSET = 14  # of the CRC-32 field inside a local header, patched after streaming
 METHOD_STORED = 0
 

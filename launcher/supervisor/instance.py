@@ -1,6 +1,6 @@
 """The running lalo instance on disk: a lock, a state file (0600), and the children it started.
 
-The lock is an OS file lock, released by the kernel when the process dies, so a killed
+The lock is an OS file lock (filelock), released by the kernel when the process dies, so a killed
 lalo never blocks the next one. Child records (pid + create time) let the next `lalo up`
 reap servers a dead instance left behind without ever killing an unrelated process.
 """
@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from filelock import FileLock, Timeout
 
 from launcher import paths
 from launcher.errors import AlreadyRunningError, NotRunningError, StartupError
@@ -60,52 +61,32 @@ class InstanceLock:
 
     def __init__(self, state_dir: Path | None = None) -> None:
         self.dir = state_dir or paths.state_dir()
-        self._handle: IO[bytes] | None = None
+        self._lock = FileLock(self.dir / LOCK_FILE)
 
     def acquire(self) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            handle = (self.dir / LOCK_FILE).open("a+b")
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            running = read_instance(self.dir)
+            where = f" at {running.url} (pid {running.pid})" if running else ""
+            raise AlreadyRunningError(
+                f"lalo is already running{where}; stop it with `lalo down`"
+            ) from None
         except OSError as exc:
             raise StartupError(
                 f"cannot write lalo's state folder {self.dir}: {exc.strerror}; "
                 "set LALO_STATE_DIR to a writable folder"
             ) from None
-        if not _try_lock(handle):
-            handle.close()
-            running = read_instance(self.dir)
-            where = f" at {running.url} (pid {running.pid})" if running else ""
-            raise AlreadyRunningError(f"lalo is already running{where}; stop it with `lalo down`")
-        self._handle = handle
 
     def release(self) -> None:
-        if self._handle is not None:
+        if self._lock.is_locked:
             with contextlib.suppress(OSError):
                 (self.dir / STATE_FILE).unlink(missing_ok=True)
-            self._handle.close()
-            self._handle = None
+            self._lock.release()
 
     def publish(self, info: InstanceInfo) -> None:
         write_private_json(self.dir / STATE_FILE, asdict(info))
-
-
-def _try_lock(handle: IO[bytes]) -> bool:
-    if sys.platform == "win32":
-        import msvcrt
-
-        try:
-            handle.seek(0)
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined,unused-ignore]
-        except OSError:
-            return False
-        return True
-    import fcntl
-
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
 
 
 def read_instance(state_dir: Path | None = None) -> InstanceInfo | None:

@@ -28,6 +28,7 @@ from launcher.models.hub import (
 from launcher.models.resolve import resolve_models
 from launcher.models.synthetic import write_synthetic_model
 from tests.integration.hub_server import HubServer, Repo, RepoFile
+from tests.support.lalo import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -230,6 +231,8 @@ def test_pull_interrupted_for_good_resumes_on_the_next_run(client: HubClient, hu
     assert 0 < kept < SIZE
     assert client.cached_path(HubFile(REPO, FILE)) is None  # nothing half-done where lalo loads
 
+    # the cut transfer and the retry answered 500: the server records each after answering
+    wait_until(lambda: len(hub.cdn_gets()) == 2, 10.0, message="both transfers recorded")
     hub.set_mode("normal")
     before = len(hub.cdn_gets())
     result = client.pull(HubFile(REPO, FILE))

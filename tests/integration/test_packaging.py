@@ -1,7 +1,8 @@
-"""`lalo build` for real, from generated models: the bundle (portable llama-server + frozen lalo)
-and the single binary, each run in a clean environment (empty HOME, PATH without the
-virtualenv, nothing else) and answering a chat completion through the proxy; two bundle
-builds give byte-identical archives.
+"""`lalo build` for real, with the real SmolLM2-135M-Instruct (and a generated model): the bundle
+(portable llama-server + frozen lalo) and the single binary, each run in a clean environment
+(empty HOME, PATH without the virtualenv, nothing else, and as root no network: a network
+namespace with only loopback) and answering "What is the capital of France?" with Paris through
+the proxy; two bundle builds give byte-identical archives.
 
 PyInstaller runs here (about a minute per build on 2 cores, the one-folder lalo is cached).
 The bundle carries the portable llama-server when one is built (`lalo engine build --variant
@@ -11,16 +12,20 @@ the native engine the other tests use, named as such in the spec (a CI run stays
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -54,6 +59,13 @@ pytestmark = [
     pytest.mark.timeout(4 * 3600 if VARIANT == "portable" else 1800),
 ]
 START_TIMEOUT = 120.0
+QUESTION = "What is the capital of France?"
+# A network namespace of its own (only loopback, brought up) needs root; elsewhere the clean
+# environment is all there is.
+UNSHARE, IP = shutil.which("unshare"), shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin")
+NO_NETWORK = os.geteuid() == 0 and UNSHARE is not None and IP is not None
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,14 +76,14 @@ class Built:
     out: Path
 
 
-def write_spec(folder: Path, small_model: Path, small_model_b: Path, port: int,
+def write_spec(folder: Path, smollm2: Path, small_model_b: Path, port: int,
                exe: str = "auto") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     spec = folder / "tiny.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "tiny",
         "models": {
-            "alpha": {"file": str(small_model), "license": "MIT", "ctx_size": 512,
+            "alpha": {"file": str(smollm2), "license": "Apache-2.0", "ctx_size": 512,
                       "aliases": ["a"]},
             "beta": {"file": str(small_model_b), "license": "Apache-2.0", "ctx_size": 512,
                      "preload": False},
@@ -98,11 +110,11 @@ def build(spec: Path, out: Path, targets: list[str] | None = None,
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, small_model: Path,
+def built(tmp_path_factory: pytest.TempPathFactory, smollm2: Path,
           small_model_b: Path) -> Built:
     folder = tmp_path_factory.mktemp("packaging")
     port = free_port()
-    spec = write_spec(folder, small_model, small_model_b, port)
+    spec = write_spec(folder, smollm2, small_model_b, port)
     out = folder / "dist"
     return Built(spec, port, build(spec, out), out)
 
@@ -114,24 +126,60 @@ def clean_env(home: Path) -> dict[str, str]:
     return {"HOME": str(home), "PATH": "/usr/bin:/bin"}
 
 
+def in_network_of(pid: int, call: Callable[[], T]) -> T:
+    """`call()` on a thread moved into process `pid`'s network namespace (sockets it opens
+    live there); the thread, and with it the move, ends afterwards."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def moved() -> None:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            outcome.append(call())
+        except BaseException as exc:  # raised again on the test's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=moved)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
 class Running:
-    """A started `start` script or `lalo-ai`, stopped with `down` (or its group killed)."""
+    """A started `start` script or `lalo-ai`, stopped with `down` (or its group killed); with
+    NO_NETWORK in a network namespace of its own where only loopback is up."""
 
     def __init__(self, argv: list[str], env: dict[str, str], cwd: Path, port: int) -> None:
         self.argv, self.env, self.cwd = argv, env, cwd
         self.url = f"http://127.0.0.1:{port}"
         self.log = cwd / f"run-{port}.log"
+        command = argv
+        if NO_NETWORK:
+            command = [str(UNSHARE), "--net", "--", "/bin/sh", "-c",
+                       f'{IP} link set lo up && exec "$@"', "sh", *argv]
         with self.log.open("w") as log:
-            self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log,
+            self.proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
         return self.log.read_text()
 
+    def inside(self, call: Callable[[], T]) -> T:
+        return in_network_of(self.proc.pid, call) if NO_NETWORK else call()
+
     def status(self) -> dict[str, object]:
         if self.proc.poll() is not None:
             raise AssertionError(f"exited with {self.proc.returncode}:\n{self.output()}")
-        response = httpx.get(self.url + "/api/status", timeout=2.0, trust_env=False)
+        response = self.inside(lambda: httpx.get(self.url + "/api/status", timeout=2.0,
+                                                 trust_env=False))
         response.raise_for_status()
         return dict(response.json())
 
@@ -142,19 +190,40 @@ class Running:
             return any(m["name"] == model and m["state"] == "ready" for m in models)
 
         wait_until(ready, START_TIMEOUT, message=f"{model} ready at {self.url}")
+        if NO_NETWORK:  # what it ran in: loopback and nothing else
+            links = subprocess.run(self._enter(["ip", "-o", "link"]), capture_output=True,
+                                   text=True, timeout=30, check=True).stdout
+            assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"]
 
-    def chat(self, model: str) -> dict[str, object]:
-        response = httpx.post(
+    def chat(self, model: str, question: str = "hello", max_tokens: int = 6,
+             system: str | None = None) -> dict[str, object]:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": question})
+        response = self.inside(lambda: httpx.post(
             self.url + "/v1/chat/completions", timeout=60.0, trust_env=False,
-            json={"model": model, "max_tokens": 6,
-                  "messages": [{"role": "user", "content": "hello"}]},
-        )
+            json={"model": model, "max_tokens": max_tokens, "temperature": 0,
+                  "messages": messages},
+        ))
         assert response.status_code == 200, response.text
         return dict(response.json())
 
+    def ask_paris(self, model: str) -> dict[str, object]:
+        """The real model's answer to QUESTION, which names Paris."""
+        reply = self.chat(model, QUESTION, max_tokens=24, system="You are a helpful assistant.")
+        choices = reply["choices"]
+        assert isinstance(choices, list)
+        assert "Paris" in choices[0]["message"]["content"], reply
+        return reply
+
+    def _enter(self, argv: list[str]) -> list[str]:
+        if not NO_NETWORK:
+            return argv
+        return [shutil.which("nsenter") or "nsenter", f"--net=/proc/{self.proc.pid}/ns/net", "--",
+                *(str(IP) if arg == "ip" else arg for arg in argv)]
+
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.argv[0], *args], env=self.env, cwd=self.cwd, text=True,
-                              capture_output=True, timeout=120, check=False)
+        return subprocess.run(self._enter([self.argv[0], *args]), env=self.env, cwd=self.cwd,
+                              text=True, capture_output=True, timeout=120, check=False)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -192,7 +261,7 @@ def sha256(path: Path) -> str:
 # --- the bundle ------------------------------------------------------------------------------
 
 
-def test_bundle_holds_what_it_says(built: Built) -> None:
+def test_bundle_holds_what_it_says(built: Built, smollm2: Path) -> None:
     bundle = built.out / "tiny-bundle"
     assert built.result.bundle is not None and built.result.bundle.directory == bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -211,7 +280,7 @@ def test_bundle_holds_what_it_says(built: Built) -> None:
             assert (bundle / rel).stat().st_size == entry["size"]
             assert sha256(bundle / rel) == entry["sha256"], rel
     assert {"bin/llama-server", "lalo/lalo", "start", "lalo.yaml", "NOTICE",
-            "models/small-a.gguf", "models/small-b.gguf"} <= set(listed)
+            f"models/{smollm2.name}", "models/small-b.gguf"} <= set(listed)
     if VARIANT == "portable":
         assert any(p.startswith("bin/libggml-cpu-") for p in listed)  # CPU variants beside it
     assert [m["name"] for m in manifest["models"]] == ["alpha", "beta"]
@@ -226,7 +295,7 @@ def test_bundle_holds_what_it_says(built: Built) -> None:
         for where in {sys.prefix, str(Path(__file__).resolve().parents[2])}:
             assert where.encode() not in data, (path, where)
     config = parse_config((bundle / "lalo.yaml").read_text(), label="bundle", total_ram=1 << 40)
-    assert config.models["alpha"].file == "models/small-a.gguf"
+    assert config.models["alpha"].file == f"models/{smollm2.name}"
     assert config.proxy.port == built.port
     notice = (bundle / "NOTICE").read_text()
     for name in ("llama.cpp", "cpp-httplib", "model alpha", "model beta", "CPython", "httpx",
@@ -263,9 +332,8 @@ def test_bundle_start_script_answers_in_a_clean_environment(
     server = Running([str(start)], env, tmp_path, built.port)
     running.append(server)
     server.wait_ready("alpha")
-    reply = server.chat("a")
-    assert reply["model"] == "alpha"
-    usage = reply["usage"]
+    assert server.ask_paris("a")["model"] == "alpha"
+    usage = server.chat("a")["usage"]
     assert isinstance(usage, dict) and usage["completion_tokens"] == 6
     # beta loads on demand, from the same bundle
     assert server.chat("beta")["model"] == "beta"
@@ -277,34 +345,34 @@ def test_bundle_start_script_answers_in_a_clean_environment(
 # --- the single binary -----------------------------------------------------------------------
 
 
-def test_exe_is_one_file_with_its_payload(built: Built) -> None:
+def test_exe_is_one_file_with_its_payload(built: Built, smollm2: Path) -> None:
     exe = built.result.exe
     assert exe is not None and exe.path == built.out / "tiny" and exe.models_mode == "embed"
     assert os.access(exe.path, os.X_OK)
     payload = read_payload(exe.path)
     assert payload is not None
     paths = {f["path"] for f in payload.files}
-    assert {"engine/bin/llama-server", "models/small-a.gguf", "models/small-b.gguf"} <= paths
+    assert {"engine/bin/llama-server", f"models/{smollm2.name}", "models/small-b.gguf"} <= paths
     notice = (built.out / "tiny.NOTICE").read_text()
     assert "PyInstaller bootloader" in notice and "model alpha" in notice
     assert (built.out / "tiny.LICENSES" / "llama.cpp" / "LICENSE").is_file()
 
 
-def test_exe_answers_in_a_clean_environment(built: Built, tmp_path: Path,
+def test_exe_answers_in_a_clean_environment(built: Built, tmp_path: Path, smollm2: Path,
                                             running: list[Running]) -> None:
     exe = built.out / "tiny"
     env = clean_env(tmp_path / "home")
     server = Running([str(exe)], env, tmp_path, built.port)  # no arguments: `lalo up`
     running.append(server)
     server.wait_ready("alpha")
-    assert server.chat("alpha")["model"] == "alpha"
+    assert server.ask_paris("alpha")["model"] == "alpha"
     assert f"serving http://127.0.0.1:{built.port}" in server.output()  # the dashboard URL
     status = server.cli("status", "--json")
     assert status.returncode == 0, status.stderr
     assert {m["name"] for m in json.loads(status.stdout)["models"]} == {"alpha", "beta"}
     # the payload went to lalo's cache under the (empty) HOME, once
     [unpacked] = (tmp_path / "home" / ".cache" / "lalo" / "payloads").iterdir()
-    assert (unpacked / "models" / "small-a.gguf").is_file()
+    assert (unpacked / "models" / smollm2.name).is_file()
 
 
 def test_exe_passes_arguments_to_lalos_cli(built: Built, tmp_path: Path,
@@ -324,17 +392,17 @@ def test_exe_passes_arguments_to_lalos_cli(built: Built, tmp_path: Path,
     assert server.chat("a")["model"] == "alpha"
 
 
-def test_exe_with_models_beside_it(built: Built, tmp_path: Path, small_model: Path,
+def test_exe_with_models_beside_it(built: Built, tmp_path: Path, smollm2: Path,
                                    small_model_b: Path, running: list[Running]) -> None:
     port = free_port()
-    spec = write_spec(tmp_path / "spec", small_model, small_model_b, port, exe="beside")
+    spec = write_spec(tmp_path / "spec", smollm2, small_model_b, port, exe="beside")
     result = build(spec, tmp_path / "dist", ["exe"])
     assert result.exe is not None and result.exe.models_mode == "beside"
     assert result.exe.models_dir == tmp_path / "dist" / "tiny-models"
-    assert sorted(p.name for p in result.exe.models_dir.iterdir()) == ["small-a.gguf",
-                                                                        "small-b.gguf"]
+    assert sorted(p.name for p in result.exe.models_dir.iterdir()) == sorted(
+        [smollm2.name, "small-b.gguf"])
     assert result.exe.size < built.result.exe.size  # type: ignore[union-attr]
     server = Running([str(result.exe.path)], clean_env(tmp_path / "home"), tmp_path, port)
     running.append(server)
     server.wait_ready("alpha")
-    assert server.chat("alpha")["model"] == "alpha"
+    assert server.ask_paris("alpha")["model"] == "alpha"

@@ -159,18 +159,6 @@ def test_missing_config_and_model_files(tmp_path: Path) -> None:
     assert loaded.model_path("m") == (tmp_path / "models" / "m.gguf").resolve()
 
 
-def test_resolve_name_and_alias() -> None:
-    from launcher.config import LoadedConfig
-
-    loaded = LoadedConfig(
-        parse_config("models:\n  a: {file: a.gguf, aliases: [first]}\n", label="x", total_ram=GIB),
-        None,
-    )
-    assert loaded.resolve_name("a") == "a"
-    assert loaded.resolve_name("first") == "a"
-    assert loaded.resolve_name("other") is None
-
-
 def test_allowed_hosts_and_cors_origins_are_read_lower_case() -> None:
     config = parse_config("proxy:\n  allowed_hosts: [Lalo.Internal, '*.lan']\n"
                           "  cors_origins: ['https://App.example:8443', '*']\n", label="lalo.yaml")

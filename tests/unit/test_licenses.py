@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.errors import LicenseError
 from launcher.licenses import (
     DEFAULT_ALLOWED,
-    ENGINE_COMPONENTS,
     Component,
     canonical_id,
     check_redistribution,
     lookup,
-    notice_text,
-    require_redistribution,
 )
+from launcher.packaging.notice import Packaged, notice_text
 
 
 @pytest.mark.parametrize(
@@ -69,13 +66,6 @@ def test_unknown_and_missing_licences_are_refused() -> None:
         assert not check_redistribution("m", missing, ["MIT"]).allowed
 
 
-def test_require_raises_a_usage_error_with_the_reason() -> None:
-    with pytest.raises(LicenseError, match=r"licence gate: x: lfm1.0") as error:
-        require_redistribution("x", "lfm1.0")
-    assert error.value.exit_code == 2
-    assert require_redistribution("x", "MIT").allowed
-
-
 def test_notice_lists_every_component_with_its_licence() -> None:
     model = Component(
         "LFM2-1.2B-Tool",
@@ -91,7 +81,9 @@ def test_notice_lists_every_component_with_its_licence() -> None:
         license_name="Thing Licence",
         license_url="https://example.invalid/licence",
     )
-    text = notice_text("LALO AI", [*ENGINE_COMPONENTS, model, other])
+    engine = Component("llama.cpp", "MIT", "Copyright (c) 2023-2024 The ggml authors",
+                       "https://github.com/ggml-org/llama.cpp")
+    text = notice_text("LALO AI", [Packaged(c, ()) for c in (engine, model, other)])
     assert text.startswith("LALO AI\n")
     assert "llama.cpp\n  Copyright (c) 2023-2024 The ggml authors\n  Licence: MIT License (MIT)" in text
     assert "Licence: LFM Open License v1.0 (lfm1.0), https://www.liquid.ai/lfm-open-license-v1.0" in text

@@ -31,8 +31,9 @@ async def follow_file(path: Path, backlog: int, *, interval: float = FOLLOW_INTE
                       clock: Callable[[], float] = time.monotonic) -> AsyncIterator[bytes]:
     """The last `backlog` lines, then new lines as they are written; survives rotation
     (the file replaced by a new one, or cut shorter)."""
-    yield sse_lines(read_tail(path, backlog)) if backlog else b": following\n\n"
-    position, inode = _where(path)
+    position, inode = _where(path)  # before the tail: a line written meanwhile comes twice
+    recent = read_tail(path, backlog) if backlog else []
+    yield sse_lines(recent) if recent else b": following\n\n"
     partial = b""
     quiet_since = clock()
     while True:

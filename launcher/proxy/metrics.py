@@ -15,6 +15,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from launcher.metrics_merge import MergedMetrics
 from launcher.proxy.activity import Activity
 from launcher.supervisor.supervisor import WAIT_BUCKETS, Supervisor
 
@@ -102,7 +103,7 @@ class ProxyMetrics:
     """Owns a private registry (several apps can live in one process, e.g. in tests)."""
 
     def __init__(self, supervisor: Supervisor, activity: Activity | None = None,
-                 merged: Collector | None = None) -> None:
+                 merged: MergedMetrics | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "lalo_requests", "Requests answered, by model, route and status",
@@ -120,8 +121,9 @@ class ProxyMetrics:
         self.registry.register(_SupervisorCollector(supervisor))
         if activity is not None:
             self.registry.register(_KeyCollector(activity))
-        if merged is not None:
-            self.registry.register(merged)
+        self.merged = merged
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """lalo's own metrics, then the model servers' (call `merged.refresh()` first)."""
+        own = generate_latest(self.registry)
+        return own if self.merged is None else own + self.merged.render().encode()

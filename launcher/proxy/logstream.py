@@ -10,7 +10,7 @@ import collections
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 from launcher.supervisor.logs import read_tail
@@ -28,7 +28,7 @@ def sse_lines(lines: list[str]) -> bytes:
 
 async def follow_file(path: Path, backlog: int, *, interval: float = FOLLOW_INTERVAL,
                       keepalive: float = KEEPALIVE,
-                      clock: Callable[[], float] = time.monotonic) -> AsyncIterator[bytes]:
+                      clock: Callable[[], float] = time.monotonic) -> AsyncGenerator[bytes, None]:
     """The last `backlog` lines, then new lines as they are written; survives rotation
     (the file replaced by a new one, or cut shorter)."""
     position, inode = _where(path)  # before the tail: a line written meanwhile comes twice
@@ -92,7 +92,7 @@ class LaloLog(logging.Handler):
     def after(self, sequence: int) -> list[tuple[int, str]]:
         return [(number, line) for number, line in self.lines if number > sequence]
 
-    async def follow(self, backlog: int, *, keepalive: float = KEEPALIVE) -> AsyncIterator[bytes]:
+    async def follow(self, backlog: int, *, keepalive: float = KEEPALIVE) -> AsyncGenerator[bytes, None]:
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
         waiter = (loop, event)

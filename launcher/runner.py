@@ -462,11 +462,12 @@ async def _run(
             allowed_hosts=config.proxy.allowed_hosts,
             cors_origins=config.proxy.cors_origins,
             activity=config.proxy.activity,
+            capture_own_log=True,
         )
         # llama-server closes idle connections after 5 s: drop ours first, never reuse a dead one
         pool = UpstreamPool(keepalive_expiry=4.0)
         app = create_app(supervisor, settings, pool, on_shutdown=lambda: on_signal(0),
-                         log_paths=log_paths, on_reload=reloader.reload)
+                         log_paths=log_paths, on_reload=reloader.reload, closing=stop)
         server = _uvicorn_server(app, config.supervisor.stop_timeout)
         uvicorn_server.append(server)
         serving = asyncio.create_task(server.serve(sockets=[sock]))

@@ -36,7 +36,7 @@ from launcher.proxy.errors import error_response
 from launcher.proxy.forward import Forwarder, send_error
 from launcher.proxy.history import History
 from launcher.proxy.hosts import HostGuard
-from launcher.proxy.logstream import follow_file, lalo_log
+from launcher.proxy.logstream import LaloLog, follow_file, lalo_log
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.proxy.ollama import OLLAMA_ROUTES, OllamaAPI
 from launcher.proxy.routes import MODEL_ROUTES, BodyTooLarge, ModelRouter, read_body, route_list
@@ -58,6 +58,7 @@ class ProxySettings:
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     activity: ActivityConfig = field(default_factory=ActivityConfig)
+    capture_own_log: bool = False  # `lalo up` shows its own log on the dashboard
 
 
 def create_app(
@@ -68,14 +69,21 @@ def create_app(
     on_shutdown: Callable[[], None] = lambda: None,
     log_paths: dict[str, Path] | None = None,
     on_reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    closing: asyncio.Event | None = None,
 ) -> ASGIApp:
-    """The proxy app; `on_shutdown` is called by `POST /api/shutdown` (lalo down)."""
+    """The proxy app; `on_shutdown` is called by `POST /api/shutdown` (lalo down).
+
+    `closing` is set when lalo stops: open log streams end then, so that they do not hold up
+    the drain of the requests in flight. `settings.capture_own_log` attaches the dashboard's
+    view of lalo's own log to the `launcher` loggers (at INFO).
+    """
     activity = Activity(settings.activity, store_path=lalo_paths.state_dir() / "activity.sqlite")
     history = History(supervisor, activity)
     merged = MergedMetrics(lambda: _ready_endpoints(supervisor), pool)
     metrics = ProxyMetrics(supervisor, activity, merged)
     forwarder = Forwarder(supervisor, pool, metrics, settings.upstream_timeout, activity=activity)
-    own_log = lalo_log()
+    own_log = lalo_log() if settings.capture_own_log else LaloLog()
+    closing = closing or asyncio.Event()
     started = time.time()
     log_paths = log_paths or {}
     too_large = f"request body larger than {settings.max_body_size} bytes"
@@ -186,14 +194,14 @@ def create_app(
         path = log_paths.get(name)
         if path is None:
             return error_response(404, f"{name} has no log file to follow")
-        return _sse(follow_file(path, min(int(raw), 10_000)))
+        return _sse(follow_file(path, min(int(raw), 10_000), closing=closing))
 
     async def own_logs_stream(request: Request) -> Response:
         """GET /api/logs/stream?n=100: lalo's own log records as SSE."""
         raw = request.query_params.get("n", "100")
         if not raw.isdigit():
             return error_response(400, "n must be a non-negative integer")
-        return _sse(own_log.follow(min(int(raw), 1000)))
+        return _sse(own_log.follow(min(int(raw), 1000), closing=closing))
 
     def admin(action: Callable[[str], Awaitable[object]]) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:

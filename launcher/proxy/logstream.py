@@ -18,6 +18,7 @@ from launcher.supervisor.logs import read_tail
 FOLLOW_INTERVAL = 0.25  # seconds between looks at a log file for new bytes
 KEEPALIVE = 10.0  # seconds between comments on a quiet stream
 MAX_CHUNK = 256 * 1024  # bytes read from the file per look
+CLOSING_CHECK = 0.5  # seconds between looks at whether lalo is stopping, on a quiet stream
 
 
 def sse_lines(lines: list[str]) -> bytes:
@@ -27,16 +28,16 @@ def sse_lines(lines: list[str]) -> bytes:
 
 
 async def follow_file(path: Path, backlog: int, *, interval: float = FOLLOW_INTERVAL,
-                      keepalive: float = KEEPALIVE,
+                      keepalive: float = KEEPALIVE, closing: asyncio.Event | None = None,
                       clock: Callable[[], float] = time.monotonic) -> AsyncGenerator[bytes, None]:
     """The last `backlog` lines, then new lines as they are written; survives rotation
-    (the file replaced by a new one, or cut shorter)."""
+    (the file replaced by a new one, or cut shorter). Ends when `closing` is set."""
     position, inode = _where(path)  # before the tail: a line written meanwhile comes twice
     recent = read_tail(path, backlog) if backlog else []
     yield sse_lines(recent) if recent else b": following\n\n"
     partial = b""
     quiet_since = clock()
-    while True:
+    while closing is None or not closing.is_set():
         await asyncio.sleep(interval)
         size, current = _where(path)
         if current != inode or size < position:  # rotated: read the new file from its start
@@ -92,7 +93,9 @@ class LaloLog(logging.Handler):
     def after(self, sequence: int) -> list[tuple[int, str]]:
         return [(number, line) for number, line in self.lines if number > sequence]
 
-    async def follow(self, backlog: int, *, keepalive: float = KEEPALIVE) -> AsyncGenerator[bytes, None]:
+    async def follow(self, backlog: int, *, keepalive: float = KEEPALIVE,
+                     closing: asyncio.Event | None = None) -> AsyncGenerator[bytes, None]:
+        """The last `backlog` records, then new ones as they come; ends when `closing` is set."""
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
         waiter = (loop, event)
@@ -101,12 +104,17 @@ class LaloLog(logging.Handler):
             recent = list(self.lines)[-backlog:] if backlog else []
             yield sse_lines([line for _, line in recent]) if recent else b": following\n\n"
             seen = recent[-1][0] if recent else self.sequence
-            while True:
+            quiet = 0.0
+            while closing is None or not closing.is_set():
                 try:
-                    await asyncio.wait_for(event.wait(), keepalive)
+                    await asyncio.wait_for(event.wait(), CLOSING_CHECK)
                 except TimeoutError:
-                    yield b": quiet\n\n"
+                    quiet += CLOSING_CHECK
+                    if quiet >= keepalive:
+                        quiet = 0.0
+                        yield b": quiet\n\n"
                     continue
+                quiet = 0.0
                 event.clear()
                 fresh = self.after(seen)
                 if fresh:

@@ -6,7 +6,10 @@ with the page saying so."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,3 +160,33 @@ def test_an_inference_key_cannot_unload_and_the_page_says_so(app_page: Page, up:
     # the request history is an admin's: the page says why it is empty
     expect(page.get_by_test_id("activity-note")).to_contain_text("needs an admin key",
                                                                  timeout=UI_TIMEOUT)
+
+
+def test_open_log_streams_do_not_hold_up_stopping(
+        tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path,
+        small_model: Path) -> None:
+    """A dashboard left open follows logs forever: lalo's stop ends those streams at once
+    instead of waiting out stop_timeout (30 s here) for them as for requests in flight."""
+    config = write_config(tmp_path / "lalo.yaml", {"a": {"file": str(small_model),
+                                                          "ctx_size": 512}},
+                          engines={"llama_server": {"path": str(llama_server_bin)}},
+                          supervisor={**FAST_SUPERVISOR, "stop_timeout": 30.0})
+    with LaloUp(config, isolated) as lalo:
+        lalo.wait_state("a", "ready", 120)
+        streams = [httpx.stream("GET", f"{lalo.url}{path}", timeout=60)
+                   for path in ("/api/models/a/logs/stream?n=5", "/api/logs/stream?n=5")]
+        opened = [stream.__enter__() for stream in streams]
+        try:
+            for response in opened:
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith("text/event-stream")
+                first = next(response.iter_lines())
+                assert first.startswith(("data: ", ": following"))
+            started = time.monotonic()
+            lalo.signal(signal.SIGTERM)
+            assert lalo.wait(60) == 0
+            assert time.monotonic() - started < 15, "the log streams held up the stop"
+        finally:
+            for stream in streams:
+                with contextlib.suppress(httpx.HTTPError):
+                    stream.__exit__(None, None, None)

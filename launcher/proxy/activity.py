@@ -10,6 +10,7 @@ written in batches, off the event loop, and trimmed to its size cap.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import json
 import logging
@@ -93,6 +94,9 @@ class Activity:
         self.by_key: dict[str, list[int]] = {}
         self._store = _Store(store_path, self.config.store_max_size) \
             if self.config.store and store_path is not None else None
+        if self._store is not None:
+            # the last batch (up to FLUSH_INTERVAL of requests) is written when lalo exits
+            atexit.register(self.close)
         self._pending: list[Entry] = []
         self._flusher: asyncio.TimerHandle | None = None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,17 +163,22 @@ def test_an_inference_key_cannot_unload_and_the_page_says_so(app_page: Page, up:
                                                                  timeout=UI_TIMEOUT)
 
 
-def test_open_log_streams_do_not_hold_up_stopping(
+def test_open_log_streams_do_not_hold_up_stopping_and_activity_is_kept(
         tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path,
         small_model: Path) -> None:
     """A dashboard left open follows logs forever: lalo's stop ends those streams at once
-    instead of waiting out stop_timeout (30 s here) for them as for requests in flight."""
+    instead of waiting out stop_timeout (30 s here) for them as for requests in flight. With
+    `activity.store`, the requests are in the SQLite file after the stop."""
     config = write_config(tmp_path / "lalo.yaml", {"a": {"file": str(small_model),
                                                           "ctx_size": 512}},
                           engines={"llama_server": {"path": str(llama_server_bin)}},
-                          supervisor={**FAST_SUPERVISOR, "stop_timeout": 30.0})
+                          supervisor={**FAST_SUPERVISOR, "stop_timeout": 30.0},
+                          proxy={"activity": {"store": True, "store_max_size": "2MiB"}})
     with LaloUp(config, isolated) as lalo:
         lalo.wait_state("a", "ready", 120)
+        for _ in range(3):
+            httpx.post(f"{lalo.url}/v1/completions", timeout=60, json={
+                "model": "a", "prompt": "hello", "max_tokens": 4}).raise_for_status()
         streams = [httpx.stream("GET", f"{lalo.url}{path}", timeout=60)
                    for path in ("/api/models/a/logs/stream?n=5", "/api/logs/stream?n=5")]
         opened = [stream.__enter__() for stream in streams]
@@ -186,6 +192,11 @@ def test_open_log_streams_do_not_hold_up_stopping(
             lalo.signal(signal.SIGTERM)
             assert lalo.wait(60) == 0
             assert time.monotonic() - started < 15, "the log streams held up the stop"
+            store = Path(isolated["LALO_STATE_DIR"]) / "activity.sqlite"
+            with contextlib.closing(sqlite3.connect(store)) as db:
+                rows = db.execute("SELECT model, route, status, completion_tokens "
+                                  "FROM activity").fetchall()
+            assert rows == [("a", "completions", 200, 4)] * 3
         finally:
             for stream in streams:
                 with contextlib.suppress(httpx.HTTPError):

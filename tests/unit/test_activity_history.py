@@ -124,3 +124,40 @@ async def test_lalo_log_streams_new_records() -> None:
         await events.aclose()
     finally:
         logger.removeHandler(handler)
+
+
+async def test_a_sample_per_model_from_activity_and_token_counters(tmp_path: Path) -> None:
+    """One interval: requests/s and p50/p95 from the requests that ended in it, tokens/s
+    from the supervisor's counter, per model; a quiet model gets zeros and no latency."""
+    from launcher.proxy.history import History
+    from launcher.supervisor.supervisor import SupervisedModel, Supervisor
+    from tests.unit.test_managed_model import make
+
+    models = []
+    for name in ("a", "b"):
+        managed = make(tmp_path / name)
+        managed.name = name
+        models.append((SupervisedModel(name=name, aliases=(), engine="fake", estimate=1024**2,
+                                       preload=False, ttl=0, path=""), managed))
+    supervisor = Supervisor(models)
+    activity = Activity(ActivityConfig(size=100))
+    now = [1000.0]
+    history = History(supervisor, activity, interval=5.0, span=15.0, clock=lambda: now[0])
+    history.start()
+    history.stop()  # sampled by hand below
+    now[0] = 1010.0
+    activity._clock = lambda: now[0]
+    for seconds in (0.1, 0.2, 0.3, 0.4, 2.0):
+        activity.record("a", "chat", 200, time.perf_counter() - seconds, None, b"")
+    supervisor.record_tokens("a", 50, 1.0)
+    sample = history.sample()
+    assert sample["t"] == 1010.0 and sample["budget"] == supervisor.budget().bytes
+    a, b = sample["models"]["a"], sample["models"]["b"]
+    assert a["rps"] == 0.5 and a["tps"] == 5.0  # 5 requests, 50 tokens in 10 s
+    assert a["p50"] == pytest.approx(0.3, abs=0.05) and a["p95"] == pytest.approx(2.0, abs=0.05)
+    assert b == {"rps": 0.0, "tps": 0.0, "p50": None, "p95": None, "rss": 0, "queue": 0}
+    for _ in range(5):  # the ring holds span / interval samples
+        now[0] += 5
+        history.sample()
+    assert len(history.ring) == 3
+    assert history.ring.items()[-1]["models"]["a"]["rps"] == 0.0

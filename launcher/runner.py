@@ -69,8 +69,10 @@ def api_keys(config: Config) -> tuple[ApiKey, ...]:
     """Configured keys plus $LALO_API_KEYS (comma separated; admin keys named env1, env2...)."""
     extra = [key.strip() for key in os.environ.get("LALO_API_KEYS", "").split(",") if key.strip()]
     known = {entry.key for entry in config.proxy.api_keys}
-    added = [ApiKey(key=key, name=f"env{index}") for index, key in
-             enumerate(dict.fromkeys(k for k in extra if k not in known), start=1)]
+    taken = {entry.name for entry in config.proxy.api_keys}
+    names = (f"env{n}" for n in range(1, 10_000) if f"env{n}" not in taken)
+    added = [ApiKey(key=key, name=next(names))
+             for key in dict.fromkeys(k for k in extra if k not in known)]
     return (*config.proxy.api_keys, *added)
 
 

@@ -123,3 +123,15 @@ def test_bad_key_entries_are_refused(entries: list[object], fragment: str) -> No
     text = json.dumps({"proxy": {"api_keys": entries}})
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         parse_config(text, label="lalo.yaml")
+
+
+def test_env_keys_are_admin_keys_with_free_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.config import Config
+    from launcher.runner import api_keys
+
+    config = Config.model_validate({"proxy": {"api_keys": [
+        "sk-a", {"key": "sk-b", "name": "env1", "role": "inference"}]}})
+    monkeypatch.setenv("LALO_API_KEYS", " sk-c , sk-a,,sk-d")
+    assert [(k.key, k.name, k.role) for k in api_keys(config)] == [
+        ("sk-a", "key1", "admin"), ("sk-b", "env1", "inference"),
+        ("sk-c", "env2", "admin"), ("sk-d", "env3", "admin")]

@@ -135,14 +135,25 @@ class Service:
         return result
 
     def install(self, spec: UnitSpec) -> Path:
+        """Write the unit and enable and start it; a unit this call wrote is removed again
+        when systemctl fails (no systemd running, no user session)."""
+        existed = self.path.exists()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self.path.write_text(spec.text())
         except PermissionError as exc:
             hint = "" if self.user_unit else " (a system unit needs root: sudo, or use --user)"
             raise ServiceError(f"cannot write {self.path}: {exc.strerror}{hint}") from exc
-        self._systemctl("daemon-reload")
-        self._systemctl("enable", "--now", UNIT_NAME)
+        try:
+            self._systemctl("daemon-reload")
+            self._systemctl("enable", "--now", UNIT_NAME)
+        except ServiceError as exc:
+            if not existed:
+                self.path.unlink(missing_ok=True)
+            hint = " (a user unit needs a login session with systemd; see `loginctl " \
+                   "enable-linger`)" if self.user_unit else " (is systemd running?)"
+            raise ServiceError(f"{exc}{hint}; {self.path} "
+                               f"{'kept' if existed else 'not installed'}") from exc
         return self.path
 
     def uninstall(self) -> bool:

@@ -159,6 +159,16 @@ def scrape_cost(url: str, count: int = 20) -> dict[str, float]:
             "upstream_scrape_ms_last": upstream * 1000}
 
 
+def busy(result: dict[str, Any], page: str) -> float:
+    rounds = [r for r in result["rounds"] if r["page"] == page]
+    return statistics.median(r["cpu_s"] / r["wall_s"] * 100 for r in rounds)
+
+
+def speed(result: dict[str, Any], page: str) -> float:
+    rounds = [r for r in result["rounds"] if r["page"] == page]
+    return statistics.median(r["tokens"] / r["wall_s"] for r in rounds)
+
+
 def table(result: dict[str, Any]) -> str:
     closed = [r["cpu_s_per_1000_tokens"] for r in result["rounds"] if r["page"] == "closed"]
     opened = [r["cpu_s_per_1000_tokens"] for r in result["rounds"] if r["page"] == "open"]
@@ -170,8 +180,16 @@ def table(result: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| proxy CPU s per 1,000 streamed tokens (median of {len(closed)} rounds) | "
         f"{statistics.median(closed):.3f} | {statistics.median(opened):.3f} |",
+        f"| proxy CPU during those rounds | {busy(result, 'closed'):.1f} % | "
+        f"{busy(result, 'open'):.1f} % |",
         f"| proxy CPU while idle | {result['idle_closed_pct']:.2f} % | "
         f"{result['idle_open_pct']:.2f} % |",
+        f"| decode speed seen by the client | {speed(result, 'closed'):.0f} tokens/s | "
+        f"{speed(result, 'open'):.0f} tokens/s |",
+        "",
+        "The page costs the proxy mostly a fixed amount per second (a status poll every "
+        "second, a chart read every 5 s, the log streams' checks), so per 1,000 tokens it "
+        "shrinks as the model decodes faster: the idle row is the page's own cost.",
         "",
         f"A `/metrics` scrape: {scrape['fresh_ms_median']:.1f} ms when it reads every ready "
         f"model server (their part: {scrape['upstream_scrape_ms_last']:.1f} ms), "

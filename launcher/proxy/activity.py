@@ -17,6 +17,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,10 @@ class Activity:
             # the last batch (up to FLUSH_INTERVAL of requests) is written when lalo exits
             atexit.register(self.close)
         self._pending: list[Entry] = []
+        # one writer thread: batches never overlap on the connection, even when a trim's
+        # VACUUM takes longer than FLUSH_INTERVAL
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lalo-activity") \
+            if self._store is not None else None
         self._flusher: asyncio.TimerHandle | None = None
 
     def record(self, model: str, route: str, status: int, started: float,
@@ -155,14 +160,17 @@ class Activity:
     def _flush(self) -> None:
         self._flusher = None
         batch, self._pending = self._pending, []
-        if self._store is not None and batch:
-            task = asyncio.get_running_loop().run_in_executor(None, self._store.write, batch)
+        if self._store is not None and self._writer is not None and batch:
+            task = asyncio.get_running_loop().run_in_executor(self._writer, self._store.write,
+                                                              batch)
             task.add_done_callback(_log_failure)
 
     def close(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)  # the batches already handed over go first
         if self._store is not None:
             if self._pending:
                 self._store.write(self._pending)

@@ -54,6 +54,9 @@
     if (!app.history.started) { app.history.started = true; pollHistory(); }
   });
   window.lalo.onLock(() => stopLaloLog());
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && app.history.started) pollHistory();
+  });
 
   function renderModelChoices(models) {
     const names = models.map((m) => m.name);
@@ -255,6 +258,7 @@
     const history = app.history;
     clearTimeout(history.timer);
     try {
+      if (document.hidden) return;  // a background tab reads nothing; caught up when shown
       const body = await api(`api/history${history.last ? `?since=${history.last}` : ""}`);
       history.interval = body.interval;
       history.span = body.span;

@@ -49,10 +49,57 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+ApiKeyRole = Literal["inference", "admin"]
+
+
+class ApiKey(_Section):
+    """One entry of proxy.api_keys: `inference` keys may use the model routes (and read the
+    dashboard's status); `admin` keys may also load, unload, restart, reload and read activity
+    and logs. A plain string in the YAML is an admin key named `key<N>` (its place, from 1)."""
+
+    key: str
+    name: str
+    role: ApiKeyRole = "admin"
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, key: str) -> str:
+        if not key or key != key.strip() or any(ch.isspace() for ch in key):
+            raise ValueError("api keys must be non-empty and have no spaces")
+        return key
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError(f"key name {name!r} must match {_NAME.pattern}")
+        return name
+
+
+class ActivityConfig(_Section):
+    """The request history behind GET /api/activity and the dashboard's Activity list."""
+
+    size: Annotated[int, Field(ge=1, le=1_000_000)] = 500  # requests kept in memory
+    # also keep them in SQLite under lalo's state dir (activity.sqlite), at most this size
+    store: bool = False
+    store_max_size: int = 64 * 1024**2
+    # keep request bodies and the end of each answer (debugging only: they hold user data)
+    capture_bodies: bool = False
+
+    @field_validator("store_max_size", mode="before")
+    @classmethod
+    def _store_max(cls, value: Any) -> int:
+        size = size_field(value)
+        if size < 1024**2:
+            raise ValueError(f"must be >= 1MiB, got {value!r}")
+        return size
+
+
 class ProxyConfig(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
-    api_keys: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    # a plain string (an admin key) or {key, name, role}
+    api_keys: Annotated[tuple[ApiKey, ...], Field(strict=False)] = ()
     max_body_size: int = 16 * 1024**2
     queue_size: Annotated[int, Field(ge=0, le=100_000)] = 64
     upstream_timeout: Annotated[float, Field(gt=0)] = 600.0
@@ -61,6 +108,7 @@ class ProxyConfig(_Section):
     allowed_hosts: Annotated[tuple[str, ...], Field(strict=False)] = ()
     # web page origins allowed to call lalo and read its answers (CORS); off when empty
     cors_origins: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    activity: ActivityConfig = ActivityConfig()
 
     @field_validator("max_body_size", mode="before")
     @classmethod
@@ -91,12 +139,25 @@ class ProxyConfig(_Section):
                                  "'*' or 'null'")
         return tuple(origin.lower() for origin in origins)
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _plain_keys(cls, keys: Any) -> Any:
+        if not isinstance(keys, list | tuple):
+            return keys  # pydantic says what is wrong
+        return [{"key": entry, "name": f"key{index}", "role": "admin"} if isinstance(entry, str)
+                else entry for index, entry in enumerate(keys, start=1)]
+
     @field_validator("api_keys")
     @classmethod
-    def _keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
-        for key in keys:
-            if not key or key != key.strip():
-                raise ValueError("api keys must be non-empty and have no surrounding spaces")
+    def _keys(cls, keys: tuple[ApiKey, ...]) -> tuple[ApiKey, ...]:
+        names = [entry.name for entry in keys]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"two keys are named {name!r}: names label metrics, give "
+                                 "each key its own")
+        values = [entry.key for entry in keys]
+        if len(set(values)) != len(values):
+            raise ValueError("the same key is listed twice")
         return keys
 
 

@@ -29,7 +29,7 @@ def is_loopback(host: str) -> bool:
         ipaddress.ip_address(a.split("%", 1)[0]).is_loopback for a in addresses)
 
 
-def check_exposure(host: str, api_keys: tuple[str, ...], insecure: bool) -> None:
+def check_exposure(host: str, api_keys: tuple[object, ...], insecure: bool) -> None:
     """UsageError (exit 2) for a non-loopback `host` with no keys and no `--insecure`."""
     if api_keys or insecure or is_loopback(host):
         return

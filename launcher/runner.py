@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher import __version__, paths
-from launcher.config import Config, LoadedConfig
+from launcher.config import ApiKey, Config, LoadedConfig
 from launcher.cpu_share import CpuShare, config_share, policy_line, wait_env
 from launcher.engines.base import Engine, ServerSettings
 from launcher.engines.llama_cpp_python import LlamaCppPythonEngine
@@ -67,10 +67,15 @@ def log_dir() -> Path:
     return paths.state_dir() / "logs"
 
 
-def api_keys(config: Config) -> tuple[str, ...]:
-    """Configured keys plus $LALO_API_KEYS (comma separated)."""
+def api_keys(config: Config) -> tuple[ApiKey, ...]:
+    """Configured keys plus $LALO_API_KEYS (comma separated; admin keys named env1, env2...)."""
     extra = [key.strip() for key in os.environ.get("LALO_API_KEYS", "").split(",") if key.strip()]
-    return tuple(dict.fromkeys([*config.proxy.api_keys, *extra]))
+    known = {entry.key for entry in config.proxy.api_keys}
+    taken = {entry.name for entry in config.proxy.api_keys}
+    names = (f"env{n}" for n in range(1, 10_000) if f"env{n}" not in taken)
+    added = [ApiKey(key=key, name=next(names))
+             for key in dict.fromkeys(k for k in extra if k not in known)]
+    return (*config.proxy.api_keys, *added)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -471,11 +476,14 @@ async def _run(
             listen_host=host,
             allowed_hosts=config.proxy.allowed_hosts,
             cors_origins=config.proxy.cors_origins,
+            activity=config.proxy.activity,
+            capture_own_log=True,
         )
         # llama-server closes idle connections after 5 s: drop ours first, never reuse a dead one
         pool = UpstreamPool(keepalive_expiry=4.0)
         app = create_app(supervisor, settings, pool, on_shutdown=lambda: on_signal(0),
-                         log_paths=log_paths, on_reload=reloader.reload, peers=peers)
+                         log_paths=log_paths, on_reload=reloader.reload, peers=peers,
+                         closing=stop)
         server = _uvicorn_server(app, config.supervisor.stop_timeout)
         uvicorn_server.append(server)
         serving = asyncio.create_task(server.serve(sockets=[sock]))

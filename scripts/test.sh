@@ -16,6 +16,8 @@ command -v g++ >/dev/null || need+=(g++)
 command -v chromium >/dev/null || need+=(chromium)
 command -v firefox-esr >/dev/null || command -v firefox >/dev/null || need+=(firefox-esr)
 command -v unzip >/dev/null || need+=(unzip)
+# systemd-analyze checks the unit `lalo service install` writes (no systemd needs to run)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 # The image target and its test: buildah builds (no daemon), podman runs it with runc; the k8s
 # target's test renders the kustomize base with `kubectl kustomize`.
 command -v buildah >/dev/null || need+=(buildah)

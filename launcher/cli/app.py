@@ -44,7 +44,7 @@ _COMMAND_MODULES = {
     "status": "commands_run",
     "logs": "commands_run", "plan": "commands_inspect", "inspect": "commands_inspect",
     "engine": "commands_engine", "models": "commands_models", "doctor": "commands_doctor",
-    "build": "commands_build",
+    "build": "commands_build", "service": "commands_service",
 }
 
 

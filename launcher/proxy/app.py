@@ -6,9 +6,11 @@ every upstream (a new client per request costs tens of milliseconds).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -17,25 +19,32 @@ import psutil
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from launcher import __version__
+from launcher import paths as lalo_paths
+from launcher.config import ActivityConfig, ApiKey
 from launcher.errors import CapacityError, ModelError
+from launcher.metrics_merge import MergedMetrics
 from launcher.peers import PeerTable
+from launcher.proxy.activity import Activity, valid_status_filter
 from launcher.proxy.anthropic import AnthropicErrors
 from launcher.proxy.auth import AuthMiddleware
 from launcher.proxy.errors import error_response
 from launcher.proxy.forward import Forwarder, send_error
+from launcher.proxy.history import History
 from launcher.proxy.hosts import HostGuard
+from launcher.proxy.logstream import LaloLog, follow_file, lalo_log
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.proxy.ollama import OLLAMA_ROUTES, OllamaAPI
 from launcher.proxy.peer_metrics import PeerCollector
 from launcher.proxy.routes import MODEL_ROUTES, BodyTooLarge, ModelRouter, read_body, route_list
 from launcher.proxy.upstream import UpstreamBadTarget, UpstreamPool, check_target
 from launcher.supervisor.logs import read_tail
+from launcher.supervisor.process import Endpoint
 from launcher.supervisor.supervisor import Supervisor
 
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard" / "static"
@@ -43,13 +52,15 @@ DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard" / "static"
 
 @dataclass(frozen=True)
 class ProxySettings:
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[ApiKey | str, ...] = ()  # a plain string is an admin key
     admin_token: str = ""
     max_body_size: int = 16 * 1024**2
     upstream_timeout: float = 600.0
     listen_host: str = "127.0.0.1"  # on loopback, requests for other Host names are refused
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
+    activity: ActivityConfig = field(default_factory=ActivityConfig)
+    capture_own_log: bool = False  # `lalo up` shows its own log on the dashboard
 
 
 def create_app(
@@ -61,13 +72,25 @@ def create_app(
     log_paths: dict[str, Path] | None = None,
     on_reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     peers: PeerTable | None = None,
+    closing: asyncio.Event | None = None,
 ) -> ASGIApp:
     """The proxy app; `on_shutdown` is called by `POST /api/shutdown` (lalo down); `peers`:
-    other servers whose models are served here too (launcher.peers)."""
-    metrics = ProxyMetrics(supervisor)
+    other servers whose models are served here too (launcher.peers).
+
+    `closing` is set when lalo stops: open log streams end then, so that they do not hold up
+    the drain of the requests in flight. `settings.capture_own_log` attaches the dashboard's
+    view of lalo's own log to the `launcher` loggers (at INFO).
+    """
+    activity = Activity(settings.activity, store_path=lalo_paths.state_dir() / "activity.sqlite")
+    history = History(supervisor, activity)
+    merged = MergedMetrics(lambda: _ready_endpoints(supervisor), pool)
+    metrics = ProxyMetrics(supervisor, activity, merged)
     if peers is not None:
         metrics.registry.register(PeerCollector(peers))
-    forwarder = Forwarder(supervisor, pool, metrics, settings.upstream_timeout, peers=peers)
+    forwarder = Forwarder(supervisor, pool, metrics, settings.upstream_timeout, peers=peers,
+                          activity=activity)
+    own_log = lalo_log() if settings.capture_own_log else LaloLog()
+    closing = closing or asyncio.Event()
     started = time.time()
     log_paths = log_paths or {}
     too_large = f"request body larger than {settings.max_body_size} bytes"
@@ -133,7 +156,64 @@ def create_app(
             "max_loaded": supervisor.max_loaded,
             "models": supervisor.status(),
             "peers": peers.status() if peers is not None else [],
+            "activity": {"total": activity.total},
         })
+
+    async def activity_list(request: Request) -> Response:
+        """GET /api/activity?model=&status=&n=: recent requests, newest first."""
+        query = request.query_params
+        raw = query.get("n", "100")
+        if not raw.isdigit():
+            return error_response(400, "n must be a non-negative integer")
+        wanted_model = query.get("model") or None
+        if wanted_model is not None:
+            resolved = supervisor.resolve(wanted_model)
+            if resolved is None:
+                return error_response(
+                    404, f"unknown model {wanted_model!r}; known: {_known(supervisor)}")
+            wanted_model = resolved
+        wanted_status = query.get("status") or None
+        if wanted_status is not None and not valid_status_filter(wanted_status):
+            return error_response(400, "status must be a code (200), a class (2xx, 5xx) "
+                                       "or 'error'")
+        rows = activity.query(wanted_model, wanted_status, min(int(raw), activity.config.size))
+        return JSONResponse({"total": activity.total, "size": activity.config.size,
+                             "requests": rows})
+
+    async def history_view(request: Request) -> Response:
+        """GET /api/history?since=T: the chart samples (oldest first) taken after T."""
+        raw = request.query_params.get("since")
+        try:
+            since = float(raw) if raw else None
+        except ValueError:
+            return error_response(400, "since must be a unix time in seconds")
+        return JSONResponse({"interval": history.interval, "span": history.ring.capacity *
+                             history.interval, "samples": history.ring.items(since)})
+
+    def _sse(events: Any) -> Response:
+        return StreamingResponse(events, media_type="text/event-stream", headers={
+            "cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def logs_stream(request: Request) -> Response:
+        """GET /api/models/NAME/logs/stream?n=100: the log's tail, then new lines, as SSE."""
+        requested = request.path_params["name"]
+        name = supervisor.resolve(requested)
+        if name is None:
+            return error_response(404, f"unknown model {requested!r}; known: {_known(supervisor)}")
+        raw = request.query_params.get("n", "100")
+        if not raw.isdigit():
+            return error_response(400, "n must be a non-negative integer")
+        path = log_paths.get(name)
+        if path is None:
+            return error_response(404, f"{name} has no log file to follow")
+        return _sse(follow_file(path, min(int(raw), 10_000), closing=closing))
+
+    async def own_logs_stream(request: Request) -> Response:
+        """GET /api/logs/stream?n=100: lalo's own log records as SSE."""
+        raw = request.query_params.get("n", "100")
+        if not raw.isdigit():
+            return error_response(400, "n must be a non-negative integer")
+        return _sse(own_log.follow(min(int(raw), 1000), closing=closing))
 
     def admin(action: Callable[[str], Awaitable[object]]) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
@@ -180,6 +260,7 @@ def create_app(
         return JSONResponse(result)
 
     async def prometheus(request: Request) -> Response:
+        await merged.refresh()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def dashboard(request: Request) -> Response:
@@ -207,6 +288,10 @@ def create_app(
         Route("/api/models/{name}/unload", admin(unload), methods=["POST"]),
         Route("/api/models/{name}/restart", admin(restart), methods=["POST"]),
         Route("/api/models/{name}/logs", logs, methods=["GET"]),
+        Route("/api/models/{name}/logs/stream", logs_stream, methods=["GET"]),
+        Route("/api/logs/stream", own_logs_stream, methods=["GET"]),
+        Route("/api/activity", activity_list, methods=["GET"]),
+        Route("/api/history", history_view, methods=["GET"]),
         Route("/api/shutdown", shutdown, methods=["POST"]),
         Route("/api/reload", reload, methods=["POST"]),
         Route("/metrics", prometheus, methods=["GET"]),
@@ -244,8 +329,12 @@ def create_app(
         else:
             await app(scope, receive, send)
 
+    with contextlib.suppress(RuntimeError):  # no running loop: nothing is sampled
+        asyncio.get_running_loop()
+        history.start()
     guarded = AnthropicErrors(
-        AuthMiddleware(front, api_keys=settings.api_keys, admin_token=settings.admin_token))
+        AuthMiddleware(front, api_keys=settings.api_keys, admin_token=settings.admin_token,
+                       model_paths=[*MODEL_ROUTES, *OLLAMA_ROUTES]))
     return HostGuard(guarded, listen_host=settings.listen_host,
                      allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins)
 
@@ -271,6 +360,16 @@ def upstream_target(scope: Scope) -> str:
         return "/" + quote(scope["path_params"]["path"], safe="/:@!$&'()*+,;=-._~")
     rest = raw.split(b"/", 3)  # b"", b"upstream", MODEL, the rest
     return "/" + (rest[3].decode("latin-1") if len(rest) > 3 else "")
+
+
+def _ready_endpoints(supervisor: Supervisor) -> dict[str, Endpoint]:
+    """The model servers that answer now (a sleeping one is left asleep)."""
+    ready = {}
+    for name, model in supervisor.models.items():
+        endpoint = model.endpoint
+        if str(model.reported_state) == "ready" and endpoint is not None:
+            ready[name] = endpoint
+    return ready
 
 
 def _known(supervisor: Supervisor) -> str:

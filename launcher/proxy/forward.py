@@ -35,6 +35,7 @@ from launcher.errors import (
     WaitTimeoutError,
 )
 from launcher.peers import HOP_HEADER, PeerTable, is_peer_endpoint
+from launcher.proxy.activity import Activity
 from launcher.proxy.assemble import AssemblyError, EventReader, Plan, assembler
 from launcher.proxy.errors import error_body, error_message, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
@@ -101,13 +102,15 @@ class _Retry(Exception):
 class _Reply:
     """What has been sent to the client so far, and how to end it from here."""
 
-    __slots__ = ("last", "previous", "relayed", "send", "status", "streaming", "usage")
+    __slots__ = ("first_byte", "last", "previous", "relayed", "send", "status", "streaming",
+                 "usage")
 
     def __init__(self, send: Send) -> None:
         self.send = send
         self.status = 502
         self.streaming = False  # the SSE response head went out (early, or from upstream)
         self.relayed = False  # a byte of upstream's body went out
+        self.first_byte: float | None = None  # perf_counter when it did
         self.usage = b""
         self.previous = b""
         self.last = b""
@@ -138,7 +141,8 @@ class Forwarder:
 
     def __init__(self, supervisor: Supervisor, pool: UpstreamPool, metrics: ProxyMetrics,
                  upstream_timeout: float, *, notice_after: float = 1.0,
-                 notice_interval: float = 3.0, peers: PeerTable | None = None) -> None:
+                 notice_interval: float = 3.0, peers: PeerTable | None = None,
+                 activity: Activity | None = None) -> None:
         self.supervisor = supervisor
         self.peers = peers  # other lalos / OpenAI servers: `_lease` sends a request there
         self.pool = pool
@@ -146,6 +150,7 @@ class Forwarder:
         self.timeout = upstream_timeout
         self.notice_after = notice_after
         self.notice_interval = notice_interval
+        self.activity = activity
 
     async def forward(
         self,
@@ -188,6 +193,9 @@ class Forwarder:
         if error is not None:
             raise error  # a bug: let the server log it and answer 500
         self._count(name, route, reply.status, started)
+        if self.activity is not None:
+            self.activity.record(name, route, reply.status, started, reply.first_byte,
+                                 reply.usage, body)
         if reply.status == 200 and route != "upstream" and name in self.supervisor.models:
             self._record_usage(name, reply.usage, started)
 
@@ -305,7 +313,8 @@ class Forwarder:
         try:
             async for chunk in upstream.chunks():
                 if not reply.relayed:
-                    self.metrics.ttft.labels(name).observe(time.perf_counter() - started)
+                    reply.first_byte = time.perf_counter()
+                    self.metrics.ttft.labels(name).observe(reply.first_byte - started)
                     reply.relayed = True
                 # the usage / timings event comes last: keep the last two chunks, copy nothing
                 reply.previous, reply.last = reply.last, chunk

@@ -1,4 +1,5 @@
-"""Prometheus metrics: per-request counters and histograms, plus supervisor gauges read at scrape time."""
+"""Prometheus metrics: per-request counters and histograms, supervisor gauges and per-key
+counters read at scrape time, and (optionally) the model servers' own metrics merged in."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from launcher.metrics_merge import MergedMetrics
+from launcher.proxy.activity import Activity
 from launcher.supervisor.supervisor import WAIT_BUCKETS, Supervisor
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -77,10 +80,30 @@ class _SupervisorCollector(Collector):
                     swaps, waits, budget)
 
 
+class _KeyCollector(Collector):
+    """Requests and tokens per API key, by the key's name (never the key itself)."""
+
+    def __init__(self, activity: Activity) -> None:
+        self._activity = activity
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        requests = CounterMetricFamily("lalo_key_requests", "Requests answered, by API key name",
+                                       labels=["key"])
+        tokens = CounterMetricFamily("lalo_key_tokens", "Tokens by API key name and kind "
+                                     "(prompt, completion)", labels=["key", "kind"])
+        for name, (count, prompt, completion) in self._activity.by_key.items():
+            requests.add_metric([name], count)
+            tokens.add_metric([name, "prompt"], prompt)
+            tokens.add_metric([name, "completion"], completion)
+        yield requests
+        yield tokens
+
+
 class ProxyMetrics:
     """Owns a private registry (several apps can live in one process, e.g. in tests)."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: Supervisor, activity: Activity | None = None,
+                 merged: MergedMetrics | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "lalo_requests", "Requests answered, by model, route and status",
@@ -96,6 +119,11 @@ class ProxyMetrics:
         )
         ProcessCollector(registry=self.registry)
         self.registry.register(_SupervisorCollector(supervisor))
+        if activity is not None:
+            self.registry.register(_KeyCollector(activity))
+        self.merged = merged
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """lalo's own metrics, then the model servers' (call `merged.refresh()` first)."""
+        own = generate_latest(self.registry)
+        return own if self.merged is None else own + self.merged.render().encode()

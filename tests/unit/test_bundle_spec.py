@@ -66,7 +66,7 @@ exe: {models: beside, embed_limit: 1GiB}
     assert spec.fields.engine.llamafile.version == "0.9.3"
     assert spec.llamafile_runtime() == tmp_path / "rt" / "llamafile"
     assert spec.fields.targets == ("llamafile", "exe")
-    assert spec.config.proxy.port == 9000 and spec.config.proxy.api_keys == ("k1",)
+    assert spec.config.proxy.port == 9000 and [k.key for k in spec.config.proxy.api_keys] == ["k1"]
     assert spec.config.resources.ram_reserve == 2 * 1024**3
     assert spec.fields.exe.embed_limit == 1024**3
     assert spec.fields.licenses.texts == {"lfm1.0": "lfm.txt"}

@@ -27,7 +27,7 @@ def error_of(text: str, total_ram: int = 24 * GIB) -> str:
         (
             "proxy:\n  prot: 1\n",
             "lalo.yaml:2: proxy.prot: unknown key (known keys: host, port, api_keys, "
-            "max_body_size, queue_size, upstream_timeout, allowed_hosts, cors_origins)",
+            "max_body_size, queue_size, upstream_timeout, allowed_hosts, cors_origins, activity)",
         ),
         (
             "proxy:\n  allowed_hosts: ['http://lalo.lan']\n",

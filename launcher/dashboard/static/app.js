@@ -1,4 +1,6 @@
-// lalo dashboard: polls GET api/status every second and renders it into the static shell.
+// lalo dashboard: polls GET api/status every second and renders it into the static shell;
+// a model's log is a stream (fetch + server-sent events, so the API key goes along).
+// watch.js adds the playground, activity, charts and lalo's log through window.lalo.
 // No framework and no network beyond lalo itself. Everything the server sends is written
 // with textContent / attributes, never parsed as HTML.
 "use strict";
@@ -7,7 +9,9 @@
   const POLL_INTERVAL = 1000;     // ms between status polls (the issue asks for < 2 s)
   const REQUEST_TIMEOUT = 4000;   // ms before a silent lalo counts as a lost connection
   const ACTION_TIMEOUT = 600000;  // ms an admin action may take (a load waits for the model)
-  const LOG_LINES = 200;
+  const LOG_LINES = 200;           // backlog a log stream starts with
+  const LOG_KEEP = 2000;           // lines a log view keeps
+  const STREAM_RETRY = 2000;       // ms before a broken log stream is opened again
   const LOCKED_STATUS_EVERY = 10; // polls between key checks while the key prompt waits
   const KEY_STORAGE = "lalo.apiKey";
   const PALETTE_SIZE = 8;         // --m0 .. --m7 in style.css
@@ -35,6 +39,7 @@
     models: byId("models"),
     peers: byId("peers"),
     template: byId("model-template"),
+    panels: byId("panels"),
   };
 
   const app = {
@@ -46,10 +51,12 @@
     pollAgain: false,
     locked: false,
     lockedPolls: 0,
+    hooks: { status: [], lock: [] },  // watch.js: called with each status, and on lock
   };
 
   class Unauthorized extends Error {}
   class ApiError extends Error {}
+  class Forbidden extends ApiError {}  // 403: this key's role may not do that
 
   // --- storage and HTTP --------------------------------------------------------------------
 
@@ -81,9 +88,42 @@
     try { body = await response.json(); } catch (_) { body = null; }
     if (!response.ok) {
       const message = body && body.error && body.error.message;
-      throw new ApiError(message || `HTTP ${response.status}`);
+      throw new (response.status === 403 ? Forbidden : ApiError)(message || `HTTP ${response.status}`);
     }
     return body;
+  }
+
+  // A server-sent event stream read with fetch (EventSource cannot send the API key):
+  // calls onData with each event's data, returns when the stream ends.
+  async function streamEvents(path, { method = "GET", body, signal, onData }) {
+    const headers = { Accept: "text/event-stream" };
+    if (app.key) headers.Authorization = "Bearer " + app.key;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const response = await fetch(path, {
+      method, headers, signal, cache: "no-store",
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    if (response.status === 401) throw new Unauthorized("API key required");
+    if (!response.ok) {
+      let message = "";
+      try { const error = await response.json(); message = error.error && error.error.message; } catch (_) { /* not JSON */ }
+      throw new (response.status === 403 ? Forbidden : ApiError)(message || `HTTP ${response.status}`);
+    }
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value.replace(/\r\n?/g, "\n");
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        const data = event.split("\n").filter((line) => line.startsWith("data:"))
+          .map((line) => line.slice(line.startsWith("data: ") ? 6 : 5));
+        if (data.length) onData(data.join("\n"));  // comments (": loading") carry no data
+      }
+    }
   }
 
   // --- formatting --------------------------------------------------------------------------
@@ -132,8 +172,10 @@
     app.locked = true;
     ui.overview.hidden = true;
     ui.models.hidden = true;
-    for (const card of app.cards.values()) card.remove();
+    for (const card of app.cards.values()) { stopLogStream(card); card.remove(); }
     app.cards.clear();
+    ui.panels.hidden = true;
+    for (const hook of app.hooks.lock) hook();
     ui.keyPrompt.hidden = false;
     if (message !== undefined) setText(ui.keyError, message);
     if (!wasLocked) ui.keyInput.focus();
@@ -236,9 +278,11 @@
       `lalo · ${ready}/${models.length} ready`;
     ui.overview.hidden = false;
     ui.models.hidden = false;
+    ui.panels.hidden = false;
     renderOverview(status, counts);
     renderRam(status);
     renderModels(models);
+    for (const hook of app.hooks.status) hook(status);
     renderPeers(status.peers || []);
   }
 
@@ -433,7 +477,6 @@
     setText(field(card, "tokens-per-s"), tps === null || tps === undefined ? "—" : `${tps.toFixed(1)}`);
     drawSparkline(field(card, "sparkline"), model.tokens_per_s_history || []);
     updateButtons(card, shown);
-    if (!field(card, "logs").hidden) refreshLogs(card, model.name);
   }
 
   function drawSparkline(svg, values) {
@@ -488,6 +531,9 @@
     } catch (error) {
       if (error instanceof Unauthorized) {
         setText(status, "");  // the poll below shows the key prompt
+      } else if (error instanceof Forbidden) {
+        status.classList.add("error");
+        setText(status, `Not allowed: ${error.message}`);
       } else {
         status.classList.add("error");
         setText(status, error instanceof ApiError ? error.message : `lalo did not answer (${error.message})`);
@@ -506,31 +552,68 @@
     card.classList.toggle("logs-open", !panel.hidden);  // a log wants the full width
     toggle.setAttribute("aria-expanded", String(!panel.hidden));
     toggle.classList.toggle("active", !panel.hidden);
-    if (!panel.hidden) {
+    if (panel.hidden) {
+      stopLogStream(card);
+    } else {
       field(card, "logs-follow").checked = true;
-      refreshLogs(card, name);
+      followLog(card, name);
     }
   }
 
-  async function refreshLogs(card, name) {
-    if (card.dataset.logsLoading) return;
-    card.dataset.logsLoading = "1";
+  function stopLogStream(card) {
+    if (card.logStream) card.logStream.abort();
+    card.logStream = null;
+  }
+
+  // Append lines to a <pre>, keeping the last LOG_KEEP; scrolls to the end when following.
+  function appendLines(pre, text, follow) {
+    const lines = (pre.textContent ? pre.textContent + "\n" : "") + text;
+    const all = lines.split("\n");
+    pre.textContent = all.length > LOG_KEEP ? all.slice(-LOG_KEEP).join("\n") : lines;
+    pre.dataset.lines = String(Math.min(all.length, LOG_KEEP));
+    if (follow) pre.scrollTop = pre.scrollHeight;
+  }
+
+  async function followLog(card, name) {
+    stopLogStream(card);
+    const controller = new AbortController();
+    card.logStream = controller;
     const log = field(card, "log");
     const info = field(card, "logs-info");
+    log.textContent = "";
+    setText(info, "connecting…");
     try {
-      const body = await api(`api/models/${encodeURIComponent(name)}/logs?n=${LOG_LINES}`);
-      const text = body.lines.join("\n");
-      if (log.textContent !== text) {
-        log.textContent = text;
-        if (field(card, "logs-follow").checked) log.scrollTop = log.scrollHeight;
-      }
-      setText(info, `last ${body.lines.length} lines`);
+      await streamEvents(`api/models/${encodeURIComponent(name)}/logs/stream?n=${LOG_LINES}`, {
+        signal: controller.signal,
+        onData: (text) => {
+          appendLines(log, text, field(card, "logs-follow").checked);
+          setText(info, `following · ${log.dataset.lines} lines`);
+        },
+      });
     } catch (error) {
-      setText(info, `log unavailable: ${error.message}`);
-    } finally {
-      delete card.dataset.logsLoading;
+      if (controller.signal.aborted) return;
+      if (error instanceof Forbidden || error instanceof Unauthorized) {
+        setText(info, `log unavailable: ${error.message}`);
+        return;
+      }
+      setText(info, `log stream interrupted (${error.message}); reconnecting`);
+    }
+    if (card.logStream === controller && !controller.signal.aborted) {
+      setTimeout(() => { if (card.logStream === controller) followLog(card, name); }, STREAM_RETRY);
     }
   }
+
+  function seconds(value) {
+    return value < 1 ? `${Math.round(value * 1000)} ms` : `${value.toFixed(2)} s`;
+  }
+
+  // what watch.js uses
+  window.lalo = {
+    app, api, streamEvents, setText, orDash, seconds, colourOf, legendItem, appendLines,
+    Unauthorized, ApiError, Forbidden, LOG_LINES, STREAM_RETRY,
+    onStatus: (hook) => app.hooks.status.push(hook),
+    onLock: (hook) => app.hooks.lock.push(hook),
+  };
 
   storeKey(app.key);
   setConnection("connecting");

@@ -49,10 +49,12 @@ class BuildRoot:
     def label(self) -> str:
         return f"debian-{self.suite}"
 
-    def chroot_argv(self, argv: Sequence[str], env: dict[str, str] | None = None) -> list[str]:
-        """`argv` run inside the root from a clean environment (`env -i`, PATH and HOME set)."""
+    def chroot_argv(self, argv: Sequence[str], env: dict[str, str] | None = None,
+                    cwd: str | None = None) -> list[str]:
+        """`argv` run inside the root from a clean environment (`env -i`, PATH and HOME set),
+        in `cwd` (a path inside the root) if given."""
         settings = {"PATH": CLEAN_PATH, "HOME": "/root", "LC_ALL": "C.UTF-8", **(env or {})}
-        return ["chroot", str(self.path), "/usr/bin/env", "-i",
+        return ["chroot", str(self.path), "/usr/bin/env", "-i", *(["-C", cwd] if cwd else []),
                 *(f"{k}={v}" for k, v in settings.items()), *argv]
 
     def host_path(self, inside: str) -> Path:

@@ -38,8 +38,8 @@ WORK = "/lalo/freeze"
 CONSTRAINTS = "/lalo/constraints.txt"
 WHEEL_PLATFORMS = ("manylinux_2_31_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
                    "manylinux2014_x86_64", "manylinux1_x86_64", "linux_x86_64", "any")
-# Not part of the frozen app's world: the development tools of the environment lalo runs in.
-_NOT_CONSTRAINED = {"lalo-launcher"}
+# Not constrained to this environment's versions: lalo itself and what builds its wheel.
+_NOT_CONSTRAINED = {"lalo-launcher", "setuptools", "wheel", "pip"}
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,8 @@ def requirements() -> list[str]:
         requires = metadata.requires("lalo-launcher") or []
     except metadata.PackageNotFoundError as exc:
         raise PackagingError("lalo is not installed (pip install -e .)") from exc
-    return [*(r for r in requires if "extra ==" not in r), "pyinstaller", "setuptools", "wheel"]
+    # setuptools 77 reads pyproject.toml's SPDX `license = "..."` (older ones refuse it)
+    return [*(r for r in requires if "extra ==" not in r), "pyinstaller", "setuptools>=77", "wheel"]
 
 
 def _copy_resolv(root: BuildRoot) -> None:

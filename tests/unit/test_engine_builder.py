@@ -871,3 +871,23 @@ def test_gcc_major_and_variants_it_cannot_build() -> None:
         "alderlake", "sapphirerapids"]
     assert builder_mod.unbuildable_variants("gcc (Debian 12.2.0-14) 12.2.0") == []
     assert builder_mod.unbuildable_variants("clang version 16.0.6") == []
+
+
+def test_leaving_out_variants_is_idempotent() -> None:
+    text = "  ggml_add_cpu_backend_variant(alderlake  AVX_VNNI)\n"
+    once = builder_mod.leave_out_variants(text, ["alderlake"])
+    assert once == "  # lalo: left out, gcc < 11: ggml_add_cpu_backend_variant(alderlake  AVX_VNNI)\n"
+    assert builder_mod.leave_out_variants(once, ["alderlake"]) == once
+    assert builder_mod.leave_out_variants(text, []) == text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF symbol versions: Linux")
+def test_glibc_required_reads_symbol_versions(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump (binutils)")
+    needed = buildroot.glibc_required([Path("/bin/ls")])
+    assert needed is not None and needed.startswith("2.")
+    (tmp_path / "text").write_text("not an ELF file")
+    assert buildroot.glibc_required([tmp_path / "text"]) is None

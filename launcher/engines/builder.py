@@ -112,6 +112,7 @@ ROOT_BUILD = "/lalo/build"
 # skipped at build time); a CPU that has them runs the next best variant (icelake, zen4).
 _VARIANT_MIN_GCC = {"alderlake": 11, "sapphirerapids": 11}
 _VARIANT_LIST = "ggml/src/CMakeLists.txt"
+_BUILD_INFO = "cmake/build-info.cmake"
 _LEFT_OUT = "# lalo: left out, gcc < 11: "
 _GCC_MAJOR = re.compile(r"\)\s+(\d+)\.\d+")
 # The GPUs of the plan's tiers: Ampere (A100 sm_80, RTX 30xx sm_86), Ada (RTX 40xx sm_89),
@@ -504,7 +505,7 @@ class EngineBuilder:
             # The build sees only the root: the source is copied in, the build tree lives there.
             source_dir = Path(f"{ROOT_SOURCE}/llama.cpp-{tree.commit}")
             left_out = unbuildable_variants(compiler)
-            _copy_source_into(tree.tree, root.host_path(str(source_dir)), left_out)
+            _copy_source_into(tree.tree, root.host_path(str(source_dir)), left_out, tree.commit)
             build_dir = Path(f"{ROOT_BUILD}/{key}")
             host_build = root.host_path(str(build_dir))
             runner = _in_root(self.runner, root)
@@ -736,9 +737,10 @@ def _in_root(runner: CommandRunner, root: BuildRoot) -> CommandRunner:
     return run
 
 
-def _copy_source_into(tree: Path, target: Path, left_out: Sequence[str]) -> None:
+def _copy_source_into(tree: Path, target: Path, left_out: Sequence[str], commit: str) -> None:
     """The llama.cpp tree copied into the root once per commit (complete, or not there), with
-    the CPU variants the root's compiler cannot build left out of it."""
+    the CPU variants the root's compiler cannot build left out of it, and the commit written
+    into its build info (the root has no git, so `--version` would say "commit unknown")."""
     if not target.is_dir():
         staging = target.with_name(f".{target.name}-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
@@ -749,12 +751,15 @@ def _copy_source_into(tree: Path, target: Path, left_out: Sequence[str]) -> None
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    variants = target / _VARIANT_LIST
-    if variants.is_file():
-        text = variants.read_text(encoding="utf-8")
-        changed = leave_out_variants(text, left_out)
-        if changed != text:
-            variants.write_text(changed, encoding="utf-8")
+    for name, change in ((_VARIANT_LIST, lambda text: leave_out_variants(text, left_out)),
+                         (_BUILD_INFO, lambda text: text.replace(
+                             'set(BUILD_COMMIT "unknown")', f'set(BUILD_COMMIT "{commit[:7]}")'))):
+        path = target / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            changed = change(text)
+            if changed != text:
+                path.write_text(changed, encoding="utf-8")
 
 
 def _root_library(root: BuildRoot, name: str) -> Path:

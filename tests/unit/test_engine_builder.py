@@ -786,6 +786,8 @@ def test_portable_engine_is_built_in_the_old_root_and_carries_the_gcc_runtime(
     cache: Path, tree: Path, tmp_path: Path
 ) -> None:
     (tree / "ggml" / "src").mkdir(parents=True)
+    (tree / "cmake").mkdir()
+    (tree / "cmake" / "build-info.cmake").write_text('set(BUILD_NUMBER 0)\nset(BUILD_COMMIT "unknown")\n')
     (tree / "ggml" / "src" / "CMakeLists.txt").write_text(
         "        ggml_add_cpu_backend_variant(haswell            SSE42 AVX2)\n"
         "        ggml_add_cpu_backend_variant(alderlake          SSE42 AVX_VNNI)\n"
@@ -803,6 +805,8 @@ def test_portable_engine_is_built_in_the_old_root_and_carries_the_gcc_runtime(
     assert all(env[0].startswith("PATH=") for env in runner.envs)
     configure = runner.cmake.calls[0]
     assert configure[configure.index("-S") + 1] == str(root.path / f"lalo/src/llama.cpp-{COMMIT}")
+    info = root.path / f"lalo/src/llama.cpp-{COMMIT}/cmake/build-info.cmake"
+    assert 'set(BUILD_COMMIT "0c1e570")' in info.read_text()
     copied = (root.path / f"lalo/src/llama.cpp-{COMMIT}/ggml/src/CMakeLists.txt").read_text()
     assert "# lalo: left out, gcc < 11: ggml_add_cpu_backend_variant(alderlake" in copied
     assert "# lalo: left out, gcc < 11: ggml_add_cpu_backend_variant(sapphirerapids" in copied

@@ -98,12 +98,8 @@ def one_round(server: Path, model: Path, tokens: int, threads: int) -> dict[str,
                     "ignore_eos": True, "cache_prompt": False}
             client.post("/completion", json={**body, "n_predict": 8})  # warm-up
             timings = client.post("/completion", json=body).json()["timings"]
-        log.seek(0)
-        text = log.read().decode(errors="replace")
-        variant = next((line.strip() for line in text.splitlines()
-                        if "CPU backend" in line or "ggml-cpu-" in line), "")
         return {"decode_tps": timings["predicted_per_second"],
-                "prompt_tps": timings["prompt_per_second"], "backend_line": variant}
+                "prompt_tps": timings["prompt_per_second"]}
     finally:
         proc.terminate()
         proc.wait(30)

@@ -127,7 +127,8 @@ def _ensure_python(root: BuildRoot, log: Path, report: Report) -> None:
     _run(root, ["sh", "-ec", f"""
 cd {src}; rm -rf build; mkdir build; tar -xf {tarballs[-1].name} -C build --strip-components=1
 cd build
-./configure --prefix={PREFIX} --enable-shared LDFLAGS=-Wl,-rpath,{PREFIX}/lib --without-ensurepip
+./configure --prefix={PREFIX} --enable-shared LDFLAGS=-Wl,-rpath,{PREFIX}/lib --without-ensurepip \\
+  --disable-test-modules
 make -j{jobs}
 make install
 {PYTHON} -c 'import ssl, ctypes, lzma, bz2, zlib'

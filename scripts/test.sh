@@ -26,6 +26,16 @@ command -v runc >/dev/null || need+=(runc)
 command -v kubectl >/dev/null || need+=(kubernetes-client)
 # The peers test joins three lalos, each in its own network namespace, with `ip netns`/`ip link`.
 command -v ip >/dev/null || need+=(iproute2)
+# The portable engine and the frozen lalo are built inside a Debian 11 root made with
+# debootstrap (old glibc); objdump reads the glibc versions they need.
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v objdump >/dev/null || need+=(binutils)
+# The Windows engine (mingw-w64 cross build, run under wine; about 1.1 GB) only when asked:
+# LALO_TEST_WINDOWS=1. Its tests otherwise run only where it is already built.
+if [ "${LALO_TEST_WINDOWS:-0}" = 1 ]; then
+  command -v x86_64-w64-mingw32-g++-posix >/dev/null || need+=(g++-mingw-w64-x86-64-posix)
+  command -v wine >/dev/null || need+=(wine wine64)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   echo "installing system packages: ${need[*]}" >&2

@@ -34,6 +34,11 @@ class VariantChoice(StrEnum):
     cuda = "cuda"
 
 
+class PlatformChoice(StrEnum):
+    host = "host"
+    windows = "windows"
+
+
 class ProgressPrinter:
     """On a terminal one line rewritten in place; otherwise a line per stage and every 10 %."""
 
@@ -80,6 +85,12 @@ def build(
             "cuda: NVIDIA GPUs (needs the CUDA toolkit's nvcc; no GPU needed to build).",
         ),
     ] = VariantChoice.native,
+    platform: Annotated[
+        PlatformChoice,
+        typer.Option("--platform", help="host: this machine's OS. windows: cross-compile "
+                     "llama-server.exe with mingw-w64 (portable variant; static, x86-64 with "
+                     "AVX2; about 10 min)."),
+    ] = PlatformChoice.host,
     cuda_arch: Annotated[
         list[str] | None,
         typer.Option("--cuda-arch", help="cuda variant: GPU architectures to compile for "
@@ -101,11 +112,18 @@ def build(
         bool, typer.Option("--force", help="Rebuild from a clean build tree even if already built.")
     ] = False,
 ) -> None:
-    """Build llama-server and llama-quantize into lalo's cache (minutes; done once per version)."""
+    """Build llama-server and llama-quantize into lalo's cache (minutes; done once per version).
+
+    On Linux the portable variant is compiled inside a Debian 11 root (made once with
+    debootstrap; needs root) so that it runs on glibc 2.31 and later."""
     printer = ProgressPrinter(sys.stderr)
     started = time.monotonic()
+    chosen = variant
+    if platform is PlatformChoice.windows and variant is VariantChoice.native:
+        chosen = VariantChoice.portable  # the only Windows build: say nothing, it is the default
     try:
-        built = build_engine(variant.value, source, jobs, printer, force=force, cuda_archs=cuda_arch)
+        built = build_engine(chosen.value, source, jobs, printer, force=force,
+                             cuda_archs=cuda_arch, platform_name=platform.value)
     finally:
         printer.close()
     if built.already_built:

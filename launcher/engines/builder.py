@@ -23,7 +23,9 @@ from filelock import FileLock, Timeout
 
 from launcher import __version__, paths
 from launcher.digest import file_sha256
+from launcher.engines import buildroot
 from launcher.engines import source as sources
+from launcher.engines.buildroot import BuildRoot
 from launcher.engines.registry import (
     MANIFEST,
     SERVER,
@@ -69,6 +71,52 @@ VARIANT_FLAGS: dict[str, tuple[str, ...]] = {
         "-DLLAMA_OPENSSL=OFF",
     ),
 }
+# Windows from this machine: mingw-w64 cross-compiling one static llama-server.exe for a fixed
+# x86-64 baseline (AVX2/FMA/F16C, Haswell and later), no OpenMP (ggml's own threads), no
+# OpenSSL: it imports only Windows system DLLs (FACTS.md).
+WINDOWS = "windows-x86_64"
+MINGW = "x86_64-w64-mingw32"
+WINDOWS_FLAGS = (
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    "-DGGML_BMI2=ON",
+    "-DGGML_OPENMP=OFF",
+)
+TOOLCHAIN_FILE = "mingw-w64-x86_64.cmake"
+# mingw-w64 10 lacks the THREAD_ power-throttling names ggml-cpu.c uses: map them to the
+# PROCESS_ ones (same layout). The link is static so that no MinGW DLL need travel with it.
+WINDOWS_TOOLCHAIN = f"""set(CMAKE_SYSTEM_NAME Windows)
+set(CMAKE_SYSTEM_PROCESSOR x86_64)
+set(CMAKE_C_COMPILER {MINGW}-gcc-posix)
+set(CMAKE_CXX_COMPILER {MINGW}-g++-posix)
+set(CMAKE_RC_COMPILER {MINGW}-windres)
+set(CMAKE_FIND_ROOT_PATH /usr/{MINGW})
+set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
+set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
+set(CMAKE_C_FLAGS_INIT "-DTHREAD_POWER_THROTTLING_STATE=PROCESS_POWER_THROTTLING_STATE \
+-DTHREAD_POWER_THROTTLING_CURRENT_VERSION=1 -DTHREAD_POWER_THROTTLING_EXECUTION_SPEED=1")
+set(CMAKE_EXE_LINKER_FLAGS_INIT "-static -static-libgcc -static-libstdc++")
+"""
+# The portable Linux engine is compiled in a Debian 11 root (glibc 2.31, gcc 10) and carries
+# the GCC runtime it links (OpenMP, C++), found beside it through rpath $ORIGIN: a client
+# needs nothing but glibc >= the root's.
+CARRIED_LIBRARIES = ("libgomp.so.1", "libstdc++.so.6", "libgcc_s.so.1")
+_LIBRARY_DIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib64", "usr/lib")
+ROOT_SOURCE = "/lalo/src"
+ROOT_BUILD = "/lalo/build"
+# CPU variants whose instructions (AVX-VNNI, AMX) an older GCC cannot emit: left out of the
+# root's copy of the source (llama-server depends on every variant defined, so they cannot be
+# skipped at build time); a CPU that has them runs the next best variant (icelake, zen4).
+_VARIANT_MIN_GCC = {"alderlake": 11, "sapphirerapids": 11}
+_VARIANT_LIST = "ggml/src/CMakeLists.txt"
+_BUILD_INFO = "cmake/build-info.cmake"
+_LEFT_OUT = "# lalo: left out, gcc < 11: "
+_GCC_MAJOR = re.compile(r"\)\s+(\d+)\.\d+")
 # The GPUs of the plan's tiers: Ampere (A100 sm_80, RTX 30xx sm_86), Ada (RTX 40xx sm_89),
 # Hopper (H100/H200 sm_90). Real code for each, no PTX: a build for other GPUs names them.
 CUDA_ARCHITECTURES = ("80", "86", "89", "90")
@@ -167,10 +215,11 @@ def check_tools(which: Callable[[str], str | None] = shutil.which) -> dict[str, 
     return found
 
 
-def compiler_version_text(compiler: str) -> str:
+def compiler_version_text(compiler: str | Sequence[str]) -> str:
+    argv = [compiler] if isinstance(compiler, str) else list(compiler)
     try:
         done = subprocess.run(
-            [compiler, "--version"], capture_output=True, text=True, errors="replace",
+            [*argv, "--version"], capture_output=True, text=True, errors="replace",
             timeout=30, check=False, stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.TimeoutExpired):
@@ -178,9 +227,32 @@ def compiler_version_text(compiler: str) -> str:
     return done.stdout or done.stderr
 
 
-def compiler_version(compiler: str) -> str:
+def compiler_version(compiler: str | Sequence[str]) -> str:
     first = compiler_version_text(compiler).strip().splitlines()
-    return first[0] if first else compiler
+    return first[0] if first else " ".join([compiler] if isinstance(compiler, str) else compiler)
+
+
+def gcc_major(version: str) -> int | None:
+    """12 from `gcc (Debian 12.2.0-14) 12.2.0`; None for another compiler or format."""
+    match = _GCC_MAJOR.search(version) if "gcc" in version.lower() else None
+    return int(match.group(1)) if match else None
+
+
+def unbuildable_variants(compiler: str) -> list[str]:
+    """The CPU variants (`alderlake`) that `compiler` (its --version line) cannot build."""
+    major = gcc_major(compiler)
+    return sorted(name for name, least in _VARIANT_MIN_GCC.items()
+                  if major is not None and major < least)
+
+
+def leave_out_variants(cmake_lists: str, names: Sequence[str]) -> str:
+    """ggml's variant list with the `ggml_add_cpu_backend_variant(NAME ...)` lines for `names`
+    commented out (idempotent)."""
+    if not names:
+        return cmake_lists
+    pattern = re.compile(r"^(\s*)(ggml_add_cpu_backend_variant\((?:"
+                         + "|".join(re.escape(n) for n in names) + r")\s.*)$", re.MULTILINE)
+    return pattern.sub(lambda m: f"{m.group(1)}{_LEFT_OUT}{m.group(2)}", cmake_lists)
 
 
 def cuda_architectures(requested: Sequence[str] | None) -> tuple[str, ...]:
@@ -233,7 +305,22 @@ def nvcc_version(nvcc: str) -> str:
     return match.group(1) if match else (text.strip().splitlines() or [nvcc])[-1]
 
 
-def cmake_flags(variant: str, cuda_archs: Sequence[str] | None = None) -> tuple[str, ...]:
+def target_platform(name: str | None) -> str:
+    """The platform tag to build for: this machine's (None, "host") or "windows"."""
+    if name in (None, "", "host") or name == platform_tag():
+        return platform_tag()
+    if name in ("windows", WINDOWS):
+        return WINDOWS
+    raise EngineError(f"--platform: {name!r} is not one lalo builds for; use host or windows")
+
+
+def cmake_flags(variant: str, cuda_archs: Sequence[str] | None = None,
+                platform_name: str | None = None) -> tuple[str, ...]:
+    if platform_name == WINDOWS and platform_tag() != WINDOWS:
+        if variant != "portable":
+            raise EngineError("--platform windows builds the portable variant only "
+                              "(one static llama-server.exe for x86-64 with AVX2)")
+        return (*COMMON_FLAGS, *WINDOWS_FLAGS)
     if variant == "cuda":
         # The CPU part tuned to this CPU (partly offloaded models run layers there), CUDA for
         # the named architectures: without the list, cmake would ask for `native`, which
@@ -264,10 +351,14 @@ class EngineBuilder:
         which: Callable[[str], str | None] = shutil.which,
         fetch_pinned: Callable[[Callable[[str], None]], sources.LlamaCppSource] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        compiler_probe: Callable[[str], str] = compiler_version,
+        compiler_probe: Callable[[str | Sequence[str]], str] = compiler_version,
         nvcc_probe: Callable[[str], str] = nvcc_version,
         cuda_check: Callable[[str], None] = check_cuda_libraries,
+        build_root: Callable[[Callable[[str], None]], BuildRoot] | None = None,
+        use_build_root: bool | None = None,
     ) -> None:
+        """`build_root` makes (or finds) the old-glibc root the portable Linux engine is built
+        in; `use_build_root` False builds it on this machine instead (default: on Linux)."""
         self.engines_root = engines_root if engines_root is not None else paths.engines_dir()
         self.cache_root = cache_root if cache_root is not None else paths.cache_dir()
         self.runner = runner
@@ -277,6 +368,12 @@ class EngineBuilder:
         self.compiler_probe = compiler_probe
         self.nvcc_probe = nvcc_probe
         self.cuda_check = cuda_check
+        self.build_root = build_root or self._default_root
+        self.use_build_root = (sys.platform.startswith("linux") if use_build_root is None
+                               else use_build_root)
+
+    def _default_root(self, note: Callable[[str], None]) -> BuildRoot:
+        return buildroot.ensure_root(self.cache_root, report=note)
 
     def _fetch_pinned(self, note: Callable[[str], None]) -> sources.LlamaCppSource:
         return sources.pinned_source(cache=self.cache_root / "sources", progress=note)
@@ -290,13 +387,17 @@ class EngineBuilder:
         *,
         force: bool = False,
         cuda_archs: Sequence[str] | None = None,
+        platform_name: str | None = None,
     ) -> BuiltEngine:
         """Build (or find already built) the engine for `variant` from `source` (None: pinned
         sdist). Blocks for minutes; interrupting it leaves no engine directory behind.
-        `cuda_archs`: the cuda variant's GPU architectures (default CUDA_ARCHITECTURES)."""
+        `cuda_archs`: the cuda variant's GPU architectures (default CUDA_ARCHITECTURES).
+        `platform_name`: "windows" cross-compiles llama-server.exe with mingw-w64."""
         if cuda_archs and variant != "cuda":
             raise EngineError("--cuda-arch is for --variant cuda")
-        flags = cmake_flags(variant, cuda_archs)
+        plat = target_platform(platform_name)
+        flags = cmake_flags(variant, cuda_archs, plat)
+        in_root = self.use_build_root and variant == "portable" and plat == platform_tag()
         nvcc = find_nvcc(self.which) if variant == "cuda" else None
         if nvcc is not None:
             self.cuda_check(nvcc)
@@ -307,24 +408,35 @@ class EngineBuilder:
         # Decide "already built" before any slow step: for the pinned sdist from manifests,
         # so a second call needs neither the source nor cmake.
         tree: sources.LlamaCppSource | None = None
+        root_label = f"debian-{buildroot.SUITE}" if in_root else None
         if source is not None:
             tree = sources.user_source(source)
-            existing = None if force else self._existing(engine_key(tree.commit, variant))
+            existing = None if force else self._existing(engine_key(tree.commit, variant, plat))
         else:
-            existing = None if force else self._built_from(sources.SDIST_LABEL, variant)
-        if existing is not None and _same_cuda_build(existing, flags):
+            existing = None if force else self._built_from(sources.SDIST_LABEL, variant, plat)
+        if existing is not None and _same_build(existing, flags, root_label):
             return existing
 
-        tools = check_tools(self.which)
+        if plat == WINDOWS and platform_tag() != WINDOWS:
+            tools = check_mingw(self.which)
+        elif not in_root:
+            tools = check_tools(self.which)
+        else:
+            tools = {}
+        root = None
+        if in_root:
+            root = self.build_root(lambda text: report(BuildProgress("source", text)))
+            tools = _root_tools(root)
         if tree is None:
             tree = self.fetch_pinned(lambda text: report(BuildProgress("source", text)))
-        key = engine_key(tree.commit, variant)
+        key = engine_key(tree.commit, variant, plat)
         self.engines_root.mkdir(parents=True, exist_ok=True)
         with self._lock(key):
-            return self._build_locked(key, tree, variant, flags, tools, jobs, report, force, nvcc)
+            return self._build_locked(key, tree, variant, flags, tools, jobs, report, force, nvcc,
+                                      plat=plat, root=root)
 
-    def _built_from(self, label: str, variant: str) -> BuiltEngine | None:
-        for engine_dir, manifest in cached_engines(self.engines_root):
+    def _built_from(self, label: str, variant: str, plat: str) -> BuiltEngine | None:
+        for engine_dir, manifest in cached_engines(self.engines_root, platform_name=plat):
             if manifest.source == label and manifest.variant == variant:
                 return self._existing(engine_dir.name)
         return None
@@ -339,7 +451,8 @@ class EngineBuilder:
             log.warning("%s; it will be rebuilt", exc)
             return None
         return BuiltEngine(
-            key=key, path=engine_dir, server=engine_dir / "bin" / exe_name(SERVER),
+            key=key, path=engine_dir,
+            server=engine_dir / "bin" / exe_name(SERVER, manifest.platform),
             manifest=manifest, already_built=True, log_path=None,
         )
 
@@ -367,35 +480,64 @@ class EngineBuilder:
         report: ProgressCallback,
         force: bool,
         nvcc: str | None = None,
+        *,
+        plat: str | None = None,
+        root: BuildRoot | None = None,
     ) -> BuiltEngine:
+        plat = plat or platform_tag()
+        label = root.label if root is not None else None
         if not force:  # built by another process meanwhile, or from another source label
             existing = self._existing(key)
-            if existing is not None and _same_cuda_build(existing, flags):
+            if existing is not None and _same_build(existing, flags, label):
                 return existing
         for stale in self.engines_root.glob(f".*-{key}-*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed build; we hold the lock
 
-        build_dir = self.cache_root / "build" / key
-        if force or _configured_elsewhere(build_dir, tree.tree):
-            shutil.rmtree(build_dir, ignore_errors=True)
-        build_dir.mkdir(parents=True, exist_ok=True)
+        runner = self.runner
+        compiler = (self.compiler_probe(tools["cc"]) if root is None
+                    else self.compiler_probe(root.chroot_argv([tools["cc"]])))
+        left_out: list[str] = []
+        if root is not None:
+            # The build sees only the root: the source is copied in, the build tree lives there.
+            source_dir = Path(f"{ROOT_SOURCE}/llama.cpp-{tree.commit}")
+            left_out = unbuildable_variants(compiler)
+            _copy_source_into(tree.tree, root.host_path(str(source_dir)), left_out, tree.commit)
+            build_dir = Path(f"{ROOT_BUILD}/{key}")
+            host_build = root.host_path(str(build_dir))
+            runner = _in_root(self.runner, root)
+        else:
+            source_dir = tree.tree.resolve()  # as CMakeCache.txt records it
+            build_dir = host_build = self.cache_root / "build" / key
+        if force or _configured_elsewhere(host_build, source_dir):
+            shutil.rmtree(host_build, ignore_errors=True)
+        host_build.mkdir(parents=True, exist_ok=True)
+        if plat == WINDOWS and platform_tag() != WINDOWS:
+            toolchain = host_build / TOOLCHAIN_FILE
+            toolchain.write_text(WINDOWS_TOOLCHAIN, encoding="utf-8")
+            flags_run = (*flags, f"-DCMAKE_TOOLCHAIN_FILE={toolchain}")
+        else:
+            flags_run = flags
         log_path = self.cache_root / "logs" / f"engine-build-{key}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         started = self.clock()
         # Line-buffered so `tail -f` on the log follows a running build.
         with log_path.open("w", encoding="utf-8", buffering=1) as log_file:
-            session = _BuildSession(self.runner, log_file, log_path, report)
-            log_file.write(f"# lalo {__version__}: building {key} from {tree.label}\n")
-            report(BuildProgress("configure", f"configuring {key}"))
+            session = _BuildSession(runner, log_file, log_path, report)
+            where = f" in {root.path}" if root is not None else ""
+            log_file.write(f"# lalo {__version__}: building {key} from {tree.label}{where}\n")
+            report(BuildProgress("configure", f"configuring {key}{where}"))
             session.run(
-                # Resolved, as CMakeCache.txt records it: a symlinked cache must not look moved.
                 "configure",
-                configure_argv(tools["cmake"], tree.tree.resolve(), build_dir, flags, nvcc),
-                cwd=build_dir,
+                configure_argv(tools["cmake"], source_dir, build_dir, flags_run, nvcc),
+                cwd=host_build,
             )
-            targets = list(TARGETS)
-            if variant == "portable":
-                targets += self._cpu_variant_targets(session, tools["cmake"], build_dir)
+            targets = [SERVER] if plat == WINDOWS else list(TARGETS)
+            if variant == "portable" and plat != WINDOWS:
+                if left_out:
+                    log_file.write(f"# {compiler} cannot build the {', '.join(left_out)} CPU "
+                                   "variants: left out\n")
+                targets += self._cpu_variant_targets(session, tools["cmake"], build_dir,
+                                                     host_build)
             parallel = jobs or os.cpu_count() or 1
             what = f"compiling {', '.join(targets)} with {parallel} jobs"
             report(BuildProgress("build", what, 0))
@@ -403,34 +545,36 @@ class EngineBuilder:
                 "build",
                 [tools["cmake"], "--build", str(build_dir), "--config", "Release",
                  "--parallel", str(parallel), "--target", *targets],
-                cwd=build_dir,
+                cwd=host_build,
             )
         report(BuildProgress("install", f"installing into {self.engines_root / key}"))
         manifest_fields = {
             "commit": tree.commit,
             "commit_origin": tree.commit_origin,
             "source": tree.label,
-            "compiler": self.compiler_probe(tools["cc"]),
+            "compiler": compiler,
+            "left_out": ",".join(left_out),
         }
         if nvcc is not None:
             manifest_fields["cuda"] = self.nvcc_probe(nvcc)
         engine_dir = self._install(
-            key, variant, flags, build_dir, manifest_fields, lambda: self.clock() - started
+            key, variant, flags, host_build, manifest_fields, lambda: self.clock() - started,
+            plat=plat, root=root,
         )
         manifest = read_manifest(engine_dir)
         return BuiltEngine(
-            key=key, path=engine_dir, server=engine_dir / "bin" / exe_name(SERVER),
+            key=key, path=engine_dir, server=engine_dir / "bin" / exe_name(SERVER, plat),
             manifest=manifest, already_built=False, log_path=log_path,
         )
 
     def _cpu_variant_targets(
-        self, session: _BuildSession, cmake: str, build_dir: Path
+        self, session: _BuildSession, cmake: str, build_dir: Path, cwd: Path
     ) -> list[str]:
         """The `ggml-cpu-<level>` libraries the portable build loads at run time."""
         listing: list[str] = []
         session.run(
             "configure", [cmake, "--build", str(build_dir), "--target", "help"],
-            cwd=build_dir, collect=listing,
+            cwd=cwd, collect=listing,
         )
         found = sorted({m.group(1) for line in listing for m in _CPU_VARIANT_TARGET.finditer(line)})
         if not found:
@@ -447,9 +591,13 @@ class EngineBuilder:
         build_dir: Path,
         fields: dict[str, str],
         elapsed: Callable[[], float],
+        *,
+        plat: str | None = None,
+        root: BuildRoot | None = None,
     ) -> Path:
         """Copy the outputs into a staging directory beside the destination, write the manifest
         last, then rename into place, so the final name only ever holds a complete engine."""
+        plat = plat or platform_tag()
         bin_dirs = [d for d in (build_dir / "bin", build_dir / "bin" / "Release") if d.is_dir()]
         staging = self.engines_root / f".staging-{key}-{os.getpid()}"
         destination = self.engines_root / key
@@ -457,25 +605,33 @@ class EngineBuilder:
         try:
             (staging / "bin").mkdir(parents=True)
             files: list[ManifestFile] = []
-            for name in TARGETS:
-                built = next((d / exe_name(name) for d in bin_dirs
-                              if (d / exe_name(name)).is_file()), None)
+            for name in [SERVER] if plat == WINDOWS else TARGETS:
+                exe = exe_name(name, plat)
+                built = next((d / exe for d in bin_dirs if (d / exe).is_file()), None)
                 if built is None:
-                    raise EngineError(f"build finished but produced no {exe_name(name)} in "
+                    raise EngineError(f"build finished but produced no {exe} in "
                                       f"{build_dir / 'bin'}")
-                files.append(_copy(built, staging, f"bin/{exe_name(name)}"))
-            if variant == "portable":
+                files.append(_copy(built, staging, f"bin/{exe}"))
+            if variant == "portable" and plat != WINDOWS:
                 for lib_dir in bin_dirs:
                     for lib in sorted(lib_dir.iterdir()):
                         if _shared_library(lib.name) and (lib.is_file() or lib.is_symlink()):
                             files.append(_copy(lib, staging, f"bin/{lib.name}"))
+            extra = _cuda_extra(fields, flags)
+            if root is not None:
+                for name in CARRIED_LIBRARIES:
+                    files.append(_copy(_root_library(root, name), staging, f"bin/{name}"))
+                binaries = [staging / f.path for f in files if f.link is None]
+                extra = {**extra, "build_root": root.label,
+                         "glibc": buildroot.glibc_required(binaries) or "unknown",
+                         "cpu_variants_left_out": [n for n in fields["left_out"].split(",") if n]}
             manifest = EngineManifest(
                 key=key, commit=fields["commit"], commit_origin=fields["commit_origin"],
-                source=fields["source"], variant=variant, platform=platform_tag(),
+                source=fields["source"], variant=variant, platform=plat,
                 cmake_flags=flags, compiler=fields["compiler"], files=tuple(files),
                 build_seconds=round(elapsed(), 1), lalo_version=__version__,
                 built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                extra=_cuda_extra(fields, flags),
+                extra=extra,
             )
             _write_json(staging / MANIFEST, manifest)
             old = None
@@ -536,9 +692,87 @@ class _BuildSession:
             )
 
 
-def _same_cuda_build(existing: BuiltEngine, flags: Sequence[str]) -> bool:
-    """A built cuda engine counts only for the same architectures (CPU variants: always)."""
-    return existing.manifest.variant != "cuda" or tuple(existing.manifest.cmake_flags) == tuple(flags)
+def _same_build(existing: BuiltEngine, flags: Sequence[str], root_label: str | None) -> bool:
+    """A built cuda engine counts only for the same architectures; a portable one only when
+    made the same way (in the same kind of build root, or none); native: always."""
+    manifest = existing.manifest
+    if manifest.variant == "cuda":
+        return tuple(manifest.cmake_flags) == tuple(flags)
+    if manifest.variant == "portable":
+        return manifest.extra.get("build_root") == root_label
+    return True
+
+
+def check_mingw(which: Callable[[str], str | None] = shutil.which) -> dict[str, str]:
+    """cmake and the mingw-w64 cross compilers (POSIX threads) for --platform windows."""
+    found: dict[str, str] = {}
+    for tool, name, package in (("cmake", "cmake", "cmake"),
+                                ("cc", f"{MINGW}-gcc-posix", "gcc-mingw-w64-x86-64-posix"),
+                                ("c++", f"{MINGW}-g++-posix", "g++-mingw-w64-x86-64-posix")):
+        path = which(name)
+        if path is None:
+            raise EngineError(f"{name} not found; --platform windows cross-compiles with "
+                              f"mingw-w64: `apt-get install {package}`")
+        found[tool] = path
+    return found
+
+
+def _root_tools(root: BuildRoot) -> dict[str, str]:
+    """cmake and gcc as seen inside the root; EngineError when the root lacks them."""
+    tools = {"cmake": "/usr/bin/cmake", "cc": "/usr/bin/gcc", "c++": "/usr/bin/g++"}
+    for path in tools.values():
+        if not root.host_path(path).exists():
+            raise EngineError(f"build root {root.path} has no {path}; remove it to remake it")
+    return tools
+
+
+def _in_root(runner: CommandRunner, root: BuildRoot) -> CommandRunner:
+    def run(argv: Sequence[str], *, cwd: Path, on_line: Callable[[str], None]) -> int:
+        return runner(root.chroot_argv(argv), cwd=cwd, on_line=on_line)
+
+    return run
+
+
+def _copy_source_into(tree: Path, target: Path, left_out: Sequence[str], commit: str) -> None:
+    """The llama.cpp tree copied into the root once per commit (complete, or not there), with
+    the CPU variants the root's compiler cannot build left out of it, and the commit written
+    into its build info (the root has no git, so `--version` would say "commit unknown")."""
+    if not target.is_dir():
+        staging = target.with_name(f".{target.name}-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copytree(tree, staging, symlinks=True,
+                            ignore=shutil.ignore_patterns(".git", "build"))
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    for name, change in ((_VARIANT_LIST, lambda text: leave_out_variants(text, left_out)),
+                         (_BUILD_INFO, lambda text: text.replace(
+                             'set(BUILD_COMMIT "unknown")', f'set(BUILD_COMMIT "{commit[:7]}")'))):
+        path = target / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            changed = change(text)
+            if changed != text:
+                path.write_text(changed, encoding="utf-8")
+
+
+def _root_library(root: BuildRoot, name: str) -> Path:
+    """The real file behind `name` (a SONAME) in the root's library folders, links followed
+    inside the root (an absolute link there points into the root, not at this machine)."""
+    for folder in _LIBRARY_DIRS:
+        inside = f"/{folder}/{name}"
+        for _ in range(16):
+            candidate = root.host_path(inside)
+            if not candidate.is_symlink():
+                break
+            link = os.readlink(candidate)
+            inside = os.path.normpath(link if link.startswith("/")
+                                      else f"{os.path.dirname(inside)}/{link}")
+        if candidate.is_file() and not candidate.is_symlink():
+            return candidate
+    raise EngineError(f"build root {root.path} has no {name} to carry with the engine")
 
 
 def configure_argv(cmake: str, tree: Path, build_dir: Path, flags: Sequence[str],
@@ -600,6 +834,8 @@ def build_engine(
     *,
     force: bool = False,
     cuda_archs: Sequence[str] | None = None,
+    platform_name: str | None = None,
 ) -> BuiltEngine:
     """Build llama-server into the user cache (see EngineBuilder.build)."""
-    return EngineBuilder().build(variant, source, jobs, progress, force=force, cuda_archs=cuda_archs)
+    return EngineBuilder().build(variant, source, jobs, progress, force=force,
+                                 cuda_archs=cuda_archs, platform_name=platform_name)

@@ -36,8 +36,10 @@ _VERSION_LINE = re.compile(r"^version:\s*(.+?)\s*$", re.MULTILINE)
 _VERSION_COMMIT = re.compile(r"\((?:.*\bcommit\s+)?([0-9a-f]{7,40})(?:-dirty)?\)")
 
 
-def exe_name(name: str) -> str:
-    return f"{name}.exe" if os.name == "nt" else name
+def exe_name(name: str, platform_name: str | None = None) -> str:
+    """`name` as an executable of `platform_name` (default: this machine's): `.exe` on Windows."""
+    windows = platform_name.startswith("windows") if platform_name else os.name == "nt"
+    return f"{name}.exe" if windows else name
 
 
 def platform_tag() -> str:
@@ -134,8 +136,9 @@ def manifest_from_json(data: Any) -> EngineManifest:
     if not isinstance(raw_files, list) or not raw_files:
         raise ValueError("files: missing or empty")
     files = tuple(_file_from_json(item) for item in raw_files)
-    if not any(f.path == f"bin/{exe_name(SERVER)}" and f.link is None for f in files):
-        raise ValueError(f"files: no bin/{exe_name(SERVER)}")
+    server = exe_name(SERVER, text("platform"))
+    if not any(f.path == f"bin/{server}" and f.link is None for f in files):
+        raise ValueError(f"files: no bin/{server}")
     known = {
         "schema", "kind", "key", "commit", "commit_origin", "source", "variant", "platform",
         "cmake_flags", "compiler", "files", "build_seconds", "lalo_version", "built_at",

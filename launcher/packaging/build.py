@@ -32,6 +32,7 @@ from launcher.packaging.notice import (
     model_components,
 )
 from launcher.packaging.spec import BundleSpec, Target
+from launcher.packaging.windows_bundle import WindowsBundleResult, build_windows_bundle
 
 Report = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -39,8 +40,9 @@ EngineSource = Callable[[str, Report], BuiltEngine]
 AppSource = Callable[[Report], Frozen]
 
 
-def cached_engine(variant: str, report: Report) -> BuiltEngine:
-    """The engine from lalo's cache, built first if missing (minutes, once)."""
+def cached_engine(variant: str, report: Report, platform_name: str | None = None) -> BuiltEngine:
+    """The engine from lalo's cache, built first if missing (minutes, once); `platform_name`
+    "windows": the mingw-w64 llama-server.exe."""
     shown = [-10]
 
     def progress(event: BuildProgress) -> None:
@@ -50,7 +52,7 @@ def cached_engine(variant: str, report: Report) -> BuiltEngine:
             shown[0] = event.percent
             report(f"engine: [{event.percent:3d}%] {event.message}")
 
-    return build_engine(variant, progress=progress)
+    return build_engine(variant, progress=progress, platform_name=platform_name)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class BuildResult:
     seconds: float
     image: ImageResult | None = None
     k8s: K8sResult | None = None
+    windows_bundle: WindowsBundleResult | None = None
 
 
 class Packager:
@@ -119,6 +122,10 @@ class Packager:
             if exe is not None:
                 warnings += exe.warnings
             warnings += self._platform_notes(spec, chosen)
+        windows = None
+        if "bundle" in chosen and "windows" in spec.fields.platforms and \
+                not platform_tag().startswith("windows"):
+            windows = self._windows_bundle(spec, models, out, model_parts)
             if "image" in chosen:
                 assert bundle is not None
                 image = build_image(spec, models, out, bundle_dir=bundle.directory,
@@ -130,8 +137,17 @@ class Packager:
         return BuildResult(
             spec=spec, targets=chosen, decisions=tuple(m.decision for m in models),
             llamafiles=llamafiles, bundle=bundle, exe=exe, warnings=unique,
-            seconds=self.clock() - started, image=image, k8s=k8s,
+            seconds=self.clock() - started, image=image, k8s=k8s, windows_bundle=windows,
         )
+
+    def _windows_bundle(self, spec: BundleSpec, models: list[ModelInput], out: Path,
+                        model_parts: list[Packaged]) -> WindowsBundleResult:
+        """The spec lists windows: the mingw-w64 engine (built if missing: ~10 min) in a
+        Windows bundle beside the host's."""
+        engine = cached_engine("portable", self.report, "windows")
+        parts, _ = engine_components(engine.manifest, engine_source_tree(engine.manifest))
+        return build_windows_bundle(spec, models, out, engine=engine,
+                                    components=[*parts, *model_parts], report=self.report)
 
     def _frozen_targets(
         self,
@@ -199,5 +215,7 @@ class Packager:
         kinds = " and ".join(t for t in chosen if t in ("bundle", "exe", "image"))
         if not others:
             return []
+        note = (" (a Windows bundle with llama-server.exe is made beside it; lalo.exe needs a "
+                "Windows Python)" if "windows" in others and "bundle" in chosen else "")
         return [f"{kinds}: built for {platform_tag()} only; build on {', '.join(others)} "
-                "for those (the Windows path is written but untested)"]
+                f"for those{note}"]

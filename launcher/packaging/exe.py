@@ -29,6 +29,7 @@ from launcher.packaging.files import DigestCache, copy_file
 from launcher.packaging.freeze import (
     FreezePlan,
     TocEntry,
+    choose_root,
     packaging_dir,
     run_pyinstaller,
     smoke_test,
@@ -108,9 +109,10 @@ def build_exe(
     staging = out / f".{spec.name}.exe-staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
+        notes: list[str] = []
         frozen = run_pyinstaller(
             plan, dist=staging / "dist", work=packaging_dir() / "work" / f"{spec.name}-onefile",
-            report=report, clean=False,
+            report=report, clean=False, in_root=choose_root(report, notes),
         )
         target = out / exe_name(spec.name)
         if appended:
@@ -133,7 +135,7 @@ def build_exe(
     return ExeResult(
         path=target, size=target.stat().st_size, models_mode=mode,
         models_dir=models_dir if mode == "beside" else None, models_size=total,
-        notice=notice, warnings=(*warnings, *frozen.warnings),
+        notice=notice, warnings=(*warnings, *frozen.warnings, *notes),
         seconds=time.monotonic() - started,
     )
 

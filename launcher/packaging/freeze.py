@@ -8,6 +8,7 @@ SOURCE_DATE_EPOCH, so its output depends on its inputs only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata as metadata
 import json
@@ -25,7 +26,9 @@ import launcher
 from launcher import paths
 from launcher.engines.registry import exe_name, platform_tag
 from launcher.errors import PackagingError
+from launcher.packaging import freeze_root
 from launcher.packaging.archive import fixed_mtime
+from launcher.packaging.freeze_root import FreezeRoot
 from launcher.packaging.notice import Packaged
 from launcher.toolrun import run_lines
 
@@ -128,9 +131,10 @@ def check_pyinstaller(python: str = sys.executable) -> str:
         ) from None
 
 
-def app_key(recipes: Path, excludes: Sequence[str] = EXCLUDES) -> str:
+def app_key(recipes: Path, excludes: Sequence[str] = EXCLUDES, in_root: str = "") -> str:
     """Hash of everything a one-folder lalo is made of: lalo's files, the recipe, every
-    installed distribution's version, the Python and the platform."""
+    installed distribution's version, the Python and the platform (and the build root's key
+    when frozen in one)."""
     digest = hashlib.sha256()
     package = Path(launcher.__file__).resolve().parent
     for path in sorted(package.rglob("*")):
@@ -141,8 +145,22 @@ def app_key(recipes: Path, excludes: Sequence[str] = EXCLUDES) -> str:
         digest.update(name.encode() + b"\0" + (recipes / name).read_bytes())
     dists = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions())
     digest.update("\n".join(dists).encode())
-    digest.update(f"{sys.version}|{platform_tag()}|{','.join(excludes)}".encode())
+    digest.update(f"{sys.version}|{platform_tag()}|{','.join(excludes)}|{in_root}".encode())
     return digest.hexdigest()
+
+
+def choose_root(report: Report, warnings: list[str]) -> FreezeRoot | None:
+    """Where to freeze: the Debian 11 root (Linux x86-64, as root, with debootstrap), else this
+    machine's Python, saying what that means for the clients in `warnings`."""
+    if not freeze_root.wanted():
+        return None
+    if os.geteuid() != 0 or shutil.which("debootstrap") is None:
+        warnings.append(
+            "the frozen lalo was built with this machine's Python, not in the Debian 11 build "
+            "root (that needs root and debootstrap): it needs this machine's glibc or newer"
+        )
+        return None
+    return freeze_root.prepare(paths.cache_dir(), report)
 
 
 def packaging_dir() -> Path:
@@ -153,12 +171,14 @@ def frozen_app(report: Report, *, recipes: Path | None = None, force: bool = Fal
     """The one-folder lalo for bundles (`<cache>/packaging/app-<key>/lalo/`), frozen once per
     set of inputs; later builds reuse it, byte for byte."""
     recipes = recipes or recipe_dir()
-    key = app_key(recipes)[:16]
+    notes: list[str] = []
+    in_root = choose_root(report, notes)
+    key = app_key(recipes, in_root=in_root.key if in_root else "")[:16]
     root = packaging_dir() / f"app-{key}"
     if not force and (root / REPORT).is_file() and (root / APP_NAME).is_dir():
         python, warnings = _read_report(root / REPORT)
         _mark_used(root)
-        return Frozen(root / APP_NAME, python, warnings, 0.0, reused=True)
+        return Frozen(root / APP_NAME, python, (*warnings, *notes), 0.0, reused=True)
     staging = packaging_dir() / f".app-{key}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -166,6 +186,7 @@ def frozen_app(report: Report, *, recipes: Path | None = None, force: bool = Fal
         result = run_pyinstaller(
             FreezePlan(mode="onedir", name=APP_NAME), dist=staging / "dist",
             work=packaging_dir() / "work" / "app", report=report, recipes=recipes,
+            in_root=in_root,
         )
         (staging / "dist" / APP_NAME).rename(staging / APP_NAME)
         (staging / "report.tmp").rename(staging / REPORT)
@@ -175,7 +196,8 @@ def frozen_app(report: Report, *, recipes: Path | None = None, force: bool = Fal
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _mark_used(root)
-    return Frozen(root / APP_NAME, result.python, result.warnings, result.seconds, log=result.log)
+    return Frozen(root / APP_NAME, result.python, (*result.warnings, *notes), result.seconds,
+                  log=result.log)
 
 
 def _mark_used(root: Path) -> None:
@@ -213,32 +235,41 @@ def run_pyinstaller(
     recipes: Path | None = None,
     python: str = sys.executable,
     clean: bool = True,
+    in_root: FreezeRoot | None = None,
 ) -> Frozen:
     """Run `python -m PyInstaller build/lalo-ai.spec -- --plan P`; the report (Python
     components) goes to `dist/../report.tmp`. PackagingError with the log's tail on failure.
-    Without `clean`, PyInstaller reuses what it analysed in `work` when nothing changed."""
+    Without `clean`, PyInstaller reuses what it analysed in `work` when nothing changed.
+    `in_root`: run it inside that build root (old glibc) on a copy of the plan's inputs."""
     check_pyinstaller(python)
     recipes = recipes or recipe_dir()
     dist.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     report_path = dist.parent / "report.tmp"
     plan_path = work / "plan.json"
-    plan_path.write_text(json.dumps(plan.to_json(report_path), indent=2), encoding="utf-8")
     log_path = work / "pyinstaller.log"
-    argv = [
-        python, "-m", "PyInstaller", str(recipes / SPEC_FILE), "--noconfirm",
-        *(["--clean"] if clean else []),
-        "--distpath", str(dist), "--workpath", str(work / "build"), "--log-level", "INFO",
-        "--", "--plan", str(plan_path),
-    ]
-    env = dict(os.environ)
     # Reproducible output (PyInstaller honours both), and no stray user site-packages.
-    env.update({"PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": str(fixed_mtime()),
-                "PYTHONNOUSERSITE": "1"})
+    settings = {"PYTHONHASHSEED": "0", "SOURCE_DATE_EPOCH": str(fixed_mtime()),
+                "PYTHONNOUSERSITE": "1"}
+    log_path.write_text("", encoding="utf-8")
+    if in_root is not None:
+        report(f"freeze: in the {in_root.root.label} build root ({in_root.root.path})")
+        inside = _RootJob(in_root, plan, log_path)
+        argv, env, cwd, moved = inside.argv(settings), dict(os.environ), Path("/"), inside
+    else:
+        plan_path.write_text(json.dumps(plan.to_json(report_path), indent=2), encoding="utf-8")
+        argv = [
+            python, "-m", "PyInstaller", str(recipes / SPEC_FILE), "--noconfirm",
+            *(["--clean"] if clean else []),
+            "--distpath", str(dist), "--workpath", str(work / "build"), "--log-level", "INFO",
+            "--", "--plan", str(plan_path),
+        ]
+        env = {**os.environ, **settings}
+        cwd, moved = recipes, None
     report(f"freezing lalo with PyInstaller ({plan.mode}); log: {log_path}")
     started = time.monotonic()
     tail: list[str] = []
-    with log_path.open("w", encoding="utf-8") as log_file:
+    with log_path.open("a", encoding="utf-8") as log_file:
 
         def on_line(line: str) -> None:
             log_file.write(line + "\n")
@@ -248,7 +279,9 @@ def run_pyinstaller(
             if message.startswith(_STAGES) and "completed" not in message:
                 report(f"  {message}")
 
-        code = run_streaming(argv, env=env, cwd=recipes, on_line=on_line)
+        code = run_streaming(argv, env=env, cwd=cwd, on_line=on_line)
+    if code == 0 and moved is not None:
+        moved.collect(dist, report_path, plan)
     if code != 0:
         raise PackagingError(
             f"PyInstaller failed (exit {code}); last lines:\n" + "\n".join(tail[-15:])
@@ -261,6 +294,61 @@ def run_pyinstaller(
         path=output, python=python_parts, warnings=warnings,
         seconds=time.monotonic() - started, log=log_path,
     )
+
+
+class _RootJob:
+    """A PyInstaller run inside a build root: lalo installed there, the plan's inputs linked
+    (or copied) in, its paths rewritten; `collect` brings the outputs back."""
+
+    def __init__(self, frozen_root: FreezeRoot, plan: FreezePlan, log: Path) -> None:
+        self.root = frozen_root
+        self.recipes = freeze_root.install_lalo(frozen_root, log)
+        self.job = f"{freeze_root.WORK}/job"
+        host = frozen_root.root.host_path(self.job)
+        shutil.rmtree(host, ignore_errors=True)
+        (host / "inputs").mkdir(parents=True)
+        extra = []
+        for index, entry in enumerate(plan.extra):
+            if entry.typecode == "SYMLINK":
+                extra.append(entry)
+                continue
+            name = f"inputs/{index}/{Path(entry.source).name}"
+            (host / name).parent.mkdir(parents=True)
+            _link_or_copy(Path(entry.source), host / name)
+            extra.append(TocEntry(entry.dest, f"{self.job}/{name}", entry.typecode))
+        self.plan = dataclasses.replace(
+            plan, extra=tuple(extra),
+            notice_dir=Path(f"{self.job}/notice") if plan.notice_dir is not None else None,
+        )
+        (host / "plan.json").write_text(json.dumps(
+            self.plan.to_json(Path(f"{self.job}/report.json")), indent=2), encoding="utf-8")
+        self.host = host
+
+    def argv(self, settings: dict[str, str]) -> list[str]:
+        return self.root.argv([
+            self.root.python, "-m", "PyInstaller", f"{self.recipes}/{SPEC_FILE}", "--noconfirm",
+            "--clean", "--distpath", f"{self.job}/dist", "--workpath", f"{self.job}/work",
+            "--log-level", "INFO", "--", "--plan", f"{self.job}/plan.json",
+        ], settings, self.recipes)
+
+    def collect(self, dist: Path, report_path: Path, plan: FreezePlan) -> None:
+        name = exe_name(plan.name) if plan.mode == "onefile" else plan.name
+        target = dist / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        shutil.move(str(self.host / "dist" / name), str(target))
+        shutil.copyfile(self.host / "report.json", report_path)
+        if plan.notice_dir is not None:
+            shutil.rmtree(plan.notice_dir, ignore_errors=True)
+            shutil.copytree(self.host / "notice", plan.notice_dir)
+        shutil.rmtree(self.host, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def run_streaming(

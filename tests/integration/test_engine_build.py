@@ -22,10 +22,12 @@ from launcher.engines.registry import (
     read_manifest,
 )
 from launcher.engines.source import LLAMA_CPP_PYTHON_VERSION, SDIST_LABEL
+from tests.support.engine import test_engine_variant
 
 pytestmark = [pytest.mark.integration, pytest.mark.build]
 
 LALO = [sys.executable, "-m", "launcher"]
+VARIANT = test_engine_variant()
 
 
 def run_lalo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -39,15 +41,18 @@ def run_lalo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[st
 def test_manifest_matches_installed_files(llama_server_bin: Path) -> None:
     engine_dir = llama_server_bin.parent.parent
     data = json.loads((engine_dir / "manifest.json").read_text())
-    assert data["variant"] == "native" and data["platform"] == platform_tag()
+    assert data["variant"] == VARIANT and data["platform"] == platform_tag()
     assert data["source"] == SDIST_LABEL
-    assert engine_dir.name == f"llama.cpp-{data['commit'][:7]}-native-{platform_tag()}"
-    assert "-DGGML_NATIVE=ON" in data["cmake_flags"]
+    assert engine_dir.name == f"llama.cpp-{data['commit'][:7]}-{VARIANT}-{platform_tag()}"
+    assert f"-DGGML_NATIVE={'ON' if VARIANT == 'native' else 'OFF'}" in data["cmake_flags"]
     assert data["compiler"] and data["build_seconds"] > 0 and data["built_at"]
     paths = {entry["path"] for entry in data["files"]}
     assert {"bin/llama-server", "bin/llama-quantize"} <= paths
     for entry in data["files"]:
         installed = engine_dir / entry["path"]
+        if "link" in entry:
+            assert installed.is_symlink() and os.readlink(installed) == entry["link"]
+            continue
         assert installed.stat().st_size == entry["size"]
         assert file_sha256(installed) == entry["sha256"], entry["path"]
     # Only what the manifest names is installed: nothing half-copied beside it.
@@ -67,9 +72,9 @@ def test_llama_server_reports_the_built_commit(llama_server_bin: Path) -> None:
 
 
 def test_registry_finds_the_built_engine(llama_server_bin: Path) -> None:
-    found = find_llama_server("auto", "native")
+    found = find_llama_server("auto", VARIANT)
     assert found is not None
-    assert (found.origin, found.path, found.variant) == ("cache", llama_server_bin, "native")
+    assert (found.origin, found.path, found.variant) == ("cache", llama_server_bin, VARIANT)
     assert found.version is not None and found.commit is not None
     assert found.commit[:7] in found.version
     quantize = find_tool(found, "llama-quantize")
@@ -83,7 +88,7 @@ def test_registry_finds_the_built_engine(llama_server_bin: Path) -> None:
 def test_second_build_is_a_fast_no_op(llama_server_bin: Path) -> None:
     mtime = llama_server_bin.stat().st_mtime_ns
     started = time.monotonic()
-    done = run_lalo("engine", "build")
+    done = run_lalo("engine", "build", "--variant", VARIANT)
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"already built: {llama_server_bin}"
@@ -91,12 +96,14 @@ def test_second_build_is_a_fast_no_op(llama_server_bin: Path) -> None:
     assert llama_server_bin.stat().st_mtime_ns == mtime
 
 
-def test_engine_list_shows_it_selected(llama_server_bin: Path) -> None:
-    done = run_lalo("engine", "list", "--json")
+def test_engine_list_shows_it_selected(llama_server_bin: Path, tmp_path: Path) -> None:
+    config = tmp_path / "lalo.yaml"  # the variant the tests run, whichever else is built
+    config.write_text(f"engines:\n  llama_server:\n    variant: {VARIANT}\nmodels: {{}}\n")
+    done = run_lalo("engine", "list", "--json", "--config", str(config))
     assert done.returncode == 0, done.stderr
     entries = {entry["path"]: entry for entry in json.loads(done.stdout)}
     entry = entries[str(llama_server_bin)]
-    assert entry["origin"] == "cache" and entry["variant"] == "native"
+    assert entry["origin"] == "cache" and entry["variant"] == VARIANT
     assert entry["version"] and entry["commit"]
     assert entry["selected"] is True
 

@@ -26,11 +26,10 @@ import httpx
 import pytest
 import yaml
 
-from launcher.engines.registry import cached_engines
-from launcher.engines.source import SDIST_LABEL
 from launcher.packaging.build import BuildResult, Packager
 from launcher.packaging.image_layout import GID, UID
 from launcher.packaging.spec import load_spec
+from tests.support.engine import test_engine_variant
 from tests.support.firewall import firewall_as_it_was, firewall_rules
 from tests.support.lalo import free_port, wait_until
 
@@ -47,8 +46,7 @@ RUN_FLAGS = ["--runtime", "runc", "--ulimit", "nofile=1024:1024", "--ulimit", "n
 
 
 def _variant() -> str:
-    built = any(m.variant == "portable" and m.source == SDIST_LABEL for _, m in cached_engines())
-    return "portable" if built else "native"
+    return test_engine_variant()  # the engine the other tests run: one build in CI
 
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]

@@ -32,23 +32,19 @@ import pytest
 import yaml
 
 from launcher.config import parse_config
-from launcher.engines.registry import cached_engines
-from launcher.engines.source import SDIST_LABEL
 from launcher.packaging.build import BuildResult, Packager
 from launcher.packaging.freeze import frozen_app
 from launcher.packaging.payload import read_payload
 from launcher.packaging.spec import load_spec
+from tests.support.engine import test_engine_variant
 from tests.support.lalo import free_port, wait_until
 
 pytest.importorskip("PyInstaller", reason="pip install 'lalo-launcher[packaging]' for these")
 
 
 def _variant() -> str:
-    chosen = os.environ.get("LALO_TEST_ENGINE_VARIANT")  # native | portable: forces one
-    if chosen:
-        return chosen
-    built = any(m.variant == "portable" and m.source == SDIST_LABEL for _, m in cached_engines())
-    return "portable" if built else "native"
+    # the engine the other tests run (portable where it can be built): one build in CI
+    return test_engine_variant()
 
 
 VARIANT = _variant()

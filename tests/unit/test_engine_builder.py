@@ -19,6 +19,8 @@ from typer.testing import CliRunner
 from launcher.cli.app import _register, app
 from launcher.cli.commands_engine import ProgressPrinter
 from launcher.digest import file_sha256
+from launcher.engines import builder as builder_mod
+from launcher.engines import buildroot
 from launcher.engines import source as sources
 from launcher.engines.builder import (
     BuildProgress,
@@ -153,7 +155,7 @@ def make_builder(cache: Path, runner: FakeCMake, tree: Path) -> EngineBuilder:
 
     return EngineBuilder(
         engines_root=cache / "engines", cache_root=cache, runner=runner, which=which_all,
-        fetch_pinned=fetch, compiler_probe=lambda cc: "cc (Fake) 12.2.0",
+        fetch_pinned=fetch, compiler_probe=lambda cc: "cc (Fake) 12.2.0", use_build_root=False,
     )
 
 
@@ -735,3 +737,161 @@ def test_a_toolkit_without_cublas_is_one_line_before_cmake(tmp_path: Path) -> No
     (toolkit / "targets" / "x86_64-linux" / "include").mkdir(parents=True)
     (toolkit / "targets" / "x86_64-linux" / "include" / "cublas_v2.h").write_text("")
     check_cuda_libraries(str(toolkit / "bin" / "nvcc"), extra_roots=[])
+
+
+# --- the portable engine in an old-glibc root, the Windows engine (fake cmake) -------------
+
+
+class InRoot:
+    """Unwraps `chroot ROOT env -i K=V... argv` and maps the root's paths to this machine's,
+    so FakeCMake can stand in for the cmake inside the root; records the environment."""
+
+    def __init__(self, root: Path, cmake: FakeCMake) -> None:
+        self.root = root
+        self.cmake = cmake
+        self.envs: list[list[str]] = []
+
+    def __call__(self, argv: Sequence[str], *, cwd: Path, on_line: Callable[[str], None]) -> int:
+        argv = list(argv)
+        assert argv[:4] == ["chroot", str(self.root), "/usr/bin/env", "-i"], argv
+        rest = argv[4:]
+        env = [a for a in rest if "=" in a and not a.startswith("-")][:3]
+        self.envs.append(env)
+        inner = rest[len(env):]
+        mapped = [str(self.root / a.lstrip("/")) if a.startswith("/lalo/") else a for a in inner]
+        return self.cmake(mapped, cwd=cwd, on_line=on_line)
+
+
+def fake_root(tmp_path: Path) -> buildroot.BuildRoot:
+    path = tmp_path / "bullseye"
+    for tool in ("cmake", "gcc", "g++"):
+        write_exe(path / "usr" / "bin" / tool if (path / "usr" / "bin").is_dir()
+                  else _mkdirs(path / "usr" / "bin") / tool, "#!/bin/sh\n")
+    libs = _mkdirs(path / "usr" / "lib" / "x86_64-linux-gnu")
+    (libs / "libgomp.so.1.0.0").write_bytes(b"gomp")
+    (libs / "libgomp.so.1").symlink_to("libgomp.so.1.0.0")
+    (libs / "libstdc++.so.6.0.28").write_bytes(b"stdc++")
+    # an absolute link: followed inside the root, not on this machine
+    (libs / "libstdc++.so.6").symlink_to("/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.28")
+    (libs / "libgcc_s.so.1").write_bytes(b"gcc_s")
+    return buildroot.BuildRoot(path=path, suite="bullseye", packages=())
+
+
+def _mkdirs(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_portable_engine_is_built_in_the_old_root_and_carries_the_gcc_runtime(
+    cache: Path, tree: Path, tmp_path: Path
+) -> None:
+    (tree / "ggml" / "src").mkdir(parents=True)
+    (tree / "cmake").mkdir()
+    (tree / "cmake" / "build-info.cmake").write_text('set(BUILD_NUMBER 0)\nset(BUILD_COMMIT "unknown")\n')
+    (tree / "ggml" / "src" / "CMakeLists.txt").write_text(
+        "        ggml_add_cpu_backend_variant(haswell            SSE42 AVX2)\n"
+        "        ggml_add_cpu_backend_variant(alderlake          SSE42 AVX_VNNI)\n"
+        "            ggml_add_cpu_backend_variant(sapphirerapids AMX_TILE AMX_INT8)\n")
+    root = fake_root(tmp_path)
+    runner = InRoot(root.path, FakeCMake())
+    builder = EngineBuilder(
+        engines_root=cache / "engines", cache_root=cache, runner=runner, which=which_all,
+        fetch_pinned=lambda note: sources.LlamaCppSource(tree, COMMIT, "git", sources.SDIST_LABEL),
+        compiler_probe=lambda cc: "gcc (Debian 10.2.1-6) 10.2.1 20210110",
+        build_root=lambda note: root, use_build_root=True,
+    )
+    built = builder.build("portable")
+    # Everything ran inside the root, from a clean environment, on the root's copy.
+    assert all(env[0].startswith("PATH=") for env in runner.envs)
+    configure = runner.cmake.calls[0]
+    assert configure[configure.index("-S") + 1] == str(root.path / f"lalo/src/llama.cpp-{COMMIT}")
+    info = root.path / f"lalo/src/llama.cpp-{COMMIT}/cmake/build-info.cmake"
+    assert 'set(BUILD_COMMIT "0c1e570")' in info.read_text()
+    copied = (root.path / f"lalo/src/llama.cpp-{COMMIT}/ggml/src/CMakeLists.txt").read_text()
+    assert "# lalo: left out, gcc < 11: ggml_add_cpu_backend_variant(alderlake" in copied
+    assert "# lalo: left out, gcc < 11: ggml_add_cpu_backend_variant(sapphirerapids" in copied
+    assert copied.startswith("        ggml_add_cpu_backend_variant(haswell")
+    assert "-DLLAMA_OPENSSL=OFF" in built.manifest.cmake_flags
+    files = {f.path: f for f in built.manifest.files}
+    for name, data in (("libgomp.so.1", b"gomp"), ("libstdc++.so.6", b"stdc++"),
+                       ("libgcc_s.so.1", b"gcc_s")):
+        assert (built.path / "bin" / name).read_bytes() == data and files[f"bin/{name}"].link is None
+    assert built.manifest.extra["build_root"] == "debian-bullseye"
+    assert built.manifest.extra["cpu_variants_left_out"] == ["alderlake", "sapphirerapids"]
+    # A second build is a no-op; one built on this machine (no root) is not taken for it.
+    assert builder.build("portable").already_built
+    host_built = make_builder(cache, FakeCMake(), tree).build("portable", force=True)
+    assert "build_root" not in host_built.manifest.extra
+    assert not builder.build("portable").already_built
+
+
+def test_windows_engine_cross_compiles_one_static_exe(cache: Path, tree: Path) -> None:
+    runner = FakeCMake(outputs=("llama-server.exe",))
+    builder = make_builder(cache, runner, tree)
+    built = builder.build("portable", platform_name="windows")
+    assert built.key == f"llama.cpp-{COMMIT[:7]}-portable-windows-x86_64"
+    assert built.server == built.path / "bin" / "llama-server.exe"
+    assert [f.path for f in built.manifest.files] == ["bin/llama-server.exe"]
+    configure = runner.calls[0]
+    toolchain = next(a for a in configure if a.startswith("-DCMAKE_TOOLCHAIN_FILE="))
+    text = Path(toolchain.partition("=")[2]).read_text()
+    assert "CMAKE_SYSTEM_NAME Windows" in text and "-static-libstdc++" in text
+    assert "x86_64-w64-mingw32-g++-posix" in text
+    assert {"-DGGML_OPENMP=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=OFF"} <= set(configure)
+    build = runner.calls[-1]
+    assert build[build.index("--target") + 1:] == ["llama-server"]
+    # Not an engine this machine runs: the registry does not offer it here.
+    assert all(m.platform == platform_tag() for _, m in cached_engines(cache / "engines"))
+    assert builder.build("portable", platform_name="windows").already_built
+    with pytest.raises(EngineError, match="portable variant only"):
+        builder.build("native", platform_name="windows")
+    with pytest.raises(EngineError, match="use host or windows"):
+        builder.build("portable", platform_name="beos")
+
+
+def test_windows_build_without_mingw_names_the_package(cache: Path, tree: Path) -> None:
+    builder = EngineBuilder(
+        engines_root=cache / "engines", cache_root=cache, runner=FakeCMake(),
+        which=lambda name: None if "mingw32" in name else f"/usr/bin/{name}",
+        fetch_pinned=lambda note: sources.LlamaCppSource(tree, COMMIT, "git", sources.SDIST_LABEL),
+    )
+    with pytest.raises(EngineError, match="apt-get install gcc-mingw-w64-x86-64-posix"):
+        builder.build("portable", platform_name="windows")
+
+
+def test_debian_mirror_read_from_apt_sources(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    assert buildroot.debian_mirror(tmp_path) == buildroot.DEFAULT_MIRROR
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n")
+    assert buildroot.debian_mirror(tmp_path) == "http://mirror.example/debian"
+    (tmp_path / "sources.list").write_text("deb [arch=amd64] http://other.example/debian bookworm main\n")
+    assert buildroot.debian_mirror(tmp_path) == "http://other.example/debian"
+
+
+def test_gcc_major_and_variants_it_cannot_build() -> None:
+    assert builder_mod.gcc_major("gcc (Debian 10.2.1-6) 10.2.1 20210110") == 10
+    assert builder_mod.unbuildable_variants("gcc (Debian 10.2.1-6) 10.2.1 20210110") == [
+        "alderlake", "sapphirerapids"]
+    assert builder_mod.unbuildable_variants("gcc (Debian 12.2.0-14) 12.2.0") == []
+    assert builder_mod.unbuildable_variants("clang version 16.0.6") == []
+
+
+def test_leaving_out_variants_is_idempotent() -> None:
+    text = "  ggml_add_cpu_backend_variant(alderlake  AVX_VNNI)\n"
+    once = builder_mod.leave_out_variants(text, ["alderlake"])
+    assert once == "  # lalo: left out, gcc < 11: ggml_add_cpu_backend_variant(alderlake  AVX_VNNI)\n"
+    assert builder_mod.leave_out_variants(once, ["alderlake"]) == once
+    assert builder_mod.leave_out_variants(text, []) == text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF symbol versions: Linux")
+def test_glibc_required_reads_symbol_versions(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump (binutils)")
+    needed = buildroot.glibc_required([Path("/bin/ls")])
+    assert needed is not None and needed.startswith("2.")
+    (tmp_path / "text").write_text("not an ELF file")
+    assert buildroot.glibc_required([tmp_path / "text"]) is None

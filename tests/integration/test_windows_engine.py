@@ -1,0 +1,159 @@
+"""The Windows engine under wine: llama-server.exe cross-compiled with mingw-w64 (`lalo engine
+build --platform windows`) serves the real SmolLM2 model and answers "Paris", and the Windows
+bundle's start.cmd (`wine cmd /c start.cmd`) starts it.
+
+The Windows build takes about 10 minutes on 2 cores (20 on a busy machine): these tests run
+when it is already in lalo's cache, or when LALO_TEST_WINDOWS=1 asks for it; otherwise they
+skip, saying so, and CI's time is not spent on it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from launcher.engines.builder import WINDOWS, BuiltEngine, build_engine
+from launcher.engines.registry import cached_engines
+from launcher.packaging.inputs import fetch_models, gate, model_inputs
+from launcher.packaging.notice import engine_components, engine_source_tree
+from launcher.packaging.spec import load_spec
+from launcher.packaging.windows_bundle import build_windows_bundle
+from tests.support.lalo import free_port, wait_until
+
+QUESTION = "What is the capital of France? Answer with one word."
+START_TIMEOUT = 180.0  # a first wine prefix takes seconds; a busy machine many more
+
+
+def _why_not() -> str | None:
+    if shutil.which("wine") is None:
+        return "needs wine (apt-get install wine wine64)"
+    cached = any(True for _ in cached_engines(platform_name=WINDOWS))
+    if not cached and os.environ.get("LALO_TEST_WINDOWS") != "1":
+        return ("the Windows engine is not built (about 10 min): run `lalo engine build "
+                "--platform windows` or set LALO_TEST_WINDOWS=1")
+    return None
+
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.build,
+    pytest.mark.skipif(_why_not() is not None, reason=_why_not() or ""),
+    pytest.mark.timeout(3600),
+]
+
+
+@pytest.fixture(scope="module")
+def windows_engine() -> BuiltEngine:
+    return build_engine("portable", platform_name="windows")
+
+
+@pytest.fixture
+def wine_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A wine prefix of its own; its wineserver (and every exe in it) killed afterwards."""
+    env = {**os.environ, "WINEPREFIX": str(tmp_path / "wineprefix"), "WINEDEBUG": "-all",
+           "WINEDLLOVERRIDES": "mscoree,mshtml="}  # no Mono/Gecko installer prompts
+    yield env
+    subprocess.run(["wineserver", "-k"], env=env, check=False, timeout=60,
+                   capture_output=True)
+
+
+def _ask(port: int, proc: subprocess.Popen[bytes], log: Path, model: str,
+         launcher_only: bool = False) -> str:
+    """The answer to QUESTION once /health is 200; `launcher_only`: `proc` only starts the
+    server (`wine cmd`), so its exit is no failure."""
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if proc.poll() is not None and not launcher_only:
+            raise AssertionError(f"exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            return httpx.get(f"{url}/health", timeout=2.0, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, START_TIMEOUT, message=f"llama-server.exe healthy at {url}")
+    response = httpx.post(f"{url}/v1/chat/completions", timeout=120.0, trust_env=False, json={
+        "model": model, "temperature": 0, "max_tokens": 16,
+        "messages": [{"role": "user", "content": QUESTION}],
+    })
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+def test_exe_is_static_and_windows_only(windows_engine: BuiltEngine) -> None:
+    assert windows_engine.server.name == "llama-server.exe"
+    assert windows_engine.manifest.platform == WINDOWS
+    head = windows_engine.server.read_bytes()[:2]
+    assert head == b"MZ"
+    done = subprocess.run(["objdump", "-p", str(windows_engine.server)], capture_output=True,
+                          text=True, check=False)
+    if done.returncode == 0:  # only Windows' own DLLs: nothing from MinGW travels with it
+        dlls = {line.split()[-1].lower() for line in done.stdout.splitlines()
+                if "DLL Name:" in line}
+        assert dlls and not any(d.startswith(("libstdc++", "libgcc", "libwinpthread", "libgomp"))
+                                for d in dlls), dlls
+
+
+def test_exe_serves_smollm2_under_wine(windows_engine: BuiltEngine, smollm2: Path,
+                                       wine_env: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "server.log"
+    with log.open("wb") as handle:
+        proc = subprocess.Popen(
+            ["wine", str(windows_engine.server), "-m", str(smollm2), "--host", "127.0.0.1",
+             "--port", str(port), "-c", "1024", "--alias", "smol"],
+            env=wine_env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        assert "Paris" in _ask(port, proc, log, "smol")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_windows_bundle_start_cmd_serves_under_wine(
+    windows_engine: BuiltEngine, smollm2: Path, wine_env: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    spec_path = tmp_path / "smol.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "smol",
+        "models": {"smol": {"file": str(smollm2), "license": "Apache-2.0", "ctx_size": 1024}},
+        "targets": ["bundle"], "platforms": ["linux", "windows"], "proxy": {"port": port},
+    }, sort_keys=False))
+    spec = load_spec(str(spec_path))
+    models = model_inputs(spec)
+    gate(models)
+    models = fetch_models(models, lambda text: None, None)
+    parts, _ = engine_components(windows_engine.manifest,
+                                 engine_source_tree(windows_engine.manifest))
+    result = build_windows_bundle(spec, models, tmp_path / "dist", engine=windows_engine,
+                                  components=parts, report=lambda text: None)
+    bundle = result.directory
+    assert (bundle / "bin" / "llama-server.exe").is_file()
+    start = (bundle / "start.cmd").read_bytes()
+    assert b"\r\n" in start and b"\n" not in start.replace(b"\r\n", b"")
+    config = yaml.safe_load((bundle / "lalo.yaml").read_text())
+    assert config["engines"]["llama_server"]["path"] == "${LALO_BUNDLE_DIR}/bin"
+    assert config["models"]["smol"]["file"] == "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (bundle / "NOTICE").is_file() and result.archive.is_file()
+    # A client's view: unpack the zip anywhere and run start.cmd.
+    shutil.unpack_archive(result.archive, tmp_path / "client")
+    client = tmp_path / "client" / bundle.name
+    log = tmp_path / "start.log"
+    with log.open("wb") as handle:
+        # `.\start.cmd`: wine's cmd reads a bare `start.cmd` as its `start` command + ".cmd"
+        proc = subprocess.Popen(["wine", "cmd", "/c", ".\\start.cmd"], cwd=client, env=wine_env,
+                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert "Paris" in _ask(port, proc, log, "smol", launcher_only=True)
+    finally:
+        proc.kill()  # `wine cmd` only: the exe it started goes with the wineserver (fixture)
+        proc.wait()

@@ -123,7 +123,7 @@ def test_plan_for_gpus_the_machine_does_not_have(tmp_path: Path, model: Path) ->
     assert first["vram"] == first["devices"][0]["total"] and first["ram"] > 0
     assert second["name"] == "b" and second["fits"]
     text = lalo("plan", "--config", str(config), "--gpu", "2GiB", env=env).stdout
-    assert "gpus: 0: GPU of 2.00 GiB" in text and "a  -ngl 5" in text
+    assert "gpus: GPU 0: GPU of 2.00 GiB" in text and "a  -ngl 5" in text
     bad = lalo("plan", "--config", str(config), "--gpu", "lots", env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("lalo: error: --gpu: not a size: 'lots'")
     # no --gpu on a machine without a driver: the CPU plan only

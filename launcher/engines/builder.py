@@ -265,6 +265,7 @@ class EngineBuilder:
         compiler_probe: Callable[[str], str] = compiler_version,
         nvcc_probe: Callable[[str], str] = nvcc_version,
         cuda_check: Callable[[str], None] = check_cuda_libraries,
+        cublas_download: Callable[[str, Path], Path] | None = None,
     ) -> None:
         self.engines_root = engines_root if engines_root is not None else paths.engines_dir()
         self.cache_root = cache_root if cache_root is not None else paths.cache_dir()
@@ -275,6 +276,7 @@ class EngineBuilder:
         self.compiler_probe = compiler_probe
         self.nvcc_probe = nvcc_probe
         self.cuda_check = cuda_check
+        self.cublas_download = cublas_download  # None: pip (cuda_deps.pip_download)
 
     def _fetch_pinned(self, note: Callable[[str], None]) -> sources.LlamaCppSource:
         return sources.pinned_source(cache=self.cache_root / "sources", progress=note)
@@ -296,9 +298,9 @@ class EngineBuilder:
             raise EngineError("--cuda-arch is for --variant cuda")
         flags = cmake_flags(variant, cuda_archs)
         nvcc = find_nvcc(self.which) if variant == "cuda" else None
-        if nvcc is not None:
-            self.cuda_check(nvcc)
         report = progress or (lambda event: None)
+        if nvcc is not None:
+            flags = (*flags, *self._cuda_flags(nvcc, report))
         if jobs is not None and jobs < 1:
             raise EngineError(f"--jobs must be >= 1, got {jobs}")
 
@@ -320,6 +322,16 @@ class EngineBuilder:
         self.engines_root.mkdir(parents=True, exist_ok=True)
         with self._lock(key):
             return self._build_locked(key, tree, variant, flags, tools, jobs, report, force, nvcc)
+
+    def _cuda_flags(self, nvcc: str, report: ProgressCallback) -> tuple[str, ...]:
+        """cuBLAS (the toolkit's, else NVIDIA's wheel from PyPI) and the driver library:
+        launcher/engines/cuda_deps.py (kept out of this module on purpose)."""
+        from launcher.engines.cuda_deps import cuda_dependency_flags, pip_download
+
+        return cuda_dependency_flags(
+            nvcc, check=self.cuda_check, cache_root=self.cache_root, version=self.nvcc_probe,
+            note=lambda text: report(BuildProgress("source", text)),
+            download=self.cublas_download or pip_download)
 
     def _built_from(self, label: str, variant: str) -> BuiltEngine | None:
         for engine_dir, manifest in cached_engines(self.engines_root):

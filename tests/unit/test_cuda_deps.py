@@ -145,3 +145,14 @@ def test_the_builder_configures_with_the_wheels_cublas(tmp_path: Path,
     assert configure[-1] == "-DCMAKE_CUDA_COMPILER=/usr/bin/nvcc"
     flags = json.loads((built.path / "manifest.json").read_text())["cmake_flags"]
     assert f"-DCUDA_cublasLt_LIBRARY={lib / 'libcublasLt.so'}" in flags
+
+
+def test_cublas_licence_is_known_and_never_allowed_by_default() -> None:
+    from launcher.licenses import check_redistribution, lookup
+
+    known = lookup("LicenseRef-NVIDIA-Proprietary")  # what the nvidia-cublas wheel declares
+    assert known is not None and not known.spdx and "CUDA EULA" in known.obligation
+    refused = check_redistribution("cublas", "LicenseRef-NVIDIA-Proprietary")
+    assert not refused.allowed and "custom licence" in refused.reason
+    assert check_redistribution("cublas", "LicenseRef-NVIDIA-Proprietary",
+                                ["LicenseRef-NVIDIA-Proprietary"]).allowed

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from launcher.config import OFFLOAD_FLAGS, LoadedConfig
 from launcher.engines.base import ServerSettings
 from launcher.estimate import MemoryEstimate, split_memory
-from launcher.gpu_plan import VRAM_RESERVE, Gpu, GpuModel, GpuPlan, plan_gpus
+from launcher.gpu_plan import VRAM_RESERVE, Gpu, GpuModel, GpuPlan, Placement, plan_gpus
 from launcher.planner import compute_budget
 from launcher.units import format_size
 
@@ -53,6 +53,8 @@ class Assignment:
         return f"-ngl {self.gpu_layers}{split}"
 
     def line(self) -> str:
+        if self.gpu_layers is None and self.mode != "fit":
+            return f"nothing passed: {self.reason}"
         return f"{self.flags()}: {self.reason}"
 
     def to_json(self) -> dict[str, object]:
@@ -74,6 +76,7 @@ class Offload:
     assignments: Mapping[str, Assignment] = field(default_factory=dict)
     ram_budget: int = 0
     gpu_plan: GpuPlan | None = None  # the `auto` models' placements, per GPU
+    vram_left: tuple[int, ...] = ()  # per GPU, once every model has its share (reserve kept)
 
     def replan(self, models: Sequence[ResolvedModel]) -> Offload:
         """The same GPUs and engine for another set of models (`lalo reload`): the VRAM seen
@@ -147,56 +150,57 @@ def offloads_flag(args: Sequence[str]) -> str | None:
 
 def plan_offload(models: Sequence[ResolvedModel], gpus: Sequence[Gpu], ram_budget: int,
                  *, engine_gpu: bool = True, note: str = "") -> Offload:
-    """Each model's GPU settings: explicit layer counts first (their VRAM is taken as given),
-    then lalo's plan for the `auto` models on the VRAM and RAM left."""
+    """Each model's GPU settings, in the plan's order (preload models first, then config
+    order), each on the VRAM and RAM the ones before left: an explicit layer count takes the
+    VRAM it needs as given, an `auto` model gets lalo's placement."""
     gpus = tuple(gpus)
     note = note or gpus_note(gpus)
     assignments: dict[str, Assignment] = {}
     room = [max(0, gpu.vram - VRAM_RESERVE) for gpu in gpus]
     ram_left = ram_budget
-    planned: list[GpuModel] = []
-    gpu_plan: GpuPlan | None = None
-    for model in models:
+    placements: list[Placement] = []
+    for model in sorted(models, key=lambda m: not m.config.preload):
         cfg = model.config
         setting = cfg.gpu_layers
         if cfg.engine_kind != "llama-server":
-            assignments[model.name] = Assignment("cpu", f"engine {cfg.engine_kind}: lalo passes "
-                                                 "no GPU settings")
+            chosen = Assignment("cpu", f"engine {cfg.engine_kind}: lalo passes no GPU settings")
         elif (flag := offloads_flag(cfg.args)) is not None:
-            assignments[model.name] = Assignment("args", f"its args set {flag}; the RAM budget "
-                                                 "counts it as all in RAM")
+            chosen = Assignment("args", f"its args set {flag}; the RAM budget counts it as all "
+                                "in RAM")
         elif isinstance(setting, int):
-            assignments[model.name] = _explicit(model, setting, gpus, room, engine_gpu)
-            ram = assignments[model.name].ram
-            ram_left -= ram.total if ram is not None else model.required
+            chosen = _explicit(model, setting, gpus, room, engine_gpu)
         elif not gpus or not engine_gpu:
-            assignments[model.name] = Assignment("cpu", "no GPU" if not gpus else
-                                                 "the llama-server in use is a CPU build")
+            chosen = Assignment("cpu", "no GPU" if not gpus else
+                                "the llama-server in use is a CPU build")
         elif setting == "fit":
-            assignments[model.name] = Assignment(
-                "fit", "llama-server's --fit picks the layers at start (gpu_layers: fit); no "
-                "VRAM reserved for it, the RAM budget counts it as all in RAM")
+            chosen = Assignment("fit", "llama-server's --fit picks the layers at start "
+                                "(gpu_layers: fit); no VRAM reserved for it, the RAM budget "
+                                "counts it as all in RAM")
         elif model.facts is None or model.error is not None:
-            assignments[model.name] = Assignment("cpu", "no model facts to plan with")
+            chosen = Assignment("cpu", "no model facts to plan with")
         else:
-            planned.append(GpuModel(model.name, model.facts, cfg.ctx_size, cfg.parallel,
-                                    cfg.preload))
-    if planned:
-        # plan_gpus keeps its own reserve: hand it the room left plus that reserve
-        left = tuple(dataclasses.replace(gpu, vram=max(0, r) + VRAM_RESERVE)
-                     for gpu, r in zip(gpus, room, strict=True))
-        gpu_plan = plan_gpus(planned, left, ram_left)
-        for placement in gpu_plan.placements:
-            gpu_layers = placement.gpu_layers if placement.gpus else 0
+            # plan_gpus keeps its own reserve: hand it the room left plus that reserve
+            left = tuple(dataclasses.replace(gpu, vram=max(0, r) + VRAM_RESERVE)
+                         for gpu, r in zip(gpus, room, strict=True))
+            one = GpuModel(model.name, model.facts, cfg.ctx_size, cfg.parallel, cfg.preload)
+            placement = plan_gpus([one], left, ram_left).placements[0]
+            placements.append(placement)
+            for index, share in zip(placement.gpus, placement.split.devices, strict=True):
+                room[index] -= share.total
             reason = placement.reason
             if placement.gpus:
                 reason += (f"; RAM {format_size(placement.split.ram.total)}, "
                            f"VRAM {format_size(placement.split.vram)}")
-            assignments[placement.name] = Assignment(
-                "plan", reason + " (lalo's plan)", gpu_layers, placement.tensor_split,
-                placement.split.ram if placement.gpus else None, placement.split.vram)
+            chosen = Assignment(
+                "plan", reason + " (lalo's plan)", placement.gpu_layers if placement.gpus else 0,
+                placement.tensor_split, placement.split.ram if placement.gpus else None,
+                placement.split.vram)
+        ram_left -= chosen.ram.total if chosen.ram is not None else model.required
+        assignments[model.name] = chosen
     ordered = {m.name: assignments[m.name] for m in models}
-    return Offload(gpus, engine_gpu, note, ordered, ram_budget, gpu_plan)
+    gpu_plan = GpuPlan(gpus, ram_budget, tuple(placements)) if placements else None
+    return Offload(gpus, engine_gpu, note, ordered, ram_budget, gpu_plan,
+                   tuple(r + VRAM_RESERVE for r in room))
 
 
 def _explicit(model: ResolvedModel, layers: int, gpus: Sequence[Gpu], room: list[int],

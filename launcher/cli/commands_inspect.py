@@ -17,7 +17,7 @@ from launcher.demo import demo_config
 from launcher.errors import UsageError
 from launcher.estimate import ModelFacts, estimate_memory
 from launcher.gpu_offload import Offload, gpus_note, machine_offload, plan_offload
-from launcher.gpu_plan import Gpu
+from launcher.gpu_plan import VRAM_RESERVE, Gpu
 from launcher.measurements import Measurements, with_measurements
 from launcher.models.gguf_file import read_gguf
 from launcher.models.resolve import catalog_for, resolve_models
@@ -172,7 +172,6 @@ def print_offload(offload: Offload) -> None:
         ram = format_size(a.ram.total) if a.ram is not None else "all"
         typer.echo(f"  {name:<{width}}  {flags[name]:<{flag_width}}  VRAM {format_size(a.vram):>9}  "
                    f"RAM {ram:>9}  {a.reason}")
-    if offload.gpu_plan is not None:
-        left = offload.gpu_plan.vram_left()
-        typer.echo("VRAM left: " + ", ".join(f"GPU {i} {format_size(max(0, v))}"
-                                             for i, v in enumerate(left)))
+    if offload.vram_left:
+        typer.echo("VRAM left: " + ", ".join(f"GPU {i} {format_size(max(0, v - VRAM_RESERVE))}"
+                                             for i, v in enumerate(offload.vram_left)))

@@ -101,21 +101,25 @@ def test_fit_passes_nothing_and_counts_the_model_as_all_in_ram() -> None:
     assert offload.assignment("gemma").line().startswith("--fit: llama-server's --fit")
 
 
-def test_an_explicit_layer_count_is_passed_and_takes_its_vram_first() -> None:
-    gemma = resolved("gemma", GEMMA, gpu_layers=7, preload=False)
+def test_an_explicit_layer_count_is_passed_and_takes_its_vram_in_plan_order() -> None:
+    gemma = resolved("gemma", GEMMA, gpu_layers=7)
     smol = resolved("smol", SMOL)
     assert gemma.facts is not None
     part = split_memory(gemma.facts, 2048, 1, 7)
     # room for gemma's 7 layers and not also for all of smol: smol gets what is left
     gpu = Gpu("GPU", VRAM_RESERVE + part.vram + 600 * MIB)
-    offload = plan_offload([smol, gemma], [gpu], 16 * GIB)
+    offload = plan_offload([gemma, smol], [gpu], 16 * GIB)
     assert flags(argv(offload, "gemma"), "--n-gpu-layers") == "7"
     assert offload.assignment("gemma").ram == part.ram
     assert offload.apply([gemma])[0].required == part.ram.total < gemma.required
     smol_layers = int(flags(argv(offload, "smol"), "--n-gpu-layers") or -1)
     assert 0 <= smol_layers < 31
-    # alone, smol would have had every layer
-    assert plan_offload([smol], [gpu], 16 * GIB).assignment("smol").gpu_layers == 31
+    # preload models are placed first: an on-demand explicit model comes after smol
+    later = resolved("gemma", GEMMA, gpu_layers=7, preload=False)
+    offload = plan_offload([later, smol], [gpu], 16 * GIB)
+    assert offload.assignment("smol").gpu_layers == 31
+    assert "more than the VRAM left" in offload.assignment("gemma").reason
+    assert list(offload.assignments) == ["gemma", "smol"]  # reported in config order
 
 
 def test_no_gpu_passes_nothing_and_says_nothing() -> None:
@@ -214,6 +218,8 @@ def test_up_argv_per_model_through_the_server_factory(tmp_path: Path, small_mode
     assert "--n-gpu-layers" not in argvs["b"]
     assert flags(argvs["c"], "--n-gpu-layers") == "2" and "--tensor-split" not in argvs["c"]
     assert offload.lines()[0].startswith("gpu: GPU 0: Test GPU 0 (4.00 GiB free); GPU 1")
+    # `lalo reload` replans on the VRAM seen at start: unchanged models keep their settings
+    assert offload.replan(models).assignments == offload.assignments
     # no driver: the same config passes nothing
     none = machine_offload(loaded, models, 8 * GIB,
                            report=lambda: GpuReport((), None, "no NVIDIA driver"), env={})

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from launcher.config import OFFLOAD_FLAGS, LoadedConfig
@@ -266,6 +268,18 @@ def engine_offloads(loaded: LoadedConfig) -> tuple[bool, str]:
     return found.variant == "cuda", f"llama-server {found.variant} build"
 
 
+def quick_gpu_facts() -> GpuReport:
+    """`gpu.gpu_facts()`, without importing NVML's bindings (tens of ms of `lalo up`'s start)
+    on a Linux machine whose kernel has no NVIDIA driver (no /proc/driver/nvidia; WSL's GPU
+    driver lives in /usr/lib/wsl/lib instead)."""
+    from launcher.gpu import GpuReport, gpu_facts
+
+    if (sys.platform == "linux" and not Path("/proc/driver/nvidia").exists()
+            and not Path("/usr/lib/wsl/lib").exists()):
+        return GpuReport((), None, "no NVIDIA driver: /proc/driver/nvidia absent")
+    return gpu_facts()
+
+
 def machine_offload(
     loaded: LoadedConfig,
     models: Sequence[ResolvedModel],
@@ -276,11 +290,7 @@ def machine_offload(
     engine: tuple[bool, str] | None = None,
 ) -> Offload:
     """The GPU settings for this machine: NVML's GPUs (their free VRAM now) and the engine."""
-    if report is None:
-        from launcher.gpu import gpu_facts
-
-        report = gpu_facts
-    facts = report()
+    facts = (report or quick_gpu_facts)()
     resources = loaded.config.resources
     budget = compute_budget(resources.ram_budget, resources.ram_reserve, available).bytes
     gpus, why_not = visible_gpus(facts, os.environ if env is None else env)

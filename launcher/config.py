@@ -47,6 +47,11 @@ OFFLOAD_FLAGS = frozenset({
 })
 
 
+def offload_flag(args: tuple[str, ...] | list[str]) -> str | None:
+    """The first llama-server flag in `args` that decides GPU offload itself."""
+    return next((arg for arg in args if arg.partition("=")[0] in OFFLOAD_FLAGS), None)
+
+
 def _is_template_file(value: str) -> bool:
     """A chat_template that names a file rather than one of llama.cpp's built-in templates."""
     return "/" in value or "\\" in value or value.endswith(_TEMPLATE_SUFFIXES)
@@ -233,7 +238,7 @@ class ModelConfig(_Section):
             raise ValueError(f"prompt_cache needs engine llama-server, not {self.engine_kind}")
         if self.gpu_layers != "auto" and self.engine_kind != "llama-server":
             raise ValueError(f"gpu_layers needs engine llama-server, not {self.engine_kind}")
-        flag = next((arg for arg in self.args if arg.partition("=")[0] in OFFLOAD_FLAGS), None)
+        flag = offload_flag(self.args)
         if self.gpu_layers != "auto" and flag is not None:
             raise ValueError(f"gpu_layers and args {flag!r} both set the GPU offload; keep one")
         return self

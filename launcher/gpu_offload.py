@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from launcher.config import OFFLOAD_FLAGS, LoadedConfig
+from launcher.config import LoadedConfig, offload_flag
 from launcher.engines.base import ServerSettings
 from launcher.estimate import MemoryEstimate, split_memory
 from launcher.gpu_plan import VRAM_RESERVE, Gpu, GpuModel, GpuPlan, Placement, plan_gpus
@@ -145,11 +145,6 @@ class Offload:
 NO_GPU = Offload()
 
 
-def offloads_flag(args: Sequence[str]) -> str | None:
-    """The first llama-server flag in `args` that decides GPU offload itself."""
-    return next((arg for arg in args if arg.partition("=")[0] in OFFLOAD_FLAGS), None)
-
-
 def plan_offload(models: Sequence[ResolvedModel], gpus: Sequence[Gpu], ram_budget: int,
                  *, engine_gpu: bool = True, note: str = "") -> Offload:
     """Each model's GPU settings, in the plan's order (preload models first, then config
@@ -166,7 +161,7 @@ def plan_offload(models: Sequence[ResolvedModel], gpus: Sequence[Gpu], ram_budge
         setting = cfg.gpu_layers
         if cfg.engine_kind != "llama-server":
             chosen = Assignment("cpu", f"engine {cfg.engine_kind}: lalo passes no GPU settings")
-        elif (flag := offloads_flag(cfg.args)) is not None:
+        elif (flag := offload_flag(cfg.args)) is not None:
             chosen = Assignment("args", f"its args set {flag}; the RAM budget counts it as all "
                                 "in RAM")
         elif isinstance(setting, int):

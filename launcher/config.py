@@ -40,6 +40,19 @@ _TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".tmpl", ".txt")
 
 
+# llama-server flags that decide GPU offload: a model whose args carry one keeps its own choice
+OFFLOAD_FLAGS = frozenset({
+    "-ngl", "--n-gpu-layers", "--gpu-layers", "-ts", "--tensor-split", "-fit", "--fit",
+    "-sm", "--split-mode", "-mg", "--main-gpu", "-dev", "--device", "-ot", "--override-tensor",
+    "-cmoe", "--cpu-moe", "-ncmoe", "--n-cpu-moe",
+})
+
+
+def offload_flag(args: tuple[str, ...] | list[str]) -> str | None:
+    """The first llama-server flag in `args` that decides GPU offload itself."""
+    return next((arg for arg in args if arg.partition("=")[0] in OFFLOAD_FLAGS), None)
+
+
 def _is_template_file(value: str) -> bool:
     """A chat_template that names a file rather than one of llama.cpp's built-in templates."""
     return "/" in value or "\\" in value or value.endswith(_TEMPLATE_SUFFIXES)
@@ -235,6 +248,9 @@ class ModelConfig(_Section):
     chat_template: str | None = None
     sleep_after: Annotated[int, Field(ge=0, le=31_536_000)] = 0  # llama-server only; 0 = never
     prompt_cache: bool = True  # llama-server only: save cached prompts on stop, restore on start
+    # llama-server on a GPU machine: auto = lalo's GPU plan (-ngl/--tensor-split), fit = leave
+    # it to llama-server's --fit, N = that many layers (see docs/gpu.md)
+    gpu_layers: int | Literal["auto", "fit"] = "auto"
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -243,6 +259,16 @@ class ModelConfig(_Section):
             return "auto"
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
             raise ValueError(f"must be 'auto' or an integer from 1 to 1024, got {value!r}")
+        return value
+
+    @field_validator("gpu_layers", mode="before")
+    @classmethod
+    def _gpu_layers(cls, value: Any) -> int | str:
+        if value in ("auto", "fit"):
+            return str(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10_000:
+            raise ValueError(f"must be 'auto', 'fit' or a number of layers from 0 to 10000, "
+                             f"got {value!r}")
         return value
 
     @field_validator("aliases")
@@ -272,6 +298,11 @@ class ModelConfig(_Section):
         if ("prompt_cache" in self.model_fields_set and self.prompt_cache
                 and self.engine_kind != "llama-server"):
             raise ValueError(f"prompt_cache needs engine llama-server, not {self.engine_kind}")
+        if self.gpu_layers != "auto" and self.engine_kind != "llama-server":
+            raise ValueError(f"gpu_layers needs engine llama-server, not {self.engine_kind}")
+        flag = offload_flag(self.args)
+        if self.gpu_layers != "auto" and flag is not None:
+            raise ValueError(f"gpu_layers and args {flag!r} both set the GPU offload; keep one")
         return self
 
     @property

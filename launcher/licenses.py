@@ -123,6 +123,15 @@ KNOWN_LICENSES: tuple[License, ...] = (
         False,
         "a licence from Alibaba above 100M monthly users",
     ),
+    # cuBLAS (the cuda engine variant links it; PyPI's nvidia-cublas wheels declare this id):
+    # NVIDIA's CUDA EULA, whose Attachment A lists it as redistributable with an application
+    License(
+        "LicenseRef-NVIDIA-Proprietary",
+        "NVIDIA CUDA Toolkit End User License Agreement (cuBLAS)",
+        "https://docs.nvidia.com/cuda/eula/index.html",
+        False,
+        "proprietary: unmodified, only as part of an application, under the CUDA EULA's terms",
+    ),
 )
 _BY_KEY = {license_.id.lower(): license_ for license_ in KNOWN_LICENSES}
 

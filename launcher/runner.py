@@ -32,6 +32,7 @@ from launcher.engines.llama_cpp_python import LlamaCppPythonEngine
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.engines.llamafile import LlamafileEngine
 from launcher.errors import EngineError, LaloError, StartupError
+from launcher.gpu_offload import NO_GPU, Offload, machine_offload
 from launcher.measurements import Measurements, measurement_key, with_measurements
 from launcher.models.resolve import ResolvedModel, resolve_models
 from launcher.planner import Plan, compute_budget, make_plan
@@ -173,6 +174,8 @@ class ServerFactory:
     records: ChildRecords
     share: CpuShare
     host: str = "127.0.0.1"
+    # each model's -ngl / --tensor-split (launcher.gpu_offload); none by default
+    offload: Offload = dataclasses.field(default_factory=Offload)
 
     def make(self, model: ResolvedModel) -> tuple[SupervisedModel, ManagedModel, RestartPolicy]:
         sup = self.loaded.config.supervisor
@@ -193,6 +196,7 @@ class ServerFactory:
             extra_args=(*_alias_args(cfg.engine_kind, model.name), *cfg.args),
             env={**wait_env(self.share, cfg.env), **cfg.env},
         )
+        settings = self.offload.server_settings(model.name, settings)
         # sleeping when idle and the prompt cache kept across stops (llama-server only);
         # this also drops slot files of an older model file, engine or setting
         settings, slot_store = sleep_and_prompt_cache(
@@ -229,7 +233,8 @@ class ServerFactory:
             ttl=cfg.ttl,
             path=str(path),
             synthetic=bool(model.info and model.info.is_synthetic),
-            measurement_key=measurement_key(path, cfg.engine_kind, cfg.ctx_size, cfg.parallel),
+            measurement_key=self.offload.measurement_key(
+                model.name, measurement_key(path, cfg.engine_kind, cfg.ctx_size, cfg.parallel)),
             pinned=cfg.pinned,
         )
         if model.error is not None:
@@ -245,10 +250,11 @@ def build_supervisor(
     measurements: Measurements,
     share: CpuShare,
     host: str = "127.0.0.1",
+    offload: Offload = NO_GPU,
 ) -> tuple[Supervisor, dict[str, Path]]:
     """The supervisor of `models`; `share` decides the OpenMP wait policy of their servers."""
     config = loaded.config
-    factory = ServerFactory(loaded, engines, records, share, host)
+    factory = ServerFactory(loaded, engines, records, share, host, offload)
     made = [factory.make(model) for model in models]
     keys = {meta.name: meta.measurement_key for meta, _, _ in made}
     known = {name: value for name in keys if (value := measurements.get(keys[name])) is not None}
@@ -292,17 +298,19 @@ class Reloader:
     async def reload(self) -> dict[str, Any]:
         async with self._lock:
             try:
-                loaded, models = self._read()
+                loaded, models, offload = self._read()
             except LaloError as exc:
                 self.announce(f"reload: {exc}; nothing changed")
                 return {"status": "error", "error": str(exc)}
             new = {model.name: model for model in models}
             removed = [name for name in self.models if name not in new]
             added = [name for name in new if name not in self.models]
+            old_offload = self.factory.offload
             changed = [name for name in new if name in self.models
-                       and _settings(self.models[name]) != _settings(new[name])]
+                       and (_settings(self.models[name]) != _settings(new[name])
+                            or old_offload.assignment(name) != offload.assignment(name))]
             unchanged = [name for name in new if name not in added and name not in changed]
-            factory = dataclasses.replace(self.factory, loaded=loaded)
+            factory = dataclasses.replace(self.factory, loaded=loaded, offload=offload)
             resources = loaded.config.resources
             await self.supervisor.reconfigure(
                 replace=[factory.make(new[name]) for name in (*changed, *added)],
@@ -323,7 +331,7 @@ class Reloader:
             self.announce("reload: " + ("; ".join(parts) if parts else "no model changed"))
             return summary
 
-    def _read(self) -> tuple[LoadedConfig, list[ResolvedModel]]:
+    def _read(self) -> tuple[LoadedConfig, list[ResolvedModel], Offload]:
         from launcher.config import load_config
         from launcher.models.resolve import catalog_for
 
@@ -336,7 +344,8 @@ class Reloader:
                               f"({', '.join(sorted(missing))}); restart lalo")
         models = usable_models(with_measurements(
             resolve_models(loaded, catalog=catalog_for(loaded)), self.measurements))
-        return loaded, models
+        offload = self.factory.offload.replan(models)
+        return loaded, offload.apply(models, self.measurements), offload
 
 
 def _settings(model: ResolvedModel) -> tuple[object, ...]:
@@ -394,11 +403,14 @@ async def serve(
         measurements = Measurements()
         models = usable_models(
             with_measurements(resolve_models(loaded, catalog=catalog), measurements))
+        # on a GPU machine: each model's layers per GPU, and only its RAM part in the budget
+        offload = machine_offload(loaded, models, _available())
+        models = offload.apply(models, measurements)
         plan = plan_models(loaded, models, _available())
         engines = engines_for(loaded, models, announce)
         sock = bind_socket(host, port)
         return await _run(loaded, models, plan, engines, sock, host, port, lock, records,
-                          measurements, announce, peers)
+                          measurements, announce, peers, offload)
     finally:
         lock.release()
 
@@ -422,6 +434,7 @@ async def _run(
     measurements: Measurements,
     announce: Announce,
     peers: PeerTable | None = None,
+    offload: Offload = NO_GPU,
 ) -> int:
     config = loaded.config
     loop = asyncio.get_running_loop()
@@ -443,9 +456,9 @@ async def _run(
     admin_token = secrets.token_urlsafe(32)
     share = config_share(models, config.resources.max_loaded)
     supervisor, log_paths = build_supervisor(loaded, models, engines, records, measurements,
-                                             share, host="127.0.0.1")
+                                             share, host="127.0.0.1", offload=offload)
     reloader = Reloader(loaded, models, supervisor,
-                        ServerFactory(loaded, engines, records, share, "127.0.0.1"),
+                        ServerFactory(loaded, engines, records, share, "127.0.0.1", offload),
                         measurements, announce)
     reloads: set[asyncio.Task[Any]] = set()
 
@@ -507,6 +520,8 @@ async def _run(
                  f"({plan.budget.source})")
         if share.oversubscribed:
             announce(f"cpu: {policy_line(share)}")
+        for line in offload.lines():
+            announce(line)
         for model in models:
             if model.info is not None and model.info.is_synthetic:
                 announce(f"  {model.name}: random-weight demo model (it answers with noise, not text)")

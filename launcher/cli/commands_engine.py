@@ -82,7 +82,8 @@ def build(
             "--variant",
             help="native: tuned to this CPU, static. "
             "portable: runs on other CPUs of this OS/arch (CPU variant picked at run time). "
-            "cuda: NVIDIA GPUs (needs the CUDA toolkit's nvcc; no GPU needed to build).",
+            "cuda: NVIDIA GPUs (needs the CUDA toolkit's nvcc; no GPU needed to build; "
+            "cuBLAS from NVIDIA's PyPI wheel when the toolkit has none).",
         ),
     ] = VariantChoice.native,
     platform: Annotated[

@@ -16,7 +16,8 @@ from launcher.cpu_share import to_json as cpu_json
 from launcher.demo import demo_config
 from launcher.errors import UsageError
 from launcher.estimate import ModelFacts, estimate_memory
-from launcher.gpu_plan import Gpu, GpuModel, GpuPlan, plan_gpus
+from launcher.gpu_offload import Offload, gpus_note, machine_offload, plan_offload
+from launcher.gpu_plan import VRAM_RESERVE, Gpu
 from launcher.measurements import Measurements, with_measurements
 from launcher.models.gguf_file import read_gguf
 from launcher.models.resolve import catalog_for, resolve_models
@@ -83,40 +84,44 @@ def load(config: Path | None) -> LoadedConfig:
     return load_config(config, default=demo_config)
 
 
-def build_plan(loaded: LoadedConfig) -> tuple[Plan, CpuShare]:
-    resources = loaded.config.resources
-    budget = compute_budget(resources.ram_budget, resources.ram_reserve,
-                            psutil.virtual_memory().available)
-    models = with_measurements(resolve_models(loaded, catalog=catalog_for(loaded)), Measurements())
-    share = config_share(models, resources.max_loaded)
-    return make_plan([m.candidate() for m in models], budget, resources.max_loaded), share
-
-
 GpuOption = Annotated[list[str] | None, typer.Option(
     "--gpu", help="Plan for a GPU of this much VRAM (e.g. 24GiB; repeat for several) instead of "
     "the GPUs this machine has.")]
 
 
-def gpus_for_plan(sizes: list[str] | None) -> list[Gpu]:
-    """GPUs given as sizes (a box being sized), else the ones NVML sees (free VRAM)."""
-    if sizes:
-        gpus = []
-        for text in sizes:
-            try:
-                vram = parse_size(text)
-            except ValueError as exc:
-                raise UsageError(f"--gpu: {exc}") from None
-            if vram <= 0:
-                raise UsageError(f"--gpu: a GPU needs some VRAM, got {text!r}")
-            gpus.append(Gpu(f"GPU of {format_size(vram)}", vram))
-        return gpus
-    from launcher.gpu import gpu_facts
-
-    return [Gpu(g.name, g.vram_free) for g in gpu_facts().gpus]
+def given_gpus(sizes: list[str]) -> list[Gpu]:
+    """GPUs given as sizes: a box being sized."""
+    gpus = []
+    for text in sizes:
+        try:
+            vram = parse_size(text)
+        except ValueError as exc:
+            raise UsageError(f"--gpu: {exc}") from None
+        if vram <= 0:
+            raise UsageError(f"--gpu: a GPU needs some VRAM, got {text!r}")
+        gpus.append(Gpu(f"GPU of {format_size(vram)}", vram))
+    return gpus
 
 
-def build_gpu_plan(result: Plan, gpus: list[Gpu], candidates: list[GpuModel]) -> GpuPlan:
-    return plan_gpus(candidates, gpus, result.budget.bytes)
+def build_plan(loaded: LoadedConfig, gpu_sizes: list[str] | None = None
+               ) -> tuple[Plan, CpuShare, Offload]:
+    """What `lalo up` would do: each model's GPU settings (this machine's GPUs, or the ones
+    given), then the RAM plan counting only the RAM part of offloaded models."""
+    resources = loaded.config.resources
+    available = psutil.virtual_memory().available
+    budget = compute_budget(resources.ram_budget, resources.ram_reserve, available)
+    measurements = Measurements()
+    models = with_measurements(resolve_models(loaded, catalog=catalog_for(loaded)), measurements)
+    if gpu_sizes:
+        gpus = given_gpus(gpu_sizes)
+        offload = plan_offload(models, gpus, budget.bytes,
+                               note=f"{gpus_note(gpus)}; given with --gpu (a CUDA llama-server "
+                               "assumed)")
+    else:
+        offload = machine_offload(loaded, models, available)
+    models = offload.apply(models, measurements)
+    share = config_share(models, resources.max_loaded)
+    return make_plan([m.candidate() for m in models], budget, resources.max_loaded), share, offload
 
 
 @app.command()
@@ -124,19 +129,15 @@ def plan(config: ConfigOption = None, as_json: JsonOption = False, gpu: GpuOptio
     """What `lalo up` would load now, each model's memory estimate, and what does not fit;
     with GPUs (this machine's, or `--gpu SIZE`), each model's layers per GPU and in RAM."""
     loaded = load(config)
-    result, share = build_plan(loaded)
-    gpus = gpus_for_plan(gpu)
-    gpu_plan: GpuPlan | None = None
-    if gpus:
-        models = with_measurements(resolve_models(loaded, catalog=catalog_for(loaded)), Measurements())
-        candidates = [m.candidate() for m in models]
-        gpu_plan = build_gpu_plan(result, gpus, [
-            GpuModel(c.name, c.facts, c.ctx_size, c.parallel, c.preload)
-            for c in candidates if c.facts is not None and c.invalid is None])
+    result, share, offload = build_plan(loaded, gpu)
+    gpu_plan = offload.gpu_plan
     if as_json:
+        gpu_json = gpu_plan.to_json() if gpu_plan else (
+            {"gpus": [{"name": g.name, "vram": g.vram} for g in offload.gpus], "models": []}
+            if offload.gpus else None)
         typer.echo(json.dumps({"config": loaded.describe_source(), **result.to_json(),
-                               "cpu": cpu_json(share),
-                               "gpu": gpu_plan.to_json() if gpu_plan else None}, indent=2))
+                               "cpu": cpu_json(share), "gpu": gpu_json,
+                               "offload": offload.to_json()}, indent=2))
         return
     typer.echo(f"config: {loaded.describe_source()}")
     typer.echo(f"budget: {format_size(result.budget.bytes)} ({result.budget.source})")
@@ -154,19 +155,23 @@ def plan(config: ConfigOption = None, as_json: JsonOption = False, gpu: GpuOptio
     typer.echo(f"preload total: {format_size(result.preload_total)}, "
                f"left for on-demand models: {format_size(result.remaining)}")
     typer.echo(f"cpu: {policy_line(share)}")
-    if gpu_plan is not None:
-        print_gpu_plan(gpu_plan)
+    if offload.lines():  # GPUs, or a model that sets gpu_layers
+        print_offload(offload)
 
 
-def print_gpu_plan(gpu_plan: GpuPlan) -> None:
+def print_offload(offload: Offload) -> None:
+    """Per model: the llama-server flags, VRAM and RAM, and why (lalo's plan, fit, configured)."""
     typer.echo("")
-    typer.echo("gpus: " + "; ".join(f"{index}: {g.name} ({format_size(g.vram)} usable)"
-                                    for index, g in enumerate(gpu_plan.gpus)))
-    if not gpu_plan.placements:
+    typer.echo(f"gpus: {offload.note}")
+    if not offload.assignments:
         return
-    width = max(len(p.name) for p in gpu_plan.placements)
-    for p in gpu_plan.placements:
-        typer.echo(f"  {p.name:<{width}}  -ngl {p.gpu_layers:<3} VRAM {format_size(p.split.vram):>9}  "
-                   f"RAM {format_size(p.split.ram.total):>9}  {p.reason}")
-    left = gpu_plan.vram_left()
-    typer.echo("VRAM left: " + ", ".join(f"GPU {i} {format_size(max(0, v))}" for i, v in enumerate(left)))
+    width = max(len(name) for name in offload.assignments)
+    flags = {name: a.flags() for name, a in offload.assignments.items()}
+    flag_width = max(len(f) for f in flags.values())
+    for name, a in offload.assignments.items():
+        ram = format_size(a.ram.total) if a.ram is not None else "all"
+        typer.echo(f"  {name:<{width}}  {flags[name]:<{flag_width}}  VRAM {format_size(a.vram):>9}  "
+                   f"RAM {ram:>9}  {a.reason}")
+    if offload.vram_left:
+        typer.echo("VRAM left: " + ", ".join(f"GPU {i} {format_size(max(0, v - VRAM_RESERVE))}"
+                                             for i, v in enumerate(offload.vram_left)))

@@ -356,6 +356,7 @@ class EngineBuilder:
         cuda_check: Callable[[str], None] = check_cuda_libraries,
         build_root: Callable[[Callable[[str], None]], BuildRoot] | None = None,
         use_build_root: bool | None = None,
+        cublas_download: Callable[[str, Path], Path] | None = None,
     ) -> None:
         """`build_root` makes (or finds) the old-glibc root the portable Linux engine is built
         in; `use_build_root` False builds it on this machine instead (default: on Linux)."""
@@ -371,6 +372,7 @@ class EngineBuilder:
         self.build_root = build_root or self._default_root
         self.use_build_root = (sys.platform.startswith("linux") if use_build_root is None
                                else use_build_root)
+        self.cublas_download = cublas_download  # None: pip (cuda_deps.pip_download)
 
     def _default_root(self, note: Callable[[str], None]) -> BuildRoot:
         return buildroot.ensure_root(self.cache_root, report=note)
@@ -399,9 +401,9 @@ class EngineBuilder:
         flags = cmake_flags(variant, cuda_archs, plat)
         in_root = self.use_build_root and variant == "portable" and plat == platform_tag()
         nvcc = find_nvcc(self.which) if variant == "cuda" else None
-        if nvcc is not None:
-            self.cuda_check(nvcc)
         report = progress or (lambda event: None)
+        if nvcc is not None:
+            flags = (*flags, *self._cuda_flags(nvcc, report))
         if jobs is not None and jobs < 1:
             raise EngineError(f"--jobs must be >= 1, got {jobs}")
 
@@ -434,6 +436,16 @@ class EngineBuilder:
         with self._lock(key):
             return self._build_locked(key, tree, variant, flags, tools, jobs, report, force, nvcc,
                                       plat=plat, root=root)
+
+    def _cuda_flags(self, nvcc: str, report: ProgressCallback) -> tuple[str, ...]:
+        """cuBLAS (the toolkit's, else NVIDIA's wheel from PyPI) and the driver library:
+        launcher/engines/cuda_deps.py (kept out of this module on purpose)."""
+        from launcher.engines.cuda_deps import cuda_dependency_flags, pip_download
+
+        return cuda_dependency_flags(
+            nvcc, check=self.cuda_check, cache_root=self.cache_root, version=self.nvcc_probe,
+            note=lambda text: report(BuildProgress("source", text)),
+            download=self.cublas_download or pip_download)
 
     def _built_from(self, label: str, variant: str, plat: str) -> BuiltEngine | None:
         for engine_dir, manifest in cached_engines(self.engines_root, platform_name=plat):

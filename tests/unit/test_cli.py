@@ -122,8 +122,12 @@ def test_plan_for_gpus_the_machine_does_not_have(tmp_path: Path, model: Path) ->
     assert first["args"] == ["--n-gpu-layers", "5", "--tensor-split", "1,0"]
     assert first["vram"] == first["devices"][0]["total"] and first["ram"] > 0
     assert second["name"] == "b" and second["fits"]
+    offload = json.loads(done.stdout)["offload"]["models"]
+    assert offload["a"]["mode"] == "plan" and offload["a"]["gpu_layers"] == SHAPE.n_layer + 1
+    # the RAM plan counts only the RAM part of the offloaded model
+    assert json.loads(done.stdout)["models"][0]["required"] == offload["a"]["ram"] == first["ram"]
     text = lalo("plan", "--config", str(config), "--gpu", "2GiB", env=env).stdout
-    assert "gpus: 0: GPU of 2.00 GiB" in text and "a  -ngl 5" in text
+    assert "gpus: GPU 0: GPU of 2.00 GiB" in text and "a  -ngl 5" in text
     bad = lalo("plan", "--config", str(config), "--gpu", "lots", env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("lalo: error: --gpu: not a size: 'lots'")
     # no --gpu on a machine without a driver: the CPU plan only

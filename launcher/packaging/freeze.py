@@ -46,7 +46,7 @@ EXCLUDES: tuple[str, ...] = (
     "numpy", "gguf", "matplotlib", "PIL", "contourpy", "kiwisolver", "fontTools",
     "hf_xet", "tkinter", "_tkinter", "pytest", "_pytest", "mypy",
     "openai", "playwright", "greenlet", "setuptools", "pkg_resources", "IPython",
-    "readline", "pydoc_data", "lib2to3", "unittest", "sqlite3", "curses",
+    "readline", "pydoc_data", "lib2to3", "unittest", "curses",
     # reached only through optional imports of libraries lalo uses (huggingface_hub's model
     # cards and webhooks, fsspec's remote file systems, uvicorn's env_file), when installed
     "fastapi", "jinja2", "opentelemetry", "dotenv", "requests", "llama_cpp",

@@ -289,7 +289,8 @@ class OllamaAPI:
         if payload.get("think") is False:
             body["reasoning_format"] = "none"
         encoded = json.dumps(body).encode()
-        streamed = None if stream else plan(path, body)  # see assemble.py
+        streamed = (plan(path, body) if not stream and self.supervisor.assembles(name)
+                    else None)  # see assemble.py
         label = "ollama_chat" if chat else "ollama_generate"
         try:
             if stream:

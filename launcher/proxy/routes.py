@@ -220,9 +220,6 @@ class ModelRouter:
                 return await send_error(send, 400, "request body must be a JSON object")
             requested = payload.get("model")
             stream = payload.get("stream") is True
-            streamed = plan(path, payload)  # a generation not streamed: asked as a stream
-            if streamed is not None:
-                assemble, body = streamed, streamed.body
         if not isinstance(requested, str) or not requested:
             where = "form field 'model'" if route.model_in == "form" else "'model'"
             return await send_error(
@@ -235,6 +232,10 @@ class ModelRouter:
         if name is None:
             return await send_error(send, 404, f"unknown model {requested!r}; known: "
                                                f"{known_models(self.supervisor, self.peers)}")
+        if route.model_in == "json" and self.supervisor.assembles(name):
+            streamed = plan(path, payload)  # a generation not streamed: asked as a stream
+            if streamed is not None:
+                assemble, body = streamed, streamed.body
         await self.forwarder.forward(
             receive, send, name, "POST", path, body, route=route.label,
             query=scope.get("query_string", b"").decode("latin-1"),

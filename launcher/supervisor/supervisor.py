@@ -214,6 +214,13 @@ class Supervisor:
     def names_and_aliases(self) -> list[str]:
         return list(self._names)
 
+    def assembles(self, name: str) -> bool:
+        """Whether a non-streamed generation for `name` is asked as a stream and put back
+        together (proxy/assemble.py): llama-server models served here. Others (llamafile's
+        older server, llama-cpp-python's, a peer) get the request as it came."""
+        record = self._records.get(name)
+        return record is not None and record.meta.engine == "llama-server"
+
     def record(self, name: str) -> ModelRecord:
         return self._records[name]
 

@@ -348,12 +348,14 @@ def test_upstream_silent_too_long_is_504(
     config = write_config(
         tmp_path / "lalo.yaml", {"m": {"file": str(small_model), "ctx_size": 8192}},
         engines={"llama_server": {"path": str(llama_server_bin)}},
-        proxy={"upstream_timeout": 0.3},
+        proxy={"upstream_timeout": 0.1},
     )
     with LaloUp(config, isolated) as up:
         up.wait_state("m", "ready")
+        # silent past 0.1 s: reading a long prompt before the first token (a non-streamed
+        # generation goes upstream as a stream: only silence counts, not the answer's length)
         reply = httpx.post(up.url + "/v1/completions", timeout=60, json={
-            "model": "m", "prompt": "x", "max_tokens": 8000, "ignore_eos": True})
+            "model": "m", "prompt": "x " * 3500, "max_tokens": 8, "cache_prompt": False})
         assert reply.status_code == 504
         assert reply.json()["error"]["code"] == "upstream_timeout"
 

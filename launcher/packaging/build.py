@@ -122,14 +122,14 @@ class Packager:
             if exe is not None:
                 warnings += exe.warnings
             warnings += self._platform_notes(spec, chosen)
-        windows = None
-        if "bundle" in chosen and "windows" in spec.fields.platforms and \
-                not platform_tag().startswith("windows"):
-            windows = self._windows_bundle(spec, models, out, model_parts)
             if "image" in chosen:
                 assert bundle is not None
                 image = build_image(spec, models, out, bundle_dir=bundle.directory,
                                     report=self.report)
+        windows = None
+        if "bundle" in chosen and "windows" in spec.fields.platforms and \
+                not platform_tag().startswith("windows"):
+            windows = self._windows_bundle(spec, models, out, model_parts)
         if "k8s" in chosen:
             k8s = build_k8s(spec, models, out, self.report)
             warnings += k8s.warnings

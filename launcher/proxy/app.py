@@ -190,37 +190,50 @@ def create_app(
         return JSONResponse({"interval": history.interval, "span": history.ring.capacity *
                              history.interval, "samples": history.ring.items(since)})
 
+    def _model(request: Request) -> str | Response:
+        """The model the path names (name or alias), or the 404 that says which exist."""
+        requested = request.path_params["name"]
+        name = supervisor.resolve(requested)
+        if name is None:
+            return error_response(404, f"unknown model {requested!r}; known: {_known(supervisor)}")
+        return name
+
+    def _lines(request: Request, default: str, cap: int) -> int | Response:
+        """The `n` query parameter (lines wanted), at most `cap`, or the 400."""
+        raw = request.query_params.get("n", default)
+        if not raw.isdigit():
+            return error_response(400, "n must be a non-negative integer")
+        return min(int(raw), cap)
+
     def _sse(events: Any) -> Response:
         return StreamingResponse(events, media_type="text/event-stream", headers={
             "cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def logs_stream(request: Request) -> Response:
         """GET /api/models/NAME/logs/stream?n=100: the log's tail, then new lines, as SSE."""
-        requested = request.path_params["name"]
-        name = supervisor.resolve(requested)
-        if name is None:
-            return error_response(404, f"unknown model {requested!r}; known: {_known(supervisor)}")
-        raw = request.query_params.get("n", "100")
-        if not raw.isdigit():
-            return error_response(400, "n must be a non-negative integer")
+        name = _model(request)
+        count = _lines(request, "100", 10_000)
+        if isinstance(name, Response):
+            return name
+        if isinstance(count, Response):
+            return count
         path = log_paths.get(name)
         if path is None:
             return error_response(404, f"{name} has no log file to follow")
-        return _sse(follow_file(path, min(int(raw), 10_000), closing=closing))
+        return _sse(follow_file(path, count, closing=closing))
 
     async def own_logs_stream(request: Request) -> Response:
         """GET /api/logs/stream?n=100: lalo's own log records as SSE."""
-        raw = request.query_params.get("n", "100")
-        if not raw.isdigit():
-            return error_response(400, "n must be a non-negative integer")
-        return _sse(own_log.follow(min(int(raw), 1000), closing=closing))
+        count = _lines(request, "100", 1000)
+        if isinstance(count, Response):
+            return count
+        return _sse(own_log.follow(count, closing=closing))
 
     def admin(action: Callable[[str], Awaitable[object]]) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
-            requested = request.path_params["name"]
-            name = supervisor.resolve(requested)
-            if name is None:
-                return error_response(404, f"unknown model {requested!r}; known: {_known(supervisor)}")
+            name = _model(request)
+            if isinstance(name, Response):
+                return name
             try:
                 await action(name)
             except CapacityError as exc:
@@ -233,14 +246,12 @@ def create_app(
         return handler
 
     async def logs(request: Request) -> Response:
-        requested = request.path_params["name"]
-        name = supervisor.resolve(requested)
-        if name is None:
-            return error_response(404, f"unknown model {requested!r}; known: {_known(supervisor)}")
-        raw = request.query_params.get("n", "200")
-        if not raw.isdigit():
-            return error_response(400, "n must be a non-negative integer")
-        count = min(int(raw), 10_000)
+        name = _model(request)
+        count = _lines(request, "200", 10_000)
+        if isinstance(name, Response):
+            return name
+        if isinstance(count, Response):
+            return count
         path = log_paths.get(name)
         lines = read_tail(path, count) if path is not None else \
             supervisor.models[name].log.last_lines(count)

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -335,16 +336,8 @@ class Forwarder:
     async def _whole(self, reply: _Reply, name: str, method: str, endpoint: Endpoint,
                      upstream: UpstreamResponse, retry_allowed: bool) -> None:
         """A non-streamed answer: read whole, then sent with its length."""
-        try:
+        with _reading_whole(name, endpoint, retry_allowed):
             content = await upstream.read()
-        except UpstreamTimeout as exc:
-            raise _Failure(504, f"{name}: the model server went silent for too long") from exc
-        except UpstreamClosed as exc:
-            if retry_allowed:
-                raise _Retry(endpoint, exc) from exc
-            raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
-        except UpstreamError as exc:
-            raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
         status = upstream.status_code
         if reply.streaming:
             # the event stream's head already went out while the model loaded: an answer
@@ -377,21 +370,14 @@ class Forwarder:
         """
         events = EventReader()
         answer = assembler(plan)
-        try:
-            async for chunk in upstream.chunks():
-                for event, data in events.feed(chunk):
-                    answer.feed(event, data)
-            result = answer.answer()
-        except UpstreamTimeout as exc:
-            raise _Failure(504, f"{name}: the model server went silent for too long") from exc
-        except UpstreamClosed as exc:
-            if retry_allowed:
-                raise _Retry(endpoint, exc) from exc
-            raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
-        except UpstreamError as exc:
-            raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
-        except AssemblyError as exc:
-            raise _Failure(502, f"{name}: {exc}") from exc
+        with _reading_whole(name, endpoint, retry_allowed):
+            try:
+                async for chunk in upstream.chunks():
+                    for event, data in events.feed(chunk):
+                        answer.feed(event, data)
+                result = answer.answer()
+            except AssemblyError as exc:
+                raise _Failure(502, f"{name}: {exc}") from exc
         content = result.encode()
         headers = [(k, v) for k, v in upstream.headers
                    if k.lower() not in _HOP_BY_HOP and k.lower() != b"content-type"]
@@ -450,6 +436,22 @@ class Forwarder:
             time.perf_counter() - started)
         if isinstance(tokens, int) and tokens > 0:
             self.supervisor.record_tokens(name, tokens, seconds)
+
+
+@contextlib.contextmanager
+def _reading_whole(name: str, endpoint: Endpoint, retry_allowed: bool) -> Iterator[None]:
+    """Upstream errors while an answer is read whole, before the client got any of it: a
+    server that closed is asked once more (`_Retry`), anything else is lalo's own answer."""
+    try:
+        yield
+    except UpstreamTimeout as exc:
+        raise _Failure(504, f"{name}: the model server went silent for too long") from exc
+    except UpstreamClosed as exc:
+        if retry_allowed:
+            raise _Retry(endpoint, exc) from exc
+        raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
+    except UpstreamError as exc:
+        raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
 
 
 def _running(pid: int) -> bool:

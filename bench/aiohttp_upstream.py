@@ -81,7 +81,10 @@ class AiohttpPool:
 
     async def request(self, method: str, host: str, port: int, target: str,
                       headers: Sequence[tuple[bytes, bytes]], body: bytes,
-                      read_timeout: float) -> AiohttpResponse:
+                      read_timeout: float, tls: object = None) -> AiohttpResponse:
+        """As UpstreamPool.request; `tls` (an https peer) is not part of this comparison."""
+        if tls is not None:
+            raise NotImplementedError("the aiohttp comparison client speaks plain http only")
         check_target(target)
         url = URL(f"http://{host}:{port}{target}", encoded=True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout,

@@ -106,10 +106,14 @@ class Activity:
         self._flusher: asyncio.TimerHandle | None = None
 
     def record(self, model: str, route: str, status: int, started: float,
-               first_byte: float | None, usage: bytes, body: bytes = b"") -> None:
-        """One answered request; `started` and `first_byte` are perf_counter readings."""
+               first_byte: float | None, usage: bytes, body: bytes = b"", *,
+               counts: tuple[int | None, int | None, float | None] | None = None) -> None:
+        """One answered request; `started` and `first_byte` are perf_counter readings;
+        `counts`: `usage_of(usage)` when the caller has read it already."""
         now = time.perf_counter()
-        prompt, completion, rate = usage_of(usage) if status < 400 else (None, None, None)
+        if counts is None:
+            counts = usage_of(usage) if status < 400 else (None, None, None)
+        prompt, completion, rate = counts
         who = caller()
         duration = now - started
         if rate is None and completion and duration > 0:

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import psutil
 from starlette.types import Message, Receive, Send
@@ -36,7 +34,7 @@ from launcher.errors import (
     WaitTimeoutError,
 )
 from launcher.peers import HOP_HEADER, PeerTable, is_peer_endpoint
-from launcher.proxy.activity import Activity
+from launcher.proxy.activity import Activity, usage_of
 from launcher.proxy.assemble import AssemblyError, EventReader, Plan, assembler
 from launcher.proxy.errors import error_body, error_message, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
@@ -194,11 +192,16 @@ class Forwarder:
         if error is not None:
             raise error  # a bug: let the server log it and answer 500
         self._count(name, route, reply.status, started)
+        # the answer's usage and timings, read once for the activity list and the model's speed
+        counts = usage_of(reply.usage) if reply.status < 400 else (None, None, None)
         if self.activity is not None:
             self.activity.record(name, route, reply.status, started, reply.first_byte,
-                                 reply.usage, body)
-        if reply.status == 200 and route != "upstream" and name in self.supervisor.models:
-            self._record_usage(name, reply.usage, started)
+                                 reply.usage, body, counts=counts)
+        _, completion, rate = counts
+        if (reply.status == 200 and route != "upstream" and completion
+                and name in self.supervisor.models):
+            seconds = completion / rate if rate else time.perf_counter() - started
+            self.supervisor.record_tokens(name, completion, seconds)
 
     async def _exchange(self, reply: _Reply, name: str, method: str, target: str, body: bytes,
                         content_type: str, stream: bool, assemble: Plan | None,
@@ -415,27 +418,6 @@ class Forwarder:
     def _count(self, name: str, route: str, status: int, started: float) -> None:
         self.metrics.requests.labels(name, route, str(status)).inc()
         self.metrics.latency.labels(name).observe(time.perf_counter() - started)
-
-    def _record_usage(self, name: str, payload: bytes, started: float) -> None:
-        """Tokens generated and speed, from the usage/timings llama-server reports."""
-        if not payload:
-            return
-        try:
-            data: Any = json.loads(payload)
-        except ValueError:
-            return
-        if not isinstance(data, dict):
-            return
-        timings = data.get("timings")
-        timings = timings if isinstance(timings, dict) else {}
-        usage = data.get("usage")
-        usage = usage if isinstance(usage, dict) else {}
-        tokens = timings.get("predicted_n") or usage.get("completion_tokens") or 0
-        millis = timings.get("predicted_ms")
-        seconds = millis / 1000 if isinstance(millis, int | float) and millis > 0 else (
-            time.perf_counter() - started)
-        if isinstance(tokens, int) and tokens > 0:
-            self.supervisor.record_tokens(name, tokens, seconds)
 
 
 @contextlib.contextmanager

@@ -545,8 +545,9 @@ async def _run(
                     if busy else ""))
         loading.cancel()
         server.should_exit = True
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(serving), config.supervisor.stop_timeout + 5)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(config.supervisor.stop_timeout + 5):
+                await asyncio.shield(serving)
         # requests still running (a second Ctrl+C) are ended here, their upstream connections
         # closed, so that each model server stops its generation and exits at once
         leftover = [task for task in server.server_state.tasks if not task.done()]

@@ -27,7 +27,9 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # What the portable engine's build needs inside the root.
 ENGINE_PACKAGES = ("cmake", "make", "g++", "ca-certificates")
 # What building CPython (for the frozen lalo) needs beside them; one root serves both.
-PYTHON_PACKAGES = ("libssl-dev", "zlib1g-dev", "libffi-dev", "libbz2-dev", "liblzma-dev", "xz-utils")
+# (libsqlite3-dev: the activity store's sqlite3; without it CPython builds without _sqlite3)
+PYTHON_PACKAGES = ("libssl-dev", "zlib1g-dev", "libffi-dev", "libbz2-dev", "liblzma-dev",
+                   "libsqlite3-dev", "xz-utils")
 BUILD_PACKAGES = (*ENGINE_PACKAGES, *PYTHON_PACKAGES)
 READY = ".lalo-root-ready"
 CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

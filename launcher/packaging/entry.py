@@ -30,8 +30,11 @@ PROBE_FLAG = "--probe"
 PROBE_TIMEOUT = 5.0
 # `--seed-models DIR`: copy the bundled models into DIR (a Kubernetes volume) where missing
 SEED_FLAG = "--seed-models"
+# `--self-check`: import every lalo module the frozen app carries (the build's smoke test): a
+# module PyInstaller left out or a stdlib extension the build's Python lacks fails the build
+SELF_CHECK_FLAG = "--self-check"
 # Commands that need neither the engine nor the models: no payload extraction for them.
-_NO_PAYLOAD = (["--version"], ["--help"], ["-h"], [NOTICE_FLAG])
+_NO_PAYLOAD = (["--version"], ["--help"], ["-h"], [NOTICE_FLAG], [SELF_CHECK_FLAG])
 # Left out of the single binary to keep it small; only `doctor` and `up --demo` need them.
 LEFT_OUT = frozenset({"numpy", "gguf"})
 _STATE_ENVS = ("LALO_STATE_DIR", "LALO_CACHE_DIR", "LALO_CONFIG_DIR")
@@ -165,10 +168,43 @@ def probe(path: str, timeout: float = PROBE_TIMEOUT) -> int:
     return 0
 
 
+def self_check() -> int:
+    """Import every module of the `launcher` package here (not `__main__`s); 0 when all import,
+    else 1 with one line per failure. A module that needs only what the single binary leaves
+    out (LEFT_OUT) counts as importable."""
+    import importlib
+    import pkgutil
+
+    import launcher
+
+    failed: list[str] = []
+    count = 0
+    for module in pkgutil.walk_packages(launcher.__path__, "launcher."):
+        if module.name.rsplit(".", 1)[-1] == "__main__":
+            continue
+        count += 1
+        try:
+            importlib.import_module(module.name)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".", 1)[0] not in LEFT_OUT:
+                failed.append(f"{module.name}: {exc!r}")
+        except Exception as exc:  # every failure is reported, none stops the check
+            failed.append(f"{module.name}: {exc!r}")
+    for line in failed:
+        sys.stderr.write(f"lalo: self-check: {line}\n")
+    if failed or count == 0:
+        sys.stderr.write(f"lalo: self-check: {len(failed)} of {count} modules do not import\n")
+        return 1
+    sys.stdout.write(f"lalo: self-check: {count} modules import\n")
+    return 0
+
+
 def _special(args: list[str], root: Path | None) -> int | None:
     """The frozen lalo's own flags (not lalo's CLI): their exit code, or None."""
     if args == [NOTICE_FLAG]:
         return _print_notice(root)
+    if args == [SELF_CHECK_FLAG]:
+        return self_check()
     if len(args) == 2 and args[0] == PROBE_FLAG and args[1].startswith("/"):
         return probe(args[1])
     if len(args) == 2 and args[0] == SEED_FLAG:

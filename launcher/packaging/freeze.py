@@ -28,6 +28,7 @@ from launcher.engines.registry import exe_name, platform_tag
 from launcher.errors import PackagingError
 from launcher.packaging import freeze_root
 from launcher.packaging.archive import fixed_mtime
+from launcher.packaging.entry import SELF_CHECK_FLAG
 from launcher.packaging.freeze_root import FreezeRoot
 from launcher.packaging.notice import Packaged
 from launcher.toolrun import run_lines
@@ -363,10 +364,11 @@ def run_streaming(
 
 
 def smoke_test(executable: Path, timeout: float = SMOKE_TIMEOUT) -> str:
-    """`EXECUTABLE --version` and `--help` must answer: a frozen lalo that cannot import
-    what it needs fails the build here, not on a client's machine."""
+    """`EXECUTABLE --version`, `--help` and `--self-check` (every lalo module imports) must
+    answer: a frozen lalo that cannot import what it needs fails the build here, not on a
+    client's machine."""
     version = ""
-    for flag in ("--version", "--help"):
+    for flag in ("--version", "--help", SELF_CHECK_FLAG):
         try:
             done = subprocess.run(
                 [str(executable), flag], capture_output=True, text=True, timeout=timeout,

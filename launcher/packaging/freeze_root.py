@@ -131,7 +131,7 @@ cd build
   --disable-test-modules
 make -j{jobs}
 make install
-{PYTHON} -c 'import ssl, ctypes, lzma, bz2, zlib'
+{PYTHON} -c 'import ssl, ctypes, lzma, bz2, zlib, sqlite3'
 {PYTHON} -m ensurepip
 touch {PYTHON_READY}
 """], log)

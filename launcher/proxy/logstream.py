@@ -107,7 +107,8 @@ class LaloLog(logging.Handler):
             quiet = 0.0
             while closing is None or not closing.is_set():
                 try:
-                    await asyncio.wait_for(event.wait(), CLOSING_CHECK)
+                    async with asyncio.timeout(CLOSING_CHECK):
+                        await event.wait()
                 except TimeoutError:
                     quiet += CLOSING_CHECK
                     if quiet >= keepalive:

@@ -328,11 +328,12 @@ class UpstreamPool:
             connection.close()
         loop = asyncio.get_running_loop()
         try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, key), host, port, ssl=tls,
-                                       server_hostname=host if tls is not None else None),
-                self.connect_timeout,
-            )
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the connection and
+            # drops a cancel that arrives in the step the connection opens (the client left)
+            async with asyncio.timeout(self.connect_timeout):
+                _, protocol = await loop.create_connection(
+                    lambda: _Connection(self, key), host, port, ssl=tls,
+                    server_hostname=host if tls is not None else None)
         except (OSError, TimeoutError) as exc:
             raise UpstreamUnavailable(f"cannot connect to {host}:{port}: {exc}") from exc
         protocol.head = head

@@ -514,7 +514,8 @@ class ManagedModel:
             platform.stop_signal_continue(process.pid)
             platform.terminate_group(process.pid)
             try:
-                await asyncio.wait_for(asyncio.shield(process.wait()), self.timeouts.stop_timeout)
+                async with asyncio.timeout(self.timeouts.stop_timeout):
+                    await asyncio.shield(process.wait())
             except TimeoutError:
                 self.log.note(f"no exit {self.timeouts.stop_timeout:g} s after SIGTERM; killing")
                 platform.kill_group(process.pid)

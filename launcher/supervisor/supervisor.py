@@ -519,7 +519,8 @@ class Supervisor:
         """Wait (up to drain_timeout) for the requests in flight to finish."""
         if record.in_flight:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(record.drained.wait(), self.drain_timeout)
+                async with asyncio.timeout(self.drain_timeout):
+                    await record.drained.wait()
 
     def _start_failed(self, record: ModelRecord, error: ModelError) -> None:
         """A start failed: waiters learn why at once; a retry after backoff, or failed for good."""

@@ -3,6 +3,8 @@ overriding the caller's), and fall back to the temp dir when HOME is unusable.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,29 @@ def test_payload_is_extracted_into_the_cache_only_when_needed(tmp_path: Path, ho
     assert env[ENGINE_DIR_ENV] == str(folder / "engine" / "bin")
     assert env[MODELS_DIR_ENV] == str(folder / "models")
     assert (folder / "models" / "m.gguf").read_bytes() == b"GGUF"
+
+
+def _self_check_without(module: str) -> subprocess.CompletedProcess[str]:
+    """`self_check()` in a fresh interpreter in which importing `module` fails, as in a Python
+    built without that extension (CI's frozen lalo had no _sqlite3)."""
+    script = (
+        "import sys\n"
+        f"sys.modules[{module!r}] = None\n"
+        "from launcher.packaging.entry import self_check\n"
+        "sys.exit(self_check())\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_self_check_fails_on_a_missing_stdlib_extension() -> None:
+    done = _self_check_without("_sqlite3")
+    assert done.returncode == 1
+    assert "launcher.proxy.activity" in done.stderr
+    assert "modules do not import" in done.stderr
+
+
+def test_self_check_accepts_what_the_single_binary_leaves_out() -> None:
+    done = _self_check_without("numpy")
+    assert done.returncode == 0, done.stderr
+    assert "modules import" in done.stdout

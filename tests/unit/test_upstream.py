@@ -383,3 +383,39 @@ async def test_a_fresh_connection_closed_before_any_byte_is_upstream_closed(serv
     with pytest.raises(UpstreamClosed):
         await pool.request("POST", "127.0.0.1", port, "/", [], b"{}", 5.0)
     assert server.connections == 1
+
+
+async def test_a_cancel_as_the_connection_opens_is_not_lost(serve) -> None:  # type: ignore[no-untyped-def]
+    """The client leaves in the loop step in which the connection to the model server opens.
+    On Python 3.11 `asyncio.wait_for` then returned the connection and dropped the cancel: the
+    request was sent and the model generated to max_tokens for nobody (the fault suite's
+    "30 early disconnects" kept one request in flight about 1 run in 6)."""
+    closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()  # until the proxy closes its end
+        closed.set()
+
+    server, port = await serve(silent)
+    loop = asyncio.get_running_loop()
+    original = loop.create_connection
+    victim: list[asyncio.Task[object]] = []
+
+    async def connect_then_cancel(*args: object, **kwargs: object) -> object:
+        made = await original(*args, **kwargs)  # type: ignore[arg-type]
+        victim[0].cancel()  # the client's disconnect, handled in the same step
+        return made
+
+    pool = UpstreamPool()
+    loop.create_connection = connect_then_cancel  # type: ignore[method-assign,assignment]
+    try:
+        task = asyncio.ensure_future(
+            pool.request("POST", "127.0.0.1", port, "/v1/chat/completions", [], b"{}", 30.0))
+        victim.append(task)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5.0)
+    finally:
+        del loop.create_connection  # type: ignore[method-assign]
+    await asyncio.wait_for(closed.wait(), 5.0)  # the connection was closed, not left open
+    assert server.connections == 1

@@ -28,7 +28,7 @@ import httpx
 import yaml
 
 from launcher.packaging.build import Packager
-from launcher.packaging.freeze import frozen_app
+from launcher.packaging.frozen.freeze import frozen_app
 from launcher.packaging.spec import load_spec
 from launcher.units import format_size
 

@@ -1,5 +1,5 @@
 """Entry script of the frozen lalo (`lalo-ai`, a bundle's `lalo/lalo`); see build/lalo-ai.spec."""
 
-from launcher.packaging.entry import main
+from launcher.packaging.frozen.entry import main
 
 main()

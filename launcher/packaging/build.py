@@ -16,23 +16,23 @@ from launcher.errors import ConfigError
 from launcher.licenses import LicenseDecision
 from launcher.models.catalog import Catalog
 from launcher.models.hub import HubClient
-from launcher.packaging.bundle import BundleResult, build_bundle
-from launcher.packaging.exe import ExeResult, build_exe
 from launcher.packaging.files import DigestCache
-from launcher.packaging.freeze import Frozen, frozen_app, packaging_dir
-from launcher.packaging.image import ImageResult, build_image
+from launcher.packaging.frozen.freeze import Frozen, frozen_app, packaging_dir
 from launcher.packaging.inputs import ModelInput, fetch_models, gate, model_inputs
-from launcher.packaging.k8s import K8sResult, build_k8s
-from launcher.packaging.llamafiles import LlamafilesResult, build_llamafiles
 from launcher.packaging.lock import packaging_lock
-from launcher.packaging.notice import (
+from launcher.packaging.notices.notice import (
     Packaged,
     engine_components,
     engine_source_tree,
     model_components,
 )
 from launcher.packaging.spec import BundleSpec, Target
-from launcher.packaging.windows_bundle import WindowsBundleResult, build_windows_bundle
+from launcher.packaging.targets.bundle import BundleResult, build_bundle
+from launcher.packaging.targets.exe import ExeResult, build_exe
+from launcher.packaging.targets.image import ImageResult, build_image
+from launcher.packaging.targets.k8s import K8sResult, build_k8s
+from launcher.packaging.targets.llamafiles import LlamafilesResult, build_llamafiles
+from launcher.packaging.targets.windows_bundle import WindowsBundleResult, build_windows_bundle
 
 Report = Callable[[str], None]
 Progress = Callable[[str, int, int], None]

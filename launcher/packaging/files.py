@@ -100,7 +100,7 @@ def copy_tree(source: Path, dest: Path) -> None:
 
 def records(root: Path, digests: DigestCache, skip: Iterable[str] = ()) -> list[FileRecord]:
     """Every file and link under root, sorted by path, with size and sha256."""
-    from launcher.packaging.archive import walk_sorted
+    from launcher.packaging.formats.archive import walk_sorted
 
     skipped = set(skip)
     found: list[FileRecord] = []

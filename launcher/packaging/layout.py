@@ -15,7 +15,7 @@ from launcher.config import parse_config
 from launcher.engines.builder import BuiltEngine
 from launcher.engines.registry import SERVER, ManifestFile, exe_name
 from launcher.errors import PackagingError
-from launcher.packaging.entry import BUNDLE_DIR_ENV, ENGINE_DIR_ENV, MODELS_DIR_ENV
+from launcher.packaging.frozen.entry import BUNDLE_DIR_ENV, ENGINE_DIR_ENV, MODELS_DIR_ENV
 from launcher.packaging.inputs import ModelInput
 from launcher.packaging.spec import BundleSpec
 

@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from launcher.packaging.build import BuildResult, Packager
-from launcher.packaging.image_layout import GID, UID
 from launcher.packaging.spec import load_spec
+from launcher.packaging.targets.image_layout import GID, UID
 from tests.support.engine import test_engine_variant
 from tests.support.firewall import firewall_as_it_was, firewall_rules
 from tests.support.lalo import free_port, wait_until

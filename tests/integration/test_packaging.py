@@ -33,8 +33,8 @@ import yaml
 
 from launcher.config import parse_config
 from launcher.packaging.build import BuildResult, Packager
-from launcher.packaging.freeze import frozen_app
-from launcher.packaging.payload import read_payload
+from launcher.packaging.formats.payload import read_payload
+from launcher.packaging.frozen.freeze import frozen_app
 from launcher.packaging.spec import load_spec
 from tests.support.engine import test_engine_variant
 from tests.support.lalo import free_port, wait_until

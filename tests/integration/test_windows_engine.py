@@ -22,9 +22,9 @@ import yaml
 from launcher.engines.builder import WINDOWS, BuiltEngine, build_engine
 from launcher.engines.registry import cached_engines
 from launcher.packaging.inputs import fetch_models, gate, model_inputs
-from launcher.packaging.notice import engine_components, engine_source_tree
+from launcher.packaging.notices.notice import engine_components, engine_source_tree
 from launcher.packaging.spec import load_spec
-from launcher.packaging.windows_bundle import build_windows_bundle
+from launcher.packaging.targets.windows_bundle import build_windows_bundle
 from tests.support.lalo import free_port, wait_until
 
 QUESTION = "What is the capital of France? Answer with one word."

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import PackagingError
-from launcher.packaging.archive import DEFAULT_MTIME, walk_sorted, write_tar_gz
+from launcher.packaging.formats.archive import DEFAULT_MTIME, walk_sorted, write_tar_gz
 
 
 def make_tree(root: Path, order: list[str], mtime: int) -> Path:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.packaging.entry import (
+from launcher.packaging.formats.payload import PayloadFile, append_payload
+from launcher.packaging.frozen.entry import (
     BUNDLE_DIR_ENV,
     CONFIG_ENV,
     EMBEDDED_DIR,
@@ -19,7 +20,6 @@ from launcher.packaging.entry import (
     cli_arguments,
     prepare_environment,
 )
-from launcher.packaging.payload import PayloadFile, append_payload
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def _self_check_without(module: str) -> subprocess.CompletedProcess[str]:
     script = (
         "import sys\n"
         f"sys.modules[{module!r}] = None\n"
-        "from launcher.packaging.entry import self_check\n"
+        "from launcher.packaging.frozen.entry import self_check\n"
         "sys.exit(self_check())\n"
     )
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -16,10 +16,10 @@ from typing import ClassVar
 
 import pytest
 
-from launcher.packaging.archive import write_tar
-from launcher.packaging.entry import probe
-from launcher.packaging.image_layout import system_libraries, write_system_root
-from launcher.packaging.seed import RECORD, seed_models
+from launcher.packaging.formats.archive import write_tar
+from launcher.packaging.frozen.entry import probe
+from launcher.packaging.frozen.seed import RECORD, seed_models
+from launcher.packaging.targets.image_layout import system_libraries, write_system_root
 from launcher.supervisor import platform
 from launcher.supervisor.instance import STATE_FILE, InstanceInfo
 

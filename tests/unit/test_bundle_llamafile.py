@@ -1,6 +1,6 @@
 """`lalo build --target llamafile` end to end, with runtime stand-ins (there is no real llamafile
 runtime here): arbitrary bytes, and bytes that already end in a zip. The writer's own
-invariants are tested in test_llamafile.py; this checks the target wires them up."""
+invariants are tested in test_llamafile_writer.py; this checks the target wires them up."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from launcher.errors import PackagingError
 from launcher.packaging.build import BuildResult, Packager
 from launcher.packaging.files import DigestCache
-from launcher.packaging.llamafile import ARGS_ENTRY
+from launcher.packaging.formats.llamafile_writer import ARGS_ENTRY
 from launcher.packaging.spec import parse_spec
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,9 +12,9 @@ from launcher.engines.builder import BuiltEngine
 from launcher.engines.registry import EngineManifest, ManifestFile
 from launcher.engines.source import SDIST_LABEL
 from launcher.packaging import layout
-from launcher.packaging.frozen_notice import python_components
 from launcher.packaging.inputs import ModelInput, model_inputs
-from launcher.packaging.notice import (
+from launcher.packaging.notices.frozen_notice import python_components
+from launcher.packaging.notices.notice import (
     Packaged,
     engine_components,
     engine_source_tree,

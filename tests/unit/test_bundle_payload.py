@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import PackagingError
-from launcher.packaging.payload import (
+from launcher.packaging.formats.payload import (
     COMPLETE,
     PayloadFile,
     append_payload,

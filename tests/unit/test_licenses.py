@@ -11,7 +11,7 @@ from launcher.licenses import (
     check_redistribution,
     lookup,
 )
-from launcher.packaging.notice import Packaged, notice_text
+from launcher.packaging.notices.notice import Packaged, notice_text
 
 
 @pytest.mark.parametrize(

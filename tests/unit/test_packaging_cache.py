@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from launcher.packaging.freeze import prune_apps
+from launcher.packaging.frozen.freeze import prune_apps
 
 
 def _app(folder: Path, name: str, mtime: int) -> Path:

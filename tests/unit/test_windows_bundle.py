@@ -16,7 +16,7 @@ from launcher.engines.registry import EngineManifest, ManifestFile
 from launcher.errors import PackagingError
 from launcher.packaging.inputs import fetch_models, model_inputs
 from launcher.packaging.spec import load_spec
-from launcher.packaging.windows_bundle import build_windows_bundle
+from launcher.packaging.targets.windows_bundle import build_windows_bundle
 
 
 def fake_engine(tmp_path: Path, platform: str = "windows-x86_64") -> BuiltEngine:

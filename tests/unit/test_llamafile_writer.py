@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from launcher.errors import PackagingError
-from launcher.packaging.llamafile import (
+from launcher.packaging.formats.llamafile_writer import (
     WINDOWS_MAX_SIZE,
     LlamafileResult,
     append_aligned,

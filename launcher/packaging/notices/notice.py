@@ -1,5 +1,6 @@
 """NOTICE and LICENSES/ from what a build actually packages: the llama.cpp engine and the code
-it vendors, and each model (the frozen lalo's own parts: launcher/packaging/frozen_notice.py).
+it vendors, and each model (the frozen lalo's own parts:
+launcher/packaging/notices/frozen_notice.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from launcher.engines.source import SDIST_NAME as LLAMA_SDIST
 from launcher.errors import PackagingError
 from launcher.licenses import Component, lookup, notice_entry
 from launcher.packaging.inputs import ModelInput
-from launcher.packaging.license_texts import standard_text
+from launcher.packaging.notices.license_texts import standard_text
 
 NOTICE = "NOTICE"
 LICENSES = "LICENSES"

@@ -24,10 +24,12 @@ from pathlib import Path
 from launcher import __version__
 from launcher.errors import PackagingError
 from launcher.packaging import layout
-from launcher.packaging.archive import write_tar
-from launcher.packaging.bundle import MANIFEST, MODELS
-from launcher.packaging.entry import PROBE_FLAG
-from launcher.packaging.image_layout import (
+from launcher.packaging.formats.archive import write_tar
+from launcher.packaging.frozen.entry import PROBE_FLAG
+from launcher.packaging.inputs import ModelInput
+from launcher.packaging.spec import BundleSpec
+from launcher.packaging.targets.bundle import MANIFEST, MODELS
+from launcher.packaging.targets.image_layout import (
     APP_DIR,
     CONFIG_MOUNT,
     ENTRYPOINT,
@@ -40,8 +42,6 @@ from launcher.packaging.image_layout import (
     system_libraries,
     write_system_root,
 )
-from launcher.packaging.inputs import ModelInput
-from launcher.packaging.spec import BundleSpec
 
 SUFFIX = ".oci.tar"
 BUILD_TIMEOUT = 1800.0

@@ -26,11 +26,11 @@ import launcher
 from launcher import paths
 from launcher.engines.registry import exe_name, platform_tag
 from launcher.errors import PackagingError
-from launcher.packaging import freeze_root
-from launcher.packaging.archive import fixed_mtime
-from launcher.packaging.entry import SELF_CHECK_FLAG
-from launcher.packaging.freeze_root import FreezeRoot
-from launcher.packaging.notice import Packaged
+from launcher.packaging.formats.archive import fixed_mtime
+from launcher.packaging.frozen import freeze_root
+from launcher.packaging.frozen.entry import SELF_CHECK_FLAG
+from launcher.packaging.frozen.freeze_root import FreezeRoot
+from launcher.packaging.notices.notice import Packaged
 from launcher.toolrun import run_lines
 
 SPEC_FILE = "lalo-ai.spec"
@@ -41,7 +41,7 @@ SMOKE_TIMEOUT = 120.0
 # Frozen apps kept in the cache, most recently used first (one per lalo + environment).
 KEEP_APPS = 3
 # Not needed by a running lalo, or development only. numpy and gguf-py only write models
-# (`doctor --bench`, `up --demo`: see launcher/packaging/entry.py LEFT_OUT); leaving them
+# (`doctor --bench`, `up --demo`: see launcher/packaging/frozen/entry.py LEFT_OUT); leaving them
 # out saves about 13 MB of the binary and 40 MB unpacked at each start.
 EXCLUDES: tuple[str, ...] = (
     "numpy", "gguf", "matplotlib", "PIL", "contourpy", "kiwisolver", "fontTools",

@@ -4,7 +4,7 @@ Python, lalo, the engine and the bundled config inside; the models inside it too
 beside it (`DIR/NAME.NOTICE`, `DIR/NAME.LICENSES/`).
 
 On Linux the engine and embedded models are a payload appended to the executable, extracted
-once into lalo's cache (launcher/packaging/payload.py); elsewhere they are PyInstaller
+once into lalo's cache (launcher/packaging/formats/payload.py); elsewhere they are PyInstaller
 entries, extracted to a temp folder at every start.
 """
 
@@ -24,9 +24,10 @@ from launcher.engines.builder import BuiltEngine
 from launcher.engines.registry import exe_name
 from launcher.errors import PackagingError
 from launcher.packaging import layout
-from launcher.packaging.entry import BESIDE_SUFFIX, EMBEDDED_DIR, ENGINE_DIR, MODELS_DIR
 from launcher.packaging.files import DigestCache, copy_file
-from launcher.packaging.freeze import (
+from launcher.packaging.formats.payload import PayloadFile, append_payload
+from launcher.packaging.frozen.entry import BESIDE_SUFFIX, EMBEDDED_DIR, ENGINE_DIR, MODELS_DIR
+from launcher.packaging.frozen.freeze import (
     FreezePlan,
     TocEntry,
     choose_root,
@@ -35,8 +36,7 @@ from launcher.packaging.freeze import (
     smoke_test,
 )
 from launcher.packaging.inputs import ModelInput
-from launcher.packaging.notice import LICENSES, NOTICE, Packaged
-from launcher.packaging.payload import PayloadFile, append_payload
+from launcher.packaging.notices.notice import LICENSES, NOTICE, Packaged
 from launcher.packaging.spec import BundleSpec, ExeSpec
 from launcher.units import format_size
 

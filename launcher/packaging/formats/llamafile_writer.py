@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from launcher.errors import PackagingError
-from launcher.packaging import zip64
 from launcher.packaging.atomic import atomic_output
-from launcher.packaging.zip64 import ZipEntry
+from launcher.packaging.formats import zip64
+from launcher.packaging.formats.zip64 import ZipEntry
 
 DEFAULT_ALIGNMENT = 65536
 # 0.10 is the maintained line (mozilla-ai/llamafile); it opens `-m` as a path, so the model

@@ -1,7 +1,7 @@
 """`lalo build --target k8s`: `DIR/NAME-k8s/`, a kustomize base for the spec's image.
 
 Deployment (non-root, read-only root file system, probes on lalo's own routes, resources from
-launcher.packaging.k8s_sizing), Service, the lalo.yaml as a generated ConfigMap (a changed
+launcher.packaging.targets.k8s_sizing), Service, the lalo.yaml as a generated ConfigMap (a changed
 config rolls the pods), a PersistentVolumeClaim for the models and a NetworkPolicy that lets
 in only the proxy port. The image's models are copied onto the volume by an init container.
 """
@@ -21,8 +21,10 @@ import yaml
 from launcher.estimate import ModelFacts
 from launcher.models.gguf_file import read_gguf
 from launcher.packaging import layout
-from launcher.packaging.entry import PROBE_FLAG, SEED_FLAG
-from launcher.packaging.image_layout import (
+from launcher.packaging.frozen.entry import PROBE_FLAG, SEED_FLAG
+from launcher.packaging.inputs import ModelInput
+from launcher.packaging.spec import BundleSpec
+from launcher.packaging.targets.image_layout import (
     APP_DIR,
     CONFIG_MOUNT,
     ENTRYPOINT,
@@ -31,15 +33,13 @@ from launcher.packaging.image_layout import (
     UID,
     serve_arguments,
 )
-from launcher.packaging.inputs import ModelInput
-from launcher.packaging.k8s_sizing import (
+from launcher.packaging.targets.k8s_sizing import (
     PodSize,
     gibibytes,
     mebibytes,
     millicpus,
     size_pod,
 )
-from launcher.packaging.spec import BundleSpec
 
 SUFFIX = "-k8s"
 # lalo's stop on SIGTERM: the model servers (each up to stop_timeout, all at once), then the

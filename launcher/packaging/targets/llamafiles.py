@@ -1,7 +1,7 @@
 """`lalo build --target llamafile`: `DIR/MODEL.llamafile` per model = the spec's llamafile runtime
 (checked against its sha256) + the GGUF stored page-aligned + `.args` with the model's
-settings (launcher/packaging/llamafile.py writes the bytes). NOTICE and LICENSES/ for them go
-to `DIR/llamafile-NOTICE/`.
+settings (launcher/packaging/formats/llamafile_writer.py writes the bytes). NOTICE and
+LICENSES/ for them go to `DIR/llamafile-NOTICE/`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from launcher.config import ModelConfig
 from launcher.errors import PackagingError
 from launcher.licenses import Component
 from launcher.packaging.files import DigestCache
+from launcher.packaging.formats.llamafile_writer import LlamafileResult, write_llamafile
 from launcher.packaging.inputs import ModelInput
-from launcher.packaging.license_texts import standard_text
-from launcher.packaging.llamafile import LlamafileResult, write_llamafile
-from launcher.packaging.notice import LicenseFile, Packaged, safe_name, write_notice
+from launcher.packaging.notices.license_texts import standard_text
+from launcher.packaging.notices.notice import LicenseFile, Packaged, safe_name, write_notice
 from launcher.packaging.spec import BundleSpec
 
 NOTICE_DIR = "llamafile-NOTICE"

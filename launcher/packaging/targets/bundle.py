@@ -23,11 +23,11 @@ from launcher.engines.builder import BuiltEngine
 from launcher.engines.registry import platform_tag
 from launcher.errors import PackagingError
 from launcher.packaging import layout
-from launcher.packaging.archive import write_tar_gz
 from launcher.packaging.files import DigestCache, copy_file, copy_tree, needed_libraries, records
-from launcher.packaging.freeze import APP_NAME, Frozen
+from launcher.packaging.formats.archive import write_tar_gz
+from launcher.packaging.frozen.freeze import APP_NAME, Frozen
 from launcher.packaging.inputs import ModelInput
-from launcher.packaging.notice import Packaged, write_notice
+from launcher.packaging.notices.notice import Packaged, write_notice
 from launcher.packaging.spec import BundleSpec
 
 MANIFEST = "manifest.json"

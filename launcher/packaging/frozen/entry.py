@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 
-from launcher.packaging.payload import extracted, read_payload
+from launcher.packaging.formats.payload import extracted, read_payload
 
 BUNDLE_DIR_ENV = "LALO_BUNDLE_DIR"
 ENGINE_DIR_ENV = "LALO_ENGINE_DIR"
@@ -208,7 +208,7 @@ def _special(args: list[str], root: Path | None) -> int | None:
     if len(args) == 2 and args[0] == PROBE_FLAG and args[1].startswith("/"):
         return probe(args[1])
     if len(args) == 2 and args[0] == SEED_FLAG:
-        from launcher.packaging.seed import seed_models
+        from launcher.packaging.frozen.seed import seed_models
 
         if root is None:
             sys.stderr.write("lalo: error: no bundle here to seed models from\n")

@@ -16,8 +16,8 @@ from typing import Any
 
 from launcher import __version__
 from launcher.licenses import Component
-from launcher.packaging.license_texts import standard_text
-from launcher.packaging.notice import LicenseFile, Packaged, read_text, safe_name
+from launcher.packaging.notices.license_texts import standard_text
+from launcher.packaging.notices.notice import LicenseFile, Packaged, read_text, safe_name
 
 PRODUCT_COPYRIGHT = "Copyright LALO AI"
 _LICENSE_FILE = re.compile(r"(^|/)(LICEN[CS]E|COPYING|NOTICE|AUTHORS)[^/]*$", re.IGNORECASE)

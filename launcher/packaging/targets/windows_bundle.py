@@ -22,10 +22,10 @@ from launcher.engines.builder import BuiltEngine
 from launcher.engines.registry import SERVER, exe_name
 from launcher.errors import PackagingError
 from launcher.packaging import layout
-from launcher.packaging.archive import fixed_mtime
 from launcher.packaging.files import copy_file
+from launcher.packaging.formats.archive import fixed_mtime
 from launcher.packaging.inputs import ModelInput
-from launcher.packaging.notice import Packaged, write_notice
+from launcher.packaging.notices.notice import Packaged, write_notice
 from launcher.packaging.spec import BundleSpec
 
 SUFFIX = "-windows-bundle"

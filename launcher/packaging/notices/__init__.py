@@ -1,0 +1,1 @@
+"""NOTICE and LICENSES/: what a build packages, the frozen lalo's components, licence texts."""

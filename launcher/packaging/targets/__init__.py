@@ -1,0 +1,1 @@
+"""What `lalo build` makes, one module per target (build.py dispatches to them)."""

@@ -64,8 +64,11 @@ WAYS = [
     Way("GOMP_SPINCOUNT=1000", {"GOMP_SPINCOUNT": "1000"}),
     Way("GOMP_SPINCOUNT=300", {"GOMP_SPINCOUNT": "300"}),
     Way("GOMP_SPINCOUNT=100", {"GOMP_SPINCOUNT": "100"}),
+    # what lalo sets for servers that share too few CPUs: libgomp takes the spin count,
+    # LLVM's libomp (which ignores GOMP_*) the passive policy
+    Way("PASSIVE + GOMP_SPINCOUNT=300", {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300"}),
     Way("threads = CPUs / busy", threads_by_busy=True),
-    Way("threads = CPUs / busy, PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, threads_by_busy=True),
+    Way("threads = CPUs / busy + PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, threads_by_busy=True),
     Way("ggml pool --poll 0", args=("--poll", "0"), noomp=True),
     Way("ggml pool --poll 50", args=("--poll", "50"), noomp=True),
     Way("ggml pool --poll 100", args=("--poll", "100"), noomp=True),

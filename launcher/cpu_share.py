@@ -1,19 +1,23 @@
-"""How the model servers of one lalo share the CPU: OpenMP's wait policy for their threads.
+"""How the model servers of one lalo share the CPU: how their OpenMP threads wait.
 
 llama.cpp's CPU backend, as built here and by default, runs each graph on an OpenMP team and
 waits at an OpenMP barrier after every step. GNU libgomp, unless told otherwise, spins at
 such a barrier (up to 300,000 rounds) before it sleeps. That is the fastest choice for one
 server alone on the machine. When several servers compute at once on fewer CPUs than they
-have threads (three models loading at `lalo up`, or two answering at once on a laptop), a
-thread spins for a peer that the scheduler has put off the CPU, and each barrier costs
-milliseconds. Measured here (docs/cpu-sharing.md, 2 CPUs, two 350M servers decoding at
-once): 5.6 tokens/s each with the default, 15.5 with `OMP_WAIT_POLICY=PASSIVE`, which sleeps
-at once; one server alone decodes about 10 % slower with PASSIVE. Three servers loading at
-once (docs/startup-benchmark.md) use about a third less CPU and are ready sooner.
+have threads, a thread spins for a peer that the scheduler has put off the CPU, and each
+barrier costs a time slice. Measured here (docs/cpu-sharing.md, 2 CPUs, 350M servers with 2
+threads each, decode tokens/s, one run): two at once decode at 0.4-5.4 each with the default
+spin against 13.1-13.5 with `OMP_WAIT_POLICY=PASSIVE`, which sleeps at once but costs a server
+alone 27 %. A bounded spin, `GOMP_SPINCOUNT=300`, keeps 0.96-0.98x of PASSIVE shared and
+costs a server alone 12-14 % instead.
 
-So lalo sets `OMP_WAIT_POLICY=PASSIVE` for its servers only when they may compute at once
-on too few CPUs, and never over a wait setting that the user gave (in lalo's environment or
-the model's `env:`).
+So when the models of a config may compute at once on too few CPUs, lalo starts their servers
+with `GOMP_SPINCOUNT=300` (GNU libgomp, which llama.cpp built with gcc uses) and
+`OMP_WAIT_POLICY=PASSIVE` (for other OpenMP runtimes, which ignore GOMP_*; libgomp lets the
+spin count win). It never overrides a wait setting the user gave (lalo's environment or the
+model's `env:`). A single server keeps the engine's default. No fixed setting keeps both a
+server alone at the spin's speed and shared servers at PASSIVE's: only threads chosen from
+what is busy do, and llama-server takes `--threads` at start only.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ if TYPE_CHECKING:
 WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "KMP_LIBRARY")
 """Variables that set how OpenMP threads wait (standard, GNU libgomp, LLVM libomp)."""
 
-PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+SHARED_WAIT = {"GOMP_SPINCOUNT": "300", "OMP_WAIT_POLICY": "PASSIVE"}
+"""What servers that share too few CPUs get (see the module's docstring)."""
+SHARED_WAIT_TEXT = " ".join(f"{name}={value}" for name, value in SHARED_WAIT.items())
 
 
 @dataclass(frozen=True)
@@ -98,8 +104,8 @@ def policy_line(share: CpuShare, environ: Mapping[str, str] | None = None) -> st
     chosen = user_chose_wait(os.environ if environ is None else environ)
     if chosen is not None:
         return f"{text}; OpenMP wait left as lalo's environment sets it ({chosen})"
-    return (f"{text}; their OpenMP threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE) "
-            "unless a model's env sets how they wait")
+    return (f"{text}; their OpenMP threads spin briefly, then sleep, while they wait "
+            f"({SHARED_WAIT_TEXT}) unless a model's env sets how they wait")
 
 
 def to_json(share: CpuShare, environ: Mapping[str, str] | None = None) -> dict[str, object]:
@@ -107,16 +113,16 @@ def to_json(share: CpuShare, environ: Mapping[str, str] | None = None) -> dict[s
     return {
         "servers": share.servers, "threads": share.threads, "cpus": share.cpus,
         "oversubscribed": share.oversubscribed,
-        "openmp_wait": ("PASSIVE" if share.oversubscribed and chosen is None else None),
+        "openmp_wait": (SHARED_WAIT_TEXT if share.oversubscribed and chosen is None else None),
     }
 
 
 def wait_env(share: CpuShare, model_env: Mapping[str, str],
              environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """What to add to one server's environment: PASSIVE when `share` is oversubscribed and
+    """What to add to one server's environment: SHARED_WAIT when `share` is oversubscribed and
     neither lalo's environment nor the model's `env:` already says how OpenMP should wait."""
     if not share.oversubscribed:
         return {}
     if user_chose_wait(model_env, os.environ if environ is None else environ) is not None:
         return {}
-    return dict(PASSIVE)
+    return dict(SHARED_WAIT)

@@ -53,11 +53,12 @@ def test_three_models_ready_and_answering(
         pids = server_pids(up)
         assert len(set(pids.values())) == 3
         # three servers with a thread per physical core each cannot all run at once on this
-        # machine: their OpenMP threads are told to sleep, not spin, while they wait
+        # machine: their OpenMP threads are told to spin briefly, then sleep, while they wait
         assert cpu_share([None, None, None]).oversubscribed
-        waits = {name: psutil.Process(pid).environ().get("OMP_WAIT_POLICY")
+        waits = {name: (psutil.Process(pid).environ().get("OMP_WAIT_POLICY"),
+                        psutil.Process(pid).environ().get("GOMP_SPINCOUNT"))
                  for name, pid in pids.items()}
-        assert waits == {"a": "PASSIVE", "b": "PASSIVE", "c": "ACTIVE"}
+        assert waits == {"a": ("PASSIVE", "300"), "b": ("PASSIVE", "300"), "c": ("ACTIVE", None)}
         for name, pid in pids.items():
             model = up.model(name)
             assert model["rss"] > 0 and model["ram_estimate"] > 0

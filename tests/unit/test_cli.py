@@ -86,7 +86,8 @@ def test_plan_json_on_a_crafted_budget(tmp_path: Path, model: Path) -> None:
     threads = 3 * (psutil.cpu_count(logical=False) or cpus) + 1
     assert plan["cpu"] == {"servers": 4, "threads": threads, "cpus": cpus,
                            "oversubscribed": threads > cpus,
-                           "openmp_wait": "PASSIVE" if threads > cpus else None}
+                           "openmp_wait": ("GOMP_SPINCOUNT=300 OMP_WAIT_POLICY=PASSIVE"
+                                           if threads > cpus else None)}
     text = lalo("plan", "--config", str(config), env={"LALO_STATE_DIR": str(tmp_path)}).stdout
     assert f"cpu: 4 model servers with {threads} compute threads on {cpus} CPUs" in text
 

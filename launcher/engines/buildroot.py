@@ -3,7 +3,8 @@ which the portable engine is compiled, as manylinux builds on an old base, so th
 makes runs on the clients' older Linux too.
 
 A root is cached under `<cache>/buildroots/debian-<suite>-<key>/`, `key` a hash of its inputs
-(suite, mirror, packages): made once (about 90 s plus the packages), reused after. Commands run
+(suite, mirror, packages): made once (about 90 s plus the packages), reused after; making one
+removes the roots of that suite made for other inputs. Commands run
 in it through `chroot` with a clean environment; making and entering one needs root.
 """
 
@@ -163,7 +164,28 @@ def ensure_root(
             staging.rename(path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        for line in prune_roots(folder, suite, keep=path):
+            report(line)
     return root
+
+
+def prune_roots(folder: Path, suite: str, keep: Path) -> list[str]:
+    """Remove the other complete roots of `suite` (made for other inputs: 0.3-2.6 GB each, never
+    used again once the inputs changed); a root with anything mounted inside is left alone.
+    Returns one line per root removed or kept."""
+    lines: list[str] = []
+    for other in sorted(folder.glob(f"debian-{suite}-*")):
+        if other == keep or not other.is_dir() or not (other / READY).is_file():
+            continue
+        mounted = [name for name in ("proc", "sys", "dev", "dev/pts") if (other / name).is_mount()]
+        if mounted:
+            lines.append(f"left the old build root {other} ({', '.join(mounted)} mounted in it)")
+            continue
+        (other / READY).unlink()  # no longer complete for anyone who finds it from now on
+        shutil.rmtree(other, ignore_errors=True)
+        other.with_name(other.name + ".log").unlink(missing_ok=True)
+        lines.append(f"removed the old build root {other} (made for other packages)")
+    return lines
 
 
 def glibc_required(files: Sequence[Path]) -> str | None:

@@ -895,3 +895,31 @@ def test_glibc_required_reads_symbol_versions(tmp_path: Path) -> None:
     assert needed is not None and needed.startswith("2.")
     (tmp_path / "text").write_text("not an ELF file")
     assert buildroot.glibc_required([tmp_path / "text"]) is None
+
+
+def test_a_new_build_root_removes_the_ones_made_for_other_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "buildroots"
+
+    def root(name: str, complete: bool = True) -> Path:
+        path = _mkdirs(folder / name / "usr" / "bin").parent.parent
+        if complete:
+            (path / buildroot.READY).write_text("pkgs\n")
+        return path
+
+    new = root("debian-bullseye-new")
+    old = root("debian-bullseye-old")
+    (folder / "debian-bullseye-old.log").write_text("log")
+    busy = root("debian-bullseye-busy")
+    _mkdirs(busy / "proc")
+    making = root("debian-bullseye-making", complete=False)  # another maker's, not ours
+    other_suite = root("debian-bookworm-x")
+    real_is_mount = Path.is_mount
+    monkeypatch.setattr(Path, "is_mount", lambda p: p == busy / "proc" or real_is_mount(p))
+    lines = buildroot.prune_roots(folder, "bullseye", keep=new)
+    assert not old.exists() and not (folder / "debian-bullseye-old.log").exists()
+    assert new.is_dir() and making.is_dir() and other_suite.is_dir()
+    assert busy.is_dir() and (busy / buildroot.READY).is_file()  # something mounted: left
+    assert any("removed" in line and str(old) in line for line in lines)
+    assert any("left" in line and "proc" in line for line in lines)

@@ -294,6 +294,11 @@ class UpstreamPool:
             connection, reused = await self._connection(host, port, is_head, fresh=attempt > 0,
                                                         tls=tls)
             assert connection.transport is not None
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # the client left while the connection opened: send nothing, close, end here
+                connection.close()
+                raise asyncio.CancelledError
             connection.transport.write(payload)
             loop = asyncio.get_running_loop()
             timer = loop.call_later(read_timeout, _expire_headers, connection)

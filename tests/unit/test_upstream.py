@@ -389,12 +389,13 @@ async def test_a_cancel_as_the_connection_opens_is_not_lost(serve) -> None:  # t
     """The client leaves in the loop step in which the connection to the model server opens.
     On Python 3.11 `asyncio.wait_for` then returned the connection and dropped the cancel: the
     request was sent and the model generated to max_tokens for nobody (the fault suite's
-    "30 early disconnects" kept one request in flight about 1 run in 6)."""
+    "30 early disconnects" kept one request in flight about 1 run in 6). Now the request is
+    not sent and the connection is closed."""
     closed = asyncio.Event()
+    received: list[bytes] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        await reader.read()  # until the proxy closes its end
+        received.append(await reader.read())  # until the proxy closes its end
         closed.set()
 
     server, port = await serve(silent)
@@ -419,3 +420,4 @@ async def test_a_cancel_as_the_connection_opens_is_not_lost(serve) -> None:  # t
         del loop.create_connection  # type: ignore[method-assign]
     await asyncio.wait_for(closed.wait(), 5.0)  # the connection was closed, not left open
     assert server.connections == 1
+    assert received == [b""]  # and the request never went out

@@ -45,7 +45,10 @@ def test_30_early_disconnects_stop_every_slot_and_the_next_request_is_answered(
     # any result); lalo now asks for streams (proxy/assemble.py), which stop at the next token.
     # About 1 run in 6 kept one request in flight: a disconnect in the step the upstream
     # connection opened was dropped by Python 3.11's wait_for (tests/unit/test_upstream.py)
-    check(faults.early_disconnects(stack, clients=30))
+    # The target is 1 s (bench/faults.py reports it). CI's machines are shared: 5 s still tells
+    # slots that stopped (0.2 s on a quiet machine, 1.4-2.1 s here beside a 2-core compile)
+    # from an abandoned generation (> 30 s)
+    check(faults.early_disconnects(stack, clients=30, settle=5.0))
 
 
 def test_36_requests_over_three_on_demand_models_with_max_loaded_2_are_all_answered(

@@ -4,7 +4,8 @@ makes runs on the clients' older Linux too.
 
 A root is cached under `<cache>/buildroots/debian-<suite>-<key>/`, `key` a hash of its inputs
 (suite, mirror, packages): made once (about 90 s plus the packages), reused after; making one
-removes the roots of that suite made for other inputs. Commands run
+removes the roots of that suite not used for PRUNE_AFTER_DAYS (roots for other inputs: the
+build root and the tests' minimal root live side by side). Commands run
 in it through `chroot` with a clean environment; making and entering one needs root.
 """
 
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,8 @@ ENGINE_PACKAGES = ("cmake", "make", "g++", "ca-certificates")
 PYTHON_PACKAGES = ("libssl-dev", "zlib1g-dev", "libffi-dev", "libbz2-dev", "liblzma-dev",
                    "libsqlite3-dev", "xz-utils")
 BUILD_PACKAGES = (*ENGINE_PACKAGES, *PYTHON_PACKAGES)
-READY = ".lalo-root-ready"
+READY = ".lalo-root-ready"  # written when complete; its mtime says when the root was last used
+PRUNE_AFTER_DAYS = 14
 CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _URI_LINE = re.compile(r"^\s*URIs:\s*(\S+)", re.MULTILINE)
 _DEB_LINE = re.compile(r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+", re.MULTILINE)
@@ -135,6 +138,7 @@ def ensure_root(
     path = folder / f"debian-{suite}-{root_key(suite, mirror, wanted)}"
     root = BuildRoot(path=path, suite=suite, packages=wanted)
     if (path / READY).is_file():
+        _used(path)
         return root
     check_can_chroot(which)
     with _locked(folder / f".lock-{path.name}"):
@@ -169,22 +173,35 @@ def ensure_root(
     return root
 
 
-def prune_roots(folder: Path, suite: str, keep: Path) -> list[str]:
-    """Remove the other complete roots of `suite` (made for other inputs: 0.3-2.6 GB each, never
-    used again once the inputs changed); a root with anything mounted inside is left alone.
-    Returns one line per root removed or kept."""
+def _used(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(path / READY)
+
+
+def prune_roots(folder: Path, suite: str, keep: Path,
+                days: float = PRUNE_AFTER_DAYS) -> list[str]:
+    """Remove the other complete roots of `suite` that nothing used for `days` (0.3-2.6 GB
+    each: a root made for packages lalo no longer asks for is never used again); a root with
+    anything mounted inside is left alone. One line per root removed or left."""
     lines: list[str] = []
+    cutoff = time.time() - days * 86400
     for other in sorted(folder.glob(f"debian-{suite}-*")):
-        if other == keep or not other.is_dir() or not (other / READY).is_file():
+        ready = other / READY
+        if other == keep or not other.is_dir() or not ready.is_file():
+            continue
+        try:
+            if ready.stat().st_mtime > cutoff:
+                continue
+        except OSError:
             continue
         mounted = [name for name in ("proc", "sys", "dev", "dev/pts") if (other / name).is_mount()]
         if mounted:
             lines.append(f"left the old build root {other} ({', '.join(mounted)} mounted in it)")
             continue
-        (other / READY).unlink()  # no longer complete for anyone who finds it from now on
+        ready.unlink()  # no longer complete for anyone who finds it from now on
         shutil.rmtree(other, ignore_errors=True)
         other.with_name(other.name + ".log").unlink(missing_ok=True)
-        lines.append(f"removed the old build root {other} (made for other packages)")
+        lines.append(f"removed the build root {other} (unused for {days:g} days)")
     return lines
 
 

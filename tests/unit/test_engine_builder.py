@@ -897,20 +897,26 @@ def test_glibc_required_reads_symbol_versions(tmp_path: Path) -> None:
     assert buildroot.glibc_required([tmp_path / "text"]) is None
 
 
-def test_a_new_build_root_removes_the_ones_made_for_other_packages(
+def test_a_new_build_root_removes_the_roots_unused_for_two_weeks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = tmp_path / "buildroots"
+    month_ago = time.time() - 30 * 86400
 
-    def root(name: str, complete: bool = True) -> Path:
+    def root(name: str, complete: bool = True, idle: bool = True) -> Path:
         path = _mkdirs(folder / name / "usr" / "bin").parent.parent
         if complete:
             (path / buildroot.READY).write_text("pkgs\n")
+            if idle:
+                os.utime(path / buildroot.READY, (month_ago, month_ago))
         return path
 
-    new = root("debian-bullseye-new")
+    new = root("debian-bullseye-new", idle=False)
     old = root("debian-bullseye-old")
     (folder / "debian-bullseye-old.log").write_text("log")
+    # the tests' minimal root beside the build root: used lately, so kept (they took turns
+    # removing each other when any other root was removed)
+    minimal = root("debian-bullseye-minimal", idle=False)
     busy = root("debian-bullseye-busy")
     _mkdirs(busy / "proc")
     making = root("debian-bullseye-making", complete=False)  # another maker's, not ours
@@ -919,7 +925,7 @@ def test_a_new_build_root_removes_the_ones_made_for_other_packages(
     monkeypatch.setattr(Path, "is_mount", lambda p: p == busy / "proc" or real_is_mount(p))
     lines = buildroot.prune_roots(folder, "bullseye", keep=new)
     assert not old.exists() and not (folder / "debian-bullseye-old.log").exists()
-    assert new.is_dir() and making.is_dir() and other_suite.is_dir()
+    assert new.is_dir() and minimal.is_dir() and making.is_dir() and other_suite.is_dir()
     assert busy.is_dir() and (busy / buildroot.READY).is_file()  # something mounted: left
     assert any("removed" in line and str(old) in line for line in lines)
     assert any("left" in line and "proc" in line for line in lines)

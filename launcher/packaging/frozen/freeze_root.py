@@ -74,7 +74,10 @@ def prepare(cache_root: Path, report: Report, *, python: str = sys.executable) -
     log.parent.mkdir(parents=True, exist_ok=True)
     _ensure_python(root, log, report)
     wheels = _download_wheels(root, python, log, report)
-    key = hashlib.sha256("\n".join([root.path.name, PYTHON, wheels]).encode()).hexdigest()[:12]
+    # the Python's own build (a hash of its libpython) too: a root made again compiles a
+    # CPython that is not byte-identical, and apps frozen with the old one must not be reused
+    built = root.host_path(PYTHON_READY).read_text(encoding="utf-8").strip()
+    key = hashlib.sha256("\n".join([root.path.name, PYTHON, built, wheels]).encode()).hexdigest()[:12]
     venv = f"/lalo/venv-{key}"
     ready = root.host_path(f"{venv}/.lalo-ready")
     if not ready.is_file():
@@ -133,7 +136,7 @@ make -j{jobs}
 make install
 {PYTHON} -c 'import ssl, ctypes, lzma, bz2, zlib, sqlite3'
 {PYTHON} -m ensurepip
-touch {PYTHON_READY}
+sha256sum {PREFIX}/lib/libpython3.11.so.1.0 > {PYTHON_READY}
 """], log)
 
 

@@ -209,14 +209,20 @@ def create_app(
         return StreamingResponse(events, media_type="text/event-stream", headers={
             "cache-control": "no-cache", "x-accel-buffering": "no"})
 
-    async def logs_stream(request: Request) -> Response:
-        """GET /api/models/NAME/logs/stream?n=100: the log's tail, then new lines, as SSE."""
+    def _model_lines(request: Request, default: str) -> tuple[str, int] | Response:
+        """The model the path names and the lines wanted of its log, or the 404/400."""
         name = _model(request)
-        count = _lines(request, "100", 10_000)
         if isinstance(name, Response):
             return name
-        if isinstance(count, Response):
-            return count
+        count = _lines(request, default, 10_000)
+        return count if isinstance(count, Response) else (name, count)
+
+    async def logs_stream(request: Request) -> Response:
+        """GET /api/models/NAME/logs/stream?n=100: the log's tail, then new lines, as SSE."""
+        asked = _model_lines(request, "100")
+        if isinstance(asked, Response):
+            return asked
+        name, count = asked
         path = log_paths.get(name)
         if path is None:
             return error_response(404, f"{name} has no log file to follow")
@@ -246,12 +252,10 @@ def create_app(
         return handler
 
     async def logs(request: Request) -> Response:
-        name = _model(request)
-        count = _lines(request, "200", 10_000)
-        if isinstance(name, Response):
-            return name
-        if isinstance(count, Response):
-            return count
+        asked = _model_lines(request, "200")
+        if isinstance(asked, Response):
+            return asked
+        name, count = asked
         path = log_paths.get(name)
         lines = read_tail(path, count) if path is not None else \
             supervisor.models[name].log.last_lines(count)

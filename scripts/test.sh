@@ -30,12 +30,12 @@ command -v ip >/dev/null || need+=(iproute2)
 # debootstrap (old glibc); objdump reads the glibc versions they need.
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v objdump >/dev/null || need+=(binutils)
-# The Windows engine (mingw-w64 cross build, run under wine; about 1.1 GB) only when asked:
-# LALO_TEST_WINDOWS=1. Its tests otherwise run only where it is already built.
-if [ "${LALO_TEST_WINDOWS:-0}" = 1 ]; then
-  command -v x86_64-w64-mingw32-g++-posix >/dev/null || need+=(g++-mingw-w64-x86-64-posix)
-  command -v wine >/dev/null || need+=(wine wine64)
-fi
+# The Windows package (`lalo build --target windows`, tested under wine): the mingw-w64 cross
+# compilers for llama-server.exe and lalo's launcher, wine to run them, NSIS for the installer
+# (about 1.1 GB installed).
+command -v x86_64-w64-mingw32-g++-posix >/dev/null || need+=(g++-mingw-w64-x86-64-posix)
+command -v wine >/dev/null || need+=(wine wine64)
+command -v makensis >/dev/null || need+=(nsis)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   echo "installing system packages: ${need[*]}" >&2

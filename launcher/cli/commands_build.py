@@ -1,4 +1,4 @@
-"""`lalo build SPEC [--target llamafile|bundle|exe|image|k8s] [--out DIR]`: package per
+"""`lalo build SPEC [--target llamafile|bundle|exe|image|k8s|windows] [--out DIR]`: package per
 `bundles/SPEC.yaml`."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import typer
 from launcher.cli.app import app
 from launcher.packaging.build import BuildResult, Packager
 from launcher.packaging.spec import Target, load_spec
+from launcher.packaging.targets.windows import WindowsResult
 from launcher.units import format_size
 
 
@@ -23,6 +24,7 @@ class TargetChoice(StrEnum):
     exe = "exe"
     image = "image"
     k8s = "k8s"
+    windows = "windows"
 
 
 class ByteProgress:
@@ -60,7 +62,8 @@ def build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("dist"),
 ) -> None:
     """Package models with lalo: per-model llamafiles, a folder bundle (+ .tar.gz), one
-    executable, an OCI image (NAME.oci.tar) or a Kubernetes kustomize base (NAME-k8s/)."""
+    executable, an OCI image (NAME.oci.tar), a Kubernetes kustomize base (NAME-k8s/), or for
+    Windows clients NAME.exe and its installer NAME-setup.exe (--target windows)."""
     loaded = load_spec(spec)
     targets: list[Target] | None = [t.value for t in target] if target else None
     packager = Packager(report=_say, progress=ByteProgress(sys.stderr))
@@ -99,4 +102,18 @@ def _summary(result: BuildResult) -> None:
         typer.echo(f"k8s        {k8s.directory}/  memory request "
                    f"{format_size(k8s.size.memory_request)}, limit "
                    f"{format_size(k8s.size.memory_limit)}  (kubectl apply -k {k8s.directory})")
+    if result.windows is not None:
+        _windows_summary(result.windows)
     typer.echo(f"built {', '.join(result.targets)} of {result.spec.name} in {result.seconds:.1f} s")
+
+
+def _windows_summary(windows: WindowsResult) -> None:
+    if windows.exe is not None:
+        typer.echo(f"windows    {windows.exe}  {format_size(windows.exe.stat().st_size)}  "
+                   "(one file: unpacks once, then serves every model on one port)")
+    if windows.setup is not None:
+        typer.echo(f"windows    {windows.setup}  {format_size(windows.setup.stat().st_size)}  "
+                   "(installer: /S silent, /D=DIR)")
+    typer.echo(f"windows    {windows.folder}/  {format_size(windows.size)}  (runs in place)")
+    for model in windows.models:
+        typer.echo(f"           model {model.name}: about {format_size(model.memory)} when loaded")

@@ -32,11 +32,12 @@ from launcher.packaging.targets.exe import ExeResult, build_exe
 from launcher.packaging.targets.image import ImageResult, build_image
 from launcher.packaging.targets.k8s import K8sResult, build_k8s
 from launcher.packaging.targets.llamafiles import LlamafilesResult, build_llamafiles
-from launcher.packaging.targets.windows_bundle import WindowsBundleResult, build_windows_bundle
+from launcher.packaging.targets.windows import WindowsResult, build_windows
 
 Report = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
-EngineSource = Callable[[str, Report], BuiltEngine]
+# (variant, report, platform: None for this machine's, "windows" for the mingw-w64 build)
+EngineSource = Callable[[str, Report, "str | None"], BuiltEngine]
 AppSource = Callable[[Report], Frozen]
 
 
@@ -67,7 +68,7 @@ class BuildResult:
     seconds: float
     image: ImageResult | None = None
     k8s: K8sResult | None = None
-    windows_bundle: WindowsBundleResult | None = None
+    windows: WindowsResult | None = None
 
 
 class Packager:
@@ -127,9 +128,9 @@ class Packager:
                 image = build_image(spec, models, out, bundle_dir=bundle.directory,
                                     report=self.report)
         windows = None
-        if "bundle" in chosen and "windows" in spec.fields.platforms and \
-                not platform_tag().startswith("windows"):
-            windows = self._windows_bundle(spec, models, out, model_parts)
+        if "windows" in chosen:
+            windows = self._windows(spec, models, out, model_parts)
+            warnings += windows.warnings
         if "k8s" in chosen:
             k8s = build_k8s(spec, models, out, self.report)
             warnings += k8s.warnings
@@ -137,17 +138,19 @@ class Packager:
         return BuildResult(
             spec=spec, targets=chosen, decisions=tuple(m.decision for m in models),
             llamafiles=llamafiles, bundle=bundle, exe=exe, warnings=unique,
-            seconds=self.clock() - started, image=image, k8s=k8s, windows_bundle=windows,
+            seconds=self.clock() - started, image=image, k8s=k8s, windows=windows,
         )
 
-    def _windows_bundle(self, spec: BundleSpec, models: list[ModelInput], out: Path,
-                        model_parts: list[Packaged]) -> WindowsBundleResult:
-        """The spec lists windows: the mingw-w64 engine (built if missing: ~10 min) in a
-        Windows bundle beside the host's."""
-        engine = cached_engine("portable", self.report, "windows")
+    def _windows(self, spec: BundleSpec, models: list[ModelInput], out: Path,
+                 model_parts: list[Packaged]) -> WindowsResult:
+        """`--target windows`: the mingw-w64 engine (built if missing: ~10 min), the launcher
+        and the installer. Nothing Windows is made unless this target is asked for."""
+        engine = self.engine_source("portable", self.report, "windows")
+        verify_engine(engine.path)
         parts, _ = engine_components(engine.manifest, engine_source_tree(engine.manifest))
-        return build_windows_bundle(spec, models, out, engine=engine,
-                                    components=[*parts, *model_parts], report=self.report)
+        return build_windows(spec, models, out, engine=engine, components=[*parts, *model_parts],
+                             cache=packaging_dir(), report=self.report,
+                             progress=self.progress)
 
     def _frozen_targets(
         self,
@@ -195,7 +198,7 @@ class Packager:
 
     def _engine(self, spec: BundleSpec, warnings: list[str]) -> tuple[BuiltEngine, list[Packaged]]:
         variant = spec.fields.engine.llama_server.variant
-        engine = self.engine_source(variant, self.report)
+        engine = self.engine_source(variant, self.report, None)
         self.report(f"engine: {engine.key} ({'cached' if engine.already_built else 'built'})")
         verify_engine(engine.path)  # every file against its manifest: never ship a damaged one
         if engine.manifest.variant == "native":
@@ -215,7 +218,6 @@ class Packager:
         kinds = " and ".join(t for t in chosen if t in ("bundle", "exe", "image"))
         if not others:
             return []
-        note = (" (a Windows bundle with llama-server.exe is made beside it; lalo.exe needs a "
-                "Windows Python)" if "windows" in others and "bundle" in chosen else "")
+        note = " (for Windows clients: --target windows)" if "windows" in others else ""
         return [f"{kinds}: built for {platform_tag()} only; build on {', '.join(others)} "
                 f"for those{note}"]

@@ -22,8 +22,8 @@ from launcher.units import auto_or_size_field, size_field
 from launcher.yamlfile import describe, read_yaml, where
 
 SPEC_DIR = "bundles"
-Target = Literal["llamafile", "bundle", "exe", "image", "k8s"]
-# The default when a spec names none (image and k8s are asked for by name).
+Target = Literal["llamafile", "bundle", "exe", "image", "k8s", "windows"]
+# The default when a spec names none (image, k8s and windows are asked for by name).
 TARGETS: tuple[Target, ...] = ("llamafile", "bundle", "exe")
 Platform = Literal["linux", "macos", "windows"]
 DEFAULT_EMBED_LIMIT = 2 * 1024**3

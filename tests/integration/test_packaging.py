@@ -12,7 +12,6 @@ the native engine the other tests use, named as such in the spec (a CI run stays
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -21,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +30,14 @@ import pytest
 import yaml
 
 from launcher.config import parse_config
-from launcher.packaging.build import BuildResult, Packager
+from launcher.engines.builder import BuiltEngine
+from launcher.packaging.build import BuildResult, Packager, cached_engine
 from launcher.packaging.formats.payload import read_payload
 from launcher.packaging.frozen.freeze import frozen_app
 from launcher.packaging.spec import load_spec
 from tests.support.engine import test_engine_variant
 from tests.support.lalo import free_port, wait_until
+from tests.support.netns import in_namespace
 
 pytest.importorskip("PyInstaller", reason="pip install 'lalo-launcher[packaging]' for these")
 
@@ -60,7 +60,6 @@ QUESTION = "What is the capital of France?"
 # environment is all there is.
 UNSHARE, IP = shutil.which("unshare"), shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin")
 NO_NETWORK = os.geteuid() == 0 and UNSHARE is not None and IP is not None
-CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
 
@@ -85,7 +84,7 @@ def write_spec(folder: Path, smollm2: Path, small_model_b: Path, port: int,
                      "preload": False},
         },
         "targets": ["bundle", "exe"],
-        "platforms": ["linux"],
+        # no `platforms`: a Linux bundle must still need no Windows toolchain
         "proxy": {"port": port},
         "exe": {"models": exe},
         "engine": {"llama_server": {"variant": VARIANT}},
@@ -96,13 +95,21 @@ def write_spec(folder: Path, smollm2: Path, small_model_b: Path, port: int,
 def build(spec: Path, out: Path, targets: list[str] | None = None,
           refreeze: bool = False) -> BuildResult:
     lines: list[str] = []
-    packager = Packager(report=lines.append, app_source=(
+
+    def engine(variant: str, report: Callable[[str], None], platform: str | None) -> BuiltEngine:
+        ENGINE_PLATFORMS.append(platform)
+        return cached_engine(variant, report, platform)
+
+    packager = Packager(report=lines.append, engine_source=engine, app_source=(
         (lambda report: frozen_app(report, force=True)) if refreeze else frozen_app))
     try:
         return packager.build(load_spec(str(spec)), out, targets)  # type: ignore[arg-type]
     except Exception:
         print("\n".join(lines))
         raise
+
+
+ENGINE_PLATFORMS: list[str | None] = []  # what every build here asked the engine cache for
 
 
 @pytest.fixture(scope="module")
@@ -123,30 +130,8 @@ def clean_env(home: Path) -> dict[str, str]:
 
 
 def in_network_of(pid: int, call: Callable[[], T]) -> T:
-    """`call()` on a thread moved into process `pid`'s network namespace (sockets it opens
-    live there); the thread, and with it the move, ends afterwards."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def moved() -> None:
-        try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            outcome.append(call())
-        except BaseException as exc:  # raised again on the test's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=moved)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
+    """`call()` with its sockets in process `pid`'s network namespace."""
+    return in_namespace(f"/proc/{pid}/ns/net", call)
 
 
 class Running:
@@ -301,6 +286,17 @@ def test_bundle_holds_what_it_says(built: Built, smollm2: Path) -> None:
         if line.strip().startswith("Licence text:"):
             for ref in line.split(":", 1)[1].split(","):
                 assert (bundle / ref.strip()).is_file(), ref
+
+
+def test_a_linux_bundle_from_a_spec_without_platforms_makes_nothing_for_windows(
+    built: Built,
+) -> None:
+    """A spec without `platforms` (meaning linux, macos and windows) asked for bundle and exe:
+    only this machine's engine is used, so no mingw-w64 toolchain is needed, and nothing for
+    Windows is written (that is `--target windows`)."""
+    assert ENGINE_PLATFORMS and set(ENGINE_PLATFORMS) == {None}, ENGINE_PLATFORMS
+    assert not [p.name for p in built.out.iterdir() if "windows" in p.name or p.suffix == ".exe"]
+    assert built.result.windows is None
 
 
 def test_two_bundle_builds_give_byte_identical_archives(built: Built, tmp_path: Path) -> None:

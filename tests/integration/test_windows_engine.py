@@ -1,10 +1,8 @@
 """The Windows engine under wine: llama-server.exe cross-compiled with mingw-w64 (`lalo engine
-build --platform windows`) serves the real SmolLM2 model and answers "Paris", and the Windows
-bundle's start.cmd (`wine cmd /c start.cmd`) starts it.
+build --platform windows`) is static and serves the real SmolLM2 model, answering "Paris".
+The package built on it (NAME.exe, the installer): tests/integration/test_windows_package.py.
 
-The Windows build takes about 10 minutes on 2 cores (20 on a busy machine): these tests run
-when it is already in lalo's cache, or when LALO_TEST_WINDOWS=1 asks for it; otherwise they
-skip, saying so, and CI's time is not spent on it.
+The Windows build takes about 10 minutes on 2 cores (20 on a busy machine), once: lalo caches it.
 """
 
 from __future__ import annotations
@@ -17,14 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from launcher.engines.builder import WINDOWS, BuiltEngine, build_engine
-from launcher.engines.registry import cached_engines
-from launcher.packaging.inputs import fetch_models, gate, model_inputs
-from launcher.packaging.notices.notice import engine_components, engine_source_tree
-from launcher.packaging.spec import load_spec
-from launcher.packaging.targets.windows_bundle import build_windows_bundle
 from tests.support.lalo import free_port, wait_until
 
 QUESTION = "What is the capital of France? Answer with one word."
@@ -32,12 +24,10 @@ START_TIMEOUT = 180.0  # a first wine prefix takes seconds; a busy machine many 
 
 
 def _why_not() -> str | None:
-    if shutil.which("wine") is None:
-        return "needs wine (apt-get install wine wine64)"
-    cached = any(True for _ in cached_engines(platform_name=WINDOWS))
-    if not cached and os.environ.get("LALO_TEST_WINDOWS") != "1":
-        return ("the Windows engine is not built (about 10 min): run `lalo engine build "
-                "--platform windows` or set LALO_TEST_WINDOWS=1")
+    for tool, package in (("wine", "wine wine64"),
+                          ("x86_64-w64-mingw32-gcc-posix", "g++-mingw-w64-x86-64-posix")):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (apt-get install {package}; scripts/test.sh installs it)"
     return None
 
 
@@ -115,45 +105,4 @@ def test_exe_serves_smollm2_under_wine(windows_engine: BuiltEngine, smollm2: Pat
         assert "Paris" in _ask(port, proc, log, "smol")
     finally:
         proc.kill()
-        proc.wait()
-
-
-def test_windows_bundle_start_cmd_serves_under_wine(
-    windows_engine: BuiltEngine, smollm2: Path, wine_env: dict[str, str], tmp_path: Path
-) -> None:
-    port = free_port()
-    spec_path = tmp_path / "smol.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "name": "smol",
-        "models": {"smol": {"file": str(smollm2), "license": "Apache-2.0", "ctx_size": 1024}},
-        "targets": ["bundle"], "platforms": ["linux", "windows"], "proxy": {"port": port},
-    }, sort_keys=False))
-    spec = load_spec(str(spec_path))
-    models = model_inputs(spec)
-    gate(models)
-    models = fetch_models(models, lambda text: None, None)
-    parts, _ = engine_components(windows_engine.manifest,
-                                 engine_source_tree(windows_engine.manifest))
-    result = build_windows_bundle(spec, models, tmp_path / "dist", engine=windows_engine,
-                                  components=parts, report=lambda text: None)
-    bundle = result.directory
-    assert (bundle / "bin" / "llama-server.exe").is_file()
-    start = (bundle / "start.cmd").read_bytes()
-    assert b"\r\n" in start and b"\n" not in start.replace(b"\r\n", b"")
-    config = yaml.safe_load((bundle / "lalo.yaml").read_text())
-    assert config["engines"]["llama_server"]["path"] == "${LALO_BUNDLE_DIR}/bin"
-    assert config["models"]["smol"]["file"] == "models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert (bundle / "NOTICE").is_file() and result.archive.is_file()
-    # A client's view: unpack the zip anywhere and run start.cmd.
-    shutil.unpack_archive(result.archive, tmp_path / "client")
-    client = tmp_path / "client" / bundle.name
-    log = tmp_path / "start.log"
-    with log.open("wb") as handle:
-        # `.\start.cmd`: wine's cmd reads a bare `start.cmd` as its `start` command + ".cmd"
-        proc = subprocess.Popen(["wine", "cmd", "/c", ".\\start.cmd"], cwd=client, env=wine_env,
-                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        assert "Paris" in _ask(port, proc, log, "smol", launcher_only=True)
-    finally:
-        proc.kill()  # `wine cmd` only: the exe it started goes with the wineserver (fixture)
         proc.wait()

@@ -8,14 +8,20 @@ Everything is removed by `close()`, which also kills the processes still running
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import psutil
+
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 def netns_available() -> str | None:
@@ -118,3 +124,50 @@ def kill_inside(netns: str) -> None:
             psutil.Process(pid).wait(10)
         except (psutil.NoSuchProcess, psutil.TimeoutExpired):
             pass
+
+
+class LoopbackOnly:
+    """A network namespace with only loopback up: what "no network" means for a test. `argv`
+    runs a command inside it; `call` runs a function whose sockets open inside it."""
+
+    def __init__(self, prefix: str = "lalo-lo") -> None:
+        self.name = f"{prefix}-{os.getpid()}"
+        _ip("netns", "add", self.name)
+        _ip("link", "set", "lo", "up", netns=self.name)
+
+    def argv(self, command: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *command]
+
+    def call(self, call: Callable[[], T]) -> T:
+        return in_namespace(f"/run/netns/{self.name}", call)
+
+    def close(self) -> None:
+        kill_inside(self.name)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, check=False)
+
+
+def in_namespace(path: str, call: Callable[[], T]) -> T:
+    """`call()` on a thread moved into the network namespace at `path` (`/proc/PID/ns/net`,
+    `/run/netns/NAME`): sockets it opens live there; the thread, and the move, end after."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def moved() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            outcome.append(call())
+        except BaseException as exc:  # raised again on the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=moved)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]

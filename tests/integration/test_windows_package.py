@@ -226,6 +226,20 @@ def test_exe_unpacks_once_serves_both_and_leaves_nothing(package: Package, wine:
         assert "Paris" in ask(wine, package.port, "smol", "What is the capital of France?")
     finally:
         kill_and_check_no_orphans(proc)
+    # a damaged copy (a truncated model, as a full disk or a killed unpack leaves) is redone
+    files = next(line.split(": ", 1)[1] for line in second_log.read_text().splitlines()
+                 if line.strip().startswith("files: "))
+    model = next(wine.windows_path(files.strip()).glob("models/*.gguf"))
+    with model.open("r+b") as handle:
+        handle.truncate(1000)
+    third_log = tmp_path / "third.log"
+    proc = wine.start([str(package.exe), "--port", str(package.port)], third_log)
+    try:
+        wait_served(wine, proc, third_log, package.port)
+        assert "unpacking" in third_log.read_text(errors="replace")
+        assert model.stat().st_size > 1000
+    finally:
+        kill_and_check_no_orphans(proc)
     print(f"windows exe under wine: first start to health {first:.1f} s (unpack), "
           f"second {second:.1f} s")
 

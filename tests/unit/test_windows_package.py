@@ -168,3 +168,27 @@ def test_installer_removes_exactly_what_it_installs() -> None:
 
 def test_nsis_quoting() -> None:
     assert quote('a$b"c') == '"a$$b$\\"c"'
+
+
+def test_outputs_over_what_windows_and_nsis_accept_are_refused_with_what_to_ship(
+    tmp_path: Path, small_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from launcher.packaging.targets import windows
+
+    loaded = spec(tmp_path, small_model)
+    folder = tmp_path / "duo-windows"
+    (folder / "models").mkdir(parents=True)
+    (folder / "models" / "m.gguf").write_bytes(b"x" * 100)
+    launcher = tmp_path / "launcher.exe"
+    launcher.write_bytes(b"MZ")
+    (tmp_path / "duo.exe").write_bytes(b"an old one")
+    monkeypatch.setattr(windows, "EXE_LIMIT", 50)
+    warnings: list[str] = []
+    assert windows._single_file(loaded, folder, ["models/m.gguf"], launcher, tmp_path,  # type: ignore[arg-type]
+                                lambda text: None, None, warnings) is None
+    assert not (tmp_path / "duo.exe").exists()  # no stale exe that looks current
+    assert "over 4 GiB" in warnings[0] and "duo-windows/" in warnings[0]
+    monkeypatch.setattr(windows, "NSIS_DATA_LIMIT", 50)
+    assert windows._installer(loaded, folder, ["models/m.gguf"], tmp_path, 100,  # type: ignore[arg-type]
+                              lambda text: None, warnings) is None
+    assert "2 GB" in warnings[1] and "duo-windows/" in warnings[1]

@@ -1,17 +1,19 @@
 """Pulling GGUF files from the Hugging Face hub into its cache, verified before they are used.
 
 huggingface_hub's public API does the hub's part (file metadata, auth headers, URLs, reading and
-scanning its cache); the transfer itself (launcher/models/download.py) is one ranged GET into
-the blob's `.incomplete` file, which stays between runs so an interrupted pull resumes
-(huggingface_hub 2.x's hf_hub_download deletes a partial download). The sha256 is checked
-against the hub's LFS metadata and the catalog pin *before* the blob and its snapshot link
-appear in the cache; hub exceptions are mapped to HubError:
+scanning its cache); the transfer itself (launcher/models/download.py) is a ranged GET into
+the blob's `.incomplete` file, tried again from its length when the connection drops, and kept
+between runs so a pull interrupted for good resumes (huggingface_hub 2.x's hf_hub_download
+deletes a partial download). The sha256 is checked against the hub's LFS metadata and the
+catalog pin *before* the blob and its snapshot link appear in the cache; hub exceptions are
+mapped to HubError:
 
     HubError
-    ├── HubNotFoundError      repository, revision or file does not exist (or needs a token)
-    ├── HubOfflineError       offline or unreachable, and the file is not cached
-    ├── DiskSpaceError        not enough free space for the download
-    └── IntegrityError        bytes do not match the expected sha256 (launcher.errors)
+    ├── HubNotFoundError          repository, revision or file does not exist (or needs a token)
+    ├── HubOfflineError           offline or unreachable, and the file is not cached
+    ├── DiskSpaceError            not enough free space for the download
+    ├── DownloadInterruptedError  the transfer kept failing; the bytes received are kept
+    └── IntegrityError            bytes do not match the expected sha256 (launcher.errors)
 """
 
 from __future__ import annotations
@@ -50,7 +52,14 @@ from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
 from launcher.digest import file_sha256
 from launcher.errors import HubError, IntegrityError, UsageError
-from launcher.models.download import ProgressBar, ProgressCallback, fetch
+from launcher.models.download import (
+    ProgressBar,
+    ProgressCallback,
+    RetryPolicy,
+    fetch,
+    is_transient,
+    what_failed,
+)
 from launcher.units import format_size
 
 log = logging.getLogger(__name__)
@@ -81,6 +90,11 @@ class HubOfflineError(HubError):
 
 class DiskSpaceError(HubError):
     """Not enough free disk space in the cache for the download."""
+
+
+class DownloadInterruptedError(HubError):
+    """The transfer failed on every attempt (dropped, refused, 5xx); the partial file keeps what
+    arrived, so the next pull resumes from there."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +172,8 @@ class PullResult:
     sha256: str | None
     source: Source
     note: str | None = None
-    resumed_from: int = 0
+    resumed_from: int = 0  # bytes an earlier, interrupted run had kept
+    attempts: int = 0  # transfers this pull made (retries after a dropped connection included)
 
 
 @dataclass(frozen=True)
@@ -173,14 +188,20 @@ class HubClient:
     """Pulls into and reads from the huggingface_hub cache layout (blobs/, snapshots/, refs/).
 
     `settings` default to the environment at construction; `disk_usage` is shutil.disk_usage
-    (a parameter so tests can make the disk look full).
+    (a parameter so tests can make the disk look full); `retry` says how often a dropped
+    transfer is taken up again within one pull, and how long to wait in between.
     """
 
     def __init__(
-        self, settings: HubSettings | None = None, *, disk_usage: DiskUsage = shutil.disk_usage
+        self,
+        settings: HubSettings | None = None,
+        *,
+        disk_usage: DiskUsage = shutil.disk_usage,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.settings = settings if settings is not None else HubSettings.from_env()
         self._disk_usage = disk_usage
+        self._retry = retry if retry is not None else RetryPolicy()
 
     # --- cache layout ------------------------------------------------------------------
     def storage(self, file: HubFile) -> Path:
@@ -220,11 +241,14 @@ class HubClient:
         progress: ProgressCallback | None = None,
         show_progress: bool = False,
         verify_cached: bool = True,
+        on_line: Callable[[str], None] | None = None,
     ) -> PullResult:
         """Make `file` present and verified in the cache, downloading what is missing.
 
         Offline, a cached copy is used (and said so); otherwise HubOfflineError. A cached copy
         is hashed again when `verify_cached` (a bad one is deleted and downloaded anew).
+        A dropped transfer is resumed by itself; each retry is one line through `on_line`
+        (default: above the progress bar on stderr when `show_progress`, else a log warning).
         """
         if self.settings.offline:
             return self._from_cache(file, "offline (HF_HUB_OFFLINE is set)", verify_cached)
@@ -250,7 +274,9 @@ class HubClient:
         if cached is not None:
             self._write_ref(file, remote.commit)
             return cached
-        return self._download(file, remote, progress=progress, show_progress=show_progress)
+        return self._download(
+            file, remote, progress=progress, show_progress=show_progress, on_line=on_line
+        )
 
     def _metadata(self, file: HubFile) -> _Remote:
         url = hf_hub_url(file.repo, file.filename, revision=file.revision, endpoint=self.settings.endpoint)
@@ -354,6 +380,7 @@ class HubClient:
         *,
         progress: ProgressCallback | None,
         show_progress: bool,
+        on_line: Callable[[str], None] | None,
     ) -> PullResult:
         storage = self.storage(file)
         blobs = storage / "blobs"
@@ -379,22 +406,22 @@ class HubClient:
                 initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=Path(file.filename).name, mininterval=0.5 if sys.stderr.isatty() else 5.0,
             ) as bar:
+                say = on_line
+                if say is None:
+                    # tqdm.write clears the bar, prints the line above it and draws it again.
+                    say = (lambda line: bar.write(line, file=sys.stderr)) if show_progress else log.warning
                 try:
-                    fetch(remote.url, partial, headers, bar)
-                except httpx.HTTPStatusError as exc:
-                    status = exc.response.status_code
-                    if status == 416:
-                        partial.unlink(missing_ok=True)  # our prefix does not fit the file: start over
+                    attempts = fetch(
+                        remote.url, partial, headers, bar, total=remote.size, retry=self._retry,
+                        on_retry=lambda retry: say(f"{file.ref}: {retry.describe()}"),
+                    )
+                except httpx.HTTPError as exc:
+                    raise self._interrupted(file, remote, partial, exc) from exc
+                except OSError as exc:  # writing the partial file: not worth retrying
                     raise HubError(
-                        f"{file.ref}: download failed with HTTP {status} after "
-                        f"{_size_of(partial)} of {format_size(remote.size)}; run the pull again to "
-                        "resume"
-                    ) from exc
-                except (httpx.HTTPError, OSError) as exc:
-                    raise HubError(
-                        f"{file.ref}: download interrupted after {_size_of(partial)} of "
-                        f"{format_size(remote.size)} ({type(exc).__name__}: {exc}); run the pull "
-                        "again to resume"
+                        f"{file.ref}: download stopped after {_size_of(partial)} of "
+                        f"{format_size(remote.size)}: cannot write {partial} ({exc}); once it "
+                        f"can be written, run the pull again to resume (lalo models pull {file.ref})"
                     ) from exc
             digest = file_sha256(partial)
             size = partial.stat().st_size
@@ -403,11 +430,17 @@ class HubClient:
                 remote.size is not None and size != remote.size
             ):
                 partial.unlink(missing_ok=True)
+                # A resumed file joins bytes from several transfers: say so, the next pull
+                # starts from zero.
+                resumed = (
+                    f" (resumed from {format_size(have)} an earlier pull had kept)" if have
+                    else f" (in {attempts} transfers)" if attempts > 1 else ""
+                )
                 raise IntegrityError(
-                    f"{file.ref}: downloaded bytes have sha256 {digest} ({size} bytes), expected "
-                    f"{' and '.join(sorted(set(expected)))}"
+                    f"{file.ref}: downloaded bytes{resumed} have sha256 {digest} ({size} bytes), "
+                    f"expected {' and '.join(sorted(set(expected)))}"
                     f"{f' ({remote.size} bytes)' if remote.size is not None else ''}; "
-                    "the download was deleted"
+                    "the download was deleted: the next pull starts over"
                 )
             os.chmod(partial, 0o644)
             os.replace(partial, blob)
@@ -421,6 +454,28 @@ class HubClient:
             sha256=digest,
             source="downloaded",
             resumed_from=have,
+            attempts=attempts,
+        )
+
+    def _interrupted(self, file: HubFile, remote: _Remote, partial: Path, exc: httpx.HTTPError) -> HubError:
+        """The error for a transfer that failed for good; what stays in `partial` is resumed
+        by the next pull (unless the server refused its length as a start)."""
+        got = f"{_size_of(partial)} of {format_size(remote.size)}"
+        again = f"run the pull again to resume (lalo models pull {file.ref})"
+        if isinstance(exc, httpx.HTTPStatusError):
+            status = exc.response.status_code
+            if status == 416:
+                partial.unlink(missing_ok=True)  # our prefix does not fit the file: start over
+                return HubError(
+                    f"{file.ref}: the download server refused to resume at {got} (HTTP 416); the "
+                    f"partial file was deleted: run the pull again to start over"
+                )
+            if not is_transient(exc):
+                return HubError(f"{file.ref}: download failed with HTTP {status} after {got}; {again}")
+        kept = f"; {_size_of(partial)} kept in {partial}" if partial.exists() else ""
+        return DownloadInterruptedError(
+            f"{file.ref}: download interrupted after {got} in {self._retry.attempts} attempts "
+            f"(last: {what_failed(exc)}){kept}; {again}"
         )
 
     def _check_disk(self, file: HubFile, directory: Path, needed: int) -> None:

@@ -6,7 +6,10 @@ X-Repo-Commit, X-Linked-Etag (the sha256) and X-Linked-Size; small files answer 
 git-sha1 ETag; unknown repositories, revisions and files get 404 with the hub's X-Error-Code.
 `/cdn/{sha256}` serves the bytes with Range support. Modes make it misbehave on purpose:
 `cut_once` closes the first transfer halfway, `cut_then_fail` also answers 500 afterwards
-(so the client gives up with half a file), `corrupt` serves flipped bytes.
+(so the client gives up with half a file), `cut_always` closes every transfer halfway,
+`corrupt` serves flipped bytes; `cut_next(fractions)` cuts the next transfers at chosen points.
+A cut sends the status line, the headers and part of the body, then shuts the socket: what a
+dropped connection looks like to the client, not an HTTP error.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ import hashlib
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-Mode = Literal["normal", "cut_once", "cut_then_fail", "corrupt"]
+Mode = Literal["normal", "cut_once", "cut_then_fail", "cut_always", "corrupt"]
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
 _CDN = re.compile(r"^/cdn/(?P<sha>[0-9a-f]{64})$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
@@ -75,6 +78,7 @@ class HubServer:
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._cut_done = False
+        self._cut_plan: list[float] = []
         self._server: _Server | None = None
         self.port = 0
 
@@ -91,6 +95,12 @@ class HubServer:
         with self._lock:
             self.mode = mode
             self._cut_done = False
+            self._cut_plan = []
+
+    def cut_next(self, fractions: Sequence[float]) -> None:
+        """Cut the next transfers, one per fraction, after that fraction of each one's body."""
+        with self._lock:
+            self._cut_plan = list(fractions)
 
     def cdn_gets(self) -> list[Request]:
         with self._lock:
@@ -100,13 +110,18 @@ class HubServer:
         with self._lock:
             self.requests.append(request)
 
-    def take_cut(self) -> bool:
-        """Whether this transfer is the one to cut (the first, in the cut modes)."""
+    def take_cut(self, length: int) -> int | None:
+        """How many of this transfer's `length` body bytes to send before cutting it, or None
+        to send them all."""
         with self._lock:
-            if self.mode in ("cut_once", "cut_then_fail") and not self._cut_done:
+            if self._cut_plan:
+                return int(length * self._cut_plan.pop(0))
+            if self.mode == "cut_always" or (
+                self.mode in ("cut_once", "cut_then_fail") and not self._cut_done
+            ):
                 self._cut_done = True
-                return True
-            return False
+                return length // 2
+            return None
 
     def blob(self, sha: str) -> RepoFile | None:
         for repo in self.repos.values():
@@ -288,12 +303,12 @@ class _Handler(BaseHTTPRequestHandler):
         status = 206 if range_header else 200
         if head:
             return status, 0
-        if not head and hub.take_cut():
-            half = len(body) // 2
-            self.wfile.write(body[:half])
+        cut = hub.take_cut(len(body))
+        if cut is not None:
+            self.wfile.write(body[:cut])
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)  # drop the connection mid-body
-            return status, half
+            return status, cut
         self.wfile.write(body)
         return status, len(body)

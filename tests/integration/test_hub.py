@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,8 +18,10 @@ import pytest
 from launcher.config import LoadedConfig, parse_config
 from launcher.errors import HubError, IntegrityError, UsageError
 from launcher.models.catalog import catalog_resolver, load_catalog, pull_missing
+from launcher.models.download import RetryPolicy
 from launcher.models.hub import (
     DiskSpaceError,
+    DownloadInterruptedError,
     HubClient,
     HubFile,
     HubNotFoundError,
@@ -27,7 +30,8 @@ from launcher.models.hub import (
 )
 from launcher.models.resolve import resolve_models
 from launcher.models.synthetic import write_synthetic_model
-from tests.integration.hub_server import HubServer, Repo, RepoFile
+from launcher.units import format_size
+from tests.integration.hub_server import HubServer, Repo, RepoFile, Request
 from tests.support.lalo import wait_until
 
 pytestmark = pytest.mark.integration
@@ -38,6 +42,12 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SIZE = 24 * 1024**2  # above huggingface_hub's 10 MiB write chunk, so a cut leaves a prefix
 CONTENT = hashlib.sha256(b"seed").digest() * (SIZE // 32)
 SHA = hashlib.sha256(CONTENT).hexdigest()
+# The size of the regression's model: below the 1 MiB read chunk the transfer used to hold in
+# memory, so a cut halfway kept nothing.
+SMALL_FILE = "small-Q4_K_M.gguf"
+SMALL = hashlib.sha256(b"small").digest() * (1_345_440 // 32)
+SMALL_SHA = hashlib.sha256(SMALL).hexdigest()
+ATTEMPTS = 5  # RetryPolicy's default: one pull's transfers before it gives up
 CLI_TIMEOUT = 120
 
 
@@ -54,6 +64,7 @@ def hub(gguf_bytes: bytes) -> Iterator[HubServer]:
             commit=COMMIT,
             files={
                 FILE: RepoFile(CONTENT),
+                SMALL_FILE: RepoFile(SMALL),
                 "tiny.gguf": RepoFile(gguf_bytes),
                 "README.md": RepoFile(b"# a model card\n", lfs=False),
             },
@@ -70,8 +81,16 @@ def hf_home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def client(hub: HubServer, hf_home: Path) -> HubClient:
-    return HubClient(HubSettings(endpoint=hub.url, cache_dir=hf_home / "hub"))
+def waits() -> list[float]:
+    """The backoff delays the `client` fixture's pulls asked for (recorded, not slept)."""
+    return []
+
+
+@pytest.fixture
+def client(hub: HubServer, hf_home: Path, waits: list[float]) -> HubClient:
+    return HubClient(
+        HubSettings(endpoint=hub.url, cache_dir=hf_home / "hub"), retry=RetryPolicy(sleep=waits.append)
+    )
 
 
 def offline(client: HubClient) -> HubClient:
@@ -159,6 +178,12 @@ models:
 """
 
 
+def transfers(hub: HubServer, count: int) -> list[Request]:
+    """The CDN GETs, once `count` are recorded (the server records a transfer after answering)."""
+    wait_until(lambda: len(hub.cdn_gets()) >= count, 10.0, message=f"{count} transfers recorded")
+    return hub.cdn_gets()
+
+
 def blobs(client: HubClient) -> list[str]:
     directory = client.storage(HubFile(REPO, FILE)) / "blobs"
     return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
@@ -214,7 +239,7 @@ def test_transfer_cut_halfway_resumes_with_a_range_request(client: HubClient, hu
     result = client.pull(HubFile(REPO, FILE))
 
     assert result.sha256 == SHA and result.path.read_bytes() == CONTENT
-    first, second = hub.cdn_gets()
+    first, second = transfers(hub, 2)
     assert first.range is None and 0 < first.sent < SIZE
     assert second.range is not None and second.range.startswith("bytes=")
     start = int(second.range.removeprefix("bytes=").rstrip("-"))
@@ -231,8 +256,8 @@ def test_pull_interrupted_for_good_resumes_on_the_next_run(client: HubClient, hu
     assert 0 < kept < SIZE
     assert client.cached_path(HubFile(REPO, FILE)) is None  # nothing half-done where lalo loads
 
-    # the cut transfer and the retry answered 500: the server records each after answering
-    wait_until(lambda: len(hub.cdn_gets()) == 2, 10.0, message="both transfers recorded")
+    # the cut transfer and the retries answered 500: the server records each after answering
+    wait_until(lambda: len(hub.cdn_gets()) == ATTEMPTS, 10.0, message="every transfer recorded")
     hub.set_mode("normal")
     before = len(hub.cdn_gets())
     result = client.pull(HubFile(REPO, FILE))
@@ -241,6 +266,92 @@ def test_pull_interrupted_for_good_resumes_on_the_next_run(client: HubClient, hu
     resumed = hub.cdn_gets()[before:]
     assert [r.range for r in resumed] == [f"bytes={kept}-"] and resumed[0].sent == SIZE - kept
     assert not partial.exists()
+
+
+def test_cli_pull_cut_halfway_resumes_in_the_same_command(lalo: Lalo, hub: HubServer, hf_home: Path) -> None:
+    """The regression of issue 27: a 1.28 MiB file cut halfway failed the first command with
+    0 B kept; now the one command resumes from the bytes received and says so."""
+    hub.set_mode("cut_once")
+    run = lalo("models", "pull", f"hf://{REPO}/{SMALL_FILE}")
+
+    assert run.code == 0, run.err
+    first, second = transfers(hub, 2)
+    half = len(SMALL) // 2
+    assert first.range is None and first.sent == half
+    assert second.range == f"bytes={half}-" and second.sent == len(SMALL) - half
+    assert (
+        f"hf://{REPO}/{SMALL_FILE}@main: connection dropped after {format_size(half)} of "
+        f"{format_size(len(SMALL))}; resuming from {format_size(half)} in 1 s (attempt 2 of 5)"
+    ) in run.err
+    path = hf_home / "hub" / "models--org--model-GGUF" / "snapshots" / COMMIT / SMALL_FILE
+    assert f"downloaded: {path}" in run.out and SMALL_SHA in run.out
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == SMALL_SHA
+
+
+@pytest.mark.parametrize(("name", "content"), [(SMALL_FILE, SMALL), (FILE, CONTENT)])
+def test_transfer_cut_at_random_points_completes_in_one_pull(
+    client: HubClient, hub: HubServer, waits: list[float], name: str, content: bytes
+) -> None:
+    # Four cuts, the first right after the headers (nothing of the body arrives), the others
+    # at random points; the fifth transfer is whole.
+    fractions = [0.0, *(random.Random(27).uniform(0.01, 0.99) for _ in range(3))]
+    hub.cut_next(fractions)
+    result = client.pull(HubFile(REPO, name))
+
+    assert result.sha256 == hashlib.sha256(content).hexdigest() and result.path.read_bytes() == content
+    assert result.attempts == ATTEMPTS and result.resumed_from == 0
+    assert waits == [1.0, 2.0, 4.0, 8.0]
+    gets = transfers(hub, ATTEMPTS)
+    assert len(gets) == ATTEMPTS and sum(get.sent for get in gets) == len(content)
+    offset = 0
+    for get in gets:  # each transfer starts at exactly the bytes received before it
+        assert get.range == (f"bytes={offset}-" if offset else None)
+        offset += get.sent
+
+
+def test_a_server_that_cuts_every_transfer_fails_then_the_next_pull_resumes(
+    client: HubClient, hub: HubServer, waits: list[float]
+) -> None:
+    hub.set_mode("cut_always")
+    with pytest.raises(DownloadInterruptedError) as failed:
+        client.pull(HubFile(REPO, FILE))
+
+    gets = transfers(hub, ATTEMPTS)
+    kept = sum(get.sent for get in gets)
+    partial = client.partial_path(HubFile(REPO, FILE), SHA)
+    assert len(gets) == ATTEMPTS and waits == [1.0, 2.0, 4.0, 8.0]
+    assert partial.stat().st_size == kept and 0 < kept < SIZE  # every byte received is kept
+    message = str(failed.value)
+    assert f"download interrupted after {format_size(kept)} of {format_size(SIZE)} in 5 attempts" in message
+    assert f"run the pull again to resume (lalo models pull hf://{REPO}/{FILE}@main)" in message
+    assert client.cached_path(HubFile(REPO, FILE)) is None
+
+    hub.set_mode("normal")
+    result = client.pull(HubFile(REPO, FILE))
+
+    assert result.resumed_from == kept and result.attempts == 1 and result.sha256 == SHA
+    resumed = transfers(hub, ATTEMPTS + 1)[ATTEMPTS:]
+    assert [get.range for get in resumed] == [f"bytes={kept}-"] and resumed[0].sent == SIZE - kept
+    assert not partial.exists()
+
+
+def test_a_resumed_download_that_does_not_verify_is_deleted(client: HubClient, hub: HubServer) -> None:
+    hub.set_mode("cut_then_fail")
+    with pytest.raises(DownloadInterruptedError):
+        client.pull(HubFile(REPO, FILE))
+    partial = client.partial_path(HubFile(REPO, FILE), SHA)
+    kept = partial.stat().st_size
+    with partial.open("r+b") as stream:  # the kept prefix went bad on disk
+        stream.write(b"\0" * 16)
+
+    transfers(hub, ATTEMPTS)
+    hub.set_mode("normal")
+    with pytest.raises(IntegrityError, match=rf"resumed from {format_size(kept)} an earlier pull had kept"):
+        client.pull(HubFile(REPO, FILE))
+    assert blobs(client) == [] and client.cached_path(HubFile(REPO, FILE)) is None
+
+    again = client.pull(HubFile(REPO, FILE))  # the next pull starts over and verifies
+    assert again.resumed_from == 0 and again.sha256 == SHA
 
 
 # --- integrity ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +47,8 @@ from launcher.supervisor.supervisor import SupervisedModel, Supervisor, Supervis
 from launcher.units import format_size
 
 if TYPE_CHECKING:  # imported at run time only once the model servers are starting
+    from launcher.engines.builder import CommandRunner
+    from launcher.engines.progress import StatusOutput
     from launcher.models.catalog import CatalogResolver
     from launcher.peers import PeerTable
     from launcher.proxy.upstream import UpstreamPool
@@ -144,19 +146,55 @@ def engines_for(
 
 
 def _build_engine(variant: str, announce: Announce) -> Path:
-    from launcher.engines.builder import BuildProgress, build_engine
+    return build_llama_server(variant, LinesOnly(announce))
 
-    last = [-10]
 
-    def progress(report: BuildProgress) -> None:
-        if report.percent is None:
-            announce(f"  building llama-server: {report.message}")
-        elif report.percent >= last[0] + 10 or report.percent == 100:
-            last[0] = report.percent
-            announce(f"  building llama-server: {report.percent:3d}% {report.message}")
+def llama_server_missing(config: Config, kinds: Collection[str] | None = None) -> bool:
+    """True when a model needs llama-server and none is found (`lalo up` then builds one);
+    `kinds`: the engine kinds its models use (default: those of `config`'s models)."""
+    from launcher.engines.registry import find_llama_server
 
-    built = build_engine(variant=variant, progress=progress)
+    if kinds is None:
+        kinds = {model.engine_kind for model in config.models.values()}
+    if "llama-server" not in kinds:
+        return False
+    settings = config.engines.llama_server
+    return find_llama_server(settings.path, settings.variant, probe=lambda binary: None) is None
+
+
+def build_llama_server(variant: str, out: StatusOutput, runner: CommandRunner | None = None) -> Path:
+    """Build llama-server (`lalo up` on a first run) with its progress on `out`, each line
+    starting `engine:`; `runner` runs cmake (a CancellableRunner when other work overlaps)."""
+    from launcher.engines.builder import EngineBuilder, run_command
+    from launcher.engines.progress import BuildProgressView, duration
+
+    view = BuildProgressView(out, label="engine: ")
+    started = time.monotonic()
+    try:
+        built = EngineBuilder(runner=runner or run_command).build(variant, progress=view)
+    finally:
+        view.close()
+    if not built.already_built:  # another lalo may have built it meanwhile
+        out.line(f"engine: built {built.key} in {duration(time.monotonic() - started)}")
     return built.server
+
+
+class LinesOnly:
+    """A StatusOutput of whole lines only (no status line): what an `announce` function gives."""
+
+    interactive = False
+
+    def __init__(self, say: Announce) -> None:
+        self._say = say
+
+    def line(self, text: str) -> None:
+        self._say(text)
+
+    def status(self, text: str) -> None:
+        pass
+
+    def clear_status(self) -> None:
+        pass
 
 
 def plan_models(loaded: LoadedConfig, models: Sequence[ResolvedModel], available: int) -> Plan:

@@ -23,8 +23,10 @@ def run_lines(
     cwd: Path,
     on_line: Callable[[str], None],
     env: Mapping[str, str] | None = None,
+    on_start: Callable[[subprocess.Popen[str]], None] | None = None,
 ) -> int:
     """Run `argv`, pass each line of its merged output to `on_line`, return its exit code.
+    `on_start` gets the started process (so that another thread can stop its group).
 
     Raises OSError when the tool cannot be started at all."""
     proc = subprocess.Popen(
@@ -33,6 +35,8 @@ def run_lines(
         text=True, errors="replace", bufsize=1, start_new_session=os.name != "nt",
     )
     try:
+        if on_start is not None:
+            on_start(proc)
         assert proc.stdout is not None
         for line in proc.stdout:
             on_line(line.rstrip("\r\n"))

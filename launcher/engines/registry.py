@@ -1,5 +1,6 @@
 """Finding llama-server: the configured path, engines built into the cache (a directory counts
-only with a valid manifest.json), then PATH; and the manifest format the builder writes.
+only with a valid manifest.json) and engines installed from wheels (launcher/engines/installed.py),
+then PATH; and the manifest format the builder writes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ MANIFEST_SCHEMA = 1
 VERSION_TIMEOUT = 15.0
 CONFIG_KEY = "engines.llama_server.path"
 
-Origin = Literal["config", "cache", "PATH"]
+Origin = Literal["config", "cache", "wheel", "PATH"]
 # `version: 0.5.0-dev (build 1, commit 0c1e570)` now; `version: 1 (0c1e570)` in older builds.
 _VERSION_LINE = re.compile(r"^version:\s*(.+?)\s*$", re.MULTILINE)
 _VERSION_COMMIT = re.compile(r"\((?:.*\bcommit\s+)?([0-9a-f]{7,40})(?:-dirty)?\)")
@@ -51,11 +52,14 @@ def platform_tag() -> str:
     return f"{system}-{machine}"
 
 
-def engine_key(commit: str, variant: str, platform_name: str | None = None) -> str:
-    """`llama.cpp-<commit7>-<variant>-<platform>`: the engine's directory name in the cache."""
+def engine_key(commit: str, variant: str, platform_name: str | None = None,
+               patches_id: str = "") -> str:
+    """`llama.cpp-<commit7>[-p<patch series>]-<variant>-<platform>`: the engine's directory
+    name in the cache (the series: launcher.engines.patch_series)."""
     if variant not in VARIANTS:
         raise EngineError(f"unknown engine variant {variant!r}; use one of {', '.join(VARIANTS)}")
-    return f"llama.cpp-{commit[:7]}-{variant}-{platform_name or platform_tag()}"
+    series = f"-p{patches_id}" if patches_id else ""
+    return f"llama.cpp-{commit[:7]}{series}-{variant}-{platform_name or platform_tag()}"
 
 
 @dataclass(frozen=True)
@@ -214,10 +218,19 @@ class FoundEngine:
     commit: str | None
     variant: str | None
     manifest: Path | None
+    distribution: str | None = None  # an installed wheel's: "lalo-engine-portable 0.3.36"
+    patches: tuple[str, ...] = ()  # lalo's llama.cpp patches it was built with (patch_series)
 
     @property
     def directory(self) -> Path:
         return self.path.parent
+
+    @property
+    def origin_text(self) -> str:
+        """Where it came from, for people: "built here", "installed from wheel NAME VERSION"."""
+        if self.origin == "wheel":
+            return f"installed from wheel {self.distribution}"
+        return {"config": "configured", "cache": "built here", "PATH": "on PATH"}[self.origin]
 
 
 VersionProbe = Callable[[Path], "tuple[str, str | None] | None"]
@@ -274,14 +287,35 @@ def cached_engines(
 
 
 def _from_cache(
-    engine_dir: Path, manifest: EngineManifest, probe: VersionProbe
+    engine_dir: Path, manifest: EngineManifest, probe: VersionProbe,
+    distribution: str | None = None,
 ) -> FoundEngine:
+    """A cache engine, or with `distribution` the engine an installed wheel holds."""
     binary = engine_dir / "bin" / exe_name(SERVER)
     version = probe(binary)
     return FoundEngine(
-        kind=KIND, path=binary, origin="cache", version=version[0] if version else None,
-        commit=manifest.commit, variant=manifest.variant, manifest=engine_dir / MANIFEST,
+        kind=KIND, path=binary, origin="cache" if distribution is None else "wheel",
+        version=version[0] if version else None, commit=manifest.commit,
+        variant=manifest.variant, manifest=engine_dir / MANIFEST, distribution=distribution,
+        patches=tuple(manifest.extra.get("patches") or ()),
     )
+
+
+Installed = Callable[[], "list[tuple[Path, EngineManifest, str]]"]
+_told: set[str] = set()  # skipped wheel engines already logged by this process
+
+
+def installed_wheels() -> list[tuple[Path, EngineManifest, str]]:
+    """The engines of installed engine wheels as (directory, manifest, distribution); each one
+    skipped is logged once (why it cannot run here)."""
+    from launcher.engines.installed import installed_engines  # reads every dist's entry points
+
+    found, skipped = installed_engines()
+    for item in skipped:
+        if item.distribution not in _told:
+            _told.add(item.distribution)
+            log.warning("engine of %s skipped: %s", item.distribution, item.reason)
+    return [(engine.directory, engine.manifest, engine.distribution) for engine in found]
 
 
 def _from_binary(binary: Path, origin: Origin, probe: VersionProbe) -> FoundEngine:
@@ -310,12 +344,22 @@ def find_llama_server(
     engines_root: Path | None = None,
     which: Callable[[str], str | None] = shutil.which,
     probe: VersionProbe = probe_version,
+    installed: Installed = installed_wheels,
 ) -> FoundEngine | None:
-    """The llama-server to use: configured path > cache (`variant` first, then any) > PATH."""
+    """The llama-server to use: configured path > `variant` built here > `variant` from an
+    installed wheel > any built here > any from a wheel > PATH. A built one is found without
+    reading the installed distributions' entry points at all."""
     if configured != "auto":
         return _from_binary(_configured_binary(configured), "config", probe)
     cached = list(cached_engines(engines_root))
-    for engine_dir, manifest in sorted(cached, key=lambda item: item[1].variant != variant):
+    for engine_dir, manifest in cached:
+        if manifest.variant == variant:
+            return _from_cache(engine_dir, manifest, probe)
+    wheels = installed()
+    for engine_dir, manifest, distribution in sorted(wheels, key=lambda w: w[1].variant != variant):
+        if manifest.variant == variant or not cached:
+            return _from_cache(engine_dir, manifest, probe, distribution)
+    for engine_dir, manifest in cached:
         return _from_cache(engine_dir, manifest, probe)
     on_path = which(SERVER)
     if on_path is not None:
@@ -330,10 +374,12 @@ def require_llama_server(
     engines_root: Path | None = None,
     which: Callable[[str], str | None] = shutil.which,
     probe: VersionProbe = probe_version,
+    installed: Installed = installed_wheels,
 ) -> FoundEngine:
     """find_llama_server, or EngineError telling the user how to get one."""
     found = find_llama_server(
-        configured, variant, engines_root=engines_root, which=which, probe=probe
+        configured, variant, engines_root=engines_root, which=which, probe=probe,
+        installed=installed,
     )
     if found is None:
         raise EngineError("no llama-server found; run `lalo engine build`")
@@ -352,12 +398,14 @@ def list_engines(
     engines_root: Path | None = None,
     which: Callable[[str], str | None] = shutil.which,
     probe: VersionProbe = probe_version,
+    installed: Installed = installed_wheels,
 ) -> list[FoundEngine]:
-    """Every llama-server found, in preference order: configured, cache entries, PATH."""
+    """Every llama-server found: configured, cache entries, installed wheels, PATH."""
     engines: list[FoundEngine] = []
     if configured != "auto":
         engines.append(_from_binary(_configured_binary(configured), "config", probe))
     engines.extend(_from_cache(d, m, probe) for d, m in cached_engines(engines_root))
+    engines.extend(_from_cache(d, m, probe, dist) for d, m, dist in installed())
     on_path = which(SERVER)
     if on_path is not None:
         engines.append(_from_binary(Path(on_path), "PATH", probe))

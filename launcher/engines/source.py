@@ -9,15 +9,14 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import paths
-from launcher.errors import EngineError
+from launcher.errors import EngineError, HubError
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +79,12 @@ def pinned_source(
     *,
     cache: Path | None = None,
     progress: Callable[[str], None] | None = None,
-    python: str = sys.executable,
+    pip: Sequence[str] | None = None,
 ) -> LlamaCppSource:
-    """The pinned sdist's `vendor/llama.cpp`, downloading and extracting it the first time."""
+    """The pinned sdist's `vendor/llama.cpp`, downloading and extracting it the first time
+    (`pip`: the command that runs pip; default launcher.models.wheels.pip_command())."""
     root = cache if cache is not None else sources_dir()
-    tree = extracted_sdist(root, progress=progress, python=python) / "vendor" / "llama.cpp"
+    tree = extracted_sdist(root, progress=progress, pip=pip) / "vendor" / "llama.cpp"
     check_tree(tree)
     commit, origin = tree_commit(tree)
     return LlamaCppSource(tree=tree, commit=commit, commit_origin=origin, label=SDIST_LABEL)
@@ -94,7 +94,7 @@ def extracted_sdist(
     root: Path,
     *,
     progress: Callable[[str], None] | None = None,
-    python: str = sys.executable,
+    pip: Sequence[str] | None = None,
 ) -> Path:
     """`root/llama_cpp_python-X/`, made from `root/llama_cpp_python-X.tar.gz` once."""
     target = root / SDIST_NAME
@@ -102,7 +102,7 @@ def extracted_sdist(
         return target
     archive = root / f"{SDIST_NAME}.tar.gz"
     if not archive.is_file():
-        download_sdist(archive, progress=progress, python=python)
+        download_sdist(archive, progress=progress, pip=pip)
     if progress is not None:
         progress(f"extracting {archive.name}")
     # Extract beside the target and rename: a half-extracted tree never has the final name.
@@ -142,10 +142,13 @@ def download_sdist(
     archive: Path,
     *,
     progress: Callable[[str], None] | None = None,
-    python: str = sys.executable,
+    pip: Sequence[str] | None = None,
     timeout: float = DOWNLOAD_TIMEOUT,
 ) -> None:
-    """`pip download` the pinned sdist into `archive` (atomically)."""
+    """`pip download` the pinned sdist into `archive` (atomically), with whichever pip
+    pip_command() finds: a venv without pip (uv, `--without-pip`) can build the engine too."""
+    if pip is None:
+        pip = _pip_command()
     archive.parent.mkdir(parents=True, exist_ok=True)
     log_path = paths.cache_dir() / "logs" / "engine-source-download.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,7 @@ def download_sdist(
         progress(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} source with pip")
     with tempfile.TemporaryDirectory(prefix=".download-", dir=archive.parent) as tmp:
         argv = [
-            python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            *pip, "download", "--no-deps", "--no-binary", ":all:",
             "--disable-pip-version-check", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
             "-d", tmp,
         ]
@@ -170,7 +173,7 @@ def download_sdist(
                 f"log: {log_path}"
             ) from exc
         except OSError as exc:
-            raise EngineError(f"cannot run {python} -m pip: {exc}") from exc
+            raise EngineError(f"cannot run {' '.join(pip)}: {exc}") from exc
         got = Path(tmp) / archive.name
         if done.returncode != 0 or not got.is_file():
             tail = _tail(log_path, 8)
@@ -180,6 +183,16 @@ def download_sdist(
                 f"{tail}\nfull log: {log_path}"
             )
         os.replace(got, archive)
+
+
+def _pip_command() -> list[str]:
+    from launcher.models.wheels import pip_command  # the model-pull module: imported only now
+
+    try:
+        return pip_command()
+    except HubError as exc:  # no pip anywhere: say what it was for, and the way around it
+        raise EngineError(f"cannot download the llama.cpp source: {exc}; or pass --source DIR "
+                          "with a llama.cpp checkout") from exc
 
 
 def _tail(path: Path, lines: int) -> str:

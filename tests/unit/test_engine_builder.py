@@ -17,10 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from launcher.cli.app import _register, app
-from launcher.cli.commands_engine import ProgressPrinter
 from launcher.digest import file_sha256
 from launcher.engines import builder as builder_mod
-from launcher.engines import buildroot
+from launcher.engines import buildroot, patch_series
 from launcher.engines import source as sources
 from launcher.engines.builder import (
     BuildProgress,
@@ -31,6 +30,7 @@ from launcher.engines.builder import (
     relevant_tail,
     run_command,
 )
+from launcher.engines.progress import BuildProgressView, ConsoleLines
 from launcher.engines.registry import (
     CONFIG_KEY,
     EngineManifest,
@@ -156,7 +156,50 @@ def make_builder(cache: Path, runner: FakeCMake, tree: Path) -> EngineBuilder:
     return EngineBuilder(
         engines_root=cache / "engines", cache_root=cache, runner=runner, which=which_all,
         fetch_pinned=fetch, compiler_probe=lambda cc: "cc (Fake) 12.2.0", use_build_root=False,
+        patches=(),  # the fake tree has no llama.cpp to patch (test_patch_series_is_applied)
     )
+
+
+# --- the patch series -----------------------------------------------------------------------
+
+NEW_FILE_PATCH = """\
+Subject: [PATCH] a marker
+Upstream-Status: not for upstream
+---
+--- /dev/null
++++ b/tools/server/lalo-marker.txt
+@@ -0,0 +1 @@
++patched by lalo
+"""
+
+
+def test_patch_series_is_applied_to_a_copy_and_named_in_key_and_manifest(
+    cache: Path, tree: Path
+) -> None:
+    runner = FakeCMake()
+    patches = [patch_series.Patch("0001-marker.patch", NEW_FILE_PATCH)]
+    builder = make_builder(cache, runner, tree)
+    builder.patches = patches
+    built = builder.build("native", None)
+    series = patch_series.series_id(patches)
+    assert built.key == f"llama.cpp-0c1e570-p{series}-native-{platform_tag()}"
+    assert built.manifest.extra["patches"] == ["0001-marker.patch"]
+    assert built.manifest.extra["patches_id"] == series
+    configured = next(argv for argv in runner.calls if "-S" in argv)
+    patched = Path(configured[configured.index("-S") + 1])
+    assert (patched / "tools" / "server" / "lalo-marker.txt").read_text() == "patched by lalo\n"
+    assert not (tree / "tools" / "server" / "lalo-marker.txt").exists()  # the pinned tree
+    # `lalo engine list` says which patches each engine carries
+    _register()
+    listed = CliRunner().invoke(app, ["engine", "list"], env={"PATH": ""})
+    assert listed.exit_code == 0, listed.output
+    assert "0001" in listed.stdout and "0001-marker.patch" in listed.stdout
+    as_json = CliRunner().invoke(app, ["engine", "list", "--json"], env={"PATH": ""})
+    assert json.loads(as_json.stdout)[0]["patches"] == ["0001-marker.patch"]
+    # the same series again: already built; another series (or none): a new engine
+    assert builder.build("native", None).already_built
+    builder.patches = []
+    assert not builder.build("native", None).already_built
 
 
 # --- naming -------------------------------------------------------------------------------
@@ -195,7 +238,7 @@ def test_progress_parsed_from_recorded_cmake_output() -> None:
     assert parse_progress("-- Configuring done") is None
 
 
-def test_progress_never_goes_backwards_and_printer_steps_by_ten(
+def test_progress_never_goes_backwards_and_printer_steps_by_five(
     cache: Path, tree: Path
 ) -> None:
     events: list[BuildProgress] = []
@@ -205,9 +248,9 @@ def test_progress_never_goes_backwards_and_printer_steps_by_ten(
     assert {e.stage for e in events} == {"configure", "build", "install"}
 
     out = io.StringIO()
-    printer = ProgressPrinter(out, interactive=False)
+    view = BuildProgressView(ConsoleLines(out, interactive=False), clock=lambda: 0.0)
     for event in events:
-        printer(event)
+        view(event)
     lines = out.getvalue().splitlines()
     shown = [int(line[1:4]) for line in lines if line.startswith("[")]
     assert shown == [0, 10, 52, 100]
@@ -216,10 +259,10 @@ def test_progress_never_goes_backwards_and_printer_steps_by_ten(
 
 def test_interactive_printer_rewrites_one_line() -> None:
     out = io.StringIO()
-    printer = ProgressPrinter(out, interactive=True)
-    printer(BuildProgress("build", "Building a", 5))
-    printer(BuildProgress("build", "Building b", 6))
-    printer.close()
+    view = BuildProgressView(ConsoleLines(out, interactive=True), clock=lambda: 0.0)
+    view(BuildProgress("build", "Building a", 5))
+    view(BuildProgress("build", "Building b", 6))
+    view.close()
     assert "\n" not in out.getvalue()
     assert out.getvalue().count("\r\x1b[K") == 3
 
@@ -532,7 +575,7 @@ def test_pinned_source_extracted_once_from_cached_archive(tmp_path: Path) -> Non
         "vendor/llama.cpp/tools/server/CMakeLists.txt": "",
     })
     notes: list[str] = []
-    got = sources.pinned_source(cache=root, progress=notes.append, python="/nonexistent")
+    got = sources.pinned_source(cache=root, progress=notes.append, pip=["/nonexistent"])
     assert got.tree == root / sources.SDIST_NAME / "vendor" / "llama.cpp"
     assert got.label == sources.SDIST_LABEL and notes == [f"extracting {sources.SDIST_NAME}.tar.gz"]
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
@@ -549,7 +592,7 @@ def test_failed_download_says_how_to_build_without_it(
         tmp_path / "python", "#!/bin/sh\necho 'ERROR: No matching distribution'\nexit 1\n"
     )
     with pytest.raises(EngineError) as caught:
-        sources.pinned_source(cache=tmp_path / "sources", python=str(python))
+        sources.pinned_source(cache=tmp_path / "sources", pip=[str(python)])
     message = str(caught.value)
     assert "pip could not download llama-cpp-python==0.3.36 (exit 1)" in message
     assert "--source DIR" in message and "No matching distribution" in message
@@ -644,10 +687,12 @@ def test_cli_list_json_and_table(cache: Path, tree: Path, monkeypatch: pytest.Mo
     assert entry["path"] == str(server) and entry["selected"] and entry["origin"] == "cache"
     result = runner.invoke(app, ["engine", "list"])
     assert result.exit_code == 0
-    assert result.stdout.splitlines()[1].startswith("*  cache   native")
+    assert result.stdout.splitlines()[1].startswith("*  built here  native")
 
 
-def test_cli_build_when_already_built_says_so(cache: Path, tree: Path) -> None:
+def test_cli_build_when_already_built_says_so(cache: Path, tree: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(patch_series, "series", lambda: [])  # the fake tree takes no patches
     built = make_builder(cache, FakeCMake(), tree).build("native", None)
     _register()
     result = CliRunner().invoke(app, ["engine", "build", "--variant", "native"])
@@ -798,7 +843,7 @@ def test_portable_engine_is_built_in_the_old_root_and_carries_the_gcc_runtime(
         engines_root=cache / "engines", cache_root=cache, runner=runner, which=which_all,
         fetch_pinned=lambda note: sources.LlamaCppSource(tree, COMMIT, "git", sources.SDIST_LABEL),
         compiler_probe=lambda cc: "gcc (Debian 10.2.1-6) 10.2.1 20210110",
-        build_root=lambda note: root, use_build_root=True,
+        build_root=lambda note: root, use_build_root=True, patches=(),
     )
     built = builder.build("portable")
     # Everything ran inside the root, from a clean environment, on the root's copy.

@@ -184,3 +184,16 @@ def test_pips_download_line_is_read_alike_from_every_pip(line: str, name: str, s
     assert (announced.name, announced.size, announced.line) == (name, size, said)
     assert read_announced("Saved ./d/a-1-py3-none-any.whl") is None
 
+
+
+def test_a_pip_that_can_resume_a_cut_download_is_asked_to(tmp_path: Path) -> None:
+    """Asked of pip's help, not guessed from its version: pip 25.1+ lists --resume-retries."""
+    from launcher.models.pip_download import resume_options
+
+    assert resume_options([sys.executable, "-m", "pip"]) == ["--resume-retries", "5"]  # dev pip
+    old = tmp_path / "old_pip.py"  # a pip whose help lacks it (pip 23 and 24)
+    old.write_text("print('Usage: pip download [options]\\n  --retries <retries>')\n")
+    assert resume_options([sys.executable, str(old)]) == []
+    broken = tmp_path / "broken_pip.py"
+    broken.write_text("import sys; sys.exit(3)\n")
+    assert resume_options([sys.executable, str(broken)]) == []

@@ -116,7 +116,7 @@ def engine_components(manifest: EngineManifest, tree: Path | None) -> tuple[list
             Component(
                 "llama.cpp (llama-server)", "MIT", _LLAMA_COPYRIGHT,
                 "https://github.com/ggml-org/llama.cpp", version=manifest.commit[:7],
-                note=f"{manifest.variant} build, {manifest.platform}",
+                note=f"{manifest.variant} build, {manifest.platform}{_modified(manifest)}",
             ),
             (LicenseFile("llama.cpp/LICENSE", main_text),),
         )
@@ -134,6 +134,15 @@ def engine_components(manifest: EngineManifest, tree: Path | None) -> tuple[list
             files,
         ))
     return packaged, warnings
+
+
+def _modified(manifest: EngineManifest) -> str:
+    """MIT asks for nothing more, but a recipient should know the engine is not upstream's."""
+    patches = manifest.extra.get("patches") or []
+    if not patches:
+        return ""
+    return ("; modified by lalo with its patch series (each patch says what and why, in lalo's "
+            f"source: launcher/engines/patches/): {', '.join(patches)}")
 
 
 def _spdx_name(license_id: str) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -244,10 +245,26 @@ def test_exe_unpacks_once_serves_both_and_leaves_nothing(package: Package, wine:
           f"second {second:.1f} s")
 
 
-def test_exe_refuses_an_open_address_without_a_key(package: Package, wine: Wine) -> None:
+def test_exe_refuses_an_open_address_without_a_key_and_a_port_in_use(package: Package,
+                                                                      wine: Wine) -> None:
     done = wine.run([str(package.exe), "--host", "0.0.0.0"], timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--api-key" in done.stdout
+
+    def occupy() -> socket.socket:
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", package.port))
+        holder.listen()
+        return holder
+
+    holder = wine.netns.call(occupy) if wine.netns is not None else occupy()
+    try:
+        done = wine.run([str(package.exe), "--port", str(package.port)], timeout=300)
+    finally:
+        holder.close()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"cannot listen on 127.0.0.1:{package.port} (another program is using it)" in done.stdout
+    assert not llama_servers()
 
 
 def test_installer_installs_serves_and_uninstalls(package: Package, wine: Wine,

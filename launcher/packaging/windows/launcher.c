@@ -266,7 +266,13 @@ static int read_pack(HANDLE self, pack_t *pack) {
         return -1;
     }
     for (int i = 0; i < 8; i++) snprintf(pack->id + 2 * i, 3, "%02x", digest[i]);
-    pack->count = (int)(index[8] | index[9] << 8 | index[10] << 16 | (uint32_t)index[11] << 24);
+    uint32_t count = index[8] | index[9] << 8 | index[10] << 16 | (uint32_t)index[11] << 24;
+    if (count > n / 50) { /* each entry takes at least 50 bytes */
+        say("error: this program's packed files are damaged (bad count); download it again");
+        free(index);
+        return -1;
+    }
+    pack->count = (int)count;
     pack->entries = calloc((size_t)pack->count + 1, sizeof(entry_t));
     size_t pos = 12;
     for (int i = 0; i < pack->count; i++) {
@@ -351,8 +357,20 @@ static int whole(const pack_t *pack, const char *root) {
     return ok;
 }
 
+/* ".partial-PID" left by an unpack whose process is gone (killed, a power cut). */
+static int abandoned_partial(const char *suffix) {
+    if (strncmp(suffix, ".partial-", 9)) return 0;
+    DWORD pid = strtoul(suffix + 9, NULL, 10);
+    if (pid == GetCurrentProcessId()) return 0;
+    HANDLE other = OpenProcess(SYNCHRONIZE, FALSE, pid);
+    if (other == NULL) return 1;
+    int gone = WaitForSingleObject(other, 0) == WAIT_OBJECT_0;
+    CloseHandle(other);
+    return gone;
+}
+
 /* Other unpacked versions of this program: removed when nothing uses them (a running copy
-   holds its files open, so Windows refuses and they stay). */
+   holds its files open, so Windows refuses and they stay); and abandoned partial unpacks. */
 static void prune_others(const char *base, const char *keep) {
     char *pattern = join(base, "*");
     wchar_t *w = wide(pattern);
@@ -361,14 +379,16 @@ static void prune_others(const char *base, const char *keep) {
     if (h != INVALID_HANDLE_VALUE) {
         do {
             char *name = utf8(found.cFileName);
-            if ((found.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY) && strlen(name) >= 16 &&
-                strcmp(name, keep) && strspn(name, "0123456789abcdef") == 16) {
+            if ((found.dwFileAttributes & FILE_ATTRIBUTE_DIRECTORY) && strspn(name, "0123456789abcdef") == 16 &&
+                ((strlen(name) == 16 && strcmp(name, keep)) || abandoned_partial(name + 16))) {
                 char *old = join(base, name);
                 char *server = join(old, "bin\\llama-server.exe");
                 wchar_t *ws = wide(server);
                 /* a file in use cannot be opened for delete: then the copy is left alone */
                 HANDLE probe = CreateFileW(ws, DELETE, 0, NULL, OPEN_EXISTING, 0, NULL);
-                if (probe != INVALID_HANDLE_VALUE || GetLastError() == ERROR_FILE_NOT_FOUND) {
+                DWORD why = GetLastError();
+                if (probe != INVALID_HANDLE_VALUE || why == ERROR_FILE_NOT_FOUND ||
+                    why == ERROR_PATH_NOT_FOUND) {
                     if (probe != INVALID_HANDLE_VALUE) CloseHandle(probe);
                     remove_tree(old);
                 }
@@ -387,7 +407,10 @@ static void prune_others(const char *base, const char *keep) {
 /* The folder holding this program's files, unpacked here if needed; NULL after an error. */
 static char *unpacked_root(HANDLE self, const pack_t *pack, const char *base) {
     char *root = join(base, pack->id);
-    if (whole(pack, root)) return root;
+    if (whole(pack, root)) {
+        prune_others(base, pack->id);
+        return root;
+    }
     char partial_name[64];
     snprintf(partial_name, sizeof partial_name, "%s.partial-%lu", pack->id, GetCurrentProcessId());
     char *partial = join(base, partial_name);
@@ -622,6 +645,33 @@ static int port_answers(const char *host, int port) {
     return ok;
 }
 
+/* 0 when HOST:PORT can be bound now; otherwise says why (another program has it) */
+static int port_taken(const char *host, int port) {
+    char service[16];
+    snprintf(service, sizeof service, "%d", port);
+    struct addrinfo hints, *found = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE;
+    if (getaddrinfo(host, service, &hints, &found) || found == NULL) {
+        say("error: cannot use the address %s: no such host or address", host);
+        return 1;
+    }
+    SOCKET s = socket(found->ai_family, SOCK_STREAM, IPPROTO_TCP);
+    BOOL exclusive = TRUE; /* as a server binds: fail if anyone else has the port */
+    if (s != INVALID_SOCKET)
+        setsockopt(s, SOL_SOCKET, SO_EXCLUSIVEADDRUSE, (const char *)&exclusive, sizeof exclusive);
+    int taken = s == INVALID_SOCKET || bind(s, found->ai_addr, (int)found->ai_addrlen) != 0;
+    int why = WSAGetLastError();
+    if (s != INVALID_SOCKET) closesocket(s);
+    freeaddrinfo(found);
+    if (taken)
+        say("error: cannot listen on %s:%d (%s): choose another port with --port N", host, port,
+            why == WSAEADDRINUSE || why == WSAEACCES ? "another program is using it"
+                                                      : "the address is not on this machine");
+    return taken;
+}
+
 static int models_max(const launch_t *cfg, uint64_t available) {
     int k = 0;
     while (k < cfg->n_models && cfg->fits[k + 1] && cfg->fits[k + 1] <= available) k++;
@@ -664,6 +714,9 @@ static int serve(const launch_t *cfg, const options_t *opt, const char *root, co
             mib(available, a, sizeof a), largest->name, mib(cfg->fits[1], b, sizeof b));
         k = 1;
     }
+    WSADATA wsa;
+    WSAStartup(MAKEWORD(2, 2), &wsa);
+    if (port_taken(opt->host, opt->port)) return 1;
     char *logs = join(base, "logs");
     char *log_path = join(logs, "server.log");
     if (make_dirs(logs)) return 1;
@@ -719,8 +772,6 @@ static int serve(const launch_t *cfg, const options_t *opt, const char *root, co
     CloseHandle(pi.hThread);
     CloseHandle(log);
 
-    WSADATA wsa;
-    WSAStartup(MAKEWORD(2, 2), &wsa);
     DWORD started = GetTickCount(), stop_at = 0;
     int ready = 0;
     for (;;) {

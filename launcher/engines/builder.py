@@ -115,7 +115,6 @@ ROOT_BUILD = "/lalo/build"
 # skipped at build time); a CPU that has them runs the next best variant (icelake, zen4).
 _VARIANT_MIN_GCC = {"alderlake": 11, "sapphirerapids": 11}
 _VARIANT_LIST = "ggml/src/CMakeLists.txt"
-_BUILD_INFO = "cmake/build-info.cmake"
 _LEFT_OUT = "# lalo: left out, gcc < 11: "
 _GCC_MAJOR = re.compile(r"\)\s+(\d+)\.\d+")
 # The GPUs of the plan's tiers: Ampere (A100 sm_80, RTX 30xx sm_86), Ada (RTX 40xx sm_89),
@@ -780,15 +779,13 @@ def _copy_source_into(tree: Path, target: Path, left_out: Sequence[str], commit:
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    for name, change in ((_VARIANT_LIST, lambda text: leave_out_variants(text, left_out)),
-                         (_BUILD_INFO, lambda text: text.replace(
-                             'set(BUILD_COMMIT "unknown")', f'set(BUILD_COMMIT "{commit[:7]}")'))):
-        path = target / name
-        if path.is_file():
-            text = path.read_text(encoding="utf-8")
-            changed = change(text)
-            if changed != text:
-                path.write_text(changed, encoding="utf-8")
+    variants = target / _VARIANT_LIST
+    if variants.is_file():
+        text = variants.read_text(encoding="utf-8")
+        changed = leave_out_variants(text, left_out)
+        if changed != text:
+            variants.write_text(changed, encoding="utf-8")
+    sources.stamp_commit(target, commit)
 
 
 def _root_library(root: BuildRoot, name: str) -> Path:

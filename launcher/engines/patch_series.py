@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from launcher.engines.source import stamp_commit
 from launcher.errors import EngineError
 
 _TOUCHED = re.compile(r"^\+\+\+ b/(\S+)", re.MULTILINE)
@@ -87,6 +88,14 @@ def patched_tree(tree: Path, commit7: str, patches: list[Patch], cache: Path) ->
                 file.write_bytes(data)
         for patch in patches:
             _apply(patch, staging)
+        # the copy's `.git` file names a folder relative to the pristine tree: without it
+        # cmake finds no git, and takes the commit written into the build info instead
+        dotgit = staging / ".git"
+        if dotgit.is_dir() and not dotgit.is_symlink():
+            shutil.rmtree(dotgit)  # unlinks the links; the pristine tree keeps its files
+        else:
+            dotgit.unlink(missing_ok=True)
+        stamp_commit(staging, commit7)
         (staging / ".lalo-patched").write_text("\n".join(p.name for p in patches) + "\n")
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)

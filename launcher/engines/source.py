@@ -53,6 +53,24 @@ class LlamaCppSource:
         return self.commit[:7]
 
 
+BUILD_INFO = "cmake/build-info.cmake"
+
+
+def stamp_commit(tree: Path, commit: str) -> None:
+    """Write `commit` into a tree's build info, for a copy in which cmake's git lookup cannot
+    work (a build root has no git; a patched copy's `.git` file points nowhere), so that
+    `llama-server --version` names it instead of "commit unknown". The file is written anew,
+    never through a hard link to the pristine tree."""
+    path = tree / BUILD_INFO
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    changed = text.replace('set(BUILD_COMMIT "unknown")', f'set(BUILD_COMMIT "{commit[:7]}")')
+    if changed != text:
+        path.unlink()
+        path.write_text(changed, encoding="utf-8")
+
+
 def sources_dir() -> Path:
     return paths.cache_dir() / "sources"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from launcher.digest import file_sha256
+from launcher.engines import patch_series
 from launcher.engines.registry import (
     cached_engines,
     find_llama_server,
@@ -43,7 +44,12 @@ def test_manifest_matches_installed_files(llama_server_bin: Path) -> None:
     data = json.loads((engine_dir / "manifest.json").read_text())
     assert data["variant"] == VARIANT and data["platform"] == platform_tag()
     assert data["source"] == SDIST_LABEL
-    assert engine_dir.name == f"llama.cpp-{data['commit'][:7]}-{VARIANT}-{platform_tag()}"
+    # lalo's patch series is named in the key and listed in the manifest
+    series = [p.name for p in patch_series.series()]
+    assert data["patches"] == series and data["patches_id"] == patch_series.series_id(
+        patch_series.series())
+    assert engine_dir.name == \
+        f"llama.cpp-{data['commit'][:7]}-p{data['patches_id']}-{VARIANT}-{platform_tag()}"
     assert f"-DGGML_NATIVE={'ON' if VARIANT == 'native' else 'OFF'}" in data["cmake_flags"]
     assert data["compiler"] and data["build_seconds"] > 0 and data["built_at"]
     paths = {entry["path"] for entry in data["files"]}

@@ -32,6 +32,9 @@ def tree(tmp_path: Path) -> Path:
     (root / "src").mkdir(parents=True)
     (root / "src" / "hello.c").write_text('int main(void) {\n    return puts("hi");\n}\n')
     (root / "CMakeLists.txt").write_text("project(x)\n")
+    (root / "cmake").mkdir()
+    (root / "cmake" / "build-info.cmake").write_text('set(BUILD_COMMIT "unknown")\n')
+    (root / ".git").write_text("gitdir: ../../.git/modules/vendor/llama.cpp\n")
     return root
 
 
@@ -62,6 +65,10 @@ def test_a_patched_copy_leaves_the_pristine_tree_alone(tmp_path: Path) -> None:
     assert 'puts("hello")' in (patched / "src" / "hello.c").read_text()
     assert 'puts("hi")' in (source / "src" / "hello.c").read_text()  # not through a hard link
     assert (patched / "CMakeLists.txt").stat().st_ino == (source / "CMakeLists.txt").stat().st_ino
+    # the copy's relative gitdir would point nowhere: the commit goes into its build info
+    assert not (patched / ".git").exists() and (source / ".git").is_file()
+    assert 'set(BUILD_COMMIT "0c1e570")' in (patched / "cmake" / "build-info.cmake").read_text()
+    assert "unknown" in (source / "cmake" / "build-info.cmake").read_text()
     # made once: a second call reuses it
     again = patched_tree(source, "0c1e570", [Patch("0001-a.patch", PATCH)], tmp_path / "cache")
     assert again == patched

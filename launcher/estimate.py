@@ -37,6 +37,10 @@ CHECKPOINTS_PER_SLOT = DEFAULT_CHECKPOINTS  # 3
 # Calibrated constants (bench/calibrate_estimate.py); see docs/memory-estimate.md.
 PROCESS_OVERHEAD = 18 * MIB  # binary, libc, threads, HTTP server, chat template engine
 VOCAB_OVERHEAD_PER_TOKEN = 200  # tokenizer tables in RAM, bytes per vocab entry
+# a BPE tokenizer's merges: llama-vocab's `bpe_ranks` map (a ~112-byte node per merge) and the
+# merge strings read from the GGUF; fitted on SmolLM2 (48,900 merges: 9 MiB the per-token figure,
+# fitted on SentencePiece vocabularies without merges, left out)
+MERGE_OVERHEAD = 180
 CTX_OVERHEAD_PER_TOKEN = 400  # prompt-cache bookkeeping that grows with the context
 COMPUTE_PER_EMBD = 4 * 5.5  # graph activations: bytes per (ubatch token x n_embd)
 COMPUTE_PER_FF = 4 * 2.45  # bytes per (ubatch token x n_ff)
@@ -107,6 +111,7 @@ class ModelFacts:
     key_length: int
     value_length: int
     n_ctx_train: int = 0
+    n_merges: int = 0  # BPE tokenizer merges (0 for SentencePiece vocabularies)
     # bytes of per-sequence recurrent state per non-attention layer (conv / SSM), f32
     recurrent_state_per_layer: int = 0
     file_type: str = "unknown"
@@ -155,6 +160,7 @@ class ModelFacts:
             key_length=info.key_length,
             value_length=info.value_length,
             n_ctx_train=info.context_length,
+            n_merges=int(info.array_lengths.get("tokenizer.ggml.merges", 0)),
             recurrent_state_per_layer=recurrent,
             file_type=info.file_type,
         )
@@ -388,6 +394,7 @@ def estimate_memory(
     checkpoints = int(checkpoints_per_slot * max(1, parallel) * window_cells
                       * facts.kv_bytes_per_token(kv_type, sliding=True))
     overhead = (PROCESS_OVERHEAD + facts.n_vocab * VOCAB_OVERHEAD_PER_TOKEN
+                + facts.n_merges * MERGE_OVERHEAD
                 + ctx * CTX_OVERHEAD_PER_TOKEN
                 + parallel * facts.n_vocab * 4)  # logits of each slot's last token
     return MemoryEstimate(

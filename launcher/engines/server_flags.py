@@ -20,11 +20,12 @@ SETTING_FLAGS: Mapping[str, str] = {
     **dict.fromkeys(("-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff",
                      "--hf-file"), "file"),
 }
-# llama-cpp-python's server names them its own way.
+# llama-cpp-python's server names them its own way (and gets no KV cache type from lalo).
 PYTHON_SETTING_FLAGS: Mapping[str, str] = {
-    "--n_ctx": "ctx_size", "--n_threads": "threads", "--type_k": "kv_cache", "--type_v": "kv_cache",
-    "--flash_attn": "kv_cache", "--n_gpu_layers": "gpu_layers", "--model": "file",
+    "--n_ctx": "ctx_size", "--n_threads": "threads", "--n_gpu_layers": "gpu_layers",
+    "--model": "file",
 }
+_PYTHON_KV = ("--type_k", "--type_v")
 _WHAT = {"ctx_size": "the context size", "parallel": "the number of slots",
          "kv_cache": "the KV cache type", "gpu_layers": "the layers offloaded to GPUs",
          "threads": "the threads", "file": "the model file"}
@@ -106,6 +107,9 @@ def refused_arg(args: Sequence[str], name: str, *, python: bool = False) -> tupl
             if flag in PYTHON_SETTING_FLAGS:
                 setting = PYTHON_SETTING_FLAGS[flag]
                 return position, f"{arg} sets {_WHAT[setting]}: use models.{name}.{setting} instead"
+            if flag in _PYTHON_KV:
+                return position, (f"{arg} changes memory, and lalo's plan counts an f16 KV cache "
+                                  "for llama-cpp-python (kv_cache needs llama-server): remove it")
             continue
         if flag in SETTING_FLAGS:
             setting = SETTING_FLAGS[flag]

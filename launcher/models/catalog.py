@@ -93,6 +93,8 @@ class Architecture(_Strict):
     head_dim: Annotated[int, Field(gt=0)]
     n_vocab: Annotated[int, Field(gt=0)]
     n_ctx_train: Annotated[int, Field(gt=0)]
+    # a BPE tokenizer's merges (tokenizer.json's `merges`; 0: SentencePiece, or not read yet)
+    n_merges: Annotated[int, Field(ge=0)] = 0
     # Hybrid models (lfm2): the layers with attention; the others are short convolutions.
     attention_layers: Annotated[tuple[int, ...], Field(strict=False)] | None = None
     conv_l_cache: Annotated[int, Field(gt=0)] | None = None

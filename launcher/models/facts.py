@@ -51,6 +51,7 @@ def catalog_facts(entry: CatalogEntry) -> ModelFacts:
         key_length=arch.head_dim,
         value_length=arch.head_dim,
         n_ctx_train=arch.n_ctx_train,
+        n_merges=arch.n_merges,
         recurrent_state_per_layer=recurrent,
         file_type=entry.file_type,
         matmul_bytes_by_type=matmul,

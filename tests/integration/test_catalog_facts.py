@@ -38,7 +38,7 @@ def test_catalog_facts_agree_with_the_file_within_2_percent(entry: CatalogEntry)
     # the shape, exactly: it decides the KV cache and the sliding window
     for name in ("architecture", "n_layer", "n_embd", "n_ff", "n_head", "n_vocab", "kv_heads",
                  "key_length", "value_length", "n_ctx_train", "sliding_window", "swa_layers",
-                 "recurrent_state_per_layer", "output_tied"):
+                 "recurrent_state_per_layer", "output_tied", "n_merges"):
         assert getattr(catalog, name) == getattr(real, name), (entry.id, name)
     assert catalog.parameters == pytest.approx(real.parameters, rel=0.02)
     assert catalog.weight_bytes == pytest.approx(real.weight_bytes, rel=0.02)

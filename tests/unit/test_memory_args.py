@@ -127,3 +127,8 @@ def test_a_refused_arg_is_exit_2_from_the_cli(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == (f"lalo: error: {config}:4: models.a.args: -ctk sets the KV cache "
                            "type: use models.a.kv_cache instead\n")
+
+
+def test_llama_cpp_python_gets_no_quantized_cache_through_args() -> None:
+    refused = refused_arg(("--type_k", "8"), "m", python=True)
+    assert refused is not None and refused[1].startswith("--type_k changes memory")

@@ -176,6 +176,8 @@ def main() -> None:
     real.add_argument("--no-real", action="store_true", help="only the generated models")
     parser.add_argument("--kv-cache", default="f16",
                         help="KV cache types to measure, comma-separated (f16,q8_0,q4_0)")
+    parser.add_argument("--real-contexts", default=",".join(map(str, REAL_CONTEXTS)),
+                        help="contexts for the real models, comma-separated")
     args = parser.parse_args()
     kv_types = [kind.strip() for kind in args.kv_cache.split(",") if kind.strip()]
     if not kv_types or any(kind not in KV_TYPE_BYTES for kind in kv_types):
@@ -209,8 +211,12 @@ def main() -> None:
         for model_id in REAL_MODELS:
             entry = default_catalog().get(model_id)
             path = cached_entry_path(entry) or pull_entry(entry).path
+            real_contexts = [int(ctx) for ctx in args.real_contexts.split(",") if ctx.strip()]
             cases.append((f"{entry.name} {entry.file_type} (real)", path,
-                          QUICK_REAL_CONTEXTS if args.quick else REAL_CONTEXTS, True))
+                          QUICK_REAL_CONTEXTS if args.quick else real_contexts, True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "memory-estimate.json"
+    kept = json.loads(previous.read_text()) if previous.exists() else []
     rows: list[dict[str, Any]] = []
     for label, path, ctx_sizes, is_real in cases:
         facts = ModelFacts.from_gguf(read_gguf(path))
@@ -229,6 +235,8 @@ def main() -> None:
             }
             row["error"] = (estimate.total - result["rss_full"]) / result["rss_full"]
             rows.append(row)
+            # after every case: a long run stopped halfway keeps what it measured
+            previous.write_text(json.dumps(merged(kept, rows), indent=1) + "\n")
             kv = sum(cache["bytes"] for cache in result["kv_caches"])
             print(f"{row['model']:<34} ctx {ctx:>5} {kv_type:<4}: estimate {format_size(estimate.total):>10} "
                   f"measured {format_size(result['rss_full']):>10} ({row['error']:+.1%}) "
@@ -237,13 +245,21 @@ def main() -> None:
                   f"{format_size(int(sum(result['checkpoints'])))} "
                   f"buffers {({k: round(v / MIB, 1) for k, v in result['buffers'].items()})}",
                   flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    previous = args.out / "memory-estimate.json"
-    if (args.real_only or args.no_real) and previous.exists():
-        # a partial run replaces its own kind of rows and keeps the others
-        rows += [row for row in json.loads(previous.read_text()) if bool(row.get("real")) == args.no_real]
+    rows = merged(kept, rows)
     previous.write_text(json.dumps(rows, indent=1) + "\n")
     write_table(rows, args.out / "memory-estimate.md", server)
+
+
+def case_key(row: dict[str, Any]) -> tuple[str, int, int, str]:
+    return row["model"], row["ctx_size"], row.get("parallel", 1), row.get("kv_cache", "f16")
+
+
+def merged(kept: list[dict[str, Any]], measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of earlier runs (each with the estimate of its own run) with this run's cases
+    replaced by what it measured, in the earlier order."""
+    new = {case_key(row): row for row in measured}
+    rows = [new.pop(case_key(row), row) for row in kept]
+    return rows + list(new.values())
 
 
 def kv_savings(rows: list[dict[str, Any]]) -> list[str]:
@@ -286,14 +302,23 @@ def kv_savings(rows: list[dict[str, Any]]) -> list[str]:
 
 def write_table(rows: list[dict[str, Any]], path: Path, server: Path) -> None:
     version = subprocess.run([str(server), "--version"], capture_output=True, text=True).stderr
-    version_line = next((line for line in version.splitlines() if "version" in line), "?")
-    real_rows = [row for row in rows if row.get("real")]
+    version_line = next((line for line in version.splitlines() if "version" in line), "?").strip()
+    manifest = server.parent.parent / "manifest.json"  # a lalo-built engine names its source
+    if manifest.is_file():
+        version_line += f"` (lalo engine `{json.loads(manifest.read_text())['key']}`)"
+    else:
+        version_line += "`"
+    order = {name: index for index, name in enumerate(dict.fromkeys(row["model"] for row in rows))}
+    kinds = list(KV_TYPE_BYTES)
+    real_rows = sorted((row for row in rows if row.get("real")),
+                       key=lambda row: (order[row["model"]], row["ctx_size"],
+                                        kinds.index(row.get("kv_cache", "f16"))))
     rows = [row for row in rows if not row.get("real")]
     lines = [
         "# Memory estimate vs measured RSS",
         "",
         "Made by `python bench/calibrate_estimate.py` with llama-server ",
-        f"`{version_line.strip()}`, `-np 1`, after one request that fills the whole context",
+        f"`{version_line}, `-np 1`, after one request that fills the whole context",
         "(the slot's context: a model's training context caps it). Measured = RSS of the",
         "llama-server process (psutil) after that request. Error = (estimate - measured) / measured.",
         "",

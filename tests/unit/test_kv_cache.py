@@ -155,3 +155,27 @@ def test_windows_presets_carry_cache_type_keys(tmp_path: Path, small_model: Path
     plain = next(s for s in sections if s.startswith("plain]"))
     assert {"cache-type-k = q8_0", "cache-type-v = q8_0", "flash-attn = on"} <= set(quick)
     assert "cache-type" not in plain and "flash-attn" not in plain
+
+
+def test_lalo_up_builds_the_server_and_its_record_with_the_kv_cache(
+    tmp_path: Path, small_model: Path, isolated: dict[str, str]
+) -> None:
+    from launcher.config import LoadedConfig
+    from launcher.cpu_share import CpuShare
+    from launcher.models.resolve import resolve_models
+    from launcher.runner import ServerFactory
+    from launcher.supervisor.instance import ChildRecords
+
+    text = f"models:\n  q: {{file: {small_model}, ctx_size: 1024, kv_cache: q4_0}}\n"
+    loaded = LoadedConfig(parse_config(text, label="x"), tmp_path / "x.yaml")
+    (resolved,) = resolve_models(loaded)
+    assert resolved.estimate is not None and resolved.facts is not None
+    assert resolved.estimate == estimate_memory(resolved.facts, 1024, 1, "q4_0")
+    factory = ServerFactory(loaded, {"llama-server": LlamaServerEngine(Path("/bin/llama-server"))},
+                            ChildRecords(tmp_path), CpuShare(1, 1, 2))
+    meta, managed, _ = factory.make(resolved)
+    argv = list(managed.engine.launch_spec(managed.settings).argv)
+    assert argv[argv.index("--cache-type-k") + 1] == argv[argv.index("--cache-type-v") + 1] == "q4_0"
+    # /api/status shows what the estimate was made with; the measured peak is kept per KV type
+    assert (meta.kv_cache, meta.ctx_size, meta.estimate) == ("q4_0", 1024, resolved.estimate.total)
+    assert meta.measurement_key.endswith("|kv=q4_0")

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import httpx
 
-from launcher.estimate import ModelFacts, split_memory
+from launcher.estimate import ModelFacts
+from launcher.gpu_split import split_memory
 from launcher.models.gguf_file import read_gguf
 
 MIB = 1024**2

@@ -25,12 +25,15 @@ from pydantic import (
 )
 
 from launcher import paths
+from launcher.engines.server_flags import offload_flag, refused_arg, refused_env
 from launcher.errors import ConfigError
 from launcher.units import auto_or_size_field, format_size, size_field
 from launcher.yamlfile import Lines, describe, read_yaml, where
 
 CONFIG_NAME = "lalo.yaml"
 EngineKind = Literal["llama-server", "llamafile", "llama-cpp-python"]
+# The KV cache types lalo offers (K and V alike): each halves the one before it, near enough
+KvCacheType = Literal["f16", "q8_0", "q4_0"]
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
                         r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$")
 _ORIGIN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+$")
@@ -38,19 +41,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _TEMPLATE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".tmpl", ".txt")
-
-
-# llama-server flags that decide GPU offload: a model whose args carry one keeps its own choice
-OFFLOAD_FLAGS = frozenset({
-    "-ngl", "--n-gpu-layers", "--gpu-layers", "-ts", "--tensor-split", "-fit", "--fit",
-    "-sm", "--split-mode", "-mg", "--main-gpu", "-dev", "--device", "-ot", "--override-tensor",
-    "-cmoe", "--cpu-moe", "-ncmoe", "--n-cpu-moe",
-})
-
-
-def offload_flag(args: tuple[str, ...] | list[str]) -> str | None:
-    """The first llama-server flag in `args` that decides GPU offload itself."""
-    return next((arg for arg in args if arg.partition("=")[0] in OFFLOAD_FLAGS), None)
 
 
 def _is_template_file(value: str) -> bool:
@@ -251,6 +241,9 @@ class ModelConfig(_Section):
     # llama-server on a GPU machine: auto = lalo's GPU plan (-ngl/--tensor-split), fit = leave
     # it to llama-server's --fit, N = that many layers (see docs/gpu.md)
     gpu_layers: int | Literal["auto", "fit"] = "auto"
+    # llama-server's -ctk/-ctv for K and V (with -fa on for a quantized one): q8_0 about halves the
+    # context's memory, q4_0 about quarters it (docs/memory-estimate.md)
+    kv_cache: KvCacheType = "f16"
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -300,6 +293,9 @@ class ModelConfig(_Section):
             raise ValueError(f"prompt_cache needs engine llama-server, not {self.engine_kind}")
         if self.gpu_layers != "auto" and self.engine_kind != "llama-server":
             raise ValueError(f"gpu_layers needs engine llama-server, not {self.engine_kind}")
+        if self.kv_cache != "f16" and self.engine_kind != "llama-server":
+            raise ValueError(f"kv_cache {self.kv_cache} needs engine llama-server (lalo passes "
+                             f"no KV cache type to {self.engine_kind}): use f16 or that engine")
         flag = offload_flag(self.args)
         if self.gpu_layers != "auto" and flag is not None:
             raise ValueError(f"gpu_layers and args {flag!r} both set the GPU offload; keep one")
@@ -516,6 +512,7 @@ def validate(
     except ValidationError as exc:
         raise ConfigError(describe(exc, label, lines, Config)) from None
     _check_names(config, label, lines)
+    _check_memory_args(config, label, lines)
     budget = config.resources.ram_budget
     total = total_ram if total_ram is not None else psutil.virtual_memory().total
     if budget != "auto" and budget > total:
@@ -543,6 +540,24 @@ def _check_names(config: Config, label: str, lines: Lines) -> None:
                     f"{other!r}"
                 )
             owner[alias] = name
+
+
+def _check_memory_args(config: Config, label: str, lines: Lines) -> None:
+    """`args` and `env` never set what a lalo setting sets, or memory the plan does not count:
+    the plan must describe the server that is started (launcher.engines.server_flags)."""
+    for name, model in config.models.items():
+        refused = refused_arg(model.args, name, python=model.engine_kind == "llama-cpp-python")
+        if refused is not None:
+            position, why = refused
+            place = where(label, lines, ("models", name, "args", str(position)))
+            raise ConfigError(f"{place}models.{name}.args: {why}")
+        if model.engine_kind == "llama-cpp-python":
+            continue
+        env = refused_env(model.env, name)
+        if env is not None:
+            variable, why = env
+            raise ConfigError(f"{where(label, lines, ('models', name, 'env', variable))}"
+                              f"models.{name}.env: {why}")
 
 
 def check_model_files(loaded: LoadedConfig) -> None:

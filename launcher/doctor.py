@@ -20,6 +20,7 @@ from launcher.estimate import estimate_memory
 from launcher.gpu import GpuReport, describe, gpu_facts
 from launcher.hardware import FEATURES, CpuInfo, cpu_info
 from launcher.models.catalog import Catalog, cached_entry_path, default_catalog
+from launcher.models.facts import entry_facts
 from launcher.models.hub import HubClient
 from launcher.planner import Budget, Candidate, compute_budget, make_plan
 from launcher.units import format_size
@@ -146,7 +147,10 @@ def collect_report(
     fits: list[ModelFit] = []
     candidates: list[Candidate] = []
     for entry in entries:
-        estimate = estimate_memory(entry.facts(), entry.default_ctx).total
+        path = cached_entry_path(entry, client=hub)
+        # the file's own facts once it is pulled: the figure `lalo plan` and `lalo up` use
+        facts = entry_facts(entry, path)
+        estimate = estimate_memory(facts, entry.default_ctx).total
         fits.append(
             ModelFit(
                 id=entry.id,
@@ -156,12 +160,12 @@ def collect_report(
                 estimate=estimate,
                 fits_now=estimate <= budget.bytes,
                 fits_machine=estimate <= memory.total - reserve,
-                cached=cached_entry_path(entry, client=hub) is not None,
+                cached=path is not None,
                 license=entry.license.id,
             )
         )
         candidates.append(
-            Candidate(entry.id, estimate, preload=True, facts=entry.facts(), ctx_size=entry.default_ctx)
+            Candidate(entry.id, estimate, preload=True, facts=facts, ctx_size=entry.default_ctx)
         )
     plan = make_plan(candidates, budget)
     gpu_report = gpu_facts()

@@ -10,15 +10,19 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from launcher.engines.server_flags import DEFAULT_CHECKPOINTS, DEFAULT_UBATCH, ArgsMemory, read_args
 from launcher.hardware import cpu_info
 from launcher.models.gguf_file import GGUFInfo
+
+if TYPE_CHECKING:
+    from launcher.config import ModelConfig
 
 MIB = 1024**2
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 CTX_PAD = 256  # llama.cpp pads the context to a multiple of 256
-UBATCH = 512  # llama-server's default -ub: the compute graph is sized for this many tokens
+UBATCH = DEFAULT_UBATCH  # llama-server's default -ub: the compute graph is sized for this many tokens
 # Sliding-window attention: llama.cpp's default layer pattern per architecture when the GGUF
 # has no `attention.sliding_window_pattern` (src/models/*.cpp, `load_swa_pattern(ml, N)`):
 # with pattern N, layer il slides when il % N < N - 1 (every N-th layer is global).
@@ -28,11 +32,15 @@ SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "gemma-embedding": 6, "cohere2": 4, "g
 # (server-context.cpp): two near the prompt's end (n_ubatch + 4 and 4 tokens before it) and one
 # at the start of the last user message; further ones only at user messages 8192 tokens apart,
 # at most 32 per slot. Each holds the window's cells of the SWA layers.
-CHECKPOINTS_PER_SLOT = 3
+CHECKPOINTS_PER_SLOT = DEFAULT_CHECKPOINTS  # 3
 
 # Calibrated constants (bench/calibrate_estimate.py); see docs/memory-estimate.md.
 PROCESS_OVERHEAD = 18 * MIB  # binary, libc, threads, HTTP server, chat template engine
 VOCAB_OVERHEAD_PER_TOKEN = 200  # tokenizer tables in RAM, bytes per vocab entry
+# a BPE tokenizer's merges: llama-vocab's `bpe_ranks` map (a ~112-byte node per merge) and the
+# merge strings read from the GGUF; fitted on SmolLM2 (48,900 merges: 9 MiB the per-token figure,
+# fitted on SentencePiece vocabularies without merges, left out)
+MERGE_OVERHEAD = 180
 CTX_OVERHEAD_PER_TOKEN = 400  # prompt-cache bookkeeping that grows with the context
 COMPUTE_PER_EMBD = 4 * 5.5  # graph activations: bytes per (ubatch token x n_embd)
 COMPUTE_PER_FF = 4 * 2.45  # bytes per (ubatch token x n_ff)
@@ -103,6 +111,7 @@ class ModelFacts:
     key_length: int
     value_length: int
     n_ctx_train: int = 0
+    n_merges: int = 0  # BPE tokenizer merges (0 for SentencePiece vocabularies)
     # bytes of per-sequence recurrent state per non-attention layer (conv / SSM), f32
     recurrent_state_per_layer: int = 0
     file_type: str = "unknown"
@@ -151,6 +160,7 @@ class ModelFacts:
             key_length=info.key_length,
             value_length=info.value_length,
             n_ctx_train=info.context_length,
+            n_merges=int(info.array_lengths.get("tokenizer.ggml.merges", 0)),
             recurrent_state_per_layer=recurrent,
             file_type=info.file_type,
         )
@@ -181,10 +191,11 @@ class ModelFacts:
         per_layer = max(0, self.weight_bytes - 2 * embd) // max(1, self.n_layer)
         return embd, (per_layer,) * self.n_layer, embd
 
-    def kv_layer_bytes(self, ctx_size: int, parallel: int = 1, kv_type: str = "f16") -> tuple[int, ...]:
+    def kv_layer_bytes(self, ctx_size: int, parallel: int = 1, kv_type: str = "f16",
+                       ubatch: int = UBATCH) -> tuple[int, ...]:
         """Each layer's KV cache bytes at `-c ctx_size -np parallel` (0 for layers without
         attention): what moves to a GPU with the layer (llama-kv-cache.cpp: `dev_layer(il)`)."""
-        global_cells, swa_cells = self.kv_cells(ctx_size, parallel)
+        global_cells, swa_cells = self.kv_cells(ctx_size, parallel, ubatch)
         width = KV_TYPE_BYTES[kv_type]
         flags = self.swa_layers or (False,) * len(self.kv_heads)
         return tuple(
@@ -297,28 +308,80 @@ def padded_ctx(ctx_size: int) -> int:
     return -(-ctx_size // CTX_PAD) * CTX_PAD
 
 
+@dataclass(frozen=True)
+class MemorySettings:
+    """Everything llama-server is told that decides its memory: a model's settings and what
+    lalo reads from its `args`. Every estimate of a configured model comes through here, so
+    `plan`, `up`, `/api/status` and the packaging targets count the same server."""
+
+    ctx_size: int
+    parallel: int = 1
+    kv_type: str = "f16"
+    args: ArgsMemory = field(default_factory=ArgsMemory)
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> MemorySettings:
+        return cls(cfg.ctx_size, cfg.parallel, cfg.kv_cache, read_args(cfg.args))
+
+    def key(self) -> str:
+        """What differs from the defaults lalo's keys assumed before (f16, no memory args)."""
+        parts = [f"kv={self.kv_type}" if self.kv_type != "f16" else "", self.args.key()]
+        return "|".join(part for part in parts if part)
+
+    def note(self) -> str:
+        """The settings besides ctx_size and parallel that are not llama-server's defaults, for
+        humans ("kv_cache q8_0, -ub 256"); empty when there are none."""
+        args = self.args
+        parts = [f"kv_cache {self.kv_type}" if self.kv_type != "f16" else "",
+                 f"-ub {args.ubatch}" if args.ubatch != UBATCH else "",
+                 "--swa-full" if args.swa_full else "", "" if args.repack else "--no-repack",
+                 f"-ctxcp {args.checkpoints}" if args.checkpoints != CHECKPOINTS_PER_SLOT else ""]
+        return ", ".join(part for part in parts if part)
+
+    def facts_and_repack(self, facts: ModelFacts, repack_types: frozenset[str] | None
+                         ) -> tuple[ModelFacts, frozenset[str] | None]:
+        """`--swa-full` makes every layer keep the whole context (and no checkpoints are made);
+        `--no-repack` keeps no interleaved copy."""
+        if self.args.swa_full:
+            facts = replace(facts, sliding_window=0, swa_layers=())
+        return facts, (repack_types if self.args.repack else frozenset())
+
+
+def estimate_for(facts: ModelFacts, settings: MemorySettings,
+                 repack_types: frozenset[str] | None = None) -> MemoryEstimate:
+    """`estimate_memory` for a model's settings (see MemorySettings)."""
+    facts, repack = settings.facts_and_repack(facts, repack_types)
+    return estimate_memory(facts, settings.ctx_size, settings.parallel, settings.kv_type, repack,
+                           ubatch=settings.args.ubatch,
+                           checkpoints_per_slot=settings.args.checkpoints)
+
+
 def estimate_memory(
     facts: ModelFacts,
     ctx_size: int,
     parallel: int = 1,
     kv_type: str = "f16",
     repack_types: frozenset[str] | None = None,
+    *,
+    ubatch: int = UBATCH,
+    checkpoints_per_slot: int = CHECKPOINTS_PER_SLOT,
 ) -> MemoryEstimate:
-    """Resident memory (RSS) of llama-server serving `facts` with `-c ctx_size -np parallel`.
+    """Resident memory (RSS) of llama-server serving `facts` with `-c ctx_size -np parallel`,
+    K and V of `kv_type`, micro-batches of `ubatch` tokens.
 
-    llama-server's KV cache is unified: `ctx_size` is shared by all slots, so the KV cache
-    depends on `ctx_size` only; recurrent state and output buffers scale with `parallel`.
+    Each slot has its own KV stream of ctx_size / parallel cells (the KV cache depends on
+    `ctx_size` only); recurrent state and output buffers scale with `parallel`.
     `repack_types`: tensor types this CPU repacks (default: this machine's).
     """
     ctx = padded_ctx(ctx_size)
     kinds = local_repack_types() if repack_types is None else repack_types
     repacked = sum(size for kind, size in facts.matmul_bytes_by_type.items() if kind in kinds)
-    global_cells, swa_cells = facts.kv_cells(ctx_size, parallel)
+    global_cells, swa_cells = facts.kv_cells(ctx_size, parallel, ubatch)
     kv = int(global_cells * facts.kv_bytes_per_token(kv_type, sliding=False)
              + swa_cells * facts.kv_bytes_per_token(kv_type, sliding=True))
     recurrent_layers = facts.n_layer - facts.attention_layers
     recurrent = facts.recurrent_state_per_layer * recurrent_layers * parallel
-    ubatch = min(UBATCH, ctx)
+    ubatch = min(ubatch, ctx)
     compute = int(
         ubatch * (facts.n_embd * COMPUTE_PER_EMBD + facts.n_ff * COMPUTE_PER_FF)
         + facts.n_vocab * COMPUTE_PER_VOCAB
@@ -328,9 +391,10 @@ def estimate_memory(
     # context checkpoints of the sliding layers' state, kept per slot after a prompt: each holds
     # the window's cells (measured: 7.5 MiB for Gemma 3 270M, 512 cells x 15 layers x 1 KiB)
     window_cells = min(facts.sliding_window, swa_cells // max(1, parallel))
-    checkpoints = int(CHECKPOINTS_PER_SLOT * max(1, parallel) * window_cells
+    checkpoints = int(checkpoints_per_slot * max(1, parallel) * window_cells
                       * facts.kv_bytes_per_token(kv_type, sliding=True))
     overhead = (PROCESS_OVERHEAD + facts.n_vocab * VOCAB_OVERHEAD_PER_TOKEN
+                + facts.n_merges * MERGE_OVERHEAD
                 + ctx * CTX_OVERHEAD_PER_TOKEN
                 + parallel * facts.n_vocab * 4)  # logits of each slot's last token
     return MemoryEstimate(
@@ -346,24 +410,27 @@ def estimate_memory(
     )
 
 
-def largest_fitting_ctx(facts: ModelFacts, budget: int, parallel: int = 1) -> int | None:
-    """The largest ctx_size (a multiple of 256, at least 256) whose estimate fits `budget`."""
+def largest_fitting_ctx(facts: ModelFacts, budget: int, settings: MemorySettings) -> int | None:
+    """The largest ctx_size (a multiple of 256, at least 256) whose estimate with the model's
+    other `settings` fits `budget`."""
+    def total(ctx: int) -> int:
+        return estimate_for(facts, replace(settings, ctx_size=ctx)).total
+
     low, high = 1, max(1, (facts.n_ctx_train or 131072) // CTX_PAD)
-    if estimate_memory(facts, low * CTX_PAD, parallel).total > budget:
+    if total(low * CTX_PAD) > budget:
         return None
     while low < high:
         middle = (low + high + 1) // 2
-        if estimate_memory(facts, middle * CTX_PAD, parallel).total <= budget:
+        if total(middle * CTX_PAD) <= budget:
             low = middle
         else:
             high = middle - 1
     return low * CTX_PAD
 
 
-def fitting_quantizations(
-    facts: ModelFacts, ctx_size: int, budget: int, parallel: int = 1
-) -> list[tuple[str, int]]:
-    """Smaller file types whose estimate at `ctx_size` fits, best quality first: (type, bytes)."""
+def fitting_quantizations(facts: ModelFacts, budget: int, settings: MemorySettings
+                          ) -> list[tuple[str, int]]:
+    """Smaller file types whose estimate with `settings` fits, best quality first: (type, bytes)."""
     current = QUANT_BITS.get(facts.file_type)
     found: list[tuple[str, int]] = []
     for name, bits in sorted(QUANT_BITS.items(), key=lambda item: -item[1]):
@@ -372,7 +439,7 @@ def fitting_quantizations(
         weights = int(facts.parameters * bits / 8)
         smaller = replace(facts, weight_bytes=weights, file_type=name,
                           matmul_bytes_by_type=approximate_matmul_bytes(name, weights))
-        total = estimate_memory(smaller, ctx_size, parallel).total
+        total = estimate_for(smaller, settings).total
         if total <= budget:
             found.append((name, total))
     return found
@@ -391,127 +458,3 @@ def approximate_matmul_bytes(file_type: str, weight_bytes: int) -> dict[str, int
     """`matmul_bytes_by_type` for a model known only by its file type and size (no file yet)."""
     main = _MAIN_TYPE.get(file_type.upper())
     return {main: int(weight_bytes * MAIN_TYPE_SHARE)} if main else {}
-
-
-# --- offloading layers to GPUs ----------------------------------------------------------------
-# Not measured on a GPU (no GPU where these were written): the CUDA context is the driver's and
-# the runtime's own memory on each GPU a process uses, a few hundred MiB with CUDA 12/13's lazy
-# module loading (the PyTorch and llama.cpp issue reports give 300-500 MiB); the larger figure.
-CUDA_CONTEXT = 500 * MIB
-
-
-@dataclass(frozen=True)
-class DeviceShare:
-    """What one GPU holds of a model: its layers' weights and KV, a compute buffer, the context."""
-
-    layers: int  # repeating layers on this GPU
-    output: bool  # whether the output layer is here
-    weights: int
-    kv_cache: int
-    compute: int
-    context: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute + self.context
-
-    def as_dict(self) -> dict[str, int | bool]:
-        return {"layers": self.layers, "output": self.output, "weights": self.weights,
-                "kv_cache": self.kv_cache, "compute": self.compute, "context": self.context,
-                "total": self.total}
-
-
-@dataclass(frozen=True)
-class OffloadSplit:
-    """A model's memory with `-ngl gpu_layers --tensor-split ...`: per GPU, and what stays in RAM."""
-
-    gpu_layers: int  # llama.cpp's -ngl: the last N of the n_layer + 1 layers (the output counts)
-    tensor_split: tuple[float, ...]
-    devices: tuple[DeviceShare, ...]
-    ram: MemoryEstimate
-
-    @property
-    def vram(self) -> int:
-        return sum(device.total for device in self.devices)
-
-
-def layer_devices(n_layer: int, gpu_layers: int, split: tuple[float, ...]) -> tuple[int, ...]:
-    """The device of each of the n_layer + 1 layers (the last is the output layer), -1 = CPU.
-
-    llama-model.cpp `load_tensors`: the last `ngl` layers are offloaded, and offloaded layer il
-    goes to the first GPU whose cumulative split share exceeds (il - i_gpu_start) / ngl.
-    """
-    n_all = n_layer + 1
-    ngl = max(0, min(gpu_layers, n_all))
-    if ngl == 0 or not split:
-        return (-1,) * n_all
-    total = sum(split)
-    if total <= 0:
-        raise ValueError("a tensor split needs a positive share")
-    bounds, running = [], 0.0
-    for share in split:
-        running += share
-        bounds.append(running / total)
-    start = n_all - ngl
-    devices = []
-    for il in range(n_all):
-        if il < start:
-            devices.append(-1)
-            continue
-        position = (il - start) / ngl
-        index = next((i for i, bound in enumerate(bounds) if bound > position), len(split) - 1)
-        devices.append(index)
-    return tuple(devices)
-
-
-def split_memory(
-    facts: ModelFacts,
-    ctx_size: int,
-    parallel: int = 1,
-    gpu_layers: int = 0,
-    tensor_split: tuple[float, ...] = (1.0,),
-    kv_type: str = "f16",
-    repack_types: frozenset[str] | None = None,
-) -> OffloadSplit:
-    """`estimate_memory` split between GPUs and RAM for `-ngl gpu_layers --tensor-split ...`.
-
-    On each GPU: its layers' weights and KV cache, a CUDA compute buffer (the graph of one
-    ubatch, sized like the CPU's; the GPU holding the output layer also the vocabulary part),
-    and the CUDA context. In RAM: the CPU estimate less what moved, with the input layer
-    (always on the CPU) and, while any layer stays, the CPU compute buffer. At `gpu_layers=0`
-    the RAM part is exactly `estimate_memory`.
-    """
-    cpu = estimate_memory(facts, ctx_size, parallel, kv_type, repack_types)
-    placement = layer_devices(facts.n_layer, gpu_layers, tensor_split)
-    if all(device < 0 for device in placement):
-        return OffloadSplit(0, tensor_split, (), cpu)
-    _, layer_weights, output_weights = facts.weight_layout()
-    kv = facts.kv_layer_bytes(ctx_size, parallel, kv_type)
-    ctx = padded_ctx(ctx_size)
-    ubatch = min(UBATCH, ctx)
-    _, swa_cells = facts.kv_cells(ctx_size, parallel)
-    activations = int(ubatch * (facts.n_embd * COMPUTE_PER_EMBD + facts.n_ff * COMPUTE_PER_FF)
-                      + ubatch * ctx * MASK_BYTES + ubatch * swa_cells // max(1, parallel) * MASK_BYTES)
-    vocab_part = facts.n_vocab * COMPUTE_PER_VOCAB
-    shares: list[DeviceShare] = []
-    moved_weights = moved_kv = 0
-    for index in range(len(tensor_split)):
-        layers = [il for il in range(facts.n_layer) if placement[il] == index]
-        has_output = placement[facts.n_layer] == index
-        if not layers and not has_output:
-            shares.append(DeviceShare(0, False, 0, 0, 0, 0))
-            continue
-        weights = sum(layer_weights[il] for il in layers) + (output_weights if has_output else 0)
-        kv_bytes = sum(kv[il] for il in layers)
-        moved_weights += weights - (output_weights if has_output and facts.output_tied else 0)
-        moved_kv += kv_bytes
-        shares.append(DeviceShare(len(layers), has_output, weights, kv_bytes,
-                                  activations + (vocab_part if has_output else 0), CUDA_CONTEXT))
-    cpu_layers = sum(1 for il in range(facts.n_layer) if placement[il] < 0)
-    # all layers offloaded: the CPU keeps a small host buffer (the input embeddings of a ubatch)
-    cpu_compute = cpu.compute if cpu_layers else ubatch * facts.n_embd * 4 * 2
-    kept = 1 - moved_weights / max(1, facts.weight_bytes)
-    ram = replace(cpu, weights=max(0, facts.weight_bytes - moved_weights),
-                  repacked=int(cpu.repacked * max(0.0, kept)),
-                  kv_cache=max(0, cpu.kv_cache - moved_kv), compute=cpu_compute)
-    return OffloadSplit(min(gpu_layers, facts.n_layer + 1), tensor_split, tuple(shares), ram)

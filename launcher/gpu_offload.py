@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from launcher.config import LoadedConfig, offload_flag
+from launcher.config import LoadedConfig
 from launcher.engines.base import ServerSettings
-from launcher.estimate import MemoryEstimate, split_memory
+from launcher.engines.server_flags import offload_flag
+from launcher.estimate import MemoryEstimate, MemorySettings
 from launcher.gpu_plan import VRAM_RESERVE, Gpu, GpuModel, GpuPlan, Placement, plan_gpus
+from launcher.gpu_split import split_for
 from launcher.planner import compute_budget
 from launcher.units import format_size
 
@@ -122,7 +124,8 @@ class Offload:
             if measurements is not None and model.path is not None and (
                     chosen.mode == "fit" or chosen.gpu_layers):
                 cfg = model.config
-                key = measurement_key(model.path, cfg.engine_kind, cfg.ctx_size, cfg.parallel)
+                key = measurement_key(model.path, cfg.engine_kind, cfg.ctx_size, cfg.parallel,
+                                      MemorySettings.of(cfg).key())
                 model = dataclasses.replace(
                     model, measured=measurements.get(self.measurement_key(model.name, key)))
             out.append(model)
@@ -179,7 +182,8 @@ def plan_offload(models: Sequence[ResolvedModel], gpus: Sequence[Gpu], ram_budge
             # plan_gpus keeps its own reserve: hand it the room left plus that reserve
             left = tuple(dataclasses.replace(gpu, vram=max(0, r) + VRAM_RESERVE)
                          for gpu, r in zip(gpus, room, strict=True))
-            one = GpuModel(model.name, model.facts, cfg.ctx_size, cfg.parallel, cfg.preload)
+            one = GpuModel(model.name, model.facts, cfg.ctx_size, cfg.parallel, cfg.preload,
+                           MemorySettings.of(cfg))
             placement = plan_gpus([one], left, ram_left).placements[0]
             placements.append(placement)
             for index, share in zip(placement.gpus, placement.split.devices, strict=True):
@@ -210,7 +214,7 @@ def _explicit(model: ResolvedModel, layers: int, gpus: Sequence[Gpu], room: list
         return Assignment("layers", f"gpu_layers: {layers} as configured ({why}: counted as "
                           "all in RAM)", layers)
     shares = tuple(float(max(1, r // (1024 * 1024))) for r in room)
-    split = split_memory(model.facts, model.config.ctx_size, model.config.parallel, layers, shares)
+    split = split_for(model.facts, MemorySettings.of(model.config), layers, shares)
     over = [f"GPU {i} needs {format_size(share.total)}, {format_size(max(0, room[i]))} free"
             for i, share in enumerate(split.devices) if share.total > room[i]]
     for index, share in enumerate(split.devices):

@@ -4,7 +4,7 @@ Models are placed in config order (preload models first), each on the GPUs' VRAM
 ones before it: whole on the one GPU with the most room if it fits there, else whole across
 several GPUs (`--tensor-split` in proportion to their room), else as many layers as fit (the
 last layers first, as llama.cpp offloads them) with the rest in RAM. Sizes come from
-`estimate.split_memory`.
+`gpu_split.split_memory`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from launcher.estimate import MIB, ModelFacts, OffloadSplit, split_memory
+from launcher.estimate import MIB, MemorySettings, ModelFacts
+from launcher.gpu_split import OffloadSplit, split_for
 from launcher.units import format_size
 
 # Room kept free on every GPU (llama-server's own --fit keeps 1024 MiB by default; lalo's
@@ -33,6 +34,11 @@ class GpuModel:
     ctx_size: int
     parallel: int = 1
     preload: bool = True
+    settings: MemorySettings | None = None  # the model's own (kv_cache, args); None: f16, defaults
+
+    @property
+    def memory(self) -> MemorySettings:
+        return self.settings or MemorySettings(self.ctx_size, self.parallel)
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,7 @@ def plan_gpus(models: Sequence[GpuModel], gpus: Sequence[Gpu], ram_budget: int) 
 
 
 def _split(model: GpuModel, layers: int, shares: tuple[float, ...]) -> OffloadSplit:
-    return split_memory(model.facts, model.ctx_size, model.parallel, layers, shares)
+    return split_for(model.facts, model.memory, layers, shares)
 
 
 def _fits(split: OffloadSplit, rooms: Sequence[int]) -> bool:

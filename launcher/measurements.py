@@ -7,19 +7,24 @@ from dataclasses import replace
 from pathlib import Path
 
 from launcher import paths
+from launcher.estimate import MemorySettings
 from launcher.models.resolve import ResolvedModel
 from launcher.supervisor.instance import write_private_json
 
 FILE = "measured-memory.json"
 
 
-def measurement_key(model_path: Path, engine: str, ctx_size: int, parallel: int) -> str:
+def measurement_key(model_path: Path, engine: str, ctx_size: int, parallel: int,
+                    memory: str = "") -> str:
+    """`memory`: the other settings that change RSS (`MemorySettings.key()`: a quantized KV
+    cache, -ub, --swa-full...), empty for the defaults, so that older keys still match."""
     try:
         stat = model_path.stat()
         identity = f"{stat.st_size}:{int(stat.st_mtime)}"
     except OSError:
         identity = "missing"
-    return f"{model_path}|{identity}|{engine}|ctx={ctx_size}|np={parallel}"
+    key = f"{model_path}|{identity}|{engine}|ctx={ctx_size}|np={parallel}"
+    return f"{key}|{memory}" if memory else key
 
 
 class Measurements:
@@ -52,8 +57,9 @@ def with_measurements(models: list[ResolvedModel], measurements: Measurements) -
     for model in models:
         value = None
         if model.path is not None:
-            key = measurement_key(model.path, model.config.engine_kind, model.config.ctx_size,
-                                  model.config.parallel)
+            cfg = model.config
+            key = measurement_key(model.path, cfg.engine_kind, cfg.ctx_size, cfg.parallel,
+                                  MemorySettings.of(cfg).key())
             value = measurements.get(key)
         result.append(replace(model, measured=value) if value is not None else model)
     return result

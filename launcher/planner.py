@@ -7,10 +7,10 @@ lalo runs is `launcher.scheduler`'s.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from launcher.estimate import ModelFacts, fitting_quantizations, largest_fitting_ctx
+from launcher.estimate import MemorySettings, ModelFacts, fitting_quantizations, largest_fitting_ctx
 from launcher.units import format_size
 
 Action = Literal["start", "on-demand", "cannot-fit", "invalid"]
@@ -49,6 +49,11 @@ class Candidate:
     ctx_size: int = 2048
     parallel: int = 1
     invalid: str | None = None  # why the model file cannot be used at all
+    settings: MemorySettings | None = None  # kv_cache and the args read; None: f16, defaults
+
+    @property
+    def memory(self) -> MemorySettings:
+        return self.settings or MemorySettings(self.ctx_size, self.parallel)
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class Decision:
     required: int
     reason: str
     suggestions: tuple[str, ...] = ()
+    settings: MemorySettings | None = None  # what the figure was estimated with
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class Plan:
                     "required": d.required,
                     "reason": d.reason,
                     "suggestions": list(d.suggestions),
+                    **({"ctx_size": d.settings.ctx_size, "parallel": d.settings.parallel,
+                        "kv_cache": d.settings.kv_type} if d.settings is not None else {}),
                 }
                 for d in self.decisions
             ],
@@ -105,6 +113,8 @@ def make_plan(candidates: Sequence[Candidate], budget: Budget, max_loaded: int =
     for model in candidates:
         need = model.required
         what = "measured" if model.measured else "estimated"
+        if model.memory.note():  # a quantized KV cache, args read into the plan
+            what += f", {model.memory.note()}"
         if model.invalid is not None:
             decisions.append(Decision(model.name, "invalid", 0, model.invalid))
             continue
@@ -150,17 +160,24 @@ def make_plan(candidates: Sequence[Candidate], budget: Budget, max_loaded: int =
             Decision(model.name, "start", need,
                      f"fits: {format_size(need)} ({what}), {format_size(budget.bytes - used)} left")
         )
-    return Plan(budget=budget, max_loaded=max_loaded, decisions=tuple(decisions))
+    # one decision per candidate, in order: each says what its figure was estimated with
+    return Plan(budget=budget, max_loaded=max_loaded, decisions=tuple(
+        replace(decision, settings=model.memory) for decision, model in zip(decisions, candidates,
+                                                                            strict=True)))
 
 
 def _suggestions(model: Candidate, budget: int) -> tuple[str, ...]:
     if model.facts is None:
         return ("free RAM or raise resources.ram_budget",)
     hints: list[str] = []
-    ctx = largest_fitting_ctx(model.facts, budget, model.parallel)
+    ctx = largest_fitting_ctx(model.facts, budget, model.memory)
     if ctx is not None and ctx < model.ctx_size:
         hints.append(f"ctx_size: {ctx} would fit")
-    quants = fitting_quantizations(model.facts, model.ctx_size, budget, model.parallel)
+    if model.memory.kv_type == "f16":
+        smaller = largest_fitting_ctx(model.facts, budget, replace(model.memory, kv_type="q8_0"))
+        if smaller is not None and smaller >= model.ctx_size:
+            hints.append(f"kv_cache: q8_0 would fit at ctx_size {model.ctx_size}")
+    quants = fitting_quantizations(model.facts, budget, model.memory)
     if quants:
         name, total = quants[0]
         hints.append(f"a {name} file (~{format_size(total)}) would fit at ctx_size {model.ctx_size}")

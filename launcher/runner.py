@@ -32,6 +32,7 @@ from launcher.engines.llama_cpp_python import LlamaCppPythonEngine
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.engines.llamafile import LlamafileEngine
 from launcher.errors import EngineError, LaloError, StartupError
+from launcher.estimate import MemorySettings
 from launcher.gpu_offload import NO_GPU, Offload, machine_offload
 from launcher.measurements import Measurements, measurement_key, with_measurements
 from launcher.models.resolve import ResolvedModel, resolve_models
@@ -232,6 +233,7 @@ class ServerFactory:
             embeddings=cfg.embeddings,
             chat_template=self.loaded.chat_template(model.name),
             extra_args=(*_alias_args(cfg.engine_kind, model.name), *cfg.args),
+            kv_cache=cfg.kv_cache,
             env={**wait_env(self.share, cfg.env), **cfg.env},
         )
         settings = self.offload.server_settings(model.name, settings)
@@ -272,8 +274,10 @@ class ServerFactory:
             path=str(path),
             synthetic=bool(model.info and model.info.is_synthetic),
             measurement_key=self.offload.measurement_key(
-                model.name, measurement_key(path, cfg.engine_kind, cfg.ctx_size, cfg.parallel)),
+                model.name, measurement_key(path, cfg.engine_kind, cfg.ctx_size, cfg.parallel,
+                                            MemorySettings.of(cfg).key())),
             pinned=cfg.pinned,
+            ctx_size=cfg.ctx_size, parallel=cfg.parallel, kv_cache=cfg.kv_cache,
         )
         if model.error is not None:
             managed.mark_invalid(model.error)

@@ -10,7 +10,7 @@ import psutil
 import typer
 
 from launcher.cli.app import app
-from launcher.config import LoadedConfig, load_config
+from launcher.config import KvCacheType, LoadedConfig, load_config
 from launcher.cpu_share import CpuShare, config_share, policy_line
 from launcher.cpu_share import to_json as cpu_json
 from launcher.demo import demo_config
@@ -19,6 +19,7 @@ from launcher.estimate import ModelFacts, estimate_memory
 from launcher.gpu_offload import Offload, gpus_note, machine_offload, plan_offload
 from launcher.gpu_plan import VRAM_RESERVE, Gpu
 from launcher.measurements import Measurements, with_measurements
+from launcher.models.facts import catalog_weights
 from launcher.models.gguf_file import read_gguf
 from launcher.models.resolve import catalog_for, resolve_models
 from launcher.planner import Plan, compute_budget, make_plan
@@ -35,14 +36,18 @@ def inspect(
     file: Annotated[Path, typer.Argument(help="A GGUF model file.")],
     ctx_size: Annotated[int, typer.Option("--ctx-size", min=128, help="Context for the estimate.")] = 2048,
     parallel: Annotated[int, typer.Option("--parallel", min=1, help="Slots for the estimate.")] = 1,
+    kv_cache: Annotated[KvCacheType, typer.Option(
+        "--kv-cache", help="K and V cache type for the estimate (lalo.yaml's kv_cache).")] = "f16",
     as_json: JsonOption = False,
 ) -> None:
     """Facts from a GGUF header (instant, reads no weights) and a memory estimate."""
     info = read_gguf(file)
     facts = ModelFacts.from_gguf(info)
-    estimate = estimate_memory(facts, ctx_size, parallel)
+    estimate = estimate_memory(facts, ctx_size, parallel, kv_cache)
     if as_json:
-        typer.echo(json.dumps({**info.summary(), "estimate": estimate.as_dict()}, indent=2))
+        typer.echo(json.dumps({**info.summary(), "estimate": estimate.as_dict(),
+                               "kv_cache": kv_cache, "catalog_weights": catalog_weights(facts)},
+                              indent=2))
         return
     s = info.summary()
     rows = [
@@ -64,7 +69,8 @@ def inspect(
         rows.append(("note", "random weights (made by lalo for tests; produces noise)"))
     rows.append((
         "memory estimate",
-        f"{format_size(estimate.total)} at ctx_size {ctx_size}, parallel {parallel}: "
+        f"{format_size(estimate.total)} at ctx_size {ctx_size}, parallel {parallel}, "
+        f"kv_cache {kv_cache}: "
         f"weights {format_size(estimate.weights)} + repacked {format_size(estimate.repacked)} + "
         f"KV {format_size(estimate.kv_cache)} + "
         f"state {format_size(estimate.recurrent_state)} + compute {format_size(estimate.compute)} + "

@@ -22,6 +22,7 @@ from launcher.models.catalog import (
     describe_entry,
     pull_entry,
 )
+from launcher.models.facts import entry_facts
 from launcher.models.hub import HF_SCHEME, HubClient, HubFile, PullResult
 from launcher.models.wheels import WheelPullResult, WheelStore
 from launcher.planner import compute_budget
@@ -74,7 +75,7 @@ def list_models(as_json: JsonOption = False) -> None:
         if entry.repo is not None:
             catalog_files.add((entry.repo, entry.file))
         path = cached_entry_path(entry, client=client, store=store)
-        need = estimate_memory(entry.facts(), entry.default_ctx).total
+        need = estimate_memory(entry_facts(entry, path), entry.default_ctx).total
         gate = check_redistribution(entry.id, entry.license.id)
         rows.append(
             {

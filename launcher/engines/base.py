@@ -32,6 +32,7 @@ class ServerSettings:
     # launcher.gpu_plan chose them; None leaves it to llama-server (--fit, see docs/gpu.md)
     gpu_layers: int | None = None
     tensor_split: tuple[float, ...] = ()
+    kv_cache: str = "f16"  # llama-server: the K and V cache type (config refuses others elsewhere)
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,20 @@ def server_args(settings: ServerSettings, *, metrics: bool = True) -> list[str]:
         args += ["--threads", str(settings.threads)]
     if settings.embeddings:
         args.append("--embeddings")
+    args += kv_cache_args(settings.kv_cache)
     args += gpu_args(settings)
     args += list(settings.extra_args)
     return args
+
+
+def kv_cache_args(kv_cache: str) -> list[str]:
+    """K and V of one type; flash attention on for a quantized one: this llama-server refuses a
+    quantized V cache without it ("quantized V cache requires flash_attn to be enabled"), and its
+    default `auto` may turn it off on a backend that lacks it, where `on` fails loudly instead.
+    Nothing for f16, llama-server's default (older command lines stay as they were)."""
+    if kv_cache == "f16":
+        return []
+    return ["--cache-type-k", kv_cache, "--cache-type-v", kv_cache, "--flash-attn", "on"]
 
 
 def gpu_args(settings: ServerSettings) -> list[str]:

@@ -22,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.config import LoadedConfig, ModelConfig
 from launcher.errors import ConfigError, HubError, UsageError
-from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes, conv_state_bytes
+from launcher.estimate import QUANT_BITS, ModelFacts
 from launcher.licenses import lookup
 from launcher.models.download import ProgressCallback
+from launcher.models.facts import catalog_facts
 from launcher.models.hub import HubClient, HubFile, PullResult
 from launcher.models.wheels import (
     LineCallback,
@@ -92,6 +93,8 @@ class Architecture(_Strict):
     head_dim: Annotated[int, Field(gt=0)]
     n_vocab: Annotated[int, Field(gt=0)]
     n_ctx_train: Annotated[int, Field(gt=0)]
+    # a BPE tokenizer's merges (tokenizer.json's `merges`; 0: SentencePiece, or not read yet)
+    n_merges: Annotated[int, Field(ge=0)] = 0
     # Hybrid models (lfm2): the layers with attention; the others are short convolutions.
     attention_layers: Annotated[tuple[int, ...], Field(strict=False)] | None = None
     conv_l_cache: Annotated[int, Field(gt=0)] | None = None
@@ -130,6 +133,18 @@ class Architecture(_Strict):
         return tuple(self.n_head_kv if i in with_attention else 0 for i in range(self.n_layer))
 
 
+class Weights(_Strict):
+    """The file's tensor table in brief, once the file has been read: what the estimate takes
+    from a GGUF (`lalo inspect FILE --json` prints it as `catalog_weights`)."""
+
+    bytes: Annotated[int, Field(gt=0)]  # tensor data: the file less its header and vocabulary
+    # matrix-multiply weights by tensor type (what a CPU may repack into a second copy)
+    matmul: Annotated[Mapping[str, Annotated[int, Field(ge=0)]], Field(strict=False)]
+    input: Annotated[int, Field(ge=0)]  # the input layer (token embedding...), always in RAM
+    output: Annotated[int, Field(ge=0)]  # the output layer (a tied one is the embedding again)
+    tied: bool
+
+
 class CatalogEntry(_Strict):
     """One model file on the hub and what lalo knows of it without downloading it."""
 
@@ -153,6 +168,7 @@ class CatalogEntry(_Strict):
     default_ctx: Annotated[int, Field(ge=128)]
     bench_shape: str | None = None
     architecture: Architecture
+    weights: Weights | None = None  # None: not read yet (the file's size stands in)
 
     @field_validator("id")
     @classmethod
@@ -275,30 +291,8 @@ class CatalogEntry(_Strict):
         )
 
     def facts(self) -> ModelFacts:
-        """Facts for memory estimates before the file exists (weights = the file's size)."""
-        arch = self.architecture
-        recurrent = 0
-        if arch.conv_l_cache is not None:
-            recurrent = conv_state_bytes(arch.conv_l_cache, arch.n_embd)
-        return ModelFacts(
-            architecture=arch.name,
-            parameters=arch.parameters,
-            weight_bytes=self.size,
-            n_layer=arch.n_layer,
-            n_embd=arch.n_embd,
-            n_ff=arch.n_ff,
-            n_head=arch.n_head,
-            n_vocab=arch.n_vocab,
-            kv_heads=arch.kv_heads(),
-            key_length=arch.head_dim,
-            value_length=arch.head_dim,
-            n_ctx_train=arch.n_ctx_train,
-            recurrent_state_per_layer=recurrent,
-            file_type=self.file_type,
-            matmul_bytes_by_type=approximate_matmul_bytes(self.file_type, self.size),
-            sliding_window=arch.sliding_window or 0,
-            swa_layers=arch.swa_layers(),
-        )
+        """Facts for memory estimates before the file exists (launcher.models.facts)."""
+        return catalog_facts(self)
 
 
 @dataclass(frozen=True)

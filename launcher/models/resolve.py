@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from launcher.config import LoadedConfig, ModelConfig
 from launcher.errors import ConfigError, GGUFError
-from launcher.estimate import MemoryEstimate, ModelFacts, estimate_memory
+from launcher.estimate import MemoryEstimate, MemorySettings, ModelFacts, estimate_for
 from launcher.models.gguf_file import GGUFInfo, read_gguf
 from launcher.planner import Candidate
 
@@ -53,6 +53,7 @@ class ResolvedModel:
             ctx_size=self.config.ctx_size,
             parallel=self.config.parallel,
             invalid=self.error,
+            settings=MemorySettings.of(self.config),
         )
 
 
@@ -86,7 +87,7 @@ def resolve_model(
             facts = catalog_facts
         else:
             raise ConfigError(f"models.{name}.catalog: {model.catalog!r} has no file and no facts")
-    estimate = estimate_memory(facts, model.ctx_size, model.parallel)
+    estimate = estimate_for(facts, MemorySettings.of(model))
     return ResolvedModel(
         name=name,
         config=model,

@@ -7,7 +7,7 @@ import logging
 
 from launcher.config import ModelConfig
 from launcher.engines.base import Engine, ServerSettings
-from launcher.engines.llama_server import LlamaServerEngine
+from launcher.engines.llama_server import LlamaServerEngine, kv_cache_args
 from launcher.models.gguf_file import GGUFInfo
 from launcher.supervisor.prompt_cache import SlotStore, cache_key
 
@@ -39,8 +39,9 @@ def sleep_and_prompt_cache(
         log.info("%s: prompt cache off: sliding-window attention recomputes a restored prompt "
                  "(add args: [--swa-full] to keep it, at the cost of a full-size KV cache)", name)
         return settings, None
+    # a slot file holds the KV cells in the cache's type: one saved from f16 cannot fill q8_0
     key = cache_key(settings.model_path, engine.binary, settings.ctx_size, settings.parallel,
-                    settings.extra_args)
+                    (*kv_cache_args(settings.kv_cache), *settings.extra_args))
     store = SlotStore(name, key, settings.parallel, max_bytes=max_bytes)
     directory = store.prepare()
     if directory is None:

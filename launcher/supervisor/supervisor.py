@@ -62,6 +62,10 @@ class SupervisedModel:
     synthetic: bool = False
     measurement_key: str = ""
     pinned: bool = False  # never evicted
+    # what llama-server is told that sizes its memory (shown in /api/status beside the estimate)
+    ctx_size: int = 0
+    parallel: int = 1
+    kv_cache: str = "f16"
 
 
 @dataclass
@@ -727,6 +731,7 @@ class Supervisor:
                 "preload": meta.preload,
                 "pinned": meta.pinned,
                 "ram_estimate": meta.estimate,
+                "ctx_size": meta.ctx_size, "parallel": meta.parallel, "kv_cache": meta.kv_cache,
                 "ram_measured": self._measured.get(name),
                 "requests": record.requests,
                 "in_flight": record.in_flight,

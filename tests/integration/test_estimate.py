@@ -52,16 +52,29 @@ def test_estimate_of_the_real_models_within_10_percent(
     check_estimate(llama_server_bin, path, ctx_size, tmp_path, n_vocab=read_gguf(path).vocab_size)
 
 
+@pytest.mark.parametrize(("model_id", "kv_cache"), [("smollm2-135m-instruct", "q8_0"),
+                                                   ("gemma-3-270m", "q4_0")])
+def test_estimate_with_a_quantized_kv_cache_within_5_percent(
+    llama_server_bin: Path, model_id: str, kv_cache: str, tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    # as lalo runs `kv_cache: q8_0 | q4_0` (bench/calibrate_estimate.py --kv-cache runs every
+    # type at more contexts: docs/memory-estimate.md)
+    path = request.getfixturevalue("smollm2" if model_id.startswith("smollm2") else "gemma3")
+    check_estimate(llama_server_bin, path, 2048, tmp_path, n_vocab=read_gguf(path).vocab_size,
+                   kv_cache=kv_cache, within=0.05)
+
+
 def check_estimate(llama_server_bin: Path, model_file: Path, ctx_size: int, tmp_path: Path,
-                   n_vocab: int) -> None:
-    estimate = estimate_memory(ModelFacts.from_gguf(read_gguf(model_file)), ctx_size, 1)
+                   n_vocab: int, kv_cache: str = "f16", within: float = 0.10) -> None:
+    estimate = estimate_memory(ModelFacts.from_gguf(read_gguf(model_file)), ctx_size, 1, kv_cache)
 
     async def measure() -> tuple[int, dict[str, int]]:
         async with httpx.AsyncClient() as client:
             model = ManagedModel(
                 "m", LlamaServerEngine(llama_server_bin),
                 ServerSettings(model_path=model_file, host="127.0.0.1", port=0, api_key="",
-                               ctx_size=ctx_size, parallel=1, threads=None,
+                               ctx_size=ctx_size, parallel=1, threads=None, kv_cache=kv_cache,
                                # verbosity 4 logs the buffers llama.cpp allocated
                                extra_args=("--log-verbosity", "4")),
                 ModelLog(tmp_path / "m.log"),
@@ -84,7 +97,7 @@ def check_estimate(llama_server_bin: Path, model_file: Path, ctx_size: int, tmp_
 
     rss, buffers = asyncio.run(measure())
     error = (estimate.total - rss) / rss
-    assert abs(error) < 0.10, f"estimate {estimate.as_dict()} vs RSS {rss} ({error:+.1%}), {buffers}"
+    assert abs(error) < within, f"estimate {estimate.as_dict()} vs RSS {rss} ({error:+.1%}), {buffers}"
     # the parts llama-server reports itself match the header arithmetic (a sliding-window model
     # has two KV buffers, and lalo's log parser keeps the last: see test_estimate_swa.py)
     if not estimate.checkpoints:

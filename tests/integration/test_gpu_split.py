@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.estimate import ModelFacts, split_memory
+from launcher.estimate import ModelFacts
+from launcher.gpu_split import split_memory
 from launcher.models.gguf_file import read_gguf
 
 DATA = Path(__file__).parents[1] / "unit" / "data" / "llama-server-kv"

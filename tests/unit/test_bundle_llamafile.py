@@ -169,3 +169,13 @@ def test_cli_builds_llamafiles_and_the_gate_stops_a_refused_model(
     assert done.stderr.strip().splitlines()[-1].startswith(
         "lalo: error: licence gate: embed: CC-BY-NC-4.0 is not on the default allow-list")
     assert not (tmp_path / "out2").exists()  # refused before anything was written
+
+
+def test_a_quantized_kv_cache_is_refused_for_llamafiles(tmp_path: Path, small_model: Path) -> None:
+    # lalo passes -ctk/-ctv to llama-server only: a llamafile would run an f16 cache unplanned
+    runtime = tmp_path / "llamafile-0.10"
+    arbitrary_runtime(runtime)
+    spec = write_spec(tmp_path, small_model, runtime)
+    spec.write_text(spec.read_text().replace("ctx_size: 1024,", "ctx_size: 1024, kv_cache: q8_0,"))
+    with pytest.raises(PackagingError, match=r"models\.chat\.kv_cache: q8_0 needs llama-server"):
+        build(tmp_path, spec)

@@ -16,10 +16,11 @@ from launcher.cpu_share import CpuShare
 from launcher.engines.base import ServerSettings
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.errors import ConfigError
-from launcher.estimate import estimate_memory, split_memory
+from launcher.estimate import estimate_memory
 from launcher.gpu import GpuFacts, GpuReport
 from launcher.gpu_offload import Offload, machine_offload, plan_offload, visible_gpus
 from launcher.gpu_plan import VRAM_RESERVE, Gpu
+from launcher.gpu_split import split_memory
 from launcher.measurements import Measurements, measurement_key
 from launcher.models.catalog import default_catalog
 from launcher.models.resolve import ResolvedModel, resolve_models
@@ -141,7 +142,7 @@ def test_a_cpu_build_or_the_models_own_args_get_nothing_from_the_plan() -> None:
     cpu_build = plan_offload([smol], [Gpu("GPU", 8 * GIB)], 16 * GIB, engine_gpu=False)
     assert "--n-gpu-layers" not in argv(cpu_build, "smol")
     assert "CPU build" in cpu_build.assignment("smol").reason
-    own = resolved("own", SMOL, args=["-ngl", "5"])
+    own = resolved("own", SMOL, args=["--tensor-split", "3,1"])
     offload = plan_offload([own], [Gpu("GPU", 8 * GIB)], 16 * GIB)
     assert offload.assignment("own").mode == "args" and offload.assignment("own").gpu_layers is None
 
@@ -184,9 +185,13 @@ def test_bad_gpu_layers_are_config_errors_naming_the_path(value: str, message: s
 def test_gpu_layers_conflicts_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="gpu_layers needs engine llama-server, not llamafile"):
         parse_config("models:\n  a: {file: a.llamafile, gpu_layers: 3}\n", label="x")
-    with pytest.raises(ConfigError, match="gpu_layers and args '--n-gpu-layers=4' both set"):
-        parse_config("models:\n  a: {file: a.gguf, gpu_layers: fit, args: [--n-gpu-layers=4]}\n",
+    with pytest.raises(ConfigError, match="gpu_layers and args '--split-mode=row' both set"):
+        parse_config("models:\n  a: {file: a.gguf, gpu_layers: fit, args: [--split-mode=row]}\n",
                      label="x")
+    # -ngl itself is what gpu_layers says: refused in args, whatever gpu_layers is
+    with pytest.raises(ConfigError, match=r"models\.a\.args: --n-gpu-layers=4 .* use "
+                                          r"models\.a\.gpu_layers instead"):
+        parse_config("models:\n  a: {file: a.gguf, args: [--n-gpu-layers=4]}\n", label="x")
     assert parse_config("models:\n  a: {file: a.gguf, gpu_layers: 0}\n",
                         label="x").models["a"].gpu_layers == 0
 

@@ -466,6 +466,8 @@
     ram.title = [
       model.rss_peak ? `peak ${bytes(model.rss_peak)}` : "",
       model.ram_measured ? `measured peak on record ${bytes(model.ram_measured)}` : "",
+      // what the estimate was made for (a quantized KV cache shrinks it)
+      model.ctx_size ? `estimated at ctx ${model.ctx_size}, ${model.parallel} slot(s), KV ${model.kv_cache}` : "",
     ].filter(Boolean).join("; ");
     // failures: runs that ended before `stable_after`; at `max_failures` the model stays failed
     const failures = model.failures ? ` · ${model.failures} recent failure${model.failures > 1 ? "s" : ""}` : "";

@@ -12,8 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from launcher.config import Config
-from launcher.estimate import MIB, ModelFacts, estimate_memory, repack_types_for
+from launcher.config import Config, ModelConfig
+from launcher.estimate import MIB, MemorySettings, ModelFacts, estimate_for, repack_types_for
 
 # lalo's own process (proxy, supervisor, dashboard): 46 MiB RSS measured under load here,
 # rounded up for the allocator's growth over a long run.
@@ -50,9 +50,9 @@ class PodSize:
         return ",".join([*parts, f"lalo={LALO_OWN_MEMORY}"])
 
 
-def model_memory(facts: ModelFacts, ctx_size: int, parallel: int) -> int:
-    """lalo's estimate for one model as a node would run it."""
-    return estimate_memory(facts, ctx_size, parallel, repack_types=NODE_REPACK_TYPES).total
+def model_memory(facts: ModelFacts, model: ModelConfig) -> int:
+    """lalo's estimate for one model as a node would run it (its kv_cache and args included)."""
+    return estimate_for(facts, MemorySettings.of(model), NODE_REPACK_TYPES).total
 
 
 def size_pod(
@@ -73,7 +73,7 @@ def size_pod(
     for name, model in config.models.items():
         sizes.append(ModelSize(
             name=name,
-            memory=model_memory(facts[name], model.ctx_size, model.parallel),
+            memory=model_memory(facts[name], model),
             preload=model.preload,
             cpus=model.thread_count or cpus_per_auto_model,
             file_size=file_sizes[name],

@@ -97,6 +97,11 @@ def build_llamafiles(
     results: list[LlamafileResult] = []
     warnings: list[str] = []
     for model in models:
+        if model.config.kv_cache != "f16":
+            # lalo passes a KV cache type to llama-server only (llamafile runtimes unverified)
+            raise PackagingError(f"{spec.source}: models.{model.name}.kv_cache: "
+                                 f"{model.config.kv_cache} needs llama-server; the llamafile "
+                                 "target's runtime gets none: use f16 for this target")
         target = out / f"{model.name}{SUFFIX}"
         report(f"llamafile: writing {target.name}")
 

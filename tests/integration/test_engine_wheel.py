@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.support.engine import test_engine_variant
-from tests.support.lalo import free_port, lalo_env, wait_until
+from tests.support.lalo import demo_served, lalo_env
 from tests.support.venvs import make_venv
 
 pytestmark = pytest.mark.integration
@@ -88,27 +88,9 @@ def test_lalo_up_demo_starts_from_an_installed_engine_wheel(
 
 def first_answer(venv: Path, env: dict[str, str], log: Path) -> tuple[str, float]:
     """(the demo's answer, seconds from starting `lalo up --demo` to that answer)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    with log.open("w") as sink:
-        proc = subprocess.Popen([str(venv / "bin" / "lalo"), "up", "--demo", "--port", str(port)],
-                                env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
-    try:
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"lalo up --demo exited {proc.returncode}:\n{log.read_text()}")
-            status = httpx.get(url + "/api/status", timeout=2).json()
-            return any(m["name"] == "demo" and m["state"] == "ready" for m in status["models"])
-
-        wait_until(ready, 600, interval=0.2, message="the demo model to be ready")
+    with demo_served([str(venv / "bin" / "lalo")], env, log, timeout=600) as url:
         reply = httpx.post(url + "/v1/chat/completions", json=QUESTION, timeout=120)
         reply.raise_for_status()
-        return str(reply.json()["choices"][0]["message"]["content"]), time.monotonic() - started
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        seconds = time.monotonic() - started
+        return str(reply.json()["choices"][0]["message"]["content"]), seconds

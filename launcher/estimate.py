@@ -382,10 +382,15 @@ def estimate_memory(
     recurrent_layers = facts.n_layer - facts.attention_layers
     recurrent = facts.recurrent_state_per_layer * recurrent_layers * parallel
     ubatch = min(ubatch, ctx)
+    # llama-server caps each slot's context at the model's training context (server-context.cpp,
+    # `n_ctx_slot()`): cells past it are allocated and cleared (resident, in `kv`) but never
+    # attended to, so the mask's columns for them and the prompt bookkeeping are never touched
+    # (SmolLM2, trained at 8192, at -c 32768: 24 MiB of the compute buffer not resident)
+    used = min(ctx, padded_ctx(facts.n_ctx_train) * max(1, parallel)) if facts.n_ctx_train else ctx
     compute = int(
         ubatch * (facts.n_embd * COMPUTE_PER_EMBD + facts.n_ff * COMPUTE_PER_FF)
         + facts.n_vocab * COMPUTE_PER_VOCAB
-        + ubatch * ctx * MASK_BYTES
+        + ubatch * used * MASK_BYTES
         + ubatch * swa_cells // max(1, parallel) * MASK_BYTES  # the sliding layers' own mask
     )
     # context checkpoints of the sliding layers' state, kept per slot after a prompt: each holds
@@ -395,7 +400,7 @@ def estimate_memory(
                       * facts.kv_bytes_per_token(kv_type, sliding=True))
     overhead = (PROCESS_OVERHEAD + facts.n_vocab * VOCAB_OVERHEAD_PER_TOKEN
                 + facts.n_merges * MERGE_OVERHEAD
-                + ctx * CTX_OVERHEAD_PER_TOKEN
+                + used * CTX_OVERHEAD_PER_TOKEN
                 + parallel * facts.n_vocab * 4)  # logits of each slot's last token
     return MemoryEstimate(
         weights=facts.weight_bytes,

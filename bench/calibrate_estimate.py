@@ -4,7 +4,7 @@ For each generated random-weight model (several shapes, quantizations), and for 
 catalog models carried in wheels (SmolLM2-135M-Instruct, llama; Gemma 3 270M, sliding-window
 attention) at ctx 2048, 8192 and 32768, start llama-server, send one request that fills the
 context, read the process RSS and the buffer sizes llama-server logs, and compare with
-`launcher.estimate.estimate_memory`. `--kv-cache f16,q8_0,q4_0` measures each KV cache type
+`launcher.placement.estimate.estimate_memory`. `--kv-cache f16,q8_0,q4_0` measures each KV cache type
 (passed as lalo passes `kv_cache`: -ctk/-ctv and flash attention). Writes
 docs/memory-estimate.md (table) and docs/memory-estimate.json (raw rows).
 
@@ -31,9 +31,10 @@ import httpx
 import psutil
 
 from launcher.engines.llama_server import kv_cache_args
-from launcher.estimate import KV_TYPE_BYTES, ModelFacts, estimate_memory
 from launcher.models.gguf_file import read_gguf
+from launcher.models.shape import KV_TYPE_BYTES, ModelFacts
 from launcher.models.synthetic import SHAPES, write_synthetic_model
+from launcher.placement.estimate import estimate_memory
 from launcher.units import format_size
 
 MIB = 1024**2
@@ -410,7 +411,7 @@ def write_table(rows: list[dict[str, Any]], path: Path, server: Path) -> None:
                      "(the fixed process overhead dominates there).")
     lines += [
         "",
-        "## What the estimate counts (launcher/estimate.py)",
+        "## What the estimate counts (launcher/placement/estimate.py)",
         "",
         "- **weights**: the GGUF's tensor data, memory-mapped; a CPU forward pass touches "
         "every page, so all of it ends up resident.",
@@ -460,7 +461,7 @@ def write_table(rows: list[dict[str, Any]], path: Path, server: Path) -> None:
         "",
         "Every estimate of a configured model (`lalo plan`, `lalo up`, `/api/status`, the k8s "
         "memory requests, the Windows RAM table) comes from the same settings "
-        "(`launcher.estimate.MemorySettings.of`): `ctx_size`, `parallel`, `kv_cache`, and the "
+        "(`launcher.placement.estimate.MemorySettings.of`): `ctx_size`, `parallel`, `kv_cache`, and the "
         "`args` llama-server is given that the estimate models:",
         "",
         "- `-ub N` / `-b N`: the micro-batch is min(ub, b); compute buffers, the attention "

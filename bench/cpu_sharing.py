@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from launcher.cpu_share import default_threads, usable_cpus
+from launcher.placement.cpu_share import default_threads, usable_cpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from startup import ROOT, clean_environ, free_port, prepare

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import httpx
 
-from launcher.estimate import ModelFacts
-from launcher.gpu_split import split_memory
 from launcher.models.gguf_file import read_gguf
+from launcher.models.shape import ModelFacts
+from launcher.placement.gpu_split import split_memory
 
 MIB = 1024**2
 _BUFFER = re.compile(r"(CUDA\d+|CUDA_Host|CPU(?:_Mapped|_REPACK)?)\s+(model|KV|compute) buffer size "

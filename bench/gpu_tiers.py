@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes
-from launcher.gpu_plan import Gpu, GpuModel, plan_gpus
 from launcher.models.catalog import default_catalog
+from launcher.models.shape import QUANT_BITS, ModelFacts, approximate_matmul_bytes
+from launcher.placement.gpu_plan import Gpu, GpuModel, plan_gpus
 from launcher.units import format_size, parse_size
 
 GIB = 1024**3
@@ -64,7 +64,7 @@ def main() -> None:
 
 
 def _print(placement: object, ctx: int, note: str = "") -> None:
-    from launcher.gpu_plan import Placement
+    from launcher.placement.gpu_plan import Placement
 
     assert isinstance(placement, Placement)
     split = placement.split

@@ -25,8 +25,8 @@ import httpx
 import psutil
 import yaml
 
-from launcher.cpu_share import WAIT_SETTINGS, cpu_share, wait_env
 from launcher.models.synthetic import SHAPES, write_synthetic_model
+from launcher.placement.cpu_share import WAIT_SETTINGS, cpu_share, wait_env
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = [("demo-a", "demo", 1), ("demo-b", "demo", 2), ("small-350m", "llama-350m", 3)]

@@ -2,4 +2,11 @@
 
 from launcher.packaging.frozen.entry import main
 
-main()
+
+def _lalo(args: list[str]) -> object:
+    from launcher.cli.main import main as lalo_main  # after the entry's fast paths (probe, seed)
+
+    return lalo_main(args)
+
+
+main(_lalo)

@@ -6,8 +6,11 @@ LALO_CACHE_DIR, LALO_STATE_DIR, LALO_CONFIG_DIR.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -33,3 +36,17 @@ def engines_dir() -> Path:
 def synthetic_dir() -> Path:
     """Generated random-weight models (demo, benchmarks)."""
     return cache_dir() / "synthetic"
+
+
+def write_private_json(path: Path, data: Any) -> None:
+    """Atomically write JSON readable only by this user (it holds tokens)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

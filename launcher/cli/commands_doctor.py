@@ -45,11 +45,11 @@ def doctor(
 ) -> None:
     """Hardware (cores, SIMD, RAM, disk), engines, and which catalog models fit now."""
     # Imported here: the benchmark machinery is heavy and other commands should start fast.
-    from launcher.doctor import collect_report, format_report
+    from launcher.doctor.report import collect_report, format_report
+    from launcher.doctor.speed import format_bench, run_bench
     from launcher.engines.registry import find_llama_server
     from launcher.errors import EngineError
     from launcher.models.catalog import default_catalog
-    from launcher.speed import format_bench, run_bench
 
     catalog = default_catalog()
     for model_id in model or ():

@@ -11,18 +11,19 @@ import typer
 
 from launcher.cli.app import app
 from launcher.config import KvCacheType, LoadedConfig, load_config
-from launcher.cpu_share import CpuShare, config_share, policy_line
-from launcher.cpu_share import to_json as cpu_json
-from launcher.demo import demo_config
 from launcher.errors import UsageError
-from launcher.estimate import ModelFacts, estimate_memory
-from launcher.gpu_offload import Offload, gpus_note, machine_offload, plan_offload
-from launcher.gpu_plan import VRAM_RESERVE, Gpu
-from launcher.measurements import Measurements, with_measurements
 from launcher.models.facts import catalog_weights
 from launcher.models.gguf_file import read_gguf
-from launcher.models.resolve import catalog_for, resolve_models
-from launcher.planner import Plan, compute_budget, make_plan
+from launcher.models.shape import ModelFacts
+from launcher.placement.cpu_share import CpuShare, config_share, policy_line
+from launcher.placement.cpu_share import to_json as cpu_json
+from launcher.placement.estimate import estimate_memory
+from launcher.placement.gpu_offload import Offload, gpus_note, machine_offload, plan_offload
+from launcher.placement.gpu_plan import VRAM_RESERVE, Gpu
+from launcher.placement.measurements import Measurements, with_measurements
+from launcher.placement.planner import Plan, compute_budget, make_plan
+from launcher.placement.resolve import catalog_for, resolve_models
+from launcher.serve.demo import demo_config
 from launcher.units import format_size, parse_size
 
 ConfigOption = Annotated[

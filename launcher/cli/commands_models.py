@@ -13,8 +13,6 @@ import typer
 from launcher.cli.app import app
 from launcher.config import ResourcesConfig
 from launcher.errors import UsageError
-from launcher.estimate import estimate_memory
-from launcher.licenses import check_redistribution
 from launcher.models.catalog import (
     CatalogEntry,
     cached_entry_path,
@@ -24,8 +22,10 @@ from launcher.models.catalog import (
 )
 from launcher.models.facts import entry_facts
 from launcher.models.hub import HF_SCHEME, HubClient, HubFile, PullResult
+from launcher.models.licenses import check_redistribution
 from launcher.models.wheels import WheelPullResult, WheelStore
-from launcher.planner import compute_budget
+from launcher.placement.estimate import estimate_memory
+from launcher.placement.planner import compute_budget
 from launcher.units import format_size
 
 models_app = typer.Typer(

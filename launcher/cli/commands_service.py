@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from launcher.cli.app import app
-from launcher.service import UNIT_NAME, Service, make_spec
+from launcher.serve.service import UNIT_NAME, Service, make_spec
 
 service_app = typer.Typer(
     name="service",

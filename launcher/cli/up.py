@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from launcher import paths
 from launcher.config import Config, LoadedConfig, load_config, validate
-from launcher.demo import demo_config, fetch_demo_config
 from launcher.engines.background import BackgroundBuild, CancellableRunner
 from launcher.engines.progress import ConsoleLines
 from launcher.errors import AlreadyRunningError, StartupError
-from launcher.exposure import check_exposure
-from launcher.models.resolve import catalog_for
-from launcher.runner import UpOptions, api_keys, build_llama_server, llama_server_missing, serve
+from launcher.placement.resolve import catalog_for
+from launcher.serve.demo import demo_config, fetch_demo_config
+from launcher.serve.exposure import check_exposure
+from launcher.serve.runner import UpOptions, api_keys, build_llama_server, llama_server_missing, serve
 from launcher.supervisor.instance import read_instance
 from launcher.supervisor.logs import read_tail
 
@@ -44,7 +44,7 @@ class UpRequest:
     port: int | None = None
     detach: bool = False
     demo: bool = False
-    insecure: bool = False  # serve beyond loopback without api_keys (launcher.exposure)
+    insecure: bool = False  # serve beyond loopback without api_keys (launcher.serve.exposure)
 
 
 def run_up(request: UpRequest) -> int:

@@ -29,7 +29,7 @@ class ServerSettings:
     sleep_after: int = 0  # llama-server: seconds idle before it frees its weights; 0 = never
     slot_save_path: Path | None = None  # llama-server: where slot save/restore files go
     # llama-server on a GPU build: layers to offload (-ngl) and the share per GPU, as
-    # launcher.gpu_plan chose them; None leaves it to llama-server (--fit, see docs/gpu.md)
+    # launcher.placement.gpu_plan chose them; None leaves it to llama-server (--fit, see docs/gpu.md)
     gpu_layers: int | None = None
     tensor_split: tuple[float, ...] = ()
     kv_cache: str = "f16"  # llama-server: the K and V cache type (config refuses others elsewhere)

@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.config import LoadedConfig, ModelConfig
 from launcher.errors import ConfigError, HubError, UsageError
-from launcher.estimate import QUANT_BITS, ModelFacts
-from launcher.licenses import lookup
 from launcher.models.download import ProgressCallback
 from launcher.models.facts import catalog_facts
 from launcher.models.hub import HubClient, HubFile, PullResult
+from launcher.models.licenses import lookup
+from launcher.models.shape import QUANT_BITS, ModelFacts
 from launcher.models.wheels import (
     LineCallback,
     PhaseProgress,

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import GGUFError
-from launcher.estimate import ModelFacts, approximate_matmul_bytes, conv_state_bytes
 from launcher.models.gguf_file import read_gguf
+from launcher.models.shape import ModelFacts, approximate_matmul_bytes, conv_state_bytes
 
 if TYPE_CHECKING:
     from launcher.models.catalog import CatalogEntry

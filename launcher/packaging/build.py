@@ -13,9 +13,9 @@ from pathlib import Path
 from launcher.engines.builder import BuildProgress, BuiltEngine, build_engine
 from launcher.engines.registry import platform_tag, verify_engine
 from launcher.errors import ConfigError
-from launcher.licenses import LicenseDecision
 from launcher.models.catalog import Catalog
 from launcher.models.hub import HubClient
+from launcher.models.licenses import LicenseDecision
 from launcher.packaging.files import DigestCache
 from launcher.packaging.frozen.freeze import Frozen, frozen_app, packaging_dir
 from launcher.packaging.inputs import ModelInput, fetch_models, gate, model_inputs

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from launcher.config import ModelConfig
 from launcher.errors import ConfigError, LicenseError
-from launcher.licenses import LicenseDecision, canonical_id, check_redistribution, lookup
 from launcher.models.catalog import Catalog, CatalogEntry, cached_entry_path, default_catalog, pull_entry
 from launcher.models.hub import HubClient
+from launcher.models.licenses import LicenseDecision, canonical_id, check_redistribution, lookup
 from launcher.packaging.spec import BundleSpec
 
 Report = Callable[[str], None]

@@ -28,8 +28,6 @@ from launcher import __version__
 from launcher import paths as lalo_paths
 from launcher.config import ActivityConfig, ApiKey
 from launcher.errors import CapacityError, ModelError
-from launcher.metrics_merge import MergedMetrics
-from launcher.peers import PeerTable
 from launcher.proxy.activity import Activity, valid_status_filter
 from launcher.proxy.anthropic import AnthropicErrors
 from launcher.proxy.auth import AuthMiddleware
@@ -39,8 +37,10 @@ from launcher.proxy.history import History
 from launcher.proxy.hosts import HostGuard
 from launcher.proxy.logstream import LaloLog, follow_file, lalo_log
 from launcher.proxy.metrics import ProxyMetrics
+from launcher.proxy.metrics_merge import MergedMetrics
 from launcher.proxy.ollama import OLLAMA_ROUTES, OllamaAPI
 from launcher.proxy.peer_metrics import PeerCollector
+from launcher.proxy.peers import PeerTable
 from launcher.proxy.routes import MODEL_ROUTES, BodyTooLarge, ModelRouter, read_body, route_list
 from launcher.proxy.upstream import UpstreamBadTarget, UpstreamPool, check_target
 from launcher.supervisor.logs import read_tail
@@ -75,7 +75,7 @@ def create_app(
     closing: asyncio.Event | None = None,
 ) -> ASGIApp:
     """The proxy app; `on_shutdown` is called by `POST /api/shutdown` (lalo down); `peers`:
-    other servers whose models are served here too (launcher.peers).
+    other servers whose models are served here too (launcher.proxy.peers).
 
     `closing` is set when lalo stops: open log streams end then, so that they do not hold up
     the drain of the requests in flight. `settings.capture_own_log` attaches the dashboard's

@@ -33,11 +33,11 @@ from launcher.errors import (
     QueueFullError,
     WaitTimeoutError,
 )
-from launcher.peers import HOP_HEADER, PeerTable, is_peer_endpoint
 from launcher.proxy.activity import Activity, usage_of
 from launcher.proxy.assemble import AssemblyError, EventReader, Plan, assembler
 from launcher.proxy.errors import error_body, error_message, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
+from launcher.proxy.peers import HOP_HEADER, PeerTable, is_peer_endpoint
 from launcher.proxy.upstream import (
     UpstreamBadTarget,
     UpstreamClosed,
@@ -262,7 +262,7 @@ class Forwarder:
     async def _lease(self, stack: contextlib.AsyncExitStack, reply: _Reply, name: str,
                      stream: bool) -> Endpoint:
         """A slot on `name`'s server; a streamed request that waits long hears about it.
-        A model that a peer serves instead (see `launcher.peers.choose_route`) is its endpoint."""
+        A model that a peer serves instead (see `launcher.proxy.peers.choose_route`) is its endpoint."""
         if self.peers is not None:
             try:
                 remote = self.peers.lease(name, local=name in self.supervisor.models)

@@ -15,8 +15,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from launcher.metrics_merge import MergedMetrics
 from launcher.proxy.activity import Activity
+from launcher.proxy.metrics_merge import MergedMetrics
 from launcher.supervisor.supervisor import WAIT_BUCKETS, Supervisor
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

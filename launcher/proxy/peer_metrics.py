@@ -1,4 +1,4 @@
-"""Prometheus gauges of the peers (launcher.peers), read from the PeerTable when scraped."""
+"""Prometheus gauges of the peers (launcher.proxy.peers), read from the PeerTable when scraped."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from launcher.peers import PeerTable
+from launcher.proxy.peers import PeerTable
 
 
 class PeerCollector(Collector):

@@ -17,9 +17,9 @@ from typing import Final, Literal
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive, Scope, Send
 
-from launcher.peers import HOP_HEADER, PeerTable
 from launcher.proxy.assemble import Plan, plan
 from launcher.proxy.forward import Forwarder, send_error
+from launcher.proxy.peers import HOP_HEADER, PeerTable
 from launcher.supervisor.supervisor import Supervisor
 
 

@@ -4,7 +4,7 @@ Every streamed token crosses this code, on a machine whose cores the model serve
 so it does as little as possible: an asyncio Protocol per connection, httptools' C parser
 (which also undoes chunked encoding), and body bytes handed on as they arrive, coalesced
 when several came at once. It speaks only to model servers on loopback; everything else
-in lalo uses httpx. Peers (other lalos, launcher.peers) are reached the same way, over TLS
+in lalo uses httpx. Peers (other lalos, launcher.proxy.peers) are reached the same way, over TLS
 for an https peer.
 
 A connection goes back to the pool only after a complete answer that allows keep-alive;

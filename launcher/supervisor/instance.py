@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from filelock import FileLock, Timeout
 
 from launcher import paths
 from launcher.errors import AlreadyRunningError, NotRunningError, StartupError
+from launcher.paths import write_private_json
 from launcher.supervisor import platform
 
 STATE_FILE = "instance.json"
@@ -40,20 +40,6 @@ class InstanceInfo:
 
     def is_alive(self) -> bool:
         return platform.is_same_process(self.pid, self.created)
-
-
-def write_private_json(path: Path, data: Any) -> None:
-    """Atomically write JSON readable only by this user (it holds tokens)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class InstanceLock:

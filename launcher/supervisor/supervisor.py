@@ -3,7 +3,7 @@
 Callers (the proxy, admin routes) never read a model's state and then act on it; they
 call `lease()` (requests), `load()`, `unload()` or `restart()`, and the supervisor decides.
 Every decision is taken synchronously in `_dispatch()` (no await between looking and
-acting), from the pure rules in `launcher.scheduler`:
+acting), from the pure rules in `launcher.placement.scheduler`:
 
 - first loads, on-demand loads and restarts after a crash (once their backoff is over) all
   go through the same admission; a model whose restart is pending keeps its memory;
@@ -38,8 +38,8 @@ from launcher.errors import (
     QueueFullError,
     WaitTimeoutError,
 )
-from launcher.planner import Budget, compute_budget
-from launcher.scheduler import Load, ModelView, Schedule, never_fits, schedule
+from launcher.placement.planner import Budget, compute_budget
+from launcher.placement.scheduler import Load, ModelView, Schedule, never_fits, schedule
 from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import Endpoint, ManagedModel, ModelState, ProcessEvents
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from launcher.config import LoadedConfig, parse_config
-from launcher.doctor import collect_report
-from launcher.estimate import ModelFacts, estimate_memory, repack_types_for
+from launcher.doctor.report import collect_report
 from launcher.models.catalog import CatalogEntry, cached_entry_path, catalog_resolver, default_catalog
 from launcher.models.gguf_file import read_gguf
-from launcher.models.resolve import resolve_model
+from launcher.models.shape import ModelFacts
+from launcher.placement.estimate import estimate_memory, repack_types_for
+from launcher.placement.resolve import resolve_model
 from tests.support.real_models import REAL_MODELS, real_model
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher.doctor import TIERS, machine_tier
+from launcher.doctor.report import TIERS, machine_tier
 from launcher.engines.registry import find_llama_server, find_tool, list_engines
 from launcher.models.catalog import default_catalog
 

@@ -11,9 +11,10 @@ import pytest
 
 from launcher.engines.base import ServerSettings
 from launcher.engines.llama_server import LlamaServerEngine
-from launcher.estimate import ModelFacts, estimate_memory
 from launcher.models.gguf_file import read_gguf
+from launcher.models.shape import ModelFacts
 from launcher.models.synthetic import ModelShape, write_synthetic_model
+from launcher.placement.estimate import estimate_memory
 from launcher.supervisor import platform
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.process import ManagedModel

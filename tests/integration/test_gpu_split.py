@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.estimate import ModelFacts
-from launcher.gpu_split import split_memory
 from launcher.models.gguf_file import read_gguf
+from launcher.models.shape import ModelFacts
+from launcher.placement.gpu_split import split_memory
 
 DATA = Path(__file__).parents[1] / "unit" / "data" / "llama-server-kv"
 MIB = 1024**2

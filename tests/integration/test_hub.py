@@ -28,8 +28,8 @@ from launcher.models.hub import (
     HubOfflineError,
     HubSettings,
 )
-from launcher.models.resolve import resolve_models
 from launcher.models.synthetic import write_synthetic_model
+from launcher.placement.resolve import resolve_models
 from launcher.units import format_size
 from tests.integration.hub_server import HubServer, Repo, RepoFile, Request
 from tests.support.lalo import wait_until

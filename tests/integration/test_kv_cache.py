@@ -9,8 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from launcher.estimate import MemorySettings, ModelFacts, estimate_for
 from launcher.models.gguf_file import read_gguf
+from launcher.models.shape import ModelFacts
+from launcher.placement.estimate import MemorySettings, estimate_for
 from tests.support.lalo import LaloUp, lalo_env, write_config
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from launcher.cpu_share import cpu_share
+from launcher.placement.cpu_share import cpu_share
 from tests.support.lalo import FAST_SUPERVISOR, LaloUp, free_port, wait_until, write_config
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import yaml
 
-from launcher.cpu_share import WAIT_SETTINGS
+from launcher.placement.cpu_share import WAIT_SETTINGS
 
 T = TypeVar("T")
 

@@ -9,8 +9,6 @@ import pytest
 
 from launcher.config import LoadedConfig, parse_config
 from launcher.errors import ConfigError
-from launcher.estimate import estimate_memory
-from launcher.licenses import check_redistribution
 from launcher.models.catalog import (
     CATALOG_ENV,
     catalog_resolver,
@@ -20,8 +18,10 @@ from launcher.models.catalog import (
     parse_catalog,
 )
 from launcher.models.hub import HubClient, HubSettings
-from launcher.models.resolve import resolve_models
+from launcher.models.licenses import check_redistribution
 from launcher.models.synthetic import SHAPES
+from launcher.placement.estimate import estimate_memory
+from launcher.placement.resolve import resolve_models
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PLAN_MODELS = {

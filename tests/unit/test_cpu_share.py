@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psutil
 
-from launcher.cpu_share import CpuShare, cpu_share, policy_line, to_json, wait_env
+from launcher.placement.cpu_share import CpuShare, cpu_share, policy_line, to_json, wait_env
 
 
 def test_one_server_keeps_the_engine_default_whatever_the_threads() -> None:

@@ -148,7 +148,7 @@ def test_the_builder_configures_with_the_wheels_cublas(tmp_path: Path,
 
 
 def test_cublas_licence_is_known_and_never_allowed_by_default() -> None:
-    from launcher.licenses import check_redistribution, lookup
+    from launcher.models.licenses import check_redistribution, lookup
 
     known = lookup("LicenseRef-NVIDIA-Proprietary")  # what the nvidia-cublas wheel declares
     assert known is not None and not known.spdx and "CUDA EULA" in known.obligation

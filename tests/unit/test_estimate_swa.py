@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.estimate import CHECKPOINTS_PER_SLOT, ModelFacts, estimate_memory, swa_layer_flags
 from launcher.models.catalog import default_catalog
+from launcher.models.shape import CHECKPOINTS_PER_SLOT, ModelFacts, swa_layer_flags
+from launcher.placement.estimate import estimate_memory
 
 DATA = Path(__file__).parent / "data" / "llama-server-kv"
 MIB = 1024**2

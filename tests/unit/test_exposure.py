@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import UsageError
-from launcher.exposure import check_exposure, is_loopback
+from launcher.serve.exposure import check_exposure, is_loopback
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])

@@ -13,8 +13,8 @@ from typing import Any
 import pynvml
 import pytest
 
-from launcher.doctor import GPU_TIERS, gpu_tier
-from launcher.gpu import describe, gpu_facts
+from launcher.doctor.report import GPU_TIERS, gpu_tier
+from launcher.machine.gpu import describe, gpu_facts
 
 GIB = 1024**3
 

@@ -12,20 +12,20 @@ from pathlib import Path
 import pytest
 
 from launcher.config import LoadedConfig, ModelConfig, parse_config
-from launcher.cpu_share import CpuShare
 from launcher.engines.base import ServerSettings
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.errors import ConfigError
-from launcher.estimate import estimate_memory
-from launcher.gpu import GpuFacts, GpuReport
-from launcher.gpu_offload import Offload, machine_offload, plan_offload, visible_gpus
-from launcher.gpu_plan import VRAM_RESERVE, Gpu
-from launcher.gpu_split import split_memory
-from launcher.measurements import Measurements, measurement_key
+from launcher.machine.gpu import GpuFacts, GpuReport
 from launcher.models.catalog import default_catalog
-from launcher.models.resolve import ResolvedModel, resolve_models
-from launcher.planner import Budget, make_plan
-from launcher.runner import ServerFactory
+from launcher.placement.cpu_share import CpuShare
+from launcher.placement.estimate import estimate_memory
+from launcher.placement.gpu_offload import Offload, machine_offload, plan_offload, visible_gpus
+from launcher.placement.gpu_plan import VRAM_RESERVE, Gpu
+from launcher.placement.gpu_split import split_memory
+from launcher.placement.measurements import Measurements, measurement_key
+from launcher.placement.planner import Budget, make_plan
+from launcher.placement.resolve import ResolvedModel, resolve_models
+from launcher.serve.runner import ServerFactory
 from launcher.supervisor.instance import ChildRecords
 
 MIB = 1024**2

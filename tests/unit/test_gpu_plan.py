@@ -15,10 +15,10 @@ import pytest
 
 from launcher.engines.base import ServerSettings
 from launcher.engines.llama_server import LlamaServerEngine
-from launcher.estimate import estimate_memory
-from launcher.gpu_plan import VRAM_RESERVE, Gpu, GpuModel, plan_gpus
-from launcher.gpu_split import CUDA_CONTEXT, layer_devices, split_memory
 from launcher.models.catalog import default_catalog
+from launcher.placement.estimate import estimate_memory
+from launcher.placement.gpu_plan import VRAM_RESERVE, Gpu, GpuModel, plan_gpus
+from launcher.placement.gpu_split import CUDA_CONTEXT, layer_devices, split_memory
 
 DATA = Path(__file__).parent / "data" / "llama-server-kv"
 MIB = 1024**2

@@ -7,9 +7,9 @@ import json
 import re
 from pathlib import Path
 
-from launcher.metrics_merge import MergedMetrics, merge, relabel
 from launcher.proxy.activity import Activity
 from launcher.proxy.metrics import ProxyMetrics
+from launcher.proxy.metrics_merge import MergedMetrics, merge, relabel
 from launcher.proxy.upstream import UpstreamPool
 from launcher.supervisor.supervisor import Supervisor
 

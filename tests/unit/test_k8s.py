@@ -16,12 +16,13 @@ import yaml
 
 from launcher.config import parse_config
 from launcher.errors import ConfigError
-from launcher.estimate import MIB, ModelFacts, estimate_memory, repack_types_for
 from launcher.models.gguf_file import read_gguf
+from launcher.models.shape import MIB, ModelFacts
 from launcher.packaging.build import Packager
 from launcher.packaging.spec import load_spec, parse_spec
 from launcher.packaging.targets.k8s import grace_period
 from launcher.packaging.targets.k8s_sizing import LALO_OWN_MEMORY, PROBE_MEMORY
+from launcher.placement.estimate import estimate_memory, repack_types_for
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 KUBECTL = shutil.which("kubectl")

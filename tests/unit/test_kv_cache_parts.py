@@ -12,13 +12,14 @@ from launcher.config import ModelConfig, parse_config
 from launcher.engines.base import ServerSettings
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.errors import ConfigError
-from launcher.estimate import KV_TYPE_BYTES, MemorySettings, estimate_for, estimate_memory
-from launcher.measurements import measurement_key
 from launcher.models.catalog import default_catalog
+from launcher.models.shape import KV_TYPE_BYTES
 from launcher.packaging.targets.k8s_sizing import model_memory as k8s_memory
 from launcher.packaging.targets.k8s_sizing import size_pod
 from launcher.packaging.windows import presets
-from launcher.planner import Budget, Candidate, make_plan
+from launcher.placement.estimate import MemorySettings, estimate_for, estimate_memory
+from launcher.placement.measurements import measurement_key
+from launcher.placement.planner import Budget, Candidate, make_plan
 from launcher.supervisor.prompt_cache import cache_key
 
 MIB = 1024**2
@@ -161,9 +162,9 @@ def test_lalo_up_builds_the_server_and_its_record_with_the_kv_cache(
     tmp_path: Path, small_model: Path, isolated: dict[str, str]
 ) -> None:
     from launcher.config import LoadedConfig
-    from launcher.cpu_share import CpuShare
-    from launcher.models.resolve import resolve_models
-    from launcher.runner import ServerFactory
+    from launcher.placement.cpu_share import CpuShare
+    from launcher.placement.resolve import resolve_models
+    from launcher.serve.runner import ServerFactory
     from launcher.supervisor.instance import ChildRecords
 
     text = f"models:\n  q: {{file: {small_model}, ctx_size: 1024, kv_cache: q4_0}}\n"

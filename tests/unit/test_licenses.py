@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.licenses import (
+from launcher.models.licenses import (
     DEFAULT_ALLOWED,
     Component,
     canonical_id,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from launcher.config import parse_config
-from launcher.engines.server_flags import ArgsMemory, read_args, refused_arg
+from launcher.config.server_args import ArgsMemory, read_args, refused_arg
 from launcher.errors import ConfigError
-from launcher.estimate import MemorySettings, estimate_for, estimate_memory
 from launcher.models.catalog import default_catalog
+from launcher.placement.estimate import MemorySettings, estimate_for, estimate_memory
 
 MIB = 1024**2
 SMOL = default_catalog().get("smollm2-135m-instruct").facts()

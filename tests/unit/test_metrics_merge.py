@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from launcher.metrics_merge import MergedMetrics, merge, relabel
+from launcher.proxy.metrics_merge import MergedMetrics, merge, relabel
 from launcher.proxy.upstream import UpstreamPool
 from launcher.supervisor.process import Endpoint
 

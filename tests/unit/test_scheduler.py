@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.scheduler import ModelView, never_fits, schedule, victim_order
+from launcher.placement.scheduler import ModelView, never_fits, schedule, victim_order
 
 MIB = 1024**2
 GIB = 1024**3

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import UsageError
-from launcher.service import Service, ServiceError, UnitSpec, make_spec, quote
+from launcher.serve.service import Service, ServiceError, UnitSpec, make_spec, quote
 from tests.support.apt import apt_install
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from launcher.config import ModelConfig
 from launcher.errors import StartupError
-from launcher.models.resolve import ResolvedModel
-from launcher.runner import usable_models
+from launcher.placement.resolve import ResolvedModel
+from launcher.serve.runner import usable_models
 
 
 def resolved(name: str, path: Path | None, error: str | None = None,

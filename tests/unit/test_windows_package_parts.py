@@ -88,8 +88,9 @@ def test_launch_file_has_the_table_the_launcher_reads(tmp_path: Path, small_mode
 
 
 def test_model_memory_is_lalos_estimate_plus_the_router(small_model: Path) -> None:
-    from launcher.estimate import ModelFacts, estimate_memory
     from launcher.models.gguf_file import read_gguf
+    from launcher.models.shape import ModelFacts
+    from launcher.placement.estimate import estimate_memory
 
     facts = ModelFacts.from_gguf(read_gguf(small_model))
     config = ModelConfig(file=str(small_model), ctx_size=1024, parallel=2)

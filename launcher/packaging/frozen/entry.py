@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 
 from launcher.packaging.formats.payload import extracted, read_payload
@@ -219,7 +219,9 @@ def _special(args: list[str], root: Path | None) -> int | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(lalo_main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> None:
+    """Run the frozen lalo: `lalo_main` is the CLI (`launcher.cli.main.main`), passed in by the
+    entry script so that packaging never imports the CLI that builds it."""
     from launcher.errors import LaloError
 
     args = cli_arguments(sys.argv[1:] if argv is None else argv)
@@ -239,8 +241,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     if code is not None:
         sys.exit(code)
-    from launcher.cli.main import main as lalo_main
-
     try:
         lalo_main(args)
     except ModuleNotFoundError as exc:

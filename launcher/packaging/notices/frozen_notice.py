@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import __version__
-from launcher.licenses import Component
+from launcher.models.licenses import Component
 from launcher.packaging.notices.license_texts import standard_text
 from launcher.packaging.notices.notice import LicenseFile, Packaged, read_text, safe_name
 

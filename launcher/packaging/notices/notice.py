@@ -16,7 +16,7 @@ from launcher.engines.registry import EngineManifest
 from launcher.engines.source import SDIST_LABEL, sources_dir
 from launcher.engines.source import SDIST_NAME as LLAMA_SDIST
 from launcher.errors import PackagingError
-from launcher.licenses import Component, lookup, notice_entry
+from launcher.models.licenses import Component, lookup, notice_entry
 from launcher.packaging.inputs import ModelInput
 from launcher.packaging.notices.license_texts import standard_text
 

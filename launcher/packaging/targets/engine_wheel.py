@@ -25,7 +25,7 @@ from launcher.engines.installed import ENTRY_POINT_GROUP
 from launcher.engines.registry import MANIFEST, EngineManifest, ManifestFile, read_manifest
 from launcher.engines.source import LLAMA_CPP_PYTHON_VERSION, SDIST_LABEL
 from launcher.errors import EngineError
-from launcher.licenses import Component
+from launcher.models.licenses import Component
 from launcher.packaging.formats.wheel import WheelMember, write_wheel
 from launcher.packaging.notices.notice import (
     LICENSES,

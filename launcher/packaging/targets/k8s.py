@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from launcher.estimate import ModelFacts
 from launcher.models.gguf_file import read_gguf
+from launcher.models.shape import ModelFacts
 from launcher.packaging import layout
 from launcher.packaging.frozen.entry import PROBE_FLAG, SEED_FLAG
 from launcher.packaging.inputs import ModelInput

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from launcher.config import Config, ModelConfig
-from launcher.estimate import MIB, MemorySettings, ModelFacts, estimate_for, repack_types_for
+from launcher.models.shape import MIB, ModelFacts
+from launcher.placement.estimate import MemorySettings, estimate_for, repack_types_for
 
 # lalo's own process (proxy, supervisor, dashboard): 46 MiB RSS measured under load here,
 # rounded up for the allocator's growth over a long run.

@@ -14,7 +14,7 @@ from pathlib import Path
 from launcher import __version__
 from launcher.config import ModelConfig
 from launcher.errors import PackagingError
-from launcher.licenses import Component
+from launcher.models.licenses import Component
 from launcher.packaging.files import DigestCache
 from launcher.packaging.formats.llamafile_writer import LlamafileResult, write_llamafile
 from launcher.packaging.inputs import ModelInput

@@ -23,8 +23,8 @@ from launcher import __version__
 from launcher.digest import file_sha256
 from launcher.engines.builder import BuiltEngine
 from launcher.errors import PackagingError
-from launcher.estimate import ModelFacts
 from launcher.models.gguf_file import read_gguf
+from launcher.models.shape import ModelFacts
 from launcher.packaging import layout
 from launcher.packaging.files import copy_file
 from launcher.packaging.formats.winpack import PackFile, write_packed_exe

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 from launcher import __version__
 from launcher.config import ModelConfig
+from launcher.config.server_args import refused_arg
 from launcher.engines.llama_server import kv_cache_args
-from launcher.engines.server_flags import refused_arg
 from launcher.errors import PackagingError
-from launcher.estimate import MemorySettings, ModelFacts, estimate_for, repack_types_for
+from launcher.models.shape import ModelFacts
 from launcher.packaging.spec import BundleSpec
+from launcher.placement.estimate import MemorySettings, estimate_for, repack_types_for
 
 PRESETS = "presets.ini"
 LAUNCH = "lalo-launch.ini"

@@ -1,26 +1,22 @@
 """A model's memory split between GPUs and RAM for llama-server's `-ngl N --tensor-split ...`:
 per GPU its layers' weights and KV cache, a compute buffer and the CUDA context; in RAM the rest.
 
-Pure functions over `ModelFacts`, built on `launcher.estimate` (the all-in-RAM figure).
+Pure functions over `ModelFacts`, built on `launcher.placement.estimate` (the all-in-RAM figure).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from launcher.estimate import (
-    CHECKPOINTS_PER_SLOT,
+from launcher.models.shape import CHECKPOINTS_PER_SLOT, MIB, UBATCH, ModelFacts, padded_ctx
+from launcher.placement.estimate import (
     COMPUTE_PER_EMBD,
     COMPUTE_PER_FF,
     COMPUTE_PER_VOCAB,
     MASK_BYTES,
-    MIB,
-    UBATCH,
     MemoryEstimate,
     MemorySettings,
-    ModelFacts,
     estimate_memory,
-    padded_ctx,
 )
 
 # Not measured on a GPU (no GPU where these were written): the CUDA context is the driver's and

@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING, Any
 
 from launcher import __version__, paths
 from launcher.config import ApiKey, Config, LoadedConfig
-from launcher.cpu_share import CpuShare, config_share, policy_line, wait_env
 from launcher.engines.base import Engine, ServerSettings
 from launcher.engines.llama_cpp_python import LlamaCppPythonEngine
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.engines.llamafile import LlamafileEngine
 from launcher.errors import EngineError, LaloError, StartupError
-from launcher.estimate import MemorySettings
-from launcher.gpu_offload import NO_GPU, Offload, machine_offload
-from launcher.measurements import Measurements, measurement_key, with_measurements
-from launcher.models.resolve import ResolvedModel, resolve_models
-from launcher.planner import Plan, compute_budget, make_plan
+from launcher.placement.cpu_share import CpuShare, config_share, policy_line, wait_env
+from launcher.placement.estimate import MemorySettings
+from launcher.placement.gpu_offload import NO_GPU, Offload, machine_offload
+from launcher.placement.measurements import Measurements, measurement_key, with_measurements
+from launcher.placement.planner import Plan, compute_budget, make_plan
+from launcher.placement.resolve import ResolvedModel, resolve_models
 from launcher.supervisor import platform
 from launcher.supervisor.instance import ChildRecords, InstanceInfo, InstanceLock
 from launcher.supervisor.logs import ModelLog
@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # imported at run time only once the model servers are starti
     from launcher.engines.builder import CommandRunner
     from launcher.engines.progress import StatusOutput
     from launcher.models.catalog import CatalogResolver
-    from launcher.peers import PeerTable
+    from launcher.proxy.peers import PeerTable
     from launcher.proxy.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class ServerFactory:
     records: ChildRecords
     share: CpuShare
     host: str = "127.0.0.1"
-    # each model's -ngl / --tensor-split (launcher.gpu_offload); none by default
+    # each model's -ngl / --tensor-split (launcher.placement.gpu_offload); none by default
     offload: Offload = dataclasses.field(default_factory=Offload)
 
     def make(self, model: ResolvedModel) -> tuple[SupervisedModel, ManagedModel, RestartPolicy]:
@@ -375,7 +375,7 @@ class Reloader:
 
     def _read(self) -> tuple[LoadedConfig, list[ResolvedModel], Offload]:
         from launcher.config import load_config
-        from launcher.models.resolve import catalog_for
+        from launcher.placement.resolve import catalog_for
 
         if self.loaded.source is None:
             raise StartupError("lalo runs the built-in default config: there is no file to reload")
@@ -430,7 +430,7 @@ async def serve(
     port = options.port if options.port is not None else config.proxy.port
     peers = None
     if config.peers:
-        from launcher.peers import PeerTable
+        from launcher.proxy.peers import PeerTable
 
         # a peer's key missing from the environment, an unreadable CA file: now, not later
         peers = PeerTable.from_config(config, base_dir=loaded.base_dir)

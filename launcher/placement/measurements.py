@@ -7,9 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from launcher import paths
-from launcher.estimate import MemorySettings
-from launcher.models.resolve import ResolvedModel
-from launcher.supervisor.instance import write_private_json
+from launcher.paths import write_private_json
+from launcher.placement.estimate import MemorySettings
+from launcher.placement.resolve import ResolvedModel
 
 FILE = "measured-memory.json"
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from launcher.estimate import MIB, MemorySettings, ModelFacts
-from launcher.gpu_split import OffloadSplit, split_for
+from launcher.models.shape import MIB, ModelFacts
+from launcher.placement.estimate import MemorySettings
+from launcher.placement.gpu_split import OffloadSplit, split_for
 from launcher.units import format_size
 
 # Room kept free on every GPU (llama-server's own --fit keeps 1024 MiB by default; lalo's

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 if TYPE_CHECKING:
-    from launcher.models.resolve import ResolvedModel
+    from launcher.placement.resolve import ResolvedModel
 
 WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "KMP_LIBRARY")
 """Variables that set how OpenMP threads wait (standard, GNU libgomp, LLVM libomp)."""

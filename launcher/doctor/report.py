@@ -16,13 +16,13 @@ import psutil
 from launcher.config import ResourcesConfig
 from launcher.engines.registry import FoundEngine, list_engines
 from launcher.errors import EngineError
-from launcher.estimate import estimate_memory
-from launcher.gpu import GpuReport, describe, gpu_facts
-from launcher.hardware import FEATURES, CpuInfo, cpu_info
+from launcher.machine.gpu import GpuReport, describe, gpu_facts
+from launcher.machine.hardware import FEATURES, CpuInfo, cpu_info
 from launcher.models.catalog import Catalog, cached_entry_path, default_catalog
 from launcher.models.facts import entry_facts
 from launcher.models.hub import HubClient
-from launcher.planner import Budget, Candidate, compute_budget, make_plan
+from launcher.placement.estimate import estimate_memory
+from launcher.placement.planner import Budget, Candidate, compute_budget, make_plan
 from launcher.units import format_size
 
 log = logging.getLogger(__name__)

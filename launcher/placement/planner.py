@@ -1,7 +1,7 @@
 """Which models to load within the RAM budget: pure functions, each decision with its reason.
 
 `make_plan` decides what `lalo up` preloads; what to load, evict or keep waiting while
-lalo runs is `launcher.scheduler`'s.
+lalo runs is `launcher.placement.scheduler`'s.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from launcher.estimate import MemorySettings, ModelFacts, fitting_quantizations, largest_fitting_ctx
+from launcher.models.shape import ModelFacts
+from launcher.placement.estimate import MemorySettings, fitting_quantizations, largest_fitting_ctx
 from launcher.units import format_size
 
 Action = Literal["start", "on-demand", "cannot-fit", "invalid"]

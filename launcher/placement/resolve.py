@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 
 from launcher.config import LoadedConfig, ModelConfig
 from launcher.errors import ConfigError, GGUFError
-from launcher.estimate import MemoryEstimate, MemorySettings, ModelFacts, estimate_for
 from launcher.models.gguf_file import GGUFInfo, read_gguf
-from launcher.planner import Candidate
+from launcher.models.shape import ModelFacts
+from launcher.placement.estimate import MemoryEstimate, MemorySettings, estimate_for
+from launcher.placement.planner import Candidate
 
 if TYPE_CHECKING:  # the catalog brings the hub client: imported only when a model uses it
     from launcher.models.catalog import CatalogResolver

@@ -19,18 +19,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from launcher.config import LoadedConfig
+from launcher.config.server_args import offload_flag
 from launcher.engines.base import ServerSettings
-from launcher.engines.server_flags import offload_flag
-from launcher.estimate import MemoryEstimate, MemorySettings
-from launcher.gpu_plan import VRAM_RESERVE, Gpu, GpuModel, GpuPlan, Placement, plan_gpus
-from launcher.gpu_split import split_for
-from launcher.planner import compute_budget
+from launcher.placement.estimate import MemoryEstimate, MemorySettings
+from launcher.placement.gpu_plan import VRAM_RESERVE, Gpu, GpuModel, GpuPlan, Placement, plan_gpus
+from launcher.placement.gpu_split import split_for
+from launcher.placement.planner import compute_budget
 from launcher.units import format_size
 
 if TYPE_CHECKING:
-    from launcher.gpu import GpuReport
-    from launcher.measurements import Measurements
-    from launcher.models.resolve import ResolvedModel
+    from launcher.machine.gpu import GpuReport
+    from launcher.placement.measurements import Measurements
+    from launcher.placement.resolve import ResolvedModel
 
 Mode = Literal["plan", "fit", "layers", "args", "cpu"]
 # CUDA numbers GPUs fastest first unless told otherwise; NVML (and so lalo's plan) by PCI bus:
@@ -114,7 +114,7 @@ class Offload:
               measurements: Measurements | None = None) -> list[ResolvedModel]:
         """The models with the RAM the budget counts: the RAM part of an offloaded model (its
         estimate), its RSS measured with the same offload (not a CPU run's)."""
-        from launcher.measurements import measurement_key
+        from launcher.placement.measurements import measurement_key
 
         out: list[ResolvedModel] = []
         for model in models:
@@ -271,7 +271,7 @@ def quick_gpu_facts() -> GpuReport:
     """`gpu.gpu_facts()`, without importing NVML's bindings (tens of ms of `lalo up`'s start)
     on a Linux machine whose kernel has no NVIDIA driver (no /proc/driver/nvidia; WSL's GPU
     driver lives in /usr/lib/wsl/lib instead)."""
-    from launcher.gpu import GpuReport, gpu_facts
+    from launcher.machine.gpu import GpuReport, gpu_facts
 
     if (sys.platform == "linux" and not Path("/proc/driver/nvidia").exists()
             and not Path("/usr/lib/wsl/lib").exists()):

@@ -1,7 +1,7 @@
 """llama-server flags in a model's `args` that change its memory: refused where a lalo setting
 says the same thing, read into the plan where lalo's estimate models them.
 
-Pure; `launcher.config` checks `args` and `env` with it at load, `launcher.estimate` reads the rest.
+Pure; `launcher.config` checks `args` and `env` with it at load, `launcher.placement.estimate` reads the rest.
 """
 
 from __future__ import annotations

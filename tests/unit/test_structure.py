@@ -132,3 +132,29 @@ def test_modules_and_functions_are_small() -> None:
 
 def test_the_checks_see_a_cycle() -> None:
     assert _cycles({"a": {"b": ["x"]}, "b": {"a": ["y"]}, "c": {"a": ["z"]}}) == [["a", "b"]]
+
+
+# The packages from the bottom up (docs/design.md): each imports only those below it.
+LAYERS = [
+    {"launcher", "errors", "units", "yamlfile", "digest", "toolrun", "paths", "client"},
+    {"config", "machine"},
+    {"models"},
+    {"engines"},
+    {"placement"},
+    {"supervisor"},
+    {"proxy"},
+    {"serve", "doctor"},
+    {"packaging"},
+    {"cli"},
+    {"__main__"},
+]
+
+
+def test_packages_import_only_downward() -> None:
+    rank = {unit: level for level, units in enumerate(LAYERS) for unit in units}
+    edges = package_imports()
+    unknown = sorted((set(edges) | {o for t in edges.values() for o in t}) - set(rank))
+    assert not unknown, f"place these in LAYERS (and docs/design.md): {unknown}"
+    upward = [f"{a} -> {b}: {', '.join(where[:3])}" for a, targets in edges.items()
+              for b, where in targets.items() if rank[b] >= rank[a] and not (rank[a] == 0 == rank[b])]
+    assert not upward, "imports that go up or sideways:\n" + "\n".join(sorted(upward))

@@ -15,6 +15,7 @@ from launcher.errors import UsageError
 from launcher.models.facts import catalog_weights
 from launcher.models.gguf_file import read_gguf
 from launcher.models.shape import ModelFacts
+from launcher.placement.context import fit_contexts
 from launcher.placement.cpu_share import CpuShare, config_share, policy_line
 from launcher.placement.cpu_share import to_json as cpu_json
 from launcher.placement.estimate import estimate_memory
@@ -118,7 +119,8 @@ def build_plan(loaded: LoadedConfig, gpu_sizes: list[str] | None = None
     available = psutil.virtual_memory().available
     budget = compute_budget(resources.ram_budget, resources.ram_reserve, available)
     measurements = Measurements()
-    models = with_measurements(resolve_models(loaded, catalog=catalog_for(loaded)), measurements)
+    models = fit_contexts(resolve_models(loaded, catalog=catalog_for(loaded)), budget.bytes)
+    models = with_measurements(models, measurements)
     if gpu_sizes:
         gpus = given_gpus(gpu_sizes)
         offload = plan_offload(models, gpus, budget.bytes,
@@ -157,6 +159,8 @@ def plan(config: ConfigOption = None, as_json: JsonOption = False, gpu: GpuOptio
     for decision in result.decisions:
         typer.echo(f"  {decision.name:<{width}}  {decision.action:<10} {format_size(decision.required):>10}  "
                    f"{decision.reason}")
+        if decision.ctx_note:
+            typer.echo(f"  {'':<{width}}  {'':<10} {'':>10}  {decision.ctx_note}")
         for hint in decision.suggestions:
             typer.echo(f"  {'':<{width}}  {'':<10} {'':>10}  - {hint}")
     typer.echo(f"preload total: {format_size(result.preload_total)}, "

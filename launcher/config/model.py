@@ -27,6 +27,10 @@ class ModelConfig(Section):
     catalog: str | None = None
     engine: EngineKind | None = None
     ctx_size: Annotated[int, Field(ge=128, le=4_194_304)] = 2048
+    # `ctx_size: auto` in YAML: lalo picks the largest context that fits (placement/context.py),
+    # at most `ctx_max`; until then ctx_size holds the fallback for a model with unknown facts
+    ctx_auto: bool = False
+    ctx_max: Annotated[int, Field(ge=256, le=4_194_304)] | None = None
     threads: int | Literal["auto"] = "auto"
     parallel: Annotated[int, Field(ge=1, le=256)] = 1
     preload: bool = True
@@ -48,6 +52,21 @@ class ModelConfig(Section):
     # llama-server's -ctk/-ctv for K and V (with -fa on for a quantized one): q8_0 about halves the
     # context's memory, q4_0 about quarters it (docs/memory-estimate.md)
     kv_cache: KvCacheType = "f16"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ctx_auto(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        if "ctx_auto" in data:
+            raise ValueError("unknown key ctx_auto: write ctx_size: auto")
+        if data.get("ctx_size") == "auto":
+            return {**data, "ctx_size": 2048, "ctx_auto": True}
+        if isinstance(data.get("ctx_size"), str):
+            raise ValueError(f"ctx_size: must be 'auto' or a number of tokens, got {data['ctx_size']!r}")
+        if data.get("ctx_max") is not None:
+            raise ValueError("ctx_max: caps ctx_size: auto; with a fixed ctx_size, set only that")
+        return data
 
     @field_validator("threads", mode="before")
     @classmethod

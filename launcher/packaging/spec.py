@@ -233,6 +233,14 @@ class BundleSpec:
         image = self.fields.image
         return f"{image.repository or f'localhost/{self.name}'}:{image.tag or __version__}"
 
+    def require_fixed_contexts(self, target: str, why: str) -> None:
+        """Targets that size memory at build time (`why`) need every context as a number."""
+        for name, model in self.models.items():
+            if model.ctx_auto:
+                raise ConfigError(
+                    f"{self.source}: models.{name}.ctx_size: auto is decided by lalo on the "
+                    f"machine it runs on; the {target} target needs a number ({why}): set ctx_size")
+
     def llamafile_runtime(self) -> Path | None:
         runtime = self.fields.engine.llamafile.runtime
         return self.path(runtime) if runtime is not None else None

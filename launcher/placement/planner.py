@@ -51,6 +51,7 @@ class Candidate:
     parallel: int = 1
     invalid: str | None = None  # why the model file cannot be used at all
     settings: MemorySettings | None = None  # kv_cache and the args read; None: f16, defaults
+    ctx_note: str | None = None  # how `ctx_size: auto` was decided
 
     @property
     def memory(self) -> MemorySettings:
@@ -65,6 +66,7 @@ class Decision:
     reason: str
     suggestions: tuple[str, ...] = ()
     settings: MemorySettings | None = None  # what the figure was estimated with
+    ctx_note: str | None = None  # how `ctx_size: auto` was decided
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Plan:
                     "suggestions": list(d.suggestions),
                     **({"ctx_size": d.settings.ctx_size, "parallel": d.settings.parallel,
                         "kv_cache": d.settings.kv_type} if d.settings is not None else {}),
+                    **({"ctx_note": d.ctx_note} if d.ctx_note else {}),
                 }
                 for d in self.decisions
             ],
@@ -163,8 +166,8 @@ def make_plan(candidates: Sequence[Candidate], budget: Budget, max_loaded: int =
         )
     # one decision per candidate, in order: each says what its figure was estimated with
     return Plan(budget=budget, max_loaded=max_loaded, decisions=tuple(
-        replace(decision, settings=model.memory) for decision, model in zip(decisions, candidates,
-                                                                            strict=True)))
+        replace(decision, settings=model.memory, ctx_note=model.ctx_note)
+        for decision, model in zip(decisions, candidates, strict=True)))
 
 
 def _suggestions(model: Candidate, budget: int) -> tuple[str, ...]:

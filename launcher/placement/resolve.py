@@ -37,6 +37,7 @@ class ResolvedModel:
     estimate: MemoryEstimate | None
     measured: int | None = None  # RSS measured on an earlier load with the same file and settings
     error: str | None = None  # the file is unusable (not a GGUF, truncated): never started
+    ctx_note: str | None = None  # how `ctx_size: auto` was decided (placement/context.py)
 
     @property
     def required(self) -> int:
@@ -55,6 +56,7 @@ class ResolvedModel:
             parallel=self.config.parallel,
             invalid=self.error,
             settings=MemorySettings.of(self.config),
+            ctx_note=self.ctx_note,
         )
 
 

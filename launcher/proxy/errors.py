@@ -60,3 +60,21 @@ def error_message(body: bytes) -> str:
         if isinstance(data.get("message"), str):
             return str(data["message"])
     return body.decode("utf-8", "replace").strip() or "error"
+
+
+def explain_context_overflow(body: bytes, model: str) -> bytes:
+    """llama-server's 400 for a prompt longer than a slot's context (`exceed_context_size_error`,
+    with both counts), its message saying what a lalo user can change; any other body as it is."""
+    try:
+        data: Any = json.loads(body)
+    except ValueError:
+        return body
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict) or error.get("type") != "exceed_context_size_error":
+        return body
+    prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
+    error["message"] = (
+        f"request ({prompt} tokens) exceeds the context of model {model} ({context} tokens): "
+        f"shorten it, or raise models.{model}.ctx_size in lalo.yaml (`ctx_size: auto` takes the "
+        "most that fits; with `parallel: N` a request gets ctx_size / N)")
+    return json.dumps(data).encode()

@@ -35,7 +35,7 @@ from launcher.errors import (
 )
 from launcher.proxy.activity import Activity, usage_of
 from launcher.proxy.assemble import AssemblyError, EventReader, Plan, assembler
-from launcher.proxy.errors import error_body, error_message, sse_error_event
+from launcher.proxy.errors import error_body, error_message, explain_context_overflow, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.proxy.peers import HOP_HEADER, PeerTable, is_peer_endpoint
 from launcher.proxy.upstream import (
@@ -342,6 +342,8 @@ class Forwarder:
         with _reading_whole(name, endpoint, retry_allowed):
             content = await upstream.read()
         status = upstream.status_code
+        if status == 400:
+            content = explain_context_overflow(content, name)
         if reply.streaming:
             # the event stream's head already went out while the model loaded: an answer
             # that is not a stream (an error, mostly) becomes one event

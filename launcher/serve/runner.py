@@ -31,6 +31,7 @@ from launcher.engines.llama_cpp_python import LlamaCppPythonEngine
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.engines.llamafile import LlamafileEngine
 from launcher.errors import EngineError, LaloError, StartupError
+from launcher.placement.context import fit_contexts
 from launcher.placement.cpu_share import CpuShare, config_share, policy_line, wait_env
 from launcher.placement.estimate import MemorySettings
 from launcher.placement.gpu_offload import NO_GPU, Offload, machine_offload
@@ -328,9 +329,10 @@ class Reloader:
 
     def __init__(self, loaded: LoadedConfig, models: Sequence[ResolvedModel],
                  supervisor: Supervisor, factory: ServerFactory, measurements: Measurements,
-                 announce: Announce) -> None:
+                 announce: Announce, ctx_budget: int = 0) -> None:
         self.loaded = loaded
         self.models = {model.name: model for model in models}
+        self.ctx_budget = ctx_budget  # the budget `ctx_size: auto` models were fitted in at start
         self.supervisor = supervisor
         self.factory = factory
         self.measurements = measurements
@@ -384,10 +386,23 @@ class Reloader:
         if missing:
             raise EngineError(f"reload cannot add an engine lalo did not start with "
                               f"({', '.join(sorted(missing))}); restart lalo")
-        models = usable_models(with_measurements(
-            resolve_models(loaded, catalog=catalog_for(loaded)), self.measurements))
+        models = fit_contexts(resolve_models(loaded, catalog=catalog_for(loaded)), self.ctx_budget,
+                              keep=self._kept_contexts(loaded))
+        models = usable_models(with_measurements(models, self.measurements))
         offload = self.factory.offload.replan(models)
         return loaded, offload.apply(models, self.measurements), offload
+
+
+    def _kept_contexts(self, loaded: LoadedConfig) -> dict[str, int]:
+        """`ctx_size: auto` models whose settings did not change keep their context: the RAM
+        their servers hold is not free now, so fitting again would shrink them."""
+        kept = {}
+        for name, old in self.models.items():
+            new = loaded.config.models.get(name)
+            if (old.config.ctx_auto and new is not None
+                    and new.model_copy(update={"ctx_size": old.config.ctx_size}) == old.config):
+                kept[name] = old.config.ctx_size
+        return kept
 
 
 def _settings(model: ResolvedModel) -> tuple[object, ...]:
@@ -443,8 +458,10 @@ async def serve(
             announce(f"stopped {len(reaped)} model server(s) left by a lalo that was killed: "
                      f"pids {', '.join(map(str, reaped))}")
         measurements = Measurements()
-        models = usable_models(
-            with_measurements(resolve_models(loaded, catalog=catalog), measurements))
+        resources = config.resources
+        ctx_budget = compute_budget(resources.ram_budget, resources.ram_reserve, _available()).bytes
+        models = fit_contexts(resolve_models(loaded, catalog=catalog), ctx_budget)
+        models = usable_models(with_measurements(models, measurements))
         # on a GPU machine: each model's layers per GPU, and only its RAM part in the budget
         offload = machine_offload(loaded, models, _available())
         models = offload.apply(models, measurements)
@@ -501,7 +518,7 @@ async def _run(
                                              share, host="127.0.0.1", offload=offload)
     reloader = Reloader(loaded, models, supervisor,
                         ServerFactory(loaded, engines, records, share, "127.0.0.1", offload),
-                        measurements, announce)
+                        measurements, announce, ctx_budget=plan.budget.bytes)
     reloads: set[asyncio.Task[Any]] = set()
 
     def on_hangup() -> None:
@@ -574,6 +591,8 @@ async def _run(
         for decision in plan.decisions:
             if decision.action != "start":
                 announce(f"  {decision.name}: {decision.action}: {decision.reason}")
+            if decision.ctx_note:
+                announce(f"  {decision.name}: {decision.ctx_note}")
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({stopped, serving}, return_when=asyncio.FIRST_COMPLETED)
         if serving.done() and not stop.is_set():

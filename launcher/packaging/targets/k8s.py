@@ -69,6 +69,7 @@ def grace_period(stop_timeout: float) -> int:
 
 def build_k8s(spec: BundleSpec, models: Sequence[ModelInput], out: Path,
               report: Report) -> K8sResult:
+    spec.require_fixed_contexts("k8s", "the pod's memory request")
     facts = {m.name: ModelFacts.from_gguf(read_gguf(m.require_path())) for m in models}
     files = {m.name: m.require_path().stat().st_size for m in models}
     kube = spec.fields.kubernetes

@@ -64,6 +64,7 @@ def build_windows(
     report: Report,
     progress: Progress | None = None,
 ) -> WindowsResult:
+    spec.require_fixed_contexts("windows", "the RAM table in lalo-launch.ini")
     if engine.manifest.platform != PLATFORM:
         raise PackagingError(f"the Windows target needs a {PLATFORM} engine, got "
                              f"{engine.manifest.platform} ({engine.key})")

@@ -16,7 +16,7 @@ MAX_FUNCTION_LINES = 80
 MAX_LOOSE_MODULES = 8
 # Still over a limit, each to be split by meaning; the list may only shrink.
 PENDING_MODULES = {
-    "models/catalog.py", "models/hub.py", "supervisor/process.py", "serve/runner.py",
+    "models/hub.py", "supervisor/process.py", "serve/runner.py",
     "supervisor/supervisor.py", "engines/builder.py",
 }
 PENDING_FUNCTIONS = {
@@ -125,7 +125,8 @@ def test_modules_and_functions_are_small() -> None:
     assert big_functions <= PENDING_FUNCTIONS, (
         f"over {MAX_FUNCTION_LINES} lines: {big_functions - PENDING_FUNCTIONS}")
     # the pending lists only name what is still too big, so a split is recorded by shrinking them
-    assert PENDING_MODULES <= big_modules, f"split, remove from PENDING_MODULES: {PENDING_MODULES - big_modules}"
+    assert PENDING_MODULES <= big_modules, (
+        f"split, remove from PENDING_MODULES: {PENDING_MODULES - big_modules}")
     assert PENDING_FUNCTIONS <= big_functions, (
         f"split, remove from PENDING_FUNCTIONS: {PENDING_FUNCTIONS - big_functions}")
 

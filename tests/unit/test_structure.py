@@ -20,7 +20,7 @@ PENDING_MODULES = {
     "supervisor/supervisor.py", "engines/builder.py",
 }
 PENDING_FUNCTIONS = {
-    "models/hub.py:_download", "packaging/targets/k8s.py:deployment",
+    "models/hub.py:_download",
     "engines/builder.py:_build_locked", "serve/runner.py:_run", "proxy/app.py:create_app",
 }
 

@@ -22,7 +22,8 @@ from launcher.config import LoadedConfig, ModelConfig
 from launcher.errors import ConfigError, HubError
 from launcher.models.catalog_entry import CatalogEntry
 from launcher.models.download import ProgressCallback
-from launcher.models.hub import HubClient, PullResult
+from launcher.models.hub import HubClient
+from launcher.models.hub_file import PullResult
 from launcher.models.shape import ModelFacts
 from launcher.models.wheels import (
     LineCallback,

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from launcher.errors import UsageError
 from launcher.models.facts import catalog_facts
-from launcher.models.hub import HubFile
+from launcher.models.hub_file import HubFile
 from launcher.models.licenses import lookup
 from launcher.models.shape import QUANT_BITS, ModelFacts
 from launcher.models.wheels import WheelSource

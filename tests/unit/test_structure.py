@@ -16,11 +16,10 @@ MAX_FUNCTION_LINES = 80
 MAX_LOOSE_MODULES = 8
 # Still over a limit, each to be split by meaning; the list may only shrink.
 PENDING_MODULES = {
-    "models/hub.py", "supervisor/process.py", "serve/runner.py",
+    "supervisor/process.py", "serve/runner.py",
     "supervisor/supervisor.py", "engines/builder.py",
 }
 PENDING_FUNCTIONS = {
-    "models/hub.py:_download",
     "engines/builder.py:_build_locked", "serve/runner.py:_run", "proxy/app.py:create_app",
 }
 

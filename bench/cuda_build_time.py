@@ -22,14 +22,9 @@ from pathlib import Path
 
 from launcher import paths
 from launcher.engines import source as sources
-from launcher.engines.builder import (
-    check_cuda_libraries,
-    cmake_flags,
-    configure_argv,
-    find_nvcc,
-    nvcc_version,
-)
+from launcher.engines.cmake import cmake_flags, configure_argv
 from launcher.engines.cuda_deps import cuda_dependency_flags
+from launcher.engines.toolchain import check_cuda_libraries, find_nvcc, nvcc_version
 
 KINDS = ("fattn-mma-f16", "fattn-tile", "fattn-vec", "mmf", "mmq")
 REGULAR_SAMPLE = ("norm.o", "rope.o", "softmax.o", "cpy.o", "getrows.o", "mmvq.o", "convert.o",

@@ -1,4 +1,5 @@
-"""Byte sizes: parsed from and formatted for humans at the edges; bytes everywhere else."""
+"""Byte sizes (parsed from and formatted for humans at the edges; bytes everywhere else) and
+parameter counts as people write them (135M, 7.6B)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,13 @@ def format_size(n: int | float | None) -> str:
             return f"{sign}{value:.{digits}f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def format_parameters(count: int) -> str:
+    """A model's parameter count as model names and Ollama's `parameter_size` write it:
+    135M, 7.6B."""
+    if count >= 1e9:
+        return f"{count / 1e9:.1f}B"
+    if count >= 1e6:
+        return f"{count / 1e6:.0f}M"
+    return f"{count / 1e3:.0f}K"

@@ -15,7 +15,8 @@ import typer
 
 from launcher.cli.app import app
 from launcher.config import load_config, resolve_path
-from launcher.engines.builder import BuiltEngine, build_engine
+from launcher.engines.builder import build_engine
+from launcher.engines.install import BuiltEngine
 from launcher.engines.installed import installed_engines
 from launcher.engines.progress import BuildProgressView, ConsoleLines, duration
 from launcher.engines.registry import FoundEngine, find_llama_server, list_engines

@@ -13,15 +13,11 @@ import typer
 from launcher.cli.app import app
 from launcher.config import ResourcesConfig
 from launcher.errors import UsageError
-from launcher.models.catalog import (
-    CatalogEntry,
-    cached_entry_path,
-    default_catalog,
-    describe_entry,
-    pull_entry,
-)
+from launcher.models.catalog import cached_entry_path, default_catalog, describe_entry, pull_entry
+from launcher.models.catalog_entry import CatalogEntry
 from launcher.models.facts import entry_facts
-from launcher.models.hub import HF_SCHEME, HubClient, HubFile, PullResult
+from launcher.models.hub import HubClient
+from launcher.models.hub_file import HF_SCHEME, HubFile, PullResult
 from launcher.models.licenses import check_redistribution
 from launcher.models.wheels import WheelPullResult, WheelStore
 from launcher.placement.estimate import estimate_memory

@@ -22,7 +22,7 @@ from launcher.engines.base import ServerSettings
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.engines.registry import FoundEngine, find_tool
 from launcher.errors import EngineError, LaloError, ModelError
-from launcher.models.catalog import CatalogEntry
+from launcher.models.catalog_entry import CatalogEntry
 from launcher.models.synthetic import WRITABLE_TYPES, shape_named, write_synthetic_model
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.process import ManagedModel, Timeouts

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TextIO
 
 if TYPE_CHECKING:  # not imported at run time: `lalo up` loads this module on every start
-    from launcher.engines.builder import BuildProgress
+    from launcher.engines.cmake import BuildProgress
 
 Clock = Callable[[], float]
 CLEAR = "\r\x1b[K"  # back to the line's start, erase it

@@ -17,7 +17,7 @@ from launcher.models.gguf_file import read_gguf
 from launcher.models.shape import ModelFacts, approximate_matmul_bytes, conv_state_bytes
 
 if TYPE_CHECKING:
-    from launcher.models.catalog import CatalogEntry
+    from launcher.models.catalog_entry import CatalogEntry
 
 
 def catalog_facts(entry: CatalogEntry) -> ModelFacts:

@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
 from launcher.errors import UsageError
+from launcher.units import format_parameters
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -224,7 +225,7 @@ def write_synthetic_model(
     try:
         writer = GGUFWriter(tmp_name, arch)
         params = shape.parameter_count()
-        label = name or f"lalo synthetic {arch} {_human_params(params)} (random weights)"
+        label = name or f"lalo synthetic {arch} {format_parameters(params)} (random weights)"
         if "random weights" not in label:
             label += " (random weights)"
         writer.add_name(label)
@@ -317,14 +318,6 @@ def _random_tensor(
     if kind == GGMLQuantizationType.F16:
         return values.astype(np.float16)
     return quantize(values, kind)
-
-
-def _human_params(count: int) -> str:
-    if count >= 1e9:
-        return f"{count / 1e9:.1f}B"
-    if count >= 1e6:
-        return f"{count / 1e6:.0f}M"
-    return f"{count / 1e3:.0f}K"
 
 
 def shape_named(name: str, **overrides: Any) -> ModelShape:

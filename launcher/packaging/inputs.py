@@ -12,7 +12,8 @@ from pathlib import Path
 
 from launcher.config import ModelConfig
 from launcher.errors import ConfigError, LicenseError
-from launcher.models.catalog import Catalog, CatalogEntry, cached_entry_path, default_catalog, pull_entry
+from launcher.models.catalog import Catalog, cached_entry_path, default_catalog, pull_entry
+from launcher.models.catalog_entry import CatalogEntry
 from launcher.models.hub import HubClient
 from launcher.models.licenses import LicenseDecision, canonical_id, check_redistribution, lookup
 from launcher.packaging.spec import BundleSpec

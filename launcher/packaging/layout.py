@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from launcher.config import parse_config
-from launcher.engines.builder import BuiltEngine
+from launcher.engines.install import BuiltEngine
 from launcher.engines.registry import SERVER, ManifestFile, exe_name
 from launcher.errors import PackagingError
 from launcher.packaging.frozen.entry import BUNDLE_DIR_ENV, ENGINE_DIR_ENV, MODELS_DIR_ENV

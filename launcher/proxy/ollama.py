@@ -26,7 +26,6 @@ from launcher.proxy.forward import Forwarder
 from launcher.proxy.ollama_convert import (
     OllamaRequestError,
     openai_messages,
-    parameter_size,
     parse_keep_alive,
     response_format,
     sampling_fields,
@@ -36,6 +35,7 @@ from launcher.proxy.ollama_stream import CapturedAnswer, StreamTranslator, send_
 from launcher.proxy.routes import BodyTooLarge, known_models, read_body
 from launcher.supervisor.process import ModelState
 from launcher.supervisor.supervisor import Supervisor
+from launcher.units import format_parameters
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class OllamaAPI:
             "format": "gguf",
             "family": info.architecture if info else "",
             "families": [info.architecture] if info else [],
-            "parameter_size": parameter_size(info.parameter_count) if info else "",
+            "parameter_size": format_parameters(info.parameter_count) if info else "",
             "quantization_level": info.file_type if info else "",
         }
         # not the file's sha256 (hashing gigabytes per listing is too slow): path, size, mtime

@@ -201,12 +201,3 @@ def timestamp(at: float | None = None) -> str:
     """RFC 3339 with nanosecond-style fraction and Z, as Ollama writes `created_at`."""
     moment = datetime.fromtimestamp(at, UTC) if at is not None else datetime.now(UTC)
     return moment.isoformat().replace("+00:00", "Z")
-
-
-def parameter_size(count: int) -> str:
-    """Ollama's `parameter_size`: 135M, 7.6B."""
-    if count >= 1e9:
-        return f"{count / 1e9:.1f}B"
-    if count >= 1e6:
-        return f"{count / 1e6:.0f}M"
-    return f"{count / 1e3:.0f}K"

@@ -49,7 +49,7 @@ from launcher.supervisor.supervisor import SupervisedModel, Supervisor, Supervis
 from launcher.units import format_size
 
 if TYPE_CHECKING:  # imported at run time only once the model servers are starting
-    from launcher.engines.builder import CommandRunner
+    from launcher.engines.cmake import CommandRunner
     from launcher.engines.progress import StatusOutput
     from launcher.models.catalog import CatalogResolver
     from launcher.proxy.peers import PeerTable
@@ -167,7 +167,8 @@ def llama_server_missing(config: Config, kinds: Collection[str] | None = None) -
 def build_llama_server(variant: str, out: StatusOutput, runner: CommandRunner | None = None) -> Path:
     """Build llama-server (`lalo up` on a first run) with its progress on `out`, each line
     starting `engine:`; `runner` runs cmake (a CancellableRunner when other work overlaps)."""
-    from launcher.engines.builder import EngineBuilder, run_command
+    from launcher.engines.builder import EngineBuilder
+    from launcher.engines.cmake import run_command
     from launcher.engines.progress import BuildProgressView, duration
 
     view = BuildProgressView(out, label="engine: ")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.engines.builder import BuildProgress, build_engine
+from launcher.engines.builder import build_engine
+from launcher.engines.cmake import BuildProgress
 from tests.support.engine import engine_built, portable_in_root_built, test_engine_variant
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from launcher.config import LoadedConfig, parse_config
 from launcher.doctor.report import collect_report
-from launcher.models.catalog import CatalogEntry, cached_entry_path, catalog_resolver, default_catalog
+from launcher.models.catalog import cached_entry_path, catalog_resolver, default_catalog
+from launcher.models.catalog_entry import CatalogEntry
 from launcher.models.gguf_file import read_gguf
 from launcher.models.shape import ModelFacts
 from launcher.placement.estimate import estimate_memory, repack_types_for

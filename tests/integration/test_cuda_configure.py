@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from launcher import paths
-from launcher.engines.builder import EngineBuilder, check_cuda_libraries, run_command
+from launcher.engines.builder import EngineBuilder
+from launcher.engines.cmake import run_command
 from launcher.engines.cuda_deps import MARKER
+from launcher.engines.toolchain import check_cuda_libraries
 from launcher.errors import EngineError
 
 NVCC = shutil.which("nvcc")

@@ -19,10 +19,10 @@ from launcher.config import LoadedConfig, parse_config
 from launcher.errors import HubError, IntegrityError, UsageError
 from launcher.models.catalog import catalog_resolver, load_catalog, pull_missing
 from launcher.models.download import RetryPolicy
-from launcher.models.hub import (
+from launcher.models.hub import HubClient
+from launcher.models.hub_file import (
     DiskSpaceError,
     DownloadInterruptedError,
-    HubClient,
     HubFile,
     HubNotFoundError,
     HubOfflineError,

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from launcher.config import parse_config
-from launcher.engines.builder import BuiltEngine
+from launcher.engines.install import BuiltEngine
 from launcher.packaging.build import BuildResult, Packager, cached_engine
 from launcher.packaging.formats.payload import read_payload
 from launcher.packaging.frozen.freeze import frozen_app

@@ -16,7 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from launcher.engines.builder import WINDOWS, BuiltEngine, build_engine
+from launcher.engines.builder import build_engine
+from launcher.engines.cmake import WINDOWS
+from launcher.engines.install import BuiltEngine
 from tests.support.lalo import free_port, wait_until
 
 QUESTION = "What is the capital of France? Answer with one word."

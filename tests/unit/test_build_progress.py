@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 
-from launcher.engines.builder import BuildProgress
+from launcher.engines.cmake import BuildProgress
 from launcher.engines.progress import BuildProgressView, ConsoleLines, TimeLeft, time_left
 
 

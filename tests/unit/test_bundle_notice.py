@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from launcher.config import parse_config, resolve_path
-from launcher.engines.builder import BuiltEngine
+from launcher.engines.install import BuiltEngine
 from launcher.engines.registry import EngineManifest, ManifestFile
 from launcher.engines.source import SDIST_LABEL
 from launcher.packaging import layout

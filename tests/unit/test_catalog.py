@@ -17,7 +17,8 @@ from launcher.models.catalog import (
     packaged_catalog_path,
     parse_catalog,
 )
-from launcher.models.hub import HubClient, HubSettings
+from launcher.models.hub import HubClient
+from launcher.models.hub_file import HubSettings
 from launcher.models.licenses import check_redistribution
 from launcher.models.synthetic import SHAPES
 from launcher.placement.estimate import estimate_memory

@@ -18,18 +18,10 @@ from typer.testing import CliRunner
 
 from launcher.cli.app import _register, app
 from launcher.digest import file_sha256
-from launcher.engines import builder as builder_mod
-from launcher.engines import buildroot, patch_series
+from launcher.engines import buildroot, patch_series, root_build
 from launcher.engines import source as sources
-from launcher.engines.builder import (
-    BuildProgress,
-    EngineBuilder,
-    check_tools,
-    cmake_flags,
-    parse_progress,
-    relevant_tail,
-    run_command,
-)
+from launcher.engines.builder import EngineBuilder
+from launcher.engines.cmake import BuildProgress, cmake_flags, parse_progress, relevant_tail, run_command
 from launcher.engines.progress import BuildProgressView, ConsoleLines
 from launcher.engines.registry import (
     CONFIG_KEY,
@@ -47,6 +39,7 @@ from launcher.engines.registry import (
     require_llama_server,
     verify_engine,
 )
+from launcher.engines.toolchain import check_tools
 from launcher.errors import EngineError
 
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
@@ -706,7 +699,7 @@ def test_cli_build_when_already_built_says_so(cache: Path, tree: Path,
 
 
 def test_cuda_flags_name_the_plan_tiers_architectures_or_the_narrowed_list() -> None:
-    from launcher.engines.builder import CUDA_ARCHITECTURES, cuda_architectures
+    from launcher.engines.toolchain import CUDA_ARCHITECTURES, cuda_architectures
 
     flags = cmake_flags("cuda")
     assert "-DGGML_CUDA=ON" in flags and "-DGGML_NATIVE=ON" in flags
@@ -760,7 +753,7 @@ def test_cuda_build_configures_with_nvcc_and_records_cuda_in_the_manifest(
 
 
 def test_nvcc_version_is_read_from_its_release_line(tmp_path: Path) -> None:
-    from launcher.engines.builder import nvcc_version
+    from launcher.engines.toolchain import nvcc_version
 
     fake = tmp_path / "nvcc"
     write_exe(fake, "#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
@@ -771,7 +764,7 @@ def test_nvcc_version_is_read_from_its_release_line(tmp_path: Path) -> None:
 def test_a_toolkit_without_cublas_is_one_line_before_cmake(tmp_path: Path) -> None:
     """This machine's CUDA 13.0 has nvcc and cudart but no cuBLAS: cmake configured, then
     failed generating (`Target "ggml-cuda" links to: CUDA::cublas but the target was not found`)."""
-    from launcher.engines.builder import check_cuda_libraries
+    from launcher.engines.toolchain import check_cuda_libraries
 
     toolkit = tmp_path / "cuda-13.0"
     (toolkit / "bin").mkdir(parents=True)
@@ -915,19 +908,19 @@ def test_debian_mirror_read_from_apt_sources(tmp_path: Path) -> None:
 
 
 def test_gcc_major_and_variants_it_cannot_build() -> None:
-    assert builder_mod.gcc_major("gcc (Debian 10.2.1-6) 10.2.1 20210110") == 10
-    assert builder_mod.unbuildable_variants("gcc (Debian 10.2.1-6) 10.2.1 20210110") == [
+    assert root_build.gcc_major("gcc (Debian 10.2.1-6) 10.2.1 20210110") == 10
+    assert root_build.unbuildable_variants("gcc (Debian 10.2.1-6) 10.2.1 20210110") == [
         "alderlake", "sapphirerapids"]
-    assert builder_mod.unbuildable_variants("gcc (Debian 12.2.0-14) 12.2.0") == []
-    assert builder_mod.unbuildable_variants("clang version 16.0.6") == []
+    assert root_build.unbuildable_variants("gcc (Debian 12.2.0-14) 12.2.0") == []
+    assert root_build.unbuildable_variants("clang version 16.0.6") == []
 
 
 def test_leaving_out_variants_is_idempotent() -> None:
     text = "  ggml_add_cpu_backend_variant(alderlake  AVX_VNNI)\n"
-    once = builder_mod.leave_out_variants(text, ["alderlake"])
+    once = root_build.leave_out_variants(text, ["alderlake"])
     assert once == "  # lalo: left out, gcc < 11: ggml_add_cpu_backend_variant(alderlake  AVX_VNNI)\n"
-    assert builder_mod.leave_out_variants(once, ["alderlake"]) == once
-    assert builder_mod.leave_out_variants(text, []) == text
+    assert root_build.leave_out_variants(once, ["alderlake"]) == once
+    assert root_build.leave_out_variants(text, []) == text
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF symbol versions: Linux")

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from launcher.cli.app import _register, app
 from launcher.digest import file_sha256
-from launcher.engines.builder import BuiltEngine
+from launcher.engines.install import BuiltEngine
 from launcher.engines.installed import ENTRY_POINT_GROUP, installed_engines
 from launcher.engines.registry import (
     MANIFEST,

@@ -19,7 +19,7 @@ import pytest
 
 from launcher.errors import ConfigError, IntegrityError, LicenseError
 from launcher.models.catalog import default_catalog, parse_catalog, pull_entry
-from launcher.models.hub import DiskSpaceError
+from launcher.models.hub_file import DiskSpaceError
 from launcher.models.licenses import check_redistribution
 from launcher.models.wheels import (
     IndexUnreachableError,

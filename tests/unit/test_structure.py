@@ -16,12 +16,11 @@ MAX_FUNCTION_LINES = 80
 MAX_LOOSE_MODULES = 8
 # Still over a limit, each to be split by meaning; the list may only shrink.
 PENDING_MODULES = {
-    "models/catalog.py", "models/hub.py", "supervisor/process.py", "serve/runner.py",
-    "supervisor/supervisor.py", "engines/builder.py",
+    "supervisor/process.py", "serve/runner.py",
+    "supervisor/supervisor.py",
 }
 PENDING_FUNCTIONS = {
-    "models/hub.py:_download", "packaging/targets/k8s.py:deployment",
-    "engines/builder.py:_build_locked", "serve/runner.py:_run", "proxy/app.py:create_app",
+    "serve/runner.py:_run", "proxy/app.py:create_app",
 }
 
 

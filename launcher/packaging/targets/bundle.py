@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import __version__
-from launcher.engines.builder import BuiltEngine
+from launcher.engines.install import BuiltEngine
 from launcher.engines.registry import platform_tag
 from launcher.errors import PackagingError
 from launcher.packaging import layout

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from launcher import __version__
-from launcher.engines.builder import BuiltEngine
+from launcher.engines.install import BuiltEngine
 from launcher.engines.registry import exe_name
 from launcher.errors import PackagingError
 from launcher.packaging import layout

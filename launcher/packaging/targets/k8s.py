@@ -47,6 +47,9 @@ SUFFIX = "-k8s"
 PROXY_DRAIN_TIMEOUT = 10
 EXIT_MARGIN = 5
 GPU_RESOURCE = "nvidia.com/gpu"
+# Both containers' (one object: the YAML of an embed pod names it once and refers to it again)
+_SECURITY: dict[str, Any] = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                             "capabilities": {"drop": ["ALL"]}}
 Report = Callable[[str], None]
 
 
@@ -156,49 +159,9 @@ def pod_config(spec: BundleSpec, models: Sequence[ModelInput], size: PodSize) ->
 
 def deployment(spec: BundleSpec, size: PodSize, image: str,
                labels: dict[str, str]) -> dict[str, Any]:
+    """The Deployment: lalo's container, and on `models: embed` one that first seeds the
+    models volume from the image; non-root, read-only root filesystem, no service token."""
     name = spec.name
-    kube = spec.fields.kubernetes
-    models_dir = spec.fields.image.models_dir
-    resources: dict[str, Any] = {
-        "requests": {"memory": mebibytes(size.memory_request), "cpu": millicpus(size.millicpus)},
-        "limits": {"memory": mebibytes(size.memory_limit)},
-    }
-    if kube.gpus:
-        resources["requests"][GPU_RESOURCE] = kube.gpus
-        resources["limits"][GPU_RESOURCE] = kube.gpus
-    security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                "capabilities": {"drop": ["ALL"]}}
-    mounts = [
-        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-        {"name": "models", "mountPath": models_dir, "readOnly": True},
-        {"name": "state", "mountPath": STATE_ROOT},
-        {"name": "tmp", "mountPath": "/tmp"},
-    ]
-    container: dict[str, Any] = {
-        "name": "lalo",
-        "image": image,
-        "imagePullPolicy": "IfNotPresent",
-        "args": serve_arguments(),
-        "env": [
-            {"name": "LALO_CONFIG", "value": f"{CONFIG_MOUNT}/lalo.yaml"},
-            {"name": "LALO_API_KEYS", "valueFrom": {"secretKeyRef": {
-                "name": f"{name}-api-keys", "key": "keys", "optional": True}}},
-        ],
-        "ports": [{"name": "http", "containerPort": spec.config.proxy.port, "protocol": "TCP"}],
-        "resources": resources,
-        "securityContext": security,
-        "volumeMounts": mounts,
-        # /health answers as soon as the proxy runs (models may still load: they are started
-        # on the first request that needs them, so traffic may come)
-        "startupProbe": {"httpGet": {"path": "/health", "port": "http"},
-                         "periodSeconds": 2, "failureThreshold": 60},
-        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
-                           "periodSeconds": 5, "failureThreshold": 3},
-        # /api/status needs a key when keys are set: the probe is lalo itself, which reads the
-        # running instance's admin token from its state folder
-        "livenessProbe": {"exec": {"command": [ENTRYPOINT, PROBE_FLAG, "/api/status"]},
-                          "periodSeconds": 20, "timeoutSeconds": 10, "failureThreshold": 3},
-    }
     pod: dict[str, Any] = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": GID,
                             "fsGroup": GID, "seccompProfile": {"type": "RuntimeDefault"}},
@@ -207,18 +170,8 @@ def deployment(spec: BundleSpec, size: PodSize, image: str,
         "terminationGracePeriodSeconds": grace_period(spec.config.supervisor.stop_timeout),
     }
     if spec.fields.image.models == "embed":
-        pod["initContainers"] = [{
-            "name": "seed-models",
-            "image": image,
-            "imagePullPolicy": "IfNotPresent",
-            "args": [SEED_FLAG, models_dir],
-            "resources": {"requests": {"memory": "64Mi", "cpu": "100m"},
-                          "limits": {"memory": "256Mi"}},
-            "securityContext": security,
-            "volumeMounts": [{"name": "models", "mountPath": models_dir},
-                             {"name": "tmp", "mountPath": "/tmp"}],
-        }]
-    pod["containers"] = [container]
+        pod["initContainers"] = [_seed_container(spec, image)]
+    pod["containers"] = [_lalo_container(spec, size, image)]
     pod["volumes"] = [
         {"name": "config", "configMap": {"name": f"{name}-config"}},
         {"name": "models", "persistentVolumeClaim": {"claimName": f"{name}-models"}},
@@ -231,7 +184,7 @@ def deployment(spec: BundleSpec, size: PodSize, image: str,
         "metadata": {"name": name, "labels": labels,
                      "annotations": {"lalo.ai/app-dir": APP_DIR}},
         "spec": {
-            "replicas": kube.replicas,
+            "replicas": spec.fields.kubernetes.replicas,
             # the models volume is ReadWriteOnce: the old pod lets go before the new one starts
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": labels},
@@ -241,6 +194,64 @@ def deployment(spec: BundleSpec, size: PodSize, image: str,
                 "spec": pod,
             },
         },
+    }
+
+
+def _lalo_container(spec: BundleSpec, size: PodSize, image: str) -> dict[str, Any]:
+    """`lalo serve` with the pod's memory and CPU, its config and keys, and its probes."""
+    gpus = spec.fields.kubernetes.gpus
+    resources: dict[str, Any] = {
+        "requests": {"memory": mebibytes(size.memory_request), "cpu": millicpus(size.millicpus)},
+        "limits": {"memory": mebibytes(size.memory_limit)},
+    }
+    if gpus:
+        resources["requests"][GPU_RESOURCE] = gpus
+        resources["limits"][GPU_RESOURCE] = gpus
+    return {
+        "name": "lalo",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": serve_arguments(),
+        "env": [
+            {"name": "LALO_CONFIG", "value": f"{CONFIG_MOUNT}/lalo.yaml"},
+            {"name": "LALO_API_KEYS", "valueFrom": {"secretKeyRef": {
+                "name": f"{spec.name}-api-keys", "key": "keys", "optional": True}}},
+        ],
+        "ports": [{"name": "http", "containerPort": spec.config.proxy.port, "protocol": "TCP"}],
+        "resources": resources,
+        "securityContext": _SECURITY,
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "models", "mountPath": spec.fields.image.models_dir, "readOnly": True},
+            {"name": "state", "mountPath": STATE_ROOT},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        # /health answers as soon as the proxy runs (models may still load: they are started
+        # on the first request that needs them, so traffic may come)
+        "startupProbe": {"httpGet": {"path": "/health", "port": "http"},
+                         "periodSeconds": 2, "failureThreshold": 60},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
+                           "periodSeconds": 5, "failureThreshold": 3},
+        # /api/status needs a key when keys are set: the probe is lalo itself, which reads the
+        # running instance's admin token from its state folder
+        "livenessProbe": {"exec": {"command": [ENTRYPOINT, PROBE_FLAG, "/api/status"]},
+                          "periodSeconds": 20, "timeoutSeconds": 10, "failureThreshold": 3},
+    }
+
+
+def _seed_container(spec: BundleSpec, image: str) -> dict[str, Any]:
+    """The init container that copies the image's models onto the volume (once)."""
+    models_dir = spec.fields.image.models_dir
+    return {
+        "name": "seed-models",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": [SEED_FLAG, models_dir],
+        "resources": {"requests": {"memory": "64Mi", "cpu": "100m"},
+                      "limits": {"memory": "256Mi"}},
+        "securityContext": _SECURITY,
+        "volumeMounts": [{"name": "models", "mountPath": models_dir},
+                         {"name": "tmp", "mountPath": "/tmp"}],
     }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from launcher import __version__
 from launcher.digest import file_sha256
-from launcher.engines.builder import BuiltEngine
+from launcher.engines.install import BuiltEngine
 from launcher.errors import PackagingError
 from launcher.models.gguf_file import read_gguf
 from launcher.models.shape import ModelFacts

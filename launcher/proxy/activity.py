@@ -14,6 +14,8 @@ import atexit
 import collections
 import json
 import logging
+import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from typing import Any
 
 from launcher.config import ActivityConfig
 from launcher.proxy.auth import caller
+from launcher.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +180,10 @@ class Activity:
             self._writer.shutdown(wait=True)  # the batches already handed over go first
         if self._store is not None:
             if self._pending:
-                self._store.write(self._pending)
+                try:
+                    self._store.write(self._pending)
+                except ActivityStoreError as exc:  # at exit: said, and lalo still stops
+                    log.warning("activity: could not write the SQLite copy: %s", exc)
                 self._pending = []
             self._store.close()
 
@@ -197,6 +203,10 @@ def valid_status_filter(wanted: str) -> bool:
         wanted.isdigit() or (wanted[0].isdigit() and wanted.endswith("xx"))))
 
 
+class ActivityStoreError(Exception):
+    """The SQLite copy could not take a batch (a full disk): the message says where."""
+
+
 class _Store:
     """The SQLite copy: appended in batches from a worker thread (sqlite3 blocks), one
     connection used by one thread at a time, oldest rows dropped past the size cap."""
@@ -209,13 +219,44 @@ class _Store:
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"CREATE TABLE IF NOT EXISTS activity ({', '.join(_COLUMNS)})")
-            self._db = db
+            try:
+                self._db = self._connect()
+            except sqlite3.OperationalError:  # a full disk, a lock: the file itself is fine
+                raise
+            except sqlite3.DatabaseError as exc:
+                # not a database (a copy cut short by hand, another program's file): kept
+                # aside for a look, and a new store begins; rows already in it are lost
+                aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+                os.replace(self.path, aside)
+                log.warning("activity: %s could not be read (%s); moved to %s, starting a new one",
+                            self.path, exc, aside.name)
+                self._db = self._connect()
         return self._db
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # a power cut loses the last batch, never the file
+            db.execute(f"CREATE TABLE IF NOT EXISTS activity ({', '.join(_COLUMNS)})")
+            db.execute("SELECT count(*) FROM activity").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
     def write(self, batch: list[Entry]) -> None:
+        try:
+            self._write(batch)
+        except sqlite3.Error as exc:  # a full disk, mostly: say where and how much room is left
+            try:
+                free = format_size(shutil.disk_usage(self.path.parent).free)
+            except OSError:
+                free = "unknown"
+            raise ActivityStoreError(
+                f"{self.path}: {exc} ({free} free there); {len(batch)} request(s) kept in memory "
+                "only, the store is unchanged") from exc
+
+    def _write(self, batch: list[Entry]) -> None:
         db = self._open()
         marks = ", ".join("?" for _ in _COLUMNS)
         with db:

@@ -24,6 +24,7 @@ from typing import Any
 
 from launcher import paths
 from launcher.supervisor.localhttp import JsonAnswer, LocalHttpError, request_json
+from launcher.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ class SlotStore:
         """
         if not self.ensure():
             return None
+        for partial in self.directory.glob(f"*{_SUFFIX}.part"):  # a save cut by a kill or power cut
+            with contextlib.suppress(OSError):
+                partial.unlink()
         cutoff = (time.time() if now is None else now) - STALE_AFTER
         for other in self.directory.parent.iterdir():
             if other.is_dir() and other.name != self.key and _last_used(other) < cutoff:
@@ -143,7 +147,12 @@ class SlotStore:
         answer = await self._action(base_url, api_key, slot, "save", temp)
         tokens = _int(answer, "n_saved")
         written = self.directory / temp
-        if not tokens:  # refused (None) or an empty slot (0): nothing worth keeping
+        size = _int(answer, "n_written")
+        if tokens and size is not None and _size(written) != size:
+            self._warn(f"slot {slot}: the server wrote {_size(written)} of {size} bytes to {written}; "
+                       f"{_free(self.directory)}")
+            tokens = None
+        if not tokens:  # refused (None), short (a full disk) or an empty slot (0): nothing to keep
             with contextlib.suppress(OSError):
                 written.unlink()
             return None
@@ -212,7 +221,8 @@ class SlotStore:
             return None
         if answer.status != 200:
             message = _error_message(answer.body)
-            self._warn(f"slot {slot} {action} refused ({answer.status}): {message}")
+            where = f"; {_free(self.directory)}" if action == "save" else ""
+            self._warn(f"slot {slot} {action} refused ({answer.status}): {message}{where}")
             return None
         log.debug("%s: slot %d %s in %.3f s", self.model, slot, action, time.monotonic() - started)
         return answer
@@ -220,6 +230,22 @@ class SlotStore:
     def _warn(self, message: str) -> None:
         log.warning("%s: prompt cache: %s", self.model, message)
         self.note(f"prompt cache: {message}")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _free(directory: Path) -> str:
+    """How much room the prompt cache has, for a save that failed (a full disk, mostly)."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError as exc:
+        return f"cannot read the free space of {directory}: {exc.strerror}"
+    return f"{format_size(free)} free in {directory} (the served model is not affected)"
 
 
 def _int(answer: JsonAnswer | None, field: str) -> int | None:

@@ -6,6 +6,7 @@ Every problem is a ConfigError naming the YAML path (and line when known), e.g.
 - `fields`: name patterns, literal types, the frozen section base;
 - `sections`: proxy, API keys, activity, resources, engines, supervisor, peers;
 - `model`: one entry of `models`;
+- `request_params`: a model's request rules (`defaults`, `set`, `limits`, `strip`);
 - `server_args`: what a model's `args` and `env` mean to the plan (which are refused);
 - `load`: the lookup order, parsing and the checks across sections.
 """

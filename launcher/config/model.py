@@ -19,6 +19,13 @@ from launcher.config.fields import (
     Section,
     is_template_file,
 )
+from launcher.config.request_params import (
+    Limits,
+    ParamName,
+    RequestParams,
+    RequestRules,
+    request_rules,
+)
 from launcher.config.server_args import offload_flag
 
 
@@ -52,6 +59,12 @@ class ModelConfig(Section):
     # llama-server's -ctk/-ctv for K and V (with -fa on for a quantized one): q8_0 about halves the
     # context's memory, q4_0 about quarters it (docs/memory-estimate.md)
     kv_cache: KvCacheType = "f16"
+    # request parameters (launcher.proxy.params): used when a request omits them, always set
+    # over the caller's, bounded, removed; precedence set > limits > defaults
+    defaults: RequestParams = RequestParams()
+    set: RequestParams = RequestParams()
+    limits: Limits = Limits()
+    strip: Annotated[tuple[ParamName, ...], Field(strict=False)] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -119,10 +132,16 @@ class ModelConfig(Section):
         if self.kv_cache != "f16" and self.engine_kind != "llama-server":
             raise ValueError(f"kv_cache {self.kv_cache} needs engine llama-server (lalo passes "
                              f"no KV cache type to {self.engine_kind}): use f16 or that engine")
+        self.request_rules  # noqa: B018 - raises for contradicting rules
         flag = offload_flag(self.args)
         if self.gpu_layers != "auto" and flag is not None:
             raise ValueError(f"gpu_layers and args {flag!r} both set the GPU offload; keep one")
         return self
+
+    @property
+    def request_rules(self) -> RequestRules:
+        """What the proxy does to this model's request parameters (empty: nothing)."""
+        return request_rules(self.defaults, self.set, self.limits, self.strip)
 
     @property
     def chat_template_is_file(self) -> bool:

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 CAPTURE_LIMIT = 64 * 1024  # bytes of a body kept with capture_bodies
 FLUSH_INTERVAL = 2.0  # seconds between writes to the SQLite file
 _COLUMNS = ("time", "model", "route", "status", "duration", "ttft", "prompt_tokens",
-            "completion_tokens", "tokens_per_s", "key", "client", "request", "response")
+            "completion_tokens", "tokens_per_s", "key", "client", "request", "response",
+            "params_changed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +52,15 @@ class Entry:
     client: str
     request: str | None = None  # with capture_bodies only
     response: str | None = None
+    # what the model's request rules changed: {parameter: [sent by the caller, sent on]}
+    params_changed: dict[str, list[Any]] | None = None
 
     def row(self) -> dict[str, Any]:
         data = asdict(self)
         if data["request"] is None:
             del data["request"], data["response"]
+        if data["params_changed"] is None:
+            del data["params_changed"]
         return data
 
 
@@ -110,9 +115,11 @@ class Activity:
 
     def record(self, model: str, route: str, status: int, started: float,
                first_byte: float | None, usage: bytes, body: bytes = b"", *,
-               counts: tuple[int | None, int | None, float | None] | None = None) -> None:
+               counts: tuple[int | None, int | None, float | None] | None = None,
+               params_changed: dict[str, list[Any]] | None = None) -> None:
         """One answered request; `started` and `first_byte` are perf_counter readings;
-        `counts`: `usage_of(usage)` when the caller has read it already."""
+        `counts`: `usage_of(usage)` when the caller has read it already; `params_changed`: what
+        the model's request rules changed (launcher.proxy.params)."""
         now = time.perf_counter()
         if counts is None:
             counts = usage_of(usage) if status < 400 else (None, None, None)
@@ -129,6 +136,7 @@ class Activity:
             key=who.key_name if who else "", client=who.client if who else "",
             request=_text(body) if self.config.capture_bodies else None,
             response=_text(usage) if self.config.capture_bodies else None,
+            params_changed=params_changed,
         )
         self.entries.append(entry)
         self.total += 1
@@ -238,6 +246,10 @@ class _Store:
         try:
             db.execute("PRAGMA journal_mode=WAL")  # a power cut loses the last batch, never the file
             db.execute(f"CREATE TABLE IF NOT EXISTS activity ({', '.join(_COLUMNS)})")
+            have = {row[1] for row in db.execute("PRAGMA table_info(activity)")}
+            for column in _COLUMNS:  # a file from an older lalo: columns added since
+                if column not in have:
+                    db.execute(f"ALTER TABLE activity ADD COLUMN {column}")
             db.execute("SELECT count(*) FROM activity").fetchone()
         except sqlite3.DatabaseError:
             db.close()
@@ -260,8 +272,8 @@ class _Store:
         db = self._open()
         marks = ", ".join("?" for _ in _COLUMNS)
         with db:
-            db.executemany(f"INSERT INTO activity VALUES ({marks})",
-                           [tuple(getattr(e, c) for c in _COLUMNS) for e in batch])
+            db.executemany(f"INSERT INTO activity ({', '.join(_COLUMNS)}) VALUES ({marks})",
+                           [_values(e) for e in batch])
         pages = db.execute("PRAGMA page_count").fetchone()[0]
         page_size = db.execute("PRAGMA page_size").fetchone()[0]
         if pages * page_size > self.max_size:
@@ -278,6 +290,12 @@ class _Store:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _values(entry: Entry) -> tuple[Any, ...]:
+    """An entry as a row of the SQLite copy (what the rules changed as JSON text)."""
+    changed = json.dumps(entry.params_changed) if entry.params_changed is not None else None
+    return (*(getattr(entry, column) for column in _COLUMNS[:-1]), changed)
 
 
 def _text(data: bytes) -> str:

@@ -37,6 +37,7 @@ from launcher.proxy.activity import Activity, usage_of
 from launcher.proxy.assemble import AssemblyError, EventReader, Plan, assembler
 from launcher.proxy.errors import error_body, error_message, explain_context_overflow, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
+from launcher.proxy.params import apply_to_request
 from launcher.proxy.peers import HOP_HEADER, PeerTable, is_peer_endpoint
 from launcher.proxy.upstream import (
     UpstreamBadTarget,
@@ -173,6 +174,11 @@ class Forwarder:
         (`assemble.plan`): an event stream in answer is read whole and sent back as one JSON.
         """
         started = time.perf_counter()
+        meta = self.supervisor.info.get(name)  # a peer's model: its own lalo has the rules
+        rules = meta.request_rules if meta is not None else None
+        body, changed = apply_to_request(path, body, rules) if rules else (body, {})
+        if changed:
+            log.debug("%s: request parameters set by lalo.yaml: %s", name, changed)
         reply = _Reply(send)
         target = path + (f"?{query}" if query else "")
         exchange = asyncio.ensure_future(self._exchange(
@@ -196,7 +202,8 @@ class Forwarder:
         counts = usage_of(reply.usage) if reply.status < 400 else (None, None, None)
         if self.activity is not None:
             self.activity.record(name, route, reply.status, started, reply.first_byte,
-                                 reply.usage, body, counts=counts)
+                                 reply.usage, body, counts=counts,
+                                 params_changed=changed or None)
         _, completion, rate = counts
         if (reply.status == 200 and route != "upstream" and completion
                 and name in self.supervisor.models):

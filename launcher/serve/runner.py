@@ -280,6 +280,7 @@ class ServerFactory:
                                             MemorySettings.of(cfg).key())),
             pinned=cfg.pinned,
             ctx_size=cfg.ctx_size, parallel=cfg.parallel, kv_cache=cfg.kv_cache,
+            request_rules=cfg.request_rules or None,
         )
         if model.error is not None:
             managed.mark_invalid(model.error)

@@ -29,6 +29,7 @@ from typing import Any
 
 import psutil
 
+from launcher.config.request_params import RequestRules
 from launcher.errors import (
     CapacityError,
     ModelError,
@@ -66,6 +67,8 @@ class SupervisedModel:
     ctx_size: int = 0
     parallel: int = 1
     kv_cache: str = "f16"
+    # what the proxy does to its requests' parameters (lalo.yaml defaults/set/limits/strip)
+    request_rules: RequestRules | None = None
 
 
 @dataclass

@@ -179,3 +179,15 @@ def test_a_quantized_kv_cache_is_refused_for_llamafiles(tmp_path: Path, small_mo
     spec.write_text(spec.read_text().replace("ctx_size: 1024,", "ctx_size: 1024, kv_cache: q8_0,"))
     with pytest.raises(PackagingError, match=r"models\.chat\.kv_cache: q8_0 needs llama-server"):
         build(tmp_path, spec)
+
+
+def test_request_rules_are_refused_for_llamafiles(tmp_path: Path, small_model: Path) -> None:
+    # lalo's proxy applies them; a llamafile serves its model without it
+    runtime = tmp_path / "llamafile-0.10"
+    arbitrary_runtime(runtime)
+    spec = write_spec(tmp_path, small_model, runtime)
+    spec.write_text(spec.read_text().replace("ctx_size: 1024,",
+                                             "ctx_size: 1024, set: {temperature: 0},"))
+    with pytest.raises(PackagingError, match=r"models\.chat: defaults, set, limits and strip "
+                                             r"are applied by lalo's proxy"):
+        build(tmp_path, spec)

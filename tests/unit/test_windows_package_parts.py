@@ -64,6 +64,13 @@ def test_presets_carry_each_models_settings(tmp_path: Path, small_model: Path) -
     assert "embeddings = true" in embed and "chat-template = chatml" in embed
 
 
+def test_request_rules_are_refused_in_presets(tmp_path: Path, small_model: Path) -> None:
+    # the router serves the Windows package: lalo's proxy, which applies them, is not there
+    models = [packed("smol", MIB, limits={"max_tokens": 64})]
+    with pytest.raises(PackagingError, match=r"models\.smol: defaults, set, limits and strip"):
+        presets.presets_ini(spec(tmp_path, small_model), models)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (("-c", "4096"), "models.smol.ctx_size"),
     (("--parallel", "4"), "models.smol.parallel"),

@@ -102,6 +102,11 @@ def build_llamafiles(
             raise PackagingError(f"{spec.source}: models.{model.name}.kv_cache: "
                                  f"{model.config.kv_cache} needs llama-server; the llamafile "
                                  "target's runtime gets none: use f16 for this target")
+        if model.config.request_rules:
+            raise PackagingError(f"{spec.source}: models.{model.name}: defaults, set, limits "
+                                 "and strip are applied by lalo's proxy, which a llamafile "
+                                 "does not run: remove them for this target (or set the "
+                                 "server's defaults in args, e.g. --temp 0)")
         target = out / f"{model.name}{SUFFIX}"
         report(f"llamafile: writing {target.name}")
 

@@ -112,6 +112,12 @@ def presets_ini(spec: BundleSpec, models: Sequence[PackedModel]) -> str:
              "folder).", "version = 1", ""]
     for model in models:
         config = model.config
+        if config.request_rules:
+            raise PackagingError(
+                f"models.{model.name}: defaults, set, limits and strip are applied by lalo's "
+                "proxy, and the Windows package serves through llama.cpp's router without it: "
+                "remove them for this target (or set the server's defaults in args, e.g. "
+                "--temp 0)")
         lines.append(f"[{model.name}]")
         lines.append(f"model = {model.file}")
         if config.aliases:

@@ -27,8 +27,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from launcher.errors import (
     CapacityError,
     ModelError,
@@ -38,6 +36,7 @@ from launcher.errors import (
     QueueFullError,
     WaitTimeoutError,
 )
+from launcher.machine import memory as machine_memory
 from launcher.placement.planner import Budget, compute_budget
 from launcher.placement.scheduler import Load, ModelView, Schedule, never_fits, schedule
 from launcher.supervisor.policy import RestartPolicy
@@ -174,7 +173,7 @@ class Supervisor:
         policies: Mapping[str, RestartPolicy] | None = None,
         measured: Mapping[str, int] | None = None,
         on_measured: Callable[[str, int], None] | None = None,
-        available_memory: Callable[[], int] = lambda: int(psutil.virtual_memory().available),
+        available_memory: Callable[[], int] = machine_memory.available_memory,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:

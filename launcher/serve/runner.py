@@ -32,7 +32,7 @@ from launcher.engines.llama_server import LlamaServerEngine
 from launcher.engines.llamafile import LlamafileEngine
 from launcher.errors import EngineError, LaloError, StartupError
 from launcher.machine.memory import system_memory
-from launcher.placement.cpu_share import CpuShare, config_share, policy_line, wait_env
+from launcher.placement.cpu_share import CpuShare, config_share, policy_line, quota_threads, wait_env
 from launcher.placement.estimate import MemorySettings
 from launcher.placement.gpu_offload import NO_GPU, Offload, machine_offload
 from launcher.placement.measurements import Measurements, measurement_key, with_measurements
@@ -231,7 +231,7 @@ class ServerFactory:
             api_key="",
             ctx_size=cfg.ctx_size,
             parallel=cfg.parallel,
-            threads=cfg.thread_count,
+            threads=cfg.thread_count or quota_threads(),
             embeddings=cfg.embeddings,
             chat_template=self.loaded.chat_template(model.name),
             extra_args=(*_alias_args(cfg.engine_kind, model.name), *cfg.args),

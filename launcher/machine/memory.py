@@ -64,3 +64,8 @@ def system_memory(
 def available_memory() -> int:
     """The RAM `ram_budget: auto` starts from, now."""
     return system_memory().available
+
+
+def total_memory() -> int:
+    """This machine's RAM, or its container's memory limit when smaller."""
+    return system_memory().total

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import psutil
 import typer
 
 from launcher.cli.app import app
 from launcher.config import KvCacheType, LoadedConfig, load_config
 from launcher.errors import UsageError
+from launcher.machine.memory import system_memory
 from launcher.models.facts import catalog_weights
 from launcher.models.gguf_file import read_gguf
 from launcher.models.shape import ModelFacts
@@ -116,8 +116,10 @@ def build_plan(loaded: LoadedConfig, gpu_sizes: list[str] | None = None
     """What `lalo up` would do: each model's GPU settings (this machine's GPUs, or the ones
     given), then the RAM plan counting only the RAM part of offloaded models."""
     resources = loaded.config.resources
-    available = psutil.virtual_memory().available
-    budget = compute_budget(resources.ram_budget, resources.ram_reserve, available)
+    memory = system_memory()
+    available = memory.available
+    budget = compute_budget(resources.ram_budget, resources.ram_reserve, available,
+                            memory.limit_note())
     measurements = Measurements()
     models = fit_contexts(resolve_models(loaded, catalog=catalog_for(loaded)), budget.bytes)
     models = with_measurements(models, measurements)

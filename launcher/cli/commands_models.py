@@ -7,12 +7,12 @@ import json
 import sys
 from typing import Annotated, Any
 
-import psutil
 import typer
 
 from launcher.cli.app import app
 from launcher.config import ResourcesConfig
 from launcher.errors import UsageError
+from launcher.machine.memory import system_memory
 from launcher.models.catalog import cached_entry_path, default_catalog, describe_entry, pull_entry
 from launcher.models.catalog_entry import CatalogEntry
 from launcher.models.facts import entry_facts
@@ -63,8 +63,8 @@ def list_models(as_json: JsonOption = False) -> None:
     client = HubClient()
     store = WheelStore()
     reserve = ResourcesConfig().ram_reserve
-    memory = psutil.virtual_memory()
-    budget = compute_budget("auto", reserve, memory.available)
+    memory = system_memory()
+    budget = compute_budget("auto", reserve, memory.available, memory.limit_note())
     rows: list[dict[str, Any]] = []
     catalog_files: set[tuple[str, str]] = set()
     for entry in catalog:

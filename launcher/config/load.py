@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 from pydantic import (
     Field,
     ValidationError,
@@ -35,6 +34,7 @@ from launcher.config.sections import (
 )
 from launcher.config.server_args import refused_arg, refused_env
 from launcher.errors import ConfigError
+from launcher.machine.memory import system_memory
 from launcher.units import format_size
 from launcher.yamlfile import Lines, describe, read_yaml, where
 
@@ -173,12 +173,14 @@ def validate(
     _check_names(config, label, lines)
     _check_memory_args(config, label, lines)
     budget = config.resources.ram_budget
-    total = total_ram if total_ram is not None else psutil.virtual_memory().total
+    memory = system_memory() if total_ram is None else None
+    total = memory.total if memory is not None else total_ram or 0
     if budget != "auto" and budget > total:
         place = where(label, lines, ("resources", "ram_budget"))
+        what = "the memory limit of this container" if memory and memory.limit else "this machine's RAM"
         raise ConfigError(
-            f"{place}resources.ram_budget: {format_size(budget)} is more than this "
-            f"machine's RAM ({format_size(total)})"
+            f"{place}resources.ram_budget: {format_size(budget)} is more than {what} "
+            f"({format_size(total)})"
         )
     return config
 

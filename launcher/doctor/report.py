@@ -11,13 +11,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from launcher.config import ResourcesConfig
 from launcher.engines.registry import FoundEngine, list_engines
 from launcher.errors import EngineError
 from launcher.machine.gpu import GpuReport, describe, gpu_facts
 from launcher.machine.hardware import FEATURES, CpuInfo, cpu_info
+from launcher.machine.memory import system_memory
 from launcher.models.catalog import Catalog, cached_entry_path, default_catalog
 from launcher.models.facts import entry_facts
 from launcher.models.hub import HubClient
@@ -135,8 +134,9 @@ def collect_report(
     entries = catalog if catalog is not None else default_catalog()
     hub = client if client is not None else HubClient()
     reserve = (resources or ResourcesConfig()).ram_reserve
-    memory = psutil.virtual_memory()
-    budget = compute_budget((resources or ResourcesConfig()).ram_budget, reserve, memory.available)
+    memory = system_memory()
+    budget = compute_budget((resources or ResourcesConfig()).ram_budget, reserve, memory.available,
+                            memory.limit_note())
     cpu = cpu_info()
     disk_path = _existing_parent(hub.settings.cache_dir)
     engine_error: str | None = None

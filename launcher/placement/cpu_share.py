@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from launcher.machine.limits import CgroupLimits, current_limits
+
 if TYPE_CHECKING:
     from launcher.placement.resolve import ResolvedModel
 
@@ -58,16 +60,34 @@ class CpuShare:
                 f"{self.threads} compute threads on {self.cpus} CPU{'s' if self.cpus != 1 else ''}")
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask: a container's cpuset counts)."""
+def usable_cpus(limits: CgroupLimits | None = None) -> int:
+    """CPUs this process may run on: its affinity mask (a container's cpuset), no more than
+    its cgroup's CPU quota allows (a pod's `limits.cpu`)."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+        cpus = max(1, len(os.sched_getaffinity(0)))
+    else:
+        cpus = os.cpu_count() or 1
+    quota = (limits if limits is not None else current_limits()).cpu
+    return min(cpus, quota.count) if quota is not None else cpus
 
 
-def default_threads() -> int:
-    """The compute threads llama.cpp picks when not told: one per physical core."""
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+def default_threads(limits: CgroupLimits | None = None) -> int:
+    """The compute threads a model with `threads: auto` gets: llama.cpp's own choice, one per
+    physical core, bounded by the cgroup's CPU quota (`quota_threads`)."""
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    bound = quota_threads(limits)
+    return min(cores, bound) if bound is not None else cores
+
+
+def quota_threads(limits: CgroupLimits | None = None) -> int | None:
+    """`--threads` for a model with `threads: auto` under a CPU quota (whole CPUs, rounded
+    up): llama.cpp alone would start one thread per physical core of the node, and the
+    threads beyond the quota only wait for the next CFS period. None without a quota."""
+    quota = (limits if limits is not None else current_limits()).cpu
+    if quota is None:
+        return None
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return quota.count if quota.count < cores else None
 
 
 def cpu_share(threads: Sequence[int | None], max_loaded: int = 0, *,

@@ -23,19 +23,23 @@ class Budget:
     source: str  # how it was decided, for humans
 
 
-def compute_budget(ram_budget: int | str, ram_reserve: int, available: int) -> Budget:
-    """`auto` = available RAM minus the reserve; otherwise the configured figure."""
+def compute_budget(ram_budget: int | str, ram_reserve: int, available: int,
+                   limit_note: str | None = None) -> Budget:
+    """`auto` = available RAM minus the reserve; otherwise the configured figure. `limit_note`
+    says where the figures come from when a container's memory limit sets them."""
+    suffix = f"; {limit_note}" if limit_note else ""
     if ram_budget == "auto":
         value = max(0, available - ram_reserve)
         return Budget(
             value,
-            f"auto: {format_size(available)} available - {format_size(ram_reserve)} reserve",
+            f"auto: {format_size(available)} available - {format_size(ram_reserve)} reserve"
+            f"{suffix}",
         )
     assert isinstance(ram_budget, int)
     note = ""
     if ram_budget > available:
         note = f" (more than the {format_size(available)} available now)"
-    return Budget(ram_budget, f"configured: {format_size(ram_budget)}{note}")
+    return Budget(ram_budget, f"configured: {format_size(ram_budget)}{note}{suffix}")
 
 
 @dataclass(frozen=True)

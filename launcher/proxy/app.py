@@ -28,6 +28,7 @@ from launcher import __version__
 from launcher import paths as lalo_paths
 from launcher.config import ActivityConfig, ApiKey
 from launcher.errors import CapacityError, ModelError
+from launcher.machine.memory import system_memory
 from launcher.proxy.activity import Activity, valid_status_filter
 from launcher.proxy.anthropic import AnthropicErrors
 from launcher.proxy.auth import AuthMiddleware
@@ -144,14 +145,15 @@ def create_app(
         return JSONResponse({"object": "list", "data": data})
 
     async def status(request: Request) -> Response:
-        memory = psutil.virtual_memory()
+        memory = system_memory()
         budget = supervisor.budget()
+        note = memory.limit_note()
         return JSONResponse({
             "version": __version__,
             "uptime_s": round(time.time() - started, 1),
             "pid": _pid(),
-            "ram": {"total": memory.total, "available": memory.available,
-                    "budget": budget.bytes, "budget_source": budget.source},
+            "ram": {**memory.to_json(), "budget": budget.bytes,
+                    "budget_source": budget.source + (f"; {note}" if note else "")},
             "cpu": {"count": psutil.cpu_count(), "load": _load()},
             "max_loaded": supervisor.max_loaded,
             "models": supervisor.status(),

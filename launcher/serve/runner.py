@@ -31,8 +31,9 @@ from launcher.engines.llama_cpp_python import LlamaCppPythonEngine
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.engines.llamafile import LlamafileEngine
 from launcher.errors import EngineError, LaloError, StartupError
+from launcher.machine.memory import system_memory
 from launcher.placement.context import fit_contexts
-from launcher.placement.cpu_share import CpuShare, config_share, policy_line, wait_env
+from launcher.placement.cpu_share import CpuShare, config_share, policy_line, quota_threads, wait_env
 from launcher.placement.estimate import MemorySettings
 from launcher.placement.gpu_offload import NO_GPU, Offload, machine_offload
 from launcher.placement.measurements import Measurements, measurement_key, with_measurements
@@ -200,9 +201,10 @@ class LinesOnly:
         pass
 
 
-def plan_models(loaded: LoadedConfig, models: Sequence[ResolvedModel], available: int) -> Plan:
+def plan_models(loaded: LoadedConfig, models: Sequence[ResolvedModel], available: int,
+                limit_note: str | None = None) -> Plan:
     resources = loaded.config.resources
-    budget = compute_budget(resources.ram_budget, resources.ram_reserve, available)
+    budget = compute_budget(resources.ram_budget, resources.ram_reserve, available, limit_note)
     return make_plan([m.candidate() for m in models], budget, resources.max_loaded)
 
 
@@ -231,7 +233,7 @@ class ServerFactory:
             api_key="",
             ctx_size=cfg.ctx_size,
             parallel=cfg.parallel,
-            threads=cfg.thread_count,
+            threads=cfg.thread_count or quota_threads(),
             embeddings=cfg.embeddings,
             chat_template=self.loaded.chat_template(model.name),
             extra_args=(*_alias_args(cfg.engine_kind, model.name), *cfg.args),
@@ -461,25 +463,20 @@ async def serve(
                      f"pids {', '.join(map(str, reaped))}")
         measurements = Measurements()
         resources = config.resources
-        ctx_budget = compute_budget(resources.ram_budget, resources.ram_reserve, _available()).bytes
+        memory = system_memory()
+        ctx_budget = compute_budget(resources.ram_budget, resources.ram_reserve, memory.available).bytes
         models = fit_contexts(resolve_models(loaded, catalog=catalog), ctx_budget)
         models = usable_models(with_measurements(models, measurements))
         # on a GPU machine: each model's layers per GPU, and only its RAM part in the budget
-        offload = machine_offload(loaded, models, _available())
+        offload = machine_offload(loaded, models, memory.available)
         models = offload.apply(models, measurements)
-        plan = plan_models(loaded, models, _available())
+        plan = plan_models(loaded, models, memory.available, memory.limit_note())
         engines = engines_for(loaded, models, announce)
         sock = bind_socket(host, port)
         return await _run(loaded, models, plan, engines, sock, host, port, lock, records,
                           measurements, announce, peers, offload)
     finally:
         lock.release()
-
-
-def _available() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 async def _run(

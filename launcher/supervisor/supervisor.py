@@ -27,8 +27,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from launcher.config.request_params import RequestRules
 from launcher.errors import (
     CapacityError,
@@ -39,6 +37,7 @@ from launcher.errors import (
     QueueFullError,
     WaitTimeoutError,
 )
+from launcher.machine import memory as machine_memory
 from launcher.placement.planner import Budget, compute_budget
 from launcher.placement.scheduler import Load, ModelView, Schedule, never_fits, schedule
 from launcher.supervisor.policy import RestartPolicy
@@ -177,7 +176,8 @@ class Supervisor:
         policies: Mapping[str, RestartPolicy] | None = None,
         measured: Mapping[str, int] | None = None,
         on_measured: Callable[[str, int], None] | None = None,
-        available_memory: Callable[[], int] = lambda: int(psutil.virtual_memory().available),
+        available_memory: Callable[[], int] = machine_memory.available_memory,
+        total_memory: Callable[[], int] = machine_memory.total_memory,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -206,6 +206,7 @@ class Supervisor:
         self.wait_timeout = wait_timeout
         self.drain_timeout = drain_timeout
         self._available = available_memory
+        self._total = total_memory
         self._clock = clock
         self._sleep = sleep
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -254,7 +255,10 @@ class Supervisor:
         """The budget now; `auto` follows available RAM (counting our own servers as reclaimable)."""
         ours = sum((r.model.rss or self.required(r.name)) for r in self._records.values()
                    if r.model.pid is not None and r.resident)
-        return compute_budget(self._ram_budget, self._ram_reserve, self._available() + ours)
+        # never more than the machine (a container's limit: the page cache our servers map may
+        # be charged to another cgroup, so their RSS is not all inside the cgroup's usage)
+        base = min(self._available() + ours, self._total())
+        return compute_budget(self._ram_budget, self._ram_reserve, base)
 
     def record_measurement(self, name: str, rss: int) -> None:
         if rss > self._measured.get(name, 0):

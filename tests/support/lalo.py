@@ -65,8 +65,9 @@ class LaloUp:
     """`python -m launcher up --config C --port P` with its own state dir; always cleaned up."""
 
     def __init__(self, config: Path, env: Mapping[str, str], port: int | None = None,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), prefix: Sequence[str] = ()) -> None:
         self.config = config
+        self.prefix = tuple(prefix)  # argv lalo runs behind (a wrapper that joins a cgroup)
         self.env = dict(env)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -77,7 +78,7 @@ class LaloUp:
     def start(self) -> LaloUp:
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "launcher", "up", "--config", str(self.config),
+            [*self.prefix, sys.executable, "-m", "launcher", "up", "--config", str(self.config),
              "--port", str(self.port), *self.extra],
             env=self.env, stdout=self._log, stderr=subprocess.STDOUT, text=True,
         )

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import psutil
 
-from launcher.placement.cpu_share import CpuShare, cpu_share, policy_line, to_json, wait_env
+from launcher.placement.cpu_share import (
+    CpuShare,
+    cpu_share,
+    default_threads,
+    policy_line,
+    quota_threads,
+    to_json,
+    usable_cpus,
+    wait_env,
+)
 
 
 def test_one_server_keeps_the_engine_default_whatever_the_threads() -> None:
@@ -63,3 +72,19 @@ def test_usable_cpus_default_is_this_process_s_affinity() -> None:
     assert share.cpus == expected
     # auto threads count as llama.cpp's default: one per physical core
     assert share.threads == 2 * (psutil.cpu_count(logical=False) or os.cpu_count())
+
+
+def test_a_cpu_quota_bounds_the_cpus_and_auto_threads() -> None:
+    import os
+
+    from launcher.machine.limits import CgroupLimits, CpuLimit
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    half = CgroupLimits(cpu=CpuLimit(0.5, 2))
+    assert usable_cpus(half) == 1
+    assert default_threads(half) == 1
+    assert quota_threads(half) == (1 if cores > 1 else None)
+    wide = CgroupLimits(cpu=CpuLimit(cores + 1.5, 1))  # a quota above the cores changes nothing
+    assert (usable_cpus(wide), default_threads(wide), quota_threads(wide)) == (affinity, cores, None)
+    assert quota_threads(CgroupLimits()) is None

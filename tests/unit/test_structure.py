@@ -137,7 +137,8 @@ def test_the_checks_see_a_cycle() -> None:
 # The packages from the bottom up (docs/design.md): each imports only those below it.
 LAYERS = [
     {"launcher", "errors", "units", "yamlfile", "digest", "toolrun", "paths", "client"},
-    {"config", "machine"},
+    {"machine"},
+    {"config"},
     {"models"},
     {"engines"},
     {"placement"},

@@ -101,7 +101,8 @@ class Harness:
             policies={meta.name: policy for meta, _, policy in entries},
             # a `sleep` is smaller than any model: its RSS must not become the measured figure
             measured={n: (sizes or {}).get(n, required) for n in names},
-            available_memory=lambda: 64 * 1024**3, clock=self.clock, sleep=self.sleep,
+            available_memory=lambda: 64 * 1024**3, total_memory=lambda: 64 * 1024**3,
+            clock=self.clock, sleep=self.sleep,
         )
         return self.supervisor
 

@@ -2,8 +2,9 @@
 planner reserves, within about 1 % of measured RSS) plus lalo itself, CPU from the models'
 threads, and the RAM budget lalo must keep to inside the pod. Pure functions.
 
-Inside a container `ram_budget: auto` would read the node's free RAM, not the pod's limit, so
-the generated config always carries the budget the limit leaves for models.
+lalo inside the pod reads the pod's limit as its machine's RAM (launcher.machine.limits), and
+the generated config carries the budget the limit leaves for models: `auto` would start from
+what is free under the limit now less the 1 GiB default reserve, meant for a whole machine.
 """
 
 from __future__ import annotations

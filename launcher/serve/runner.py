@@ -293,7 +293,7 @@ def build_supervisor(
     share: CpuShare,
     host: str = "127.0.0.1",
     offload: Offload = NO_GPU,
-) -> tuple[Supervisor, dict[str, Path]]:
+) -> Supervisor:
     """The supervisor of `models`; `share` decides the OpenMP wait policy of their servers."""
     config = loaded.config
     factory = ServerFactory(loaded, engines, records, share, host, offload)
@@ -314,7 +314,7 @@ def build_supervisor(
         on_measured=lambda name, rss: measurements.record(supervisor.info[name].measurement_key,
                                                           rss),
     )
-    return supervisor, {meta.name: log_dir() / f"{meta.name}.log" for meta, _, _ in made}
+    return supervisor
 
 
 class Reloader:
@@ -497,7 +497,7 @@ async def _run(
 
     admin_token = secrets.token_urlsafe(32)
     share = config_share(models, config.resources.max_loaded)
-    supervisor, log_paths = build_supervisor(loaded, models, engines, records, measurements,
+    supervisor = build_supervisor(loaded, models, engines, records, measurements,
                                              share, host="127.0.0.1", offload=offload)
     reloader = Reloader(loaded, models, supervisor,
                         ServerFactory(loaded, engines, records, share, "127.0.0.1", offload),
@@ -537,7 +537,7 @@ async def _run(
         # llama-server closes idle connections after 5 s: drop ours first, never reuse a dead one
         pool = UpstreamPool(keepalive_expiry=4.0)
         app = create_app(supervisor, settings, pool, on_shutdown=lambda: on_signal(0),
-                         log_paths=log_paths, on_reload=reloader.reload, peers=peers,
+                         on_reload=reloader.reload, peers=peers,
                          closing=stop)
         server = _uvicorn_server(app, config.supervisor.stop_timeout)
         uvicorn_server.append(server)

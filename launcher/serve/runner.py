@@ -239,15 +239,16 @@ class ServerFactory:
         settings = self.offload.server_settings(model.name, settings)
         # sleeping when idle and the prompt cache kept across stops (llama-server only);
         # this also drops slot files of an older model file, engine or setting
+        model_log = ModelLog(log_dir() / f"{model.name}.log")
         settings, slot_store = sleep_and_prompt_cache(
             model.name, cfg, settings, self.engines[cfg.engine_kind],
             self.loaded.config.resources.prompt_cache_size,
-            sliding_window=uses_sliding_window(model.info))
+            sliding_window=uses_sliding_window(model.info), note=model_log.note)
         managed = ManagedModel(
             model.name,
             self.engines[cfg.engine_kind],
             settings,
-            ModelLog(log_dir() / f"{model.name}.log"),
+            model_log,
             timeouts=Timeouts(
                 load_timeout=cfg.load_timeout or sup.load_timeout,
                 health_interval=sup.health_interval,
@@ -258,8 +259,6 @@ class ServerFactory:
             sleep_probe=props_sleeping if settings.sleep_after else None,
             prompt_cache=slot_store,
         )
-        if slot_store is not None:  # the store writes what it did into the model's log
-            slot_store.note = managed.log.note
         policy = RestartPolicy(
             initial_delay=sup.backoff_initial, max_delay=sup.backoff_max,
             max_failures=sup.max_failures, stable_after=sup.stable_after,

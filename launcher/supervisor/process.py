@@ -88,15 +88,14 @@ class Timeouts:
 
 
 class ProcessEvents:
-    """Hooks the supervisor uses to record children and learn measured memory."""
+    """Hooks the composition root uses to record children (for reaping after a crash)."""
 
     def spawned(self, name: str, pid: int, created: float, port: int) -> None: ...
 
     def exited(self, name: str, pid: int) -> None: ...
 
-    def measured(self, name: str, rss: int) -> None: ...
-
-    def changed(self, name: str, state: ModelState) -> None: ...
+    def changed(self, name: str, state: ModelState) -> None:
+        """A state change, `sleeping` included (tests watch it)."""
 
 
 async def _default_spawner(spec: LaunchSpec) -> asyncio.subprocess.Process:
@@ -473,7 +472,6 @@ class ManagedModel:
         self.rss = rss
         if self.rss_peak is None or rss > self.rss_peak:
             self.rss_peak = rss
-            self._events.measured(self.name, rss)
             if self.on_measured is not None:
                 self.on_measured(self.name, rss)
 

@@ -42,6 +42,7 @@ from launcher.proxy.metrics_merge import MergedMetrics
 from launcher.proxy.ollama import OLLAMA_ROUTES, OllamaAPI
 from launcher.proxy.peer_metrics import PeerCollector
 from launcher.proxy.peers import PeerTable
+from launcher.proxy.router import Router
 from launcher.proxy.routes import MODEL_ROUTES, BodyTooLarge, ModelRouter, read_body, route_list
 from launcher.proxy.upstream import UpstreamBadTarget, UpstreamPool, check_target
 from launcher.supervisor.logs import read_tail
@@ -70,7 +71,6 @@ def create_app(
     pool: UpstreamPool,
     *,
     on_shutdown: Callable[[], None] = lambda: None,
-    log_paths: dict[str, Path] | None = None,
     on_reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     peers: PeerTable | None = None,
     closing: asyncio.Event | None = None,
@@ -88,18 +88,17 @@ def create_app(
     metrics = ProxyMetrics(supervisor, activity, merged)
     if peers is not None:
         metrics.registry.register(PeerCollector(peers))
-    forwarder = Forwarder(supervisor, pool, metrics, settings.upstream_timeout, peers=peers,
-                          activity=activity)
+    router = Router(supervisor, peers)
+    forwarder = Forwarder(router, pool, metrics, settings.upstream_timeout, activity=activity)
     own_log = lalo_log() if settings.capture_own_log else LaloLog()
     closing = closing or asyncio.Event()
     started = time.time()
-    log_paths = log_paths or {}
     too_large = f"request body larger than {settings.max_body_size} bytes"
-    model_route = ModelRouter(supervisor, forwarder, settings.max_body_size, peers)
+    model_route = ModelRouter(router, forwarder, settings.max_body_size)
     ollama = OllamaAPI(supervisor, forwarder, settings.max_body_size, started)
 
     async def health(request: Request) -> Response:
-        states = [str(m.state) for m in supervisor.models.values()]
+        states = [m.lifecycle for m in supervisor.snapshot().values()]
         return JSONResponse({
             "status": "ok",
             "version": __version__,
@@ -132,12 +131,11 @@ def create_app(
 
     async def list_models(request: Request) -> Response:
         data: list[dict[str, Any]] = []
-        for name, model in supervisor.models.items():
-            info = supervisor.info[name]
+        for name, model in supervisor.snapshot().items():
             entry = {"object": "model", "created": int(started), "owned_by": "lalo",
-                     "state": str(model.reported_state)}
-            data.append({"id": name, **entry, "aliases": list(info.aliases)})
-            data.extend({"id": alias, **entry, "parent": name} for alias in info.aliases)
+                     "state": model.state}
+            data.append({"id": name, **entry, "aliases": list(model.aliases)})
+            data.extend({"id": alias, **entry, "parent": name} for alias in model.aliases)
         if peers is not None:  # models only peers serve, marked `owned_by: peer:NAME`
             data.extend(peers.model_entries(
                 lambda name: supervisor.resolve(name) is not None,
@@ -225,9 +223,8 @@ def create_app(
         if isinstance(asked, Response):
             return asked
         name, count = asked
-        path = log_paths.get(name)
-        if path is None:
-            return error_response(404, f"{name} has no log file to follow")
+        # the model's own record says where: a model added by a reload has it at once
+        path = supervisor.snapshot()[name].log_path
         return _sse(follow_file(path, count, closing=closing))
 
     async def own_logs_stream(request: Request) -> Response:
@@ -258,9 +255,7 @@ def create_app(
         if isinstance(asked, Response):
             return asked
         name, count = asked
-        path = log_paths.get(name)
-        lines = read_tail(path, count) if path is not None else \
-            supervisor.models[name].log.last_lines(count)
+        lines = read_tail(supervisor.snapshot()[name].log_path, count)
         return JSONResponse({"name": name, "lines": lines})
 
     async def shutdown(request: Request) -> Response:
@@ -382,10 +377,9 @@ def upstream_target(scope: Scope) -> str:
 def _ready_endpoints(supervisor: Supervisor) -> dict[str, Endpoint]:
     """The model servers that answer now (a sleeping one is left asleep)."""
     ready = {}
-    for name, model in supervisor.models.items():
-        endpoint = model.endpoint
-        if str(model.reported_state) == "ready" and endpoint is not None:
-            ready[name] = endpoint
+    for name, model in supervisor.snapshot().items():
+        if model.serving and model.endpoint is not None:
+            ready[name] = model.endpoint
     return ready
 
 

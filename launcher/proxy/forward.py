@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
-import psutil
 from starlette.types import Message, Receive, Send
 
+from launcher.config.request_params import RequestRules
 from launcher.errors import (
     CapacityError,
     ModelError,
@@ -34,11 +36,12 @@ from launcher.errors import (
     WaitTimeoutError,
 )
 from launcher.proxy.activity import Activity, usage_of
-from launcher.proxy.assemble import AssemblyError, EventReader, Plan, assembler
+from launcher.proxy.assemble import AssemblyError, EventReader, Plan, assembler, plan
 from launcher.proxy.errors import error_body, error_message, explain_context_overflow, sse_error_event
 from launcher.proxy.metrics import ProxyMetrics
-from launcher.proxy.params import apply_to_request
-from launcher.proxy.peers import HOP_HEADER, PeerTable, is_peer_endpoint
+from launcher.proxy.params import Changes, apply_to_request
+from launcher.proxy.peers import HOP_HEADER
+from launcher.proxy.router import Router
 from launcher.proxy.upstream import (
     UpstreamBadTarget,
     UpstreamClosed,
@@ -48,8 +51,7 @@ from launcher.proxy.upstream import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from launcher.supervisor.process import Endpoint, ModelState
-from launcher.supervisor.supervisor import Supervisor
+from launcher.supervisor.lease import Lease, LeaseRequest
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +62,6 @@ _HOP_BY_HOP = frozenset({
 })
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the request", in metrics only
-
-# a server that died is noticed by the supervisor within milliseconds: a retry waits that long
-# (at most) for the dead endpoint to be withdrawn before it leases again
-_REPLACED_WAIT = 2.0
-_REPLACED_POLL = 0.02
-_ALIVE_FOR = 0.1  # a process still running this long after it dropped a connection lives
 
 
 async def send_error(send: Send, status: int, message: str, code: str | None = None,
@@ -93,17 +89,17 @@ class _Failure(Exception):
 class _Retry(Exception):
     """The model server died before the client got a byte: lease again and ask once more."""
 
-    def __init__(self, endpoint: Endpoint, cause: UpstreamError) -> None:
+    def __init__(self, lease: Lease, cause: UpstreamError) -> None:
         super().__init__(str(cause))
-        self.endpoint = endpoint
+        self.lease = lease
         self.cause = cause
 
 
 class _Reply:
     """What has been sent to the client so far, and how to end it from here."""
 
-    __slots__ = ("first_byte", "last", "previous", "relayed", "send", "status", "streaming",
-                 "usage")
+    __slots__ = ("first_byte", "last", "lease", "params_changed", "previous", "relayed", "send",
+                 "status", "streaming", "usage")
 
     def __init__(self, send: Send) -> None:
         self.send = send
@@ -114,6 +110,8 @@ class _Reply:
         self.usage = b""
         self.previous = b""
         self.last = b""
+        self.lease: Lease | None = None  # the last one the exchange held
+        self.params_changed: Changes | None = None  # what the model's request rules changed
 
     async def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.streaming = True
@@ -139,12 +137,10 @@ class _Reply:
 class Forwarder:
     """Sends requests to model servers over one pool of keep-alive connections."""
 
-    def __init__(self, supervisor: Supervisor, pool: UpstreamPool, metrics: ProxyMetrics,
+    def __init__(self, router: Router, pool: UpstreamPool, metrics: ProxyMetrics,
                  upstream_timeout: float, *, notice_after: float = 1.0,
-                 notice_interval: float = 3.0, peers: PeerTable | None = None,
-                 activity: Activity | None = None) -> None:
-        self.supervisor = supervisor
-        self.peers = peers  # other lalos / OpenAI servers: `_lease` sends a request there
+                 notice_interval: float = 3.0, activity: Activity | None = None) -> None:
+        self.router = router  # a model served here or by a peer: the same lease
         self.pool = pool
         self.metrics = metrics
         self.timeout = upstream_timeout
@@ -165,24 +161,20 @@ class Forwarder:
         query: str = "",
         content_type: str = "application/json",
         stream: bool = False,
-        assemble: Plan | None = None,
+        payload: dict[str, Any] | None = None,
     ) -> None:
         """Answer one request (its body already read) from `name`'s server.
 
         `stream`: the client asked for an event stream, so a long wait for the model may be
-        filled with SSE comments. `assemble`: `body` asks for a stream that the client did not
-        (`assemble.plan`): an event stream in answer is read whole and sent back as one JSON.
+        filled with SSE comments. `payload`: `body` as JSON; a generation not streamed is asked
+        as a stream of a server whose lease `assembles` (`assemble.plan`), and the event
+        stream in answer is read whole and sent back as one JSON.
         """
         started = time.perf_counter()
-        meta = self.supervisor.info.get(name)  # a peer's model: its own lalo has the rules
-        rules = meta.request_rules if meta is not None else None
-        body, changed = apply_to_request(path, body, rules) if rules else (body, {})
-        if changed:
-            log.debug("%s: request parameters set by lalo.yaml: %s", name, changed)
         reply = _Reply(send)
         target = path + (f"?{query}" if query else "")
         exchange = asyncio.ensure_future(self._exchange(
-            reply, name, method, target, body, content_type, stream, assemble, started))
+            reply, name, method, target, body, content_type, stream, payload, started))
         gone = asyncio.ensure_future(_client_gone(receive))
         try:
             await asyncio.wait({exchange, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -203,56 +195,61 @@ class Forwarder:
         if self.activity is not None:
             self.activity.record(name, route, reply.status, started, reply.first_byte,
                                  reply.usage, body, counts=counts,
-                                 params_changed=changed or None)
+                                 params_changed=reply.params_changed)
         _, completion, rate = counts
-        if (reply.status == 200 and route != "upstream" and completion
-                and name in self.supervisor.models):
+        if reply.status == 200 and route != "upstream" and completion and reply.lease is not None:
             seconds = completion / rate if rate else time.perf_counter() - started
-            self.supervisor.record_tokens(name, completion, seconds)
+            reply.lease.record_tokens(completion, seconds)
 
     async def _exchange(self, reply: _Reply, name: str, method: str, target: str, body: bytes,
-                        content_type: str, stream: bool, assemble: Plan | None,
+                        content_type: str, stream: bool, payload: dict[str, Any] | None,
                         started: float) -> None:
-        dead: Endpoint | None = None
+        dead: Lease | None = None
         for attempt in (1, 2):
             try:
                 if dead is not None:
-                    await self._replaced(name, dead)
+                    await dead.replaced()  # so that the next lease gets its successor
                 await self._attempt(reply, name, method, target, body, content_type, stream,
-                                    assemble, started, retry_allowed=attempt == 1)
+                                    payload, started, retry_allowed=attempt == 1)
                 return
             except _Retry as retry:
                 log.warning("%s: the model server closed the connection before answering "
                             "(%s); asking once more", name, retry.cause)
-                dead = retry.endpoint
+                dead = retry.lease
             except _Failure as failure:
                 await reply.fail(failure)
                 return
 
     async def _attempt(self, reply: _Reply, name: str, method: str, target: str, body: bytes,
-                       content_type: str, stream: bool, assemble: Plan | None, started: float,
-                       *, retry_allowed: bool) -> None:
+                       content_type: str, stream: bool, payload: dict[str, Any] | None,
+                       started: float, *, retry_allowed: bool) -> None:
         async with contextlib.AsyncExitStack() as stack:
-            endpoint = await self._lease(stack, reply, name, stream)
+            lease = reply.lease = await self._lease(stack, reply, name, stream)
+            endpoint = lease.endpoint
+            if lease.request_rules:
+                body, payload = self._apply_rules(reply, name, target, body, payload,
+                                                  lease.request_rules)
+            assemble = (plan(target.partition("?")[0], payload)
+                        if payload is not None and lease.assembles else None)
+            if assemble is not None:
+                body = assemble.body
             headers = [(b"authorization", f"Bearer {endpoint.api_key}".encode())]
-            if is_peer_endpoint(endpoint):
+            if lease.via_peer:
                 headers.append((HOP_HEADER, b"1"))
             if body:
                 headers.append((b"content-type", content_type.encode()))
             try:
                 upstream = await self.pool.request(
                     method, endpoint.host, endpoint.port, target, headers, body, self.timeout,
-                    tls=self.peers.tls_for(endpoint) if self.peers is not None else None)
+                    tls=lease.tls)
             except UpstreamBadTarget as exc:
                 raise _Failure(400, str(exc)) from exc
             except UpstreamTimeout as exc:
                 raise _Failure(504, f"{name}: no answer from the model server in time") from exc
             except (UpstreamUnavailable, UpstreamClosed) as exc:
-                if self.peers is not None:  # a peer's endpoint: down if unreachable (failover)
-                    self.peers.unreachable(endpoint, exc,
-                                           at_once=isinstance(exc, UpstreamUnavailable))
+                lease.unreachable(exc, at_once=isinstance(exc, UpstreamUnavailable))
                 if retry_allowed:
-                    raise _Retry(endpoint, exc) from exc
+                    raise _Retry(lease, exc) from exc
                 if isinstance(exc, UpstreamUnavailable):
                     raise _Failure(502, f"{name}: model server unreachable: {exc}") from exc
                 raise _Failure(502, f"{name}: model server broke off: {exc}") from exc
@@ -260,32 +257,40 @@ class Forwarder:
                 raise _Failure(502, f"{name}: model server broke off: {exc}") from exc
             stack.push_async_callback(upstream.aclose)
             if not (upstream.header(b"content-type") or b"").startswith(b"text/event-stream"):
-                await self._whole(reply, name, method, endpoint, upstream, retry_allowed)
+                await self._whole(reply, name, method, lease, upstream, retry_allowed)
             elif assemble is not None:
-                await self._assembled(reply, name, endpoint, upstream, assemble, retry_allowed)
+                await self._assembled(reply, name, lease, upstream, assemble, retry_allowed)
             else:
-                await self._relay(reply, name, endpoint, upstream, started, retry_allowed)
+                await self._relay(reply, name, lease, upstream, started, retry_allowed)
+
+    @staticmethod
+    def _apply_rules(reply: _Reply, name: str, target: str, body: bytes,
+                     payload: dict[str, Any] | None, rules: RequestRules
+                     ) -> tuple[bytes, dict[str, Any] | None]:
+        """lalo.yaml's request rules on the body (and the parsed payload the assembler reads)."""
+        body, changed = apply_to_request(target.partition("?")[0], body, rules)
+        if not changed:
+            return body, payload
+        log.debug("%s: request parameters set by lalo.yaml: %s", name, changed)
+        reply.params_changed = changed
+        return body, (json.loads(body) if payload is not None else None)
 
     async def _lease(self, stack: contextlib.AsyncExitStack, reply: _Reply, name: str,
-                     stream: bool) -> Endpoint:
-        """A slot on `name`'s server; a streamed request that waits long hears about it.
-        A model that a peer serves instead (see `launcher.proxy.peers.choose_route`) is its endpoint."""
-        if self.peers is not None:
-            try:
-                remote = self.peers.lease(name, local=name in self.supervisor.models)
-            except PeerDownError as exc:
-                raise _Failure(503, str(exc), code="peer_unavailable",
-                               headers=[(b"retry-after", str(exc.retry_after).encode())]) from exc
-            if remote is not None:
-                return remote
-        lease = self.supervisor.lease(name)
+                     stream: bool) -> Lease:
+        """A slot on `name`'s server (here or a peer's); a streamed request that waits long
+        hears about it."""
+        try:
+            request = self.router.lease(name)
+        except PeerDownError as exc:
+            raise _Failure(503, str(exc), code="peer_unavailable",
+                           headers=[(b"retry-after", str(exc.retry_after).encode())]) from exc
         # a timer, not a task, on the fast path: the notices start only after a real wait
         notices: list[asyncio.Task[None]] = []
         timer = asyncio.get_running_loop().call_later(
             self.notice_after, lambda: notices.append(asyncio.ensure_future(
-                self._notices(reply, name)))) if stream else None
+                self._notices(reply, name, request)))) if stream else None
         try:
-            return await stack.enter_async_context(lease)
+            return await stack.enter_async_context(request)
         except QueueFullError as exc:
             raise _Failure(429, str(exc), headers=[(b"retry-after", b"1")]) from exc
         except CapacityError as exc:
@@ -302,18 +307,15 @@ class Forwarder:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def _notices(self, reply: _Reply, name: str) -> None:
+    async def _notices(self, reply: _Reply, name: str, request: LeaseRequest) -> None:
         """The SSE head (unless it went out already), then a comment every few seconds."""
         if not reply.streaming:
             await reply.start_stream(200, [(b"content-type", b"text/event-stream")])
         while True:
-            model = self.supervisor.models.get(name)
-            doing = "queued for" if model is not None and model.state == ModelState.READY \
-                else "loading"
-            await reply.body(f": {doing} {name}\n\n".encode())
+            await reply.body(f": {request.waiting_for()} {name}\n\n".encode())
             await asyncio.sleep(self.notice_interval)
 
-    async def _relay(self, reply: _Reply, name: str, endpoint: Endpoint,
+    async def _relay(self, reply: _Reply, name: str, lease: Lease,
                      upstream: UpstreamResponse, started: float, retry_allowed: bool) -> None:
         """Stream upstream's bytes to the client as they come; an error ends it with an event."""
         if not reply.streaming:
@@ -334,7 +336,7 @@ class Forwarder:
             await reply.body(sse_error_event(504, f"{name}: the model server went silent for too long"))
         except UpstreamClosed as exc:
             if not reply.relayed and retry_allowed:
-                raise _Retry(endpoint, exc) from exc
+                raise _Retry(lease, exc) from exc
             await reply.body(sse_error_event(
                 502, f"{name}: the model server broke off the stream ({exc})"))
         except UpstreamError as exc:
@@ -343,10 +345,10 @@ class Forwarder:
         reply.usage = _last_event(reply.previous + reply.last)
         await reply.end_stream()
 
-    async def _whole(self, reply: _Reply, name: str, method: str, endpoint: Endpoint,
+    async def _whole(self, reply: _Reply, name: str, method: str, lease: Lease,
                      upstream: UpstreamResponse, retry_allowed: bool) -> None:
         """A non-streamed answer: read whole, then sent with its length."""
-        with _reading_whole(name, endpoint, retry_allowed):
+        with _reading_whole(name, lease, retry_allowed):
             content = await upstream.read()
         status = upstream.status_code
         if status == 400:
@@ -373,7 +375,7 @@ class Forwarder:
         await reply.send({"type": "http.response.body", "body": content})
         reply.usage = content
 
-    async def _assembled(self, reply: _Reply, name: str, endpoint: Endpoint,
+    async def _assembled(self, reply: _Reply, name: str, lease: Lease,
                          upstream: UpstreamResponse, plan: Plan, retry_allowed: bool) -> None:
         """The stream asked for a non-streamed request, read whole and answered as one JSON.
 
@@ -382,7 +384,7 @@ class Forwarder:
         """
         events = EventReader()
         answer = assembler(plan)
-        with _reading_whole(name, endpoint, retry_allowed):
+        with _reading_whole(name, lease, retry_allowed):
             try:
                 async for chunk in upstream.chunks():
                     for event, data in events.feed(chunk):
@@ -401,36 +403,13 @@ class Forwarder:
         await reply.send({"type": "http.response.body", "body": content})
         reply.usage = content
 
-    async def _replaced(self, name: str, dead: Endpoint) -> None:
-        """Wait (briefly) until the supervisor no longer offers the endpoint that just died.
-
-        A server whose process is still there a moment later only dropped that connection:
-        it is asked again at once. (A killed process closes its sockets a moment before it
-        shows as exited, so one look is not enough.)
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _REPLACED_WAIT
-        alive_since: float | None = None
-        while (now := loop.time()) < deadline:
-            model = self.supervisor.models.get(name)
-            current = model.endpoint if model is not None else None
-            if current is None or current.pid != dead.pid or current.port != dead.port:
-                return
-            if not _running(dead.pid):
-                alive_since = None
-            elif alive_since is None:
-                alive_since = now
-            elif now - alive_since >= _ALIVE_FOR:
-                return
-            await asyncio.sleep(_REPLACED_POLL)
-
     def _count(self, name: str, route: str, status: int, started: float) -> None:
         self.metrics.requests.labels(name, route, str(status)).inc()
         self.metrics.latency.labels(name).observe(time.perf_counter() - started)
 
 
 @contextlib.contextmanager
-def _reading_whole(name: str, endpoint: Endpoint, retry_allowed: bool) -> Iterator[None]:
+def _reading_whole(name: str, lease: Lease, retry_allowed: bool) -> Iterator[None]:
     """Upstream errors while an answer is read whole, before the client got any of it: a
     server that closed is asked once more (`_Retry`), anything else is lalo's own answer."""
     try:
@@ -439,18 +418,10 @@ def _reading_whole(name: str, endpoint: Endpoint, retry_allowed: bool) -> Iterat
         raise _Failure(504, f"{name}: the model server went silent for too long") from exc
     except UpstreamClosed as exc:
         if retry_allowed:
-            raise _Retry(endpoint, exc) from exc
+            raise _Retry(lease, exc) from exc
         raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
     except UpstreamError as exc:
         raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
-
-
-def _running(pid: int) -> bool:
-    """Whether that process exists and has not exited (a zombie waiting to be reaped has)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 async def _client_gone(receive: Receive) -> None:

@@ -71,8 +71,8 @@ class History:
         """Sample every `interval` on the running loop, from now on."""
         if self._timer is None:
             self._last = self._clock()
-            self._tokens = {name: self.supervisor.record(name).completion_tokens
-                            for name in self.supervisor.models}
+            self._tokens = {name: model.completion_tokens
+                            for name, model in self.supervisor.snapshot().items()}
             self._requests = dict(self.activity.per_model)
             self._schedule()
 
@@ -97,9 +97,8 @@ class History:
             if entry.time + entry.duration <= now:
                 durations[entry.model].append(entry.duration)
         models: dict[str, dict[str, Any]] = {}
-        for name, model in self.supervisor.models.items():
-            record = self.supervisor.record(name)
-            tokens = record.completion_tokens
+        for name, model in self.supervisor.snapshot().items():
+            tokens = model.completion_tokens
             done = durations.get(name, [])
             answered = self.activity.per_model[name]
             p50, p95 = percentile(done, 0.5), percentile(done, 0.95)
@@ -109,7 +108,7 @@ class History:
                 "p50": round(p50, 4) if p50 is not None else None,
                 "p95": round(p95, 4) if p95 is not None else None,
                 "rss": int(model.rss or 0),
-                "queue": len(record.queue),
+                "queue": model.queued,
             }
             self._tokens[name] = tokens
             self._requests[name] = answered

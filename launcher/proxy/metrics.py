@@ -54,26 +54,25 @@ class _SupervisorCollector(Collector):
         waits = HistogramMetricFamily(
             "lalo_queue_wait_seconds", "Time a request waited for its model (slot, load, "
             "restart, other models' batches)", labels=["model"])
-        for name, model in sup.models.items():
-            record = sup.record(name)
-            in_flight.add_metric([name], record.in_flight)
-            queued.add_metric([name], len(record.queue))
-            state = model.reported_state  # "sleeping" shows as such
-            ready.add_metric([name, str(state)], 1.0 if state == "ready" else 0.0)
+        for name, model in sup.snapshot().items():
+            in_flight.add_metric([name], model.in_flight)
+            queued.add_metric([name], model.queued)
+            state = model.state  # "sleeping" shows as such
+            ready.add_metric([name, state], 1.0 if state == "ready" else 0.0)
             rss.add_metric([name], float(model.rss or 0))
-            estimate.add_metric([name], float(record.meta.estimate))
-            loads.add_metric([name], record.loads)
-            evictions.add_metric([name], record.evictions)
-            restarts.add_metric([name], record.restarts)
-            tokens.add_metric([name], record.completion_tokens)
-            for cause in ("idle", "max_wait"):
-                swaps.add_metric([name, cause], record.swaps[cause])
+            estimate.add_metric([name], float(model.estimate))
+            loads.add_metric([name], model.loads)
+            evictions.add_metric([name], model.evictions)
+            restarts.add_metric([name], model.restarts)
+            tokens.add_metric([name], model.completion_tokens)
+            swaps.add_metric([name, "idle"], model.swaps_idle)
+            swaps.add_metric([name, "max_wait"], model.swaps_max_wait)
             cumulative, buckets = 0, []
-            for bound, count in zip(WAIT_BUCKETS, record.waits.buckets, strict=True):
+            for bound, count in zip(WAIT_BUCKETS, model.wait_buckets, strict=True):
                 cumulative += count
                 buckets.append((str(float(bound)), cumulative))
-            buckets.append(("+Inf", record.waits.count))
-            waits.add_metric([name], buckets, sum_value=record.waits.total)
+            buckets.append(("+Inf", model.wait_count))
+            waits.add_metric([name], buckets, sum_value=model.wait_total)
         budget = GaugeMetricFamily("lalo_ram_budget_bytes", "RAM budget for model servers")
         budget.add_metric([], float(sup.budget().bytes))
         yield from (in_flight, queued, ready, rss, estimate, loads, evictions, restarts, tokens,

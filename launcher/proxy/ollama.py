@@ -20,7 +20,6 @@ from starlette.types import Receive, Scope, Send
 from launcher import __version__
 from launcher.errors import CapacityError, GGUFError, ModelError
 from launcher.models.gguf_file import GGUFInfo, read_gguf
-from launcher.proxy.assemble import plan
 from launcher.proxy.errors import error_message
 from launcher.proxy.forward import Forwarder
 from launcher.proxy.ollama_convert import (
@@ -32,8 +31,8 @@ from launcher.proxy.ollama_convert import (
     timestamp,
 )
 from launcher.proxy.ollama_stream import CapturedAnswer, StreamTranslator, send_json, whole_answer
-from launcher.proxy.routes import BodyTooLarge, known_models, read_body
-from launcher.supervisor.process import ModelState
+from launcher.proxy.routes import BodyTooLarge, read_body
+from launcher.supervisor.snapshot import ModelSnapshot
 from launcher.supervisor.supervisor import Supervisor
 from launcher.units import format_parameters
 
@@ -52,6 +51,7 @@ OLLAMA_ROUTES: Final[dict[str, str]] = {
 # The Ollama release whose API this follows (clients check it before using newer fields).
 OLLAMA_API_VERSION: Final = "0.12.0"
 _FOREVER: Final = "2318-01-01T00:00:00Z"  # what Ollama reports for a model kept loaded forever
+_AT_ONCE = 0.001  # keep_alive 0 for a model in use: unloaded the moment it is idle
 
 
 class OllamaError(Exception):
@@ -70,8 +70,6 @@ class OllamaAPI:
         self.max_body_size = max_body_size
         self.started = started
         self._facts: dict[tuple[str, int], GGUFInfo | None] = {}
-        self._expiry: dict[str, tuple[float, asyncio.TimerHandle]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -109,17 +107,23 @@ class OllamaAPI:
         """(lalo's model name, the name as the client gave it)."""
         requested = payload.get(key) or (payload.get("name") if key == "model" else None)
         if not isinstance(requested, str) or not requested:
-            raise OllamaError(400, f"missing '{key}': name one of {known_models(self.supervisor)}")
+            raise OllamaError(400, f"missing '{key}': name one of {self._known()}")
         name = self.supervisor.resolve(requested)
         if name is None and requested.endswith(":latest"):  # Ollama's default tag
             name = self.supervisor.resolve(requested.removesuffix(":latest"))
         if name is None:
-            raise OllamaError(404, f"model '{requested}' not found; known: {known_models(self.supervisor)}")
+            raise OllamaError(404, f"model '{requested}' not found; known: {self._known()}")
         return name, requested
+
+    def _known(self) -> str:
+        return ", ".join(self.supervisor.names) or "(none configured)"
+
+    def _model(self, name: str) -> ModelSnapshot:
+        return self.supervisor.snapshot()[name]
 
     def _file(self, name: str) -> tuple[Path, int, float, int]:
         """A model file's path, size, mtime and mtime in ns (zeros when it cannot be read)."""
-        path = Path(self.supervisor.info[name].path)
+        path = Path(self._model(name).path)
         try:
             stat = path.stat()
         except OSError:
@@ -156,30 +160,21 @@ class OllamaAPI:
                 "digest": digest, "details": details}
 
     async def tags(self) -> dict[str, Any]:
-        return {"models": [await self._entry(name) for name in self.supervisor.models]}
+        return {"models": [await self._entry(name) for name in self.supervisor.snapshot()]}
 
     async def ps(self) -> dict[str, Any]:
         running = []
-        for name, model in self.supervisor.models.items():
-            if model.state not in (ModelState.READY, ModelState.STARTING):
+        for name, model in self.supervisor.snapshot().items():
+            if model.lifecycle not in ("ready", "starting"):
                 continue
             entry = await self._entry(name)
             entry.pop("modified_at")
-            entry["size"] = model.rss or self.supervisor.required(name)
+            entry["size"] = model.rss or model.required
             entry["size_vram"] = 0
-            entry["expires_at"] = self._expires_at(name)
-            entry["context_length"] = model.settings.ctx_size
+            entry["expires_at"] = _expires_at(model)
+            entry["context_length"] = model.ctx_size
             running.append(entry)
         return {"models": running}
-
-    def _expires_at(self, name: str) -> str:
-        if name in self._expiry:
-            return timestamp(self._expiry[name][0])
-        ttl = self.supervisor.info[name].ttl
-        if ttl > 0:
-            idle_since = self.supervisor.record(name).last_used or time.monotonic()
-            return timestamp(time.time() + max(0.0, ttl - (time.monotonic() - idle_since)))
-        return _FOREVER
 
     def version(self) -> dict[str, Any]:
         return {"version": OLLAMA_API_VERSION, "lalo": __version__}
@@ -198,7 +193,7 @@ class OllamaAPI:
         if "tools" in template:
             capabilities.append("tools")
         return {
-            "modelfile": f"FROM {self.supervisor.info[name].path}\n",
+            "modelfile": f"FROM {self._model(name).path}\n",
             "parameters": "",
             "template": template,
             "details": entry["details"],
@@ -210,7 +205,7 @@ class OllamaAPI:
     # --- load, unload, keep_alive -------------------------------------------------------------
     async def _load(self, name: str) -> float:
         """Seconds spent loading `name` before this request (0 when it was ready)."""
-        if self.supervisor.models[name].state == ModelState.READY:
+        if self._model(name).lifecycle == "ready":
             return 0.0
         started = time.perf_counter()
         try:
@@ -222,27 +217,9 @@ class OllamaAPI:
         return time.perf_counter() - started
 
     def _keep_alive(self, name: str, seconds: float | None) -> None:
-        """After a request: unload now (0), keep forever (< 0), or unload once idle that long."""
-        previous = self._expiry.pop(name, None)
-        if previous is not None:
-            previous[1].cancel()
-        if seconds is None or seconds < 0:
-            return  # absent: lalo.yaml's ttl decides again; negative: kept loaded
-        loop = asyncio.get_running_loop()
-        handle = loop.call_later(seconds, self._expire, name)
-        self._expiry[name] = (time.time() + seconds, handle)
-
-    def _expire(self, name: str) -> None:
-        self._expiry.pop(name, None)
-        task = asyncio.get_running_loop().create_task(self._unload_when_idle(name))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _unload_when_idle(self, name: str) -> None:
-        if self.supervisor.record(name).busy:
-            return  # in use again; that request's keep_alive applies
-        log.info("%s: keep_alive expired (Ollama API), unloading", name)
-        await self.supervisor.unload(name, "keep_alive expired (Ollama API)")
+        """After a request: keep forever (< 0), or unload once idle that long; absent:
+        lalo.yaml's ttl decides again. The supervisor's idle unload applies it."""
+        self.supervisor.set_idle_timeout(name, seconds)
 
     # --- generation ---------------------------------------------------------------------------
     async def generate(self, payload: dict[str, Any], receive: Receive, send: Send, *,
@@ -289,8 +266,6 @@ class OllamaAPI:
         if payload.get("think") is False:
             body["reasoning_format"] = "none"
         encoded = json.dumps(body).encode()
-        streamed = (plan(path, body) if not stream and self.supervisor.assembles(name)
-                    else None)  # see assemble.py
         label = "ollama_chat" if chat else "ollama_generate"
         try:
             if stream:
@@ -300,9 +275,8 @@ class OllamaAPI:
             else:
                 captured = CapturedAnswer()
                 await self.forwarder.forward(
-                    receive, captured.send, name, "POST", path,
-                    streamed.body if streamed else encoded, route=label,
-                    assemble=streamed)
+                    receive, captured.send, name, "POST", path, encoded, route=label,
+                    payload=body)  # asked as a stream where it can be (see assemble.py)
                 if captured.status != 200:
                     raise OllamaError(captured.status, error_message(b"".join(captured.body)))
                 answer = whole_answer(captured.json(), requested, chat, begun, load_seconds)
@@ -312,8 +286,10 @@ class OllamaAPI:
 
     async def _after(self, name: str, keep_alive: float | None) -> None:
         if keep_alive is not None and keep_alive == 0:
-            if not self.supervisor.record(name).busy:
+            if not self._model(name).busy:
                 await self.supervisor.unload(name, "keep_alive 0 (Ollama API)")
+            else:  # in use by another request: unloaded as soon as it is idle
+                self.supervisor.set_idle_timeout(name, _AT_ONCE)
         else:
             self._keep_alive(name, keep_alive)
 
@@ -376,3 +352,10 @@ class OllamaAPI:
             "load_duration": int(load_seconds * 1e9),
             "prompt_eval_count": int(usage.get("prompt_tokens", 0)),
         })
+
+
+def _expires_at(model: ModelSnapshot) -> str:
+    if model.ttl > 0:
+        idle_since = model.idle_since or time.monotonic()
+        return timestamp(time.time() + max(0.0, model.ttl - (time.monotonic() - idle_since)))
+    return _FOREVER

@@ -235,6 +235,13 @@ class PeerTable:
         return Endpoint(base_url=peer.config.url, api_key=peer.api_key, pid=0,
                         host=peer.host, port=peer.port)
 
+    def lease_request(self, model: str, local: bool) -> PeerLease | None:
+        """`lease` as a lease (`launcher.supervisor.lease`): a peer's slot, or None (here)."""
+        endpoint = self.lease(model, local)
+        if endpoint is None:
+            return None
+        return PeerLease(endpoint, self.tls_for(endpoint), self)
+
     def tls_for(self, endpoint: Endpoint) -> ssl.SSLContext | None:
         """The TLS context to reach that endpoint with (None: plain HTTP)."""
         if is_peer_endpoint(endpoint):
@@ -386,3 +393,36 @@ def _describe(exc: BaseException) -> str:
         return f"no answer in time ({type(exc).__name__})"
     text = str(exc) or type(exc).__name__
     return text[:300]
+
+
+class PeerLease:
+    """A request sent to a peer: granted at once (the peer queues it), released with nothing
+    to hand back; a peer that cannot be reached is marked so the next request fails over."""
+
+    __slots__ = ("_table", "endpoint", "tls")
+    assembles = False  # the peer decides that for its own servers
+    via_peer = True
+    request_rules = None  # the peer's own lalo applies its rules
+
+    def __init__(self, endpoint: Endpoint, tls: ssl.SSLContext | None, table: PeerTable) -> None:
+        self.endpoint = endpoint
+        self.tls = tls
+        self._table = table
+
+    async def __aenter__(self) -> PeerLease:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def waiting_for(self) -> str:
+        return "waiting for"
+
+    def record_tokens(self, tokens: int, seconds: float) -> None:
+        """Counted by the peer that generated them."""
+
+    def unreachable(self, error: BaseException, *, at_once: bool) -> None:
+        self._table.unreachable(self.endpoint, error, at_once=at_once)
+
+    async def replaced(self) -> None:
+        """The next lease fails over (or finds the peer again) at once."""

@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive, Scope, Send
 
-from launcher.proxy.assemble import Plan, plan
 from launcher.proxy.forward import Forwarder, send_error
-from launcher.proxy.peers import HOP_HEADER, PeerTable
-from launcher.supervisor.supervisor import Supervisor
+from launcher.proxy.peers import HOP_HEADER
+from launcher.proxy.router import Router
 
 
 @dataclass(frozen=True)
@@ -177,18 +176,11 @@ def form_field(body: bytes, content_type: bytes, field: str) -> str | None:
         raise FormError(f"form field {field!r} is not UTF-8") from exc
 
 
-def known_models(supervisor: Supervisor, peers: PeerTable | None = None) -> str:
-    names = supervisor.names_and_aliases() + (peers.model_names() if peers is not None else [])
-    return ", ".join(dict.fromkeys(names)) or "(none configured)"
-
-
 class ModelRouter:
     """POST on any route of MODEL_ROUTES: find the model, forward. Raw ASGI: the hot path."""
 
-    def __init__(self, supervisor: Supervisor, forwarder: Forwarder, max_body_size: int,
-                 peers: PeerTable | None = None) -> None:
-        self.supervisor = supervisor
-        self.peers = peers
+    def __init__(self, router: Router, forwarder: Forwarder, max_body_size: int) -> None:
+        self.router = router
         self.forwarder = forwarder
         self.max_body_size = max_body_size
 
@@ -204,7 +196,7 @@ class ModelRouter:
             return await send_error(send, 413, f"request body larger than {self.max_body_size} bytes")
         content_type = b"application/json"
         stream = False
-        assemble: Plan | None = None
+        payload: dict[str, Any] | None = None
         if route.model_in == "form":
             content_type = _header(scope, b"content-type") or b""
             try:
@@ -223,23 +215,16 @@ class ModelRouter:
         if not isinstance(requested, str) or not requested:
             where = "form field 'model'" if route.model_in == "form" else "'model'"
             return await send_error(
-                send, 400, f"missing {where}: name one of {known_models(self.supervisor, self.peers)}",
+                send, 400, f"missing {where}: name one of {self.router.known()}",
                 code="model_required")
-        name = self.supervisor.resolve(requested)
-        if (name is None and self.peers is not None and self.peers.offers(requested)
-                and _header(scope, HOP_HEADER) is None):  # came from a peer: never sent on
-            name = requested  # a peer's model: the forwarder sends it there
+        name = self.router.resolve(requested, from_peer=_header(scope, HOP_HEADER) is not None)
         if name is None:
             return await send_error(send, 404, f"unknown model {requested!r}; known: "
-                                               f"{known_models(self.supervisor, self.peers)}")
-        if route.model_in == "json" and self.supervisor.assembles(name):
-            streamed = plan(path, payload)  # a generation not streamed: asked as a stream
-            if streamed is not None:
-                assemble, body = streamed, streamed.body
+                                               f"{self.router.known()}")
         await self.forwarder.forward(
             receive, send, name, "POST", path, body, route=route.label,
             query=scope.get("query_string", b"").decode("latin-1"),
-            content_type=content_type.decode("latin-1"), stream=stream, assemble=assemble,
+            content_type=content_type.decode("latin-1"), stream=stream, payload=payload,
         )
 
 

@@ -243,15 +243,16 @@ class ServerFactory:
         settings = self.offload.server_settings(model.name, settings)
         # sleeping when idle and the prompt cache kept across stops (llama-server only);
         # this also drops slot files of an older model file, engine or setting
+        model_log = ModelLog(log_dir() / f"{model.name}.log")
         settings, slot_store = sleep_and_prompt_cache(
             model.name, cfg, settings, self.engines[cfg.engine_kind],
             self.loaded.config.resources.prompt_cache_size,
-            sliding_window=uses_sliding_window(model.info))
+            sliding_window=uses_sliding_window(model.info), note=model_log.note)
         managed = ManagedModel(
             model.name,
             self.engines[cfg.engine_kind],
             settings,
-            ModelLog(log_dir() / f"{model.name}.log"),
+            model_log,
             timeouts=Timeouts(
                 load_timeout=cfg.load_timeout or sup.load_timeout,
                 health_interval=sup.health_interval,
@@ -262,8 +263,6 @@ class ServerFactory:
             sleep_probe=props_sleeping if settings.sleep_after else None,
             prompt_cache=slot_store,
         )
-        if slot_store is not None:  # the store writes what it did into the model's log
-            slot_store.note = managed.log.note
         policy = RestartPolicy(
             initial_delay=sup.backoff_initial, max_delay=sup.backoff_max,
             max_failures=sup.max_failures, stable_after=sup.stable_after,
@@ -298,7 +297,7 @@ def build_supervisor(
     share: CpuShare,
     host: str = "127.0.0.1",
     offload: Offload = NO_GPU,
-) -> tuple[Supervisor, dict[str, Path]]:
+) -> Supervisor:
     """The supervisor of `models`; `share` decides the OpenMP wait policy of their servers."""
     config = loaded.config
     factory = ServerFactory(loaded, engines, records, share, host, offload)
@@ -319,7 +318,7 @@ def build_supervisor(
         on_measured=lambda name, rss: measurements.record(supervisor.info[name].measurement_key,
                                                           rss),
     )
-    return supervisor, {meta.name: log_dir() / f"{meta.name}.log" for meta, _, _ in made}
+    return supervisor
 
 
 class Reloader:
@@ -513,7 +512,7 @@ async def _run(
 
     admin_token = secrets.token_urlsafe(32)
     share = config_share(models, config.resources.max_loaded)
-    supervisor, log_paths = build_supervisor(loaded, models, engines, records, measurements,
+    supervisor = build_supervisor(loaded, models, engines, records, measurements,
                                              share, host="127.0.0.1", offload=offload)
     reloader = Reloader(loaded, models, supervisor,
                         ServerFactory(loaded, engines, records, share, "127.0.0.1", offload),
@@ -553,7 +552,7 @@ async def _run(
         # llama-server closes idle connections after 5 s: drop ours first, never reuse a dead one
         pool = UpstreamPool(keepalive_expiry=4.0)
         app = create_app(supervisor, settings, pool, on_shutdown=lambda: on_signal(0),
-                         log_paths=log_paths, on_reload=reloader.reload, peers=peers,
+                         on_reload=reloader.reload, peers=peers,
                          closing=stop)
         server = _uvicorn_server(app, config.supervisor.stop_timeout)
         uvicorn_server.append(server)

@@ -88,15 +88,14 @@ class Timeouts:
 
 
 class ProcessEvents:
-    """Hooks the supervisor uses to record children and learn measured memory."""
+    """Hooks the composition root uses to record children (for reaping after a crash)."""
 
     def spawned(self, name: str, pid: int, created: float, port: int) -> None: ...
 
     def exited(self, name: str, pid: int) -> None: ...
 
-    def measured(self, name: str, rss: int) -> None: ...
-
-    def changed(self, name: str, state: ModelState) -> None: ...
+    def changed(self, name: str, state: ModelState) -> None:
+        """A state change, `sleeping` included (tests watch it)."""
 
 
 async def _default_spawner(spec: LaunchSpec) -> asyncio.subprocess.Process:
@@ -144,6 +143,8 @@ class ManagedModel:
         self._state = ModelState.STOPPED
         self._process: asyncio.subprocess.Process | None = None
         self._endpoint: Endpoint | None = None
+        self._gone = asyncio.Event()  # set once the current endpoint is no longer served
+        self._gone.set()
         self._spec: LaunchSpec | None = None
         self._outcome: asyncio.Future[Endpoint] | None = None  # the start under way
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -191,6 +192,16 @@ class ManagedModel:
     @property
     def endpoint(self) -> Endpoint | None:
         return self._endpoint if self._state == ModelState.READY else None
+
+    @property
+    def gone(self) -> asyncio.Event:
+        """Set the moment the current endpoint stops being served (exit, hang, stop); a lease
+        holds the one of the endpoint it was granted."""
+        return self._gone
+
+    def _drop_endpoint(self) -> None:
+        self._endpoint = None
+        self._gone.set()
 
     def uptime(self) -> float | None:
         if self._state != ModelState.READY or self.started_at is None:
@@ -266,7 +277,7 @@ class ManagedModel:
                     log.exception("%s: prompt cache save", self.name)
             await self._terminate()
         finally:
-            self._endpoint = None
+            self._drop_endpoint()
             self._set_state(ModelState.STOPPED)
             self._stopped.set()
 
@@ -283,7 +294,7 @@ class ManagedModel:
             endpoint = await self._start_attempts()
         except (ModelStartError, EngineError, OSError) as exc:
             self._start_task = None
-            self._endpoint = None
+            self._drop_endpoint()
             self.spawned.set()
             reason = str(exc)
             self.last_error = reason
@@ -303,6 +314,7 @@ class ManagedModel:
         self.started_at = self._clock()
         self.ready_at_wall = time.time()
         self._endpoint = endpoint
+        self._gone = asyncio.Event()
         self._set_state(ModelState.READY)
         self.log.note(f"ready on {endpoint.base_url} (pid {endpoint.pid}) in {self.load_seconds:.2f} s")
         self._sample_memory()
@@ -431,7 +443,7 @@ class ManagedModel:
         code = exited.result()
         uptime = self.uptime()
         reason = self._kill_reason or f"server exited ({_describe_exit(code)})"
-        self._endpoint = None
+        self._drop_endpoint()
         self.last_error = reason
         self._set_state(ModelState.FAILED)
         log.warning("%s: %s", self.name, reason)
@@ -460,7 +472,6 @@ class ManagedModel:
         self.rss = rss
         if self.rss_peak is None or rss > self.rss_peak:
             self.rss_peak = rss
-            self._events.measured(self.name, rss)
             if self.on_measured is not None:
                 self.on_measured(self.name, rss)
 
@@ -540,7 +551,7 @@ class ManagedModel:
         self.log.note(f"pid {process.pid} exited ({_describe_exit(process.returncode)})")
         self._events.exited(self.name, process.pid)
         self._process = None
-        self._endpoint = None
+        self._drop_endpoint()
         self.started_at = None
         self.rss = None
         self._asleep = False

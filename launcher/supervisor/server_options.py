@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 from launcher.config import ModelConfig
 from launcher.engines.base import Engine, ServerSettings
@@ -21,7 +22,7 @@ def uses_sliding_window(info: GGUFInfo | None) -> bool:
 
 def sleep_and_prompt_cache(
     name: str, cfg: ModelConfig, settings: ServerSettings, engine: Engine, max_bytes: int,
-    *, sliding_window: bool = False,
+    *, sliding_window: bool = False, note: Callable[[str], None] = lambda line: None,
 ) -> tuple[ServerSettings, SlotStore | None]:
     """`settings` with `sleep_after` and the slot directory set, and the model's slot store.
 
@@ -29,6 +30,7 @@ def sleep_and_prompt_cache(
     directory cannot be made (a start never fails for it), and for a model with sliding-window
     attention unless it runs with `--swa-full`: this llama-server recomputes such a model's
     restored prompt anyway (it needs context checkpoints that the slot file does not hold).
+    `note`: where the store says what it did (the model's log).
     """
     if not isinstance(engine, LlamaServerEngine):
         return settings, None
@@ -42,7 +44,7 @@ def sleep_and_prompt_cache(
     # a slot file holds the KV cells in the cache's type: one saved from f16 cannot fill q8_0
     key = cache_key(settings.model_path, engine.binary, settings.ctx_size, settings.parallel,
                     (*kv_cache_args(settings.kv_cache), *settings.extra_args))
-    store = SlotStore(name, key, settings.parallel, max_bytes=max_bytes)
+    store = SlotStore(name, key, settings.parallel, max_bytes=max_bytes, note=note)
     directory = store.prepare()
     if directory is None:
         return settings, None

@@ -23,8 +23,9 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from launcher.config.request_params import RequestRules
@@ -40,8 +41,10 @@ from launcher.errors import (
 from launcher.machine import memory as machine_memory
 from launcher.placement.planner import Budget, compute_budget
 from launcher.placement.scheduler import Load, ModelView, Schedule, never_fits, schedule
+from launcher.supervisor.lease import LeaseRequest, LocalLease
 from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import Endpoint, ManagedModel, ModelState, ProcessEvents
+from launcher.supervisor.snapshot import ModelSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,12 @@ class ModelRecord:
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     waiting_reason: str | None = None
     wake_admitted: bool = False  # asleep, and its wake passed admission: the next grant wakes it
+    idle_timeout: float | None = None  # a client's keep_alive (Ollama API): overrides meta.ttl
+
+    @property
+    def ttl(self) -> float:
+        """Idle seconds before the idle unload (0: never)."""
+        return self.meta.ttl if self.idle_timeout is None else self.idle_timeout
 
     @property
     def name(self) -> str:
@@ -192,10 +201,8 @@ class Supervisor:
             managed.on_exit = self._on_exit
             managed.on_measured = self.record_measurement
             self._records[meta.name] = record
-        # read-only views for the routes (names in config order)
-        self.models: Mapping[str, ManagedModel] = {n: r.model for n, r in self._records.items()}
-        self.info: Mapping[str, SupervisedModel] = {n: r.meta for n, r in self._records.items()}
-        self._names = {alias: meta.name for meta, _ in models for alias in (meta.name, *meta.aliases)}
+        self.names: Mapping[str, str] = {}  # name or alias -> name; republished, never changed
+        self._publish_names()
         self._measured = dict(measured or {})
         self._on_measured = on_measured
         self._ram_budget = ram_budget
@@ -216,18 +223,25 @@ class Supervisor:
         self.started_at = clock()
 
     # --- names --------------------------------------------------------------------------------
+    def _publish_names(self) -> None:
+        # a new read-only mapping each time (config order): a reader keeps a consistent one
+        self.names = MappingProxyType({alias: r.name for r in self._records.values()
+                                       for alias in (r.name, *r.meta.aliases)})
+
     def resolve(self, name: str) -> str | None:
-        return self._names.get(name)
+        return self.names.get(name)
 
     def names_and_aliases(self) -> list[str]:
-        return list(self._names)
+        return list(self.names)
 
-    def assembles(self, name: str) -> bool:
-        """Whether a non-streamed generation for `name` is asked as a stream and put back
-        together (proxy/assemble.py): llama-server models served here. Others (llamafile's
-        older server, llama-cpp-python's, a peer) get the request as it came."""
-        record = self._records.get(name)
-        return record is not None and record.meta.engine == "llama-server"
+    @property
+    def models(self) -> Mapping[str, ManagedModel]:
+        """The servers, for the composition root and tests (the proxy reads snapshots)."""
+        return {n: r.model for n, r in self._records.items()}
+
+    @property
+    def info(self) -> Mapping[str, SupervisedModel]:
+        return {n: r.meta for n, r in self._records.items()}
 
     def record(self, name: str) -> ModelRecord:
         return self._records[name]
@@ -309,28 +323,31 @@ class Supervisor:
         return None
 
     # --- requests -----------------------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[Endpoint]:
-        """Hold one of `name`'s slots for one request, once it is ready.
+    def lease(self, name: str) -> LeaseRequest:
+        """`async with supervisor.lease(name) as lease:` holds one of `name`'s slots for one
+        request, once it is ready.
 
         Waits (in line for a slot, for a load, for a restart after a crash, for another
         model's batch) within `wait_timeout`. Safe to cancel at any await: a cancelled
         request leaves no count, no slot and no place in line behind.
         """
-        record = self._records[name]
+        return _LocalRequest(self, self._records[name])
+
+    async def _acquire(self, record: ModelRecord) -> LocalLease:
         refusal = self._refusal(record)
         if refusal is not None:
             raise refusal
         if record.in_flight >= record.parallel and len(record.queue) >= record.queue_size:
             raise QueueFullError(
-                f"{name}: {record.in_flight} requests running and {len(record.queue)} queued "
-                f"(queue_size {record.queue_size})"
+                f"{record.name}: {record.in_flight} requests running and {len(record.queue)} "
+                f"queued (queue_size {record.queue_size})"
             )
         endpoint = await self._wait(record, slot=True)
-        try:
-            yield endpoint
-        finally:
-            self._release(record)
+        # granted synchronously with the endpoint: `gone` is that endpoint's
+        name = record.name
+        return LocalLease(endpoint=endpoint, assembles=record.meta.engine == "llama-server",
+                          gone=record.model.gone, request_rules=record.meta.request_rules,
+                          on_tokens=lambda tokens, seconds: self.record_tokens(name, tokens, seconds))
 
     async def _wait(self, record: ModelRecord, *, slot: bool,
                     limit: float | None = None) -> Endpoint:
@@ -385,7 +402,9 @@ class Supervisor:
         self._dispatch()
 
     def record_tokens(self, name: str, tokens: int, seconds: float) -> None:
-        record = self._records[name]
+        record = self._records.get(name)
+        if record is None:  # removed by a reload while the request ran
+            return
         record.completion_tokens += tokens
         if tokens > 0 and seconds > 0:
             record.token_rates.append((time.time(), tokens / seconds))
@@ -661,10 +680,7 @@ class Supervisor:
             self._records[meta.name] = record
             if old is not None and old.meta.measurement_key != meta.measurement_key:
                 self._measured.pop(meta.name, None)
-        self.models = {n: r.model for n, r in self._records.items()}
-        self.info = {n: r.meta for n, r in self._records.items()}
-        self._names = {alias: r.name for r in self._records.values()
-                       for alias in (r.name, *r.meta.aliases)}
+        self._publish_names()
         for meta, _, _ in replace:
             if meta.preload:
                 self._spawn(self._preload_quietly(meta.name))
@@ -683,19 +699,27 @@ class Supervisor:
 
     # --- background ---------------------------------------------------------------------------
     def start_background(self, ttl_interval: float = 1.0) -> None:
-        if any(r.meta.ttl > 0 for r in self._records.values()):
-            self._spawn(self._unload_idle(ttl_interval))
+        # always: a client's keep_alive (set_idle_timeout) may give any model a ttl later
+        self._spawn(self._unload_idle(ttl_interval))
+
+    def set_idle_timeout(self, name: str, seconds: float | None) -> None:
+        """A client's keep_alive for `name` (the Ollama API): unload once idle that long
+        (< 0: never); None: lalo.yaml's ttl again. The idle unload
+        below applies it, like the ttl it overrides."""
+        # a negative keep_alive is a ttl of 0: never unloaded for being idle
+        self._records[name].idle_timeout = None if seconds is None else max(seconds, 0.0)
 
     async def _unload_idle(self, interval: float) -> None:
         while True:
             await self._sleep(interval)
             now = self._clock()
-            for record in self._records.values():
-                meta, model = record.meta, record.model
-                if (meta.ttl > 0 and record.grantable and not record.busy
-                        and now - max(record.last_used, model.started_at or 0.0) >= meta.ttl):
-                    log.info("%s: idle for %g s (ttl), unloading", meta.name, meta.ttl)
-                    await self.unload(meta.name, f"idle for {meta.ttl:g} s (ttl)")
+            for record in list(self._records.values()):
+                meta, model, ttl = record.meta, record.model, record.ttl
+                if (ttl > 0 and record.grantable and not record.busy
+                        and now - max(record.last_used, model.started_at or 0.0) >= ttl):
+                    record.idle_timeout = None  # spent: the next load starts with the ttl
+                    log.info("%s: idle for %g s (ttl), unloading", meta.name, ttl)
+                    await self.unload(meta.name, f"idle for {ttl:g} s (ttl)")
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -723,6 +747,26 @@ class Supervisor:
                              return_exceptions=True)
 
     # --- reporting ----------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, ModelSnapshot]:
+        """Every model as it is now, in config order: immutable copies, safe to keep."""
+        return {name: self._snapshot(record) for name, record in self._records.items()}
+
+    def _snapshot(self, record: ModelRecord) -> ModelSnapshot:
+        meta, model, waits = record.meta, record.model, record.waits
+        return ModelSnapshot(
+            name=meta.name, aliases=meta.aliases, engine=meta.engine, path=meta.path,
+            log_path=model.log.path, ttl=record.ttl, estimate=meta.estimate,
+            required=self.required(meta.name), ctx_size=model.settings.ctx_size,
+            state=str(model.reported_state), lifecycle=str(model.state),
+            endpoint=model.endpoint, rss=model.rss, in_flight=record.in_flight,
+            queued=len(record.queue),
+            idle_since=max(record.last_used, model.started_at or 0.0),
+            requests=record.requests, completion_tokens=record.completion_tokens,
+            loads=record.loads, evictions=record.evictions, restarts=record.restarts,
+            swaps_idle=record.swaps["idle"], swaps_max_wait=record.swaps["max_wait"],
+            wait_buckets=tuple(waits.buckets), wait_count=waits.count, wait_total=waits.total,
+        )
+
     def status(self) -> list[dict[str, Any]]:
         rows = []
         now = self._clock()
@@ -763,6 +807,25 @@ class Supervisor:
                 "evictions": record.evictions,
             })
         return rows
+
+
+class _LocalRequest:
+    """A request for a slot on a server this lalo runs (see `Supervisor.lease`)."""
+
+    __slots__ = ("_record", "_supervisor")
+
+    def __init__(self, supervisor: Supervisor, record: ModelRecord) -> None:
+        self._supervisor = supervisor
+        self._record = record
+
+    async def __aenter__(self) -> LocalLease:
+        return await self._supervisor._acquire(self._record)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._supervisor._release(self._record)
+
+    def waiting_for(self) -> str:
+        return "queued for" if self._record.state == ModelState.READY else "loading"
 
 
 class SupervisorEvents(ProcessEvents):

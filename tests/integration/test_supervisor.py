@@ -554,3 +554,26 @@ def test_a_second_ctrl_c_stops_at_once_without_waiting_for_requests(
     finally:
         up.stop()
     assert "data: [DONE]" not in events
+
+
+def test_a_model_added_by_reload_has_its_log_at_once(
+    tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path,
+    small_model: Path, small_model_b: Path,
+) -> None:
+    # main: its /logs/stream answered 404 "has no log file to follow" (the paths were read
+    # once at `lalo up`) and /logs read the in-memory tail instead of the file
+    first = {"a": {"file": str(small_model), "ctx_size": 512}}
+    config = config_of(tmp_path, llama_server_bin, first)
+    with LaloUp(config, isolated) as up:
+        up.wait_state("a", "ready")
+        config_of(tmp_path, llama_server_bin,
+                  {**first, "new": {"file": str(small_model_b), "ctx_size": 512}})
+        up.signal(signal.SIGHUP)
+        up.wait_state("new", "ready")
+        logs = httpx.get(up.url + "/api/models/new/logs?n=50", timeout=10)
+        assert logs.status_code == 200, logs.text
+        assert any("starting:" in line for line in logs.json()["lines"])
+        with httpx.stream("GET", up.url + "/api/models/new/logs/stream?n=5",
+                          timeout=10) as stream:
+            assert stream.status_code == 200, stream.read()
+            assert next(stream.iter_lines()).startswith(("data: ", ": following"))

@@ -196,7 +196,8 @@ async def test_a_sleeping_model_lends_its_freed_memory_and_wakes_through_admissi
         assert sleepy.asleep and other.state == ModelState.READY
         assert sup.record("a").evictions == 0
         asleep["flag"] = False
-        async with sup.lease("a") as endpoint:  # a's wake needs 60: b (idle) goes
+        async with sup.lease("a") as lease:  # a's wake needs 60: b (idle) goes
+            endpoint = lease.endpoint
             assert endpoint.pid == first.pid == sleepy.pid
             assert other.state == ModelState.STOPPED
         assert sup.record("a").wakes == 1 and sup.record("b").evictions == 1

@@ -159,3 +159,33 @@ def test_packages_import_only_downward() -> None:
     upward = [f"{a} -> {b}: {', '.join(where[:3])}" for a, targets in edges.items()
               for b, where in targets.items() if rank[b] >= rank[a] and not (rank[a] == 0 == rank[b])]
     assert not upward, "imports that go up or sideways:\n" + "\n".join(sorted(upward))
+
+
+# the supervisor's live records, which only launcher/supervisor may touch (the proxy meets it
+# through leases and ModelSnapshot)
+SUPERVISOR_INTERNALS = {"models", "info", "record", "_records"}
+
+
+def supervisor_internals_read(tree: ast.Module) -> list[int]:
+    """Lines where `supervisor.X` / `self.supervisor.X` / `sup.X` reads one of the internals."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in SUPERVISOR_INTERNALS:
+            owner = node.value
+            name = owner.id if isinstance(owner, ast.Name) else \
+                owner.attr if isinstance(owner, ast.Attribute) else ""
+            if name.lstrip("_") in ("supervisor", "sup"):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_proxy_reads_no_supervisor_records() -> None:
+    found = [f"{rel}:{line}" for rel, tree, _ in _modules()
+             if rel.startswith("proxy/") for line in supervisor_internals_read(tree)]
+    assert not found, f"reads the supervisor's records (use a lease or snapshot()): {found}"
+
+
+def test_the_records_check_sees_a_read() -> None:
+    tree = ast.parse("a = self.supervisor.models['x']\nb = sup.record('x').busy\n"
+                     "c = peer.models\nd = supervisor.snapshot()\n")
+    assert supervisor_internals_read(tree) == [1, 2]

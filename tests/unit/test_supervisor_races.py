@@ -139,8 +139,8 @@ class Request:
         self.task = asyncio.ensure_future(self._run(supervisor))
 
     async def _run(self, supervisor: Supervisor) -> Endpoint:
-        async with supervisor.lease(self.name) as endpoint:
-            self.endpoint = endpoint
+        async with supervisor.lease(self.name) as lease:
+            endpoint = self.endpoint = lease.endpoint
             if self._log is not None:
                 self._log.append(self.name)
             await self._finish.wait()
@@ -307,7 +307,8 @@ async def test_a_cancelled_waiter_leaves_nothing_behind(harness: Harness) -> Non
     with pytest.raises(asyncio.CancelledError):
         await second.task
     assert record.in_flight == 0 and not record.queue
-    async with sup.lease("a") as endpoint:
+    async with sup.lease("a") as lease:
+        endpoint = lease.endpoint
         assert endpoint.pid == sup.models["a"].pid
 
 
@@ -380,7 +381,8 @@ async def test_reconfigure_restarts_only_what_changed(harness: Harness) -> None:
     assert waiting.endpoint is not None and waiting.endpoint.pid != pids["changed"]
     assert sup.models["changed"].settings.ctx_size == 1024
     await waiting.done()
-    async with sup.lease("new") as endpoint:
+    async with sup.lease("new") as lease:
+        endpoint = lease.endpoint
         assert endpoint.pid in harness.alive("new")
     assert sup.max_wait == 3
 

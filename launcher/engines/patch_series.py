@@ -25,6 +25,8 @@ _TOUCHED = re.compile(r"^\+\+\+ b/(\S+)", re.MULTILINE)
 _UPSTREAM = re.compile(r"^Upstream-Status:\s*(.+)$", re.MULTILINE)
 _SUBJECT = re.compile(r"^Subject:\s*(?:\[PATCH[^\]]*\]\s*)?(.+)$", re.MULTILINE)
 PATCH_TIMEOUT = 60.0
+THREADS_ROUTE = "0002-server-set-threads-route.patch"
+"""The patch that lets lalo change a running server's threads (the governor needs it)."""
 
 
 @dataclass(frozen=True)

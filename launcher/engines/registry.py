@@ -320,10 +320,24 @@ def installed_wheels() -> list[tuple[Path, EngineManifest, str]]:
 
 def _from_binary(binary: Path, origin: Origin, probe: VersionProbe) -> FoundEngine:
     version = probe(binary)
+    built = _built_by_lalo(binary)
     return FoundEngine(
         kind=KIND, path=binary, origin=origin, version=version[0] if version else None,
         commit=version[1] if version else None, variant=None, manifest=None,
+        patches=tuple(built.extra.get("patches") or ()) if built else (),
     )
+
+
+def _built_by_lalo(binary: Path) -> EngineManifest | None:
+    """The manifest of the engine directory a configured binary sits in (`DIR/bin/llama-server`
+    of a lalo build, copied or not), so that its patches count; None for any other binary."""
+    engine_dir = binary.parent.parent
+    if binary.parent.name != "bin" or not (engine_dir / MANIFEST).is_file():
+        return None
+    try:
+        return read_manifest(engine_dir)
+    except EngineError:
+        return None
 
 
 def _configured_binary(configured: str) -> Path:

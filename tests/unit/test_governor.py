@@ -1,0 +1,96 @@
+"""The thread governor (launcher/supervisor/governor.py) against a fake `POST /threads`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from launcher.supervisor.governor import ThreadGovernor
+
+
+class Servers:
+    def __init__(self, failing: set[str] | None = None) -> None:
+        self.threads: dict[str, int] = {}
+        self.posts: list[tuple[str, int]] = []
+        self.failing = failing or set()
+
+    async def post(self, name: str, count: int) -> None:
+        await asyncio.sleep(0)
+        self.posts.append((name, count))
+        if name in self.failing:
+            raise ConnectionError("no route")
+        self.threads[name] = count
+
+
+async def settled(governor: ThreadGovernor, seconds: float = 0.05) -> None:
+    await asyncio.sleep(seconds)
+
+
+@pytest.mark.asyncio
+async def test_busy_servers_share_and_one_alone_gets_all() -> None:
+    servers = Servers()
+    governor = ThreadGovernor(4, servers.post, settle=0.05, interval=10)
+    governor.start()
+    try:
+        governor.ready("a", 1)
+        governor.ready("b", 2)
+        await settled(governor)
+        assert servers.threads == {"a": 4, "b": 4}  # nothing busy: either may take all
+        governor.busy("a", True)
+        await settled(governor)
+        assert servers.threads == {"a": 4, "b": 2}  # b holds what it would get, busy next
+        governor.busy("b", True)
+        await settled(governor)
+        assert servers.threads == {"a": 2, "b": 2}
+        assert governor.threads("a") == 2 and governor.share.busy == ("a", "b")
+    finally:
+        await governor.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_idle_gap_shorter_than_settle_changes_nothing() -> None:
+    servers = Servers()
+    governor = ThreadGovernor(4, servers.post, settle=0.2, interval=10)
+    governor.start()
+    try:
+        for name, pid in (("a", 1), ("b", 2)):
+            governor.ready(name, pid)
+            governor.busy(name, True)
+        await settled(governor)
+        before = len(servers.posts)
+        governor.busy("b", False)  # between two requests of one conversation
+        await asyncio.sleep(0.05)
+        governor.busy("b", True)
+        await asyncio.sleep(0.3)
+        assert len(servers.posts) == before and servers.threads == {"a": 2, "b": 2}
+        governor.busy("b", False)  # really done: a gets every CPU after settle
+        await asyncio.sleep(0.3)
+        assert servers.threads == {"a": 4, "b": 2}
+    finally:
+        await governor.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_server_that_refuses_is_tried_again_and_a_gone_one_forgotten() -> None:
+    servers = Servers(failing={"b"})
+    governor = ThreadGovernor(2, servers.post, settle=0.01, interval=10)
+    governor.start()
+    try:
+        governor.ready("a", 1)
+        governor.ready("b", 2)
+        governor.busy("a", True)
+        await settled(governor)
+        assert governor.threads("b") is None and ("b", 1) in servers.posts
+        servers.failing.clear()
+        governor.busy("b", True)
+        await settled(governor)
+        assert servers.threads == {"a": 1, "b": 1}
+        governor.gone("b")
+        await settled(governor)
+        assert servers.threads["a"] == 2 and governor.threads("b") is None
+        governor.busy("b", True)  # a late report for a server that is gone: ignored
+        await settled(governor)
+        assert governor.share.busy == ("a",)
+    finally:
+        await governor.stop()

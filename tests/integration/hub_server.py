@@ -317,12 +317,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             return status, len(body)
         sent = 0
-        chunk = max(1, hub.rate // 20)  # 20 writes a second
+        rate = hub.rate  # read once: a test may lift it for the next transfer
+        chunk = max(1, rate // 20)  # 20 writes a second
         with contextlib.suppress(ConnectionError):  # the client went away (killed, say)
             while sent < len(body):
                 self.wfile.write(body[sent : sent + chunk])
                 self.wfile.flush()
                 sent += len(body[sent : sent + chunk])
-                time.sleep(chunk / hub.rate)
+                time.sleep(chunk / rate)
         self.close_connection = sent < len(body)
         return status, sent

@@ -9,6 +9,8 @@ and docs/reliability.json. Loopback only; every case is bounded in count and tim
     python bench/faults.py                 # full: 10 kill runs, 10-minute soak, 256 streams
     python bench/faults.py --quick         # the short cases only, few runs (a few minutes)
     python bench/faults.py --quick --soak-seconds 20 --load-streams 32   # check soak and load
+    python bench/faults.py --cases power-cut-pull,power-cut-activity,power-cut-prompt-cache \
+        --soak-seconds 0 --load-streams 0 --out /tmp/power-cut   # kill -9 of each writer 20 times
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.support holds the cases the integration tests share
 
 from launcher.models.synthetic import SHAPES, ModelShape, write_synthetic_model  # noqa: E402
-from tests.support import faults, faults_http  # noqa: E402
+from tests.support import faults, faults_http, power_cut  # noqa: E402
 from tests.support.faults import CaseResult, Stack  # noqa: E402
 from tests.support.lalo import LaloUp  # noqa: E402
 
@@ -74,6 +76,10 @@ SHORT_CASES: dict[str, Callable[..., CaseResult]] = {
     "mixed": faults.mixed_on_demand,
     "malformed": faults_http.malformed_http,
     "bad-json": faults_http.bad_json,
+    # a power cut mid-write (issue 27): kill -9 at random points of each writer
+    "power-cut-pull": power_cut.pull_kills,
+    "power-cut-activity": power_cut.activity_kills,
+    "power-cut-prompt-cache": power_cut.prompt_cache_kills,
 }
 
 
@@ -324,6 +330,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="short cases only, few runs: what the integration tests run")
     parser.add_argument("--kill-runs", type=int, help="kill -9 mid-stream runs (default 10, quick 2)")
+    parser.add_argument("--power-cut-runs", type=int,
+                        help="kill -9 runs per power-cut case (default 20, quick 1)")
     parser.add_argument("--soak-seconds", type=float, help="soak length (default 600, quick 0: off)")
     parser.add_argument("--load-streams", type=int, help="concurrent streams (default 256, quick 0: off)")
     parser.add_argument("--cases", help=f"comma-separated subset of {', '.join(SHORT_CASES)}")
@@ -345,8 +353,10 @@ def main() -> int:
         import shutil
 
         shutil.rmtree(runs_dir)
+    power_cuts = args.power_cut_runs if args.power_cut_runs is not None else (1 if args.quick else 20)
     repeat = {"kill-model": args.kill_runs, "sigstop": 1 if args.quick else 3,
-              "kill-lalo": 1 if args.quick else 3}
+              "kill-lalo": 1 if args.quick else 3,
+              **{name: power_cuts for name in SHORT_CASES if name.startswith("power-cut-")}}
     results = []
     for name in wanted:
         case = SHORT_CASES[name]

@@ -5,6 +5,7 @@ linked from the snapshot. Failures are HubError (launcher/models/hub_file.py).""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -132,6 +133,8 @@ class Transfer:
             except httpx.HTTPError as exc:
                 raise self._interrupted(file, remote, partial, exc) from exc
             except OSError as exc:  # writing the partial file: not worth retrying
+                if exc.errno == errno.ENOSPC:
+                    raise self._disk_full(file, remote, partial) from exc
                 raise HubError(
                     f"{file.ref}: download stopped after {_size_of(partial)} of "
                     f"{format_size(remote.size)}: cannot write {partial} ({exc}); once it "
@@ -158,6 +161,22 @@ class Transfer:
         return DownloadInterruptedError(
             f"{file.ref}: download interrupted after {got} in {self.retry.attempts} attempts "
             f"(last: {what_failed(exc)}){kept}; {again}"
+        )
+
+    def _disk_full(self, file: HubFile, remote: RemoteFile, partial: Path) -> DiskSpaceError:
+        """The disk filled during the transfer (another writer, or a size the hub did not
+        say): what is kept stays `.incomplete`, never at the blob's name, for the next pull."""
+        have = partial.stat().st_size if partial.exists() else 0
+        needed = f"{format_size(remote.size - have)} more" if remote.size is not None else "more"
+        try:
+            free = format_size(self.disk_usage(str(partial.parent)).free)
+        except OSError:
+            free = "an unknown amount"
+        return DiskSpaceError(
+            f"{file.ref}: the disk filled up during the download: needs {needed} "
+            f"(+{format_size(DISK_MARGIN)} margin), {free} free in {partial.parent}; "
+            f"{format_size(have)} of {format_size(remote.size)} kept in {partial}; once there is "
+            f"room, run the pull again to resume (lalo models pull {file.ref})"
         )
 
     def _check_disk(self, file: HubFile, directory: Path, needed: int) -> None:

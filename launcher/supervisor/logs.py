@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import re
+import shutil
 from pathlib import Path
 from typing import BinaryIO
+
+from launcher.units import format_size
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 10 * 1024**2
 DEFAULT_BACKUPS = 3
@@ -27,6 +33,7 @@ class ModelLog:
         self._file: BinaryIO | None = None
         self._size = 0
         self._partial = b""
+        self.lost = 0  # bytes not written to the file since it last failed (a full disk)
 
     def open(self) -> None:
         if self._file is None:
@@ -49,14 +56,7 @@ class ModelLog:
         this runs on the proxy's event loop for every line a server logs)."""
         if not chunk:
             return
-        self.open()
-        assert self._file is not None
-        if self._size + len(chunk) > self.max_bytes:
-            self._rotate()
-            assert self._file is not None
-        self._file.write(chunk)
-        self._file.flush()
-        self._size += len(chunk)
+        self._append(chunk)
         data = self._partial + chunk
         lines = data.split(b"\n")
         self._partial = lines.pop()  # an unfinished last line waits for the next chunk
@@ -69,6 +69,31 @@ class ModelLog:
                 # a sliding-window model logs one KV line for its global layers and one for
                 # its window layers: the cache is both
                 self.buffers[name] = self.buffers.get(name, 0) + size if " KV" in name else size
+
+    def _append(self, chunk: bytes) -> None:
+        """The chunk to the file. A write that fails (a full disk) never stops the reading: a
+        reader that stopped would leave the server blocked on a full pipe, the model hung."""
+        try:
+            self.open()
+            assert self._file is not None
+            if self._size + len(chunk) > self.max_bytes:
+                self._rotate()
+                assert self._file is not None
+            self._file.write(chunk)
+            self._file.flush()
+        except OSError as exc:
+            if not self.lost:
+                log.warning("cannot write %s (%s; %s): its lines are kept in memory only (the "
+                            "last %d) until it can be written again", self.path, exc.strerror or exc,
+                            _free(self.path.parent), TAIL_LINES)
+            self.lost += len(chunk)
+            self.close()  # the next chunk opens it again: the buffer keeps nothing half-written
+            return
+        self._size += len(chunk)
+        if self.lost:
+            log.warning("%s: written again; %s of output were lost", self.path,
+                        format_size(self.lost))
+            self.lost = 0
 
     def last_lines(self, count: int) -> list[str]:
         if count <= 0:
@@ -113,3 +138,10 @@ def read_tail(path: Path, count: int) -> list[str]:
                 data = data[1:]  # first line is probably cut
         lines = data[-(count - len(lines)):] + lines
     return lines[-count:] if count > 0 else []
+
+
+def _free(directory: Path) -> str:
+    try:
+        return f"{format_size(shutil.disk_usage(directory).free)} free there"
+    except OSError:
+        return "free space unknown"

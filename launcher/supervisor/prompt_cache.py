@@ -157,7 +157,11 @@ class SlotStore:
                 written.unlink()
             return None
         try:
+            # the bytes on disk before the name: after a power cut a slot file is whole or
+            # absent (llama-server aborts on a truncated one: GGML_ASSERT(nread <= state_size))
+            _sync(written)
             os.replace(written, self.slot_file(slot))
+            _sync(self.directory)
         except OSError as exc:
             self._warn(f"cannot keep the saved slot {slot}: {exc}")
             return None
@@ -230,6 +234,17 @@ class SlotStore:
     def _warn(self, message: str) -> None:
         log.warning("%s: prompt cache: %s", self.model, message)
         self.note(f"prompt cache: {message}")
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or a directory (the server wrote the file; its pages are the same); best
+    effort: Windows opens no directory this way."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def _size(path: Path) -> int:

@@ -9,7 +9,8 @@ git-sha1 ETag; unknown repositories, revisions and files get 404 with the hub's 
 (so the client gives up with half a file), `cut_always` closes every transfer halfway,
 `corrupt` serves flipped bytes; `cut_next(fractions)` cuts the next transfers at chosen points.
 A cut sends the status line, the headers and part of the body, then shuts the socket: what a
-dropped connection looks like to the client, not an HTTP error.
+dropped connection looks like to the client, not an HTTP error. `rate` (bytes per second)
+slows every transfer down, so a test has time to kill the client mid-download.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,9 +74,10 @@ class Request:
 class HubServer:
     """Serves `repos` on 127.0.0.1; `url` goes in HF_ENDPOINT. Start with `running()`."""
 
-    def __init__(self, repos: dict[str, Repo], mode: Mode = "normal") -> None:
+    def __init__(self, repos: dict[str, Repo], mode: Mode = "normal", rate: int | None = None) -> None:
         self.repos = repos
         self.mode: Mode = mode
+        self.rate = rate  # body bytes per second of each transfer; None: as fast as it can
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._cut_done = False
@@ -310,5 +313,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)  # drop the connection mid-body
             return status, cut
-        self.wfile.write(body)
-        return status, len(body)
+        if hub.rate is None:
+            self.wfile.write(body)
+            return status, len(body)
+        sent = 0
+        rate = hub.rate  # read once: a test may lift it for the next transfer
+        chunk = max(1, rate // 20)  # 20 writes a second
+        with contextlib.suppress(ConnectionError):  # the client went away (killed, say)
+            while sent < len(body):
+                self.wfile.write(body[sent : sent + chunk])
+                self.wfile.flush()
+                sent += len(body[sent : sent + chunk])
+                time.sleep(chunk / rate)
+        self.close_connection = sent < len(body)
+        return status, sent

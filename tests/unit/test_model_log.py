@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from launcher.supervisor.logs import ModelLog, read_tail
 
 
@@ -53,3 +55,23 @@ def test_rotation_caps_the_size_and_read_tail_spans_files(tmp_path: Path) -> Non
     assert len(tail) == 40
     assert tail[-1].startswith("line 099") and tail[0].startswith("line 060")
     assert read_tail(path, 0) == []
+
+
+def test_a_full_disk_never_stops_the_reading_and_the_tail_keeps_the_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # /dev/full answers every write with ENOSPC: a reader that raised here would stop reading
+    # the server's output, and the server would block on its full pipe
+    log = ModelLog(Path("/dev/full"))
+    log.write(b"one\n")
+    log.write(b"two\n")
+    log.note("still here")
+    assert list(log.tail) == ["one", "two", "--- lalo: still here"]
+    assert log.lost == len(b"one\ntwo\n--- lalo: still here\n")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "cannot write /dev/full (No space left on device;" in warnings[0]
+    log.path = tmp_path / "m.log"  # room again (another file here: /dev/full stays full)
+    log.write(b"three\n")
+    assert log.lost == 0 and (tmp_path / "m.log").read_bytes() == b"three\n"
+    assert "written again" in caplog.records[-1].getMessage()
+    log.close()

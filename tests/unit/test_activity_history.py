@@ -154,7 +154,8 @@ async def test_a_sample_per_model_from_activity_and_token_counters(tmp_path: Pat
     assert sample["t"] == 1010.0 and sample["budget"] == supervisor.budget().bytes
     a, b = sample["models"]["a"], sample["models"]["b"]
     assert a["rps"] == 0.5 and a["tps"] == 5.0  # 5 requests, 50 tokens in 10 s
-    assert a["p50"] == pytest.approx(0.3, abs=0.05) and a["p95"] == pytest.approx(2.0, abs=0.05)
+    # each duration also holds the time until record() runs: a loaded machine adds tens of ms
+    assert a["p50"] == pytest.approx(0.3, abs=0.09) and a["p95"] == pytest.approx(2.0, abs=0.09)
     assert b == {"rps": 0.0, "tps": 0.0, "p50": None, "p95": None, "rss": 0, "queue": 0}
     for _ in range(5):  # the ring holds span / interval samples
         now[0] += 5

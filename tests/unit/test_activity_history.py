@@ -67,8 +67,7 @@ async def test_capture_and_sqlite_copy_with_a_size_cap(tmp_path: Path) -> None:
         activity._flush()
         await asyncio.sleep(0)
     assert activity.query()[0]["request"] == big.decode()
-    await asyncio.sleep(0.5)  # let the writer thread finish its last batch
-    activity.close()
+    activity.close()  # waits for the writer thread's batches, then writes the rest
     assert activity._store is not None
     rows = activity._store.rows()
     assert 0 < len(rows) < 60

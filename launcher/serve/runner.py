@@ -214,7 +214,7 @@ class ServerFactory:
 
     loaded: LoadedConfig
     engines: dict[str, Engine]
-    records: ChildRecords
+    events: SupervisorEvents  # the supervisor's: each model gets its share
     share: CpuShare
     host: str = "127.0.0.1"
     # each model's -ngl / --tensor-split (launcher.placement.gpu_offload); none by default
@@ -248,6 +248,9 @@ class ServerFactory:
             model.name, cfg, settings, self.engines[cfg.engine_kind],
             self.loaded.config.resources.prompt_cache_size,
             sliding_window=uses_sliding_window(model.info), note=model_log.note)
+        key = self.offload.measurement_key(
+            model.name, measurement_key(path, cfg.engine_kind, cfg.ctx_size, cfg.parallel,
+                                        MemorySettings.of(cfg).key()))
         managed = ManagedModel(
             model.name,
             self.engines[cfg.engine_kind],
@@ -259,7 +262,7 @@ class ServerFactory:
                 liveness_timeout=sup.liveness_timeout,
                 stop_timeout=sup.stop_timeout,
             ),
-            events=SupervisorEvents(self.records.add, self.records.remove),
+            events=self.events.for_model(model.name, key),
             sleep_probe=props_sleeping if settings.sleep_after else None,
             prompt_cache=slot_store,
         )
@@ -276,9 +279,7 @@ class ServerFactory:
             ttl=cfg.ttl,
             path=str(path),
             synthetic=bool(model.info and model.info.is_synthetic),
-            measurement_key=self.offload.measurement_key(
-                model.name, measurement_key(path, cfg.engine_kind, cfg.ctx_size, cfg.parallel,
-                                            MemorySettings.of(cfg).key())),
+            measurement_key=key,
             pinned=cfg.pinned,
             ctx_size=cfg.ctx_size, parallel=cfg.parallel, kv_cache=cfg.kv_cache,
             request_rules=cfg.request_rules or None,
@@ -300,7 +301,8 @@ def build_supervisor(
 ) -> Supervisor:
     """The supervisor of `models`; `share` decides the OpenMP wait policy of their servers."""
     config = loaded.config
-    factory = ServerFactory(loaded, engines, records, share, host, offload)
+    events = SupervisorEvents(records, measurements)
+    factory = ServerFactory(loaded, engines, events, share, host, offload)
     made = [factory.make(model) for model in models]
     keys = {meta.name: meta.measurement_key for meta, _, _ in made}
     known = {name: value for name in keys if (value := measurements.get(keys[name])) is not None}
@@ -315,8 +317,7 @@ def build_supervisor(
         drain_timeout=config.proxy.upstream_timeout,
         policies={meta.name: policy for meta, _, policy in made},
         measured=known,
-        on_measured=lambda name, rss: measurements.record(supervisor.info[name].measurement_key,
-                                                          rss),
+        events=events,
     )
     return supervisor
 
@@ -515,7 +516,8 @@ async def _run(
     supervisor = build_supervisor(loaded, models, engines, records, measurements,
                                              share, host="127.0.0.1", offload=offload)
     reloader = Reloader(loaded, models, supervisor,
-                        ServerFactory(loaded, engines, records, share, "127.0.0.1", offload),
+                        ServerFactory(loaded, engines, supervisor.events, share, "127.0.0.1",
+                                      offload),
                         measurements, announce, ctx_budget=plan.budget.bytes)
     reloads: set[asyncio.Task[Any]] = set()
 

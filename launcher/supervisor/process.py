@@ -1,18 +1,13 @@
-"""One model server process and its state machine: start, stop, and the exit notification.
+"""One model server process and its lifecycle: start, stop, and what it tells its owner.
 
 A ManagedModel never decides *when* to start: the supervisor does (first loads, on-demand
 loads and restarts after a crash all pass its admission). It starts the process when told,
-watches it, and tells its owner the moment the process exits or hangs (`on_exit`).
+watches it, and tells its events (given at construction) the moment the process exits or
+hangs. The states and the transitions allowed between them are `launcher.supervisor.state`;
+spawning, probing and stopping a process are `launcher.supervisor.child`.
 
-Transitions (each logged as `name: a -> b`):
-    stopped -> starting -> ready -> stopping -> stopped
-    starting -> failed (exit, timeout)    ready -> failed (crash, hang: at once, on exit)
-    failed -> starting (the supervisor restarts it)    failed -> stopping -> stopped
-    stopped -> failed (the model file is unusable: never started)
-
-`sleeping` (llama-server's --sleep-idle-seconds) is a sub-state of `ready` that only the
-server decides: it freed its weights and keeps its process. `state` reports it, learnt from
-the health checks; everything else treats the model as ready (a request wakes it).
+`sleeping` is reported (`reported_state`), learnt from the health checks; everything else
+treats the model as ready (a request wakes it).
 """
 
 from __future__ import annotations
@@ -20,12 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from launcher.engines.base import Engine, LaunchSpec, ServerSettings
@@ -34,68 +27,23 @@ from launcher.errors import (
     ModelStartError,
     ModelStoppedError,
 )
-from launcher.supervisor import platform
+from launcher.supervisor import child, platform
+from launcher.supervisor.events import NO_EVENTS, ProcessEvents
 from launcher.supervisor.logs import ModelLog
-from launcher.supervisor.probe import Probe, ProbeError, http_status
+from launcher.supervisor.probe import Probe, http_status
 from launcher.supervisor.prompt_cache import SlotStore
 from launcher.supervisor.sleep import SleepProbe
+from launcher.supervisor.state import Endpoint, ModelState, Timeouts, check_transition
+from launcher.supervisor.tasks import Tasks
+
+__all__ = ["Endpoint", "ManagedModel", "ModelState", "PortAllocator", "ProcessEvents", "Spawner",
+           "Timeouts"]
 
 log = logging.getLogger(__name__)
 
 Spawner = Callable[[LaunchSpec], Awaitable[asyncio.subprocess.Process]]
 PortAllocator = Callable[[str], int]
 _PORT_RETRIES = 3
-_LOG_LINES_IN_ERRORS = 8
-
-
-class ModelState(enum.StrEnum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    SLEEPING = "sleeping"  # reported only: internally ready (see the module doc)
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-_ALLOWED: dict[ModelState, frozenset[ModelState]] = {
-    ModelState.STOPPED: frozenset({ModelState.STARTING, ModelState.FAILED}),
-    ModelState.STARTING: frozenset({ModelState.READY, ModelState.FAILED, ModelState.STOPPING}),
-    ModelState.READY: frozenset({ModelState.STOPPING, ModelState.FAILED}),
-    ModelState.SLEEPING: frozenset(),  # never the internal state
-    ModelState.STOPPING: frozenset({ModelState.STOPPED}),
-    ModelState.FAILED: frozenset({ModelState.STARTING, ModelState.STOPPING}),
-}
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where a ready server answers, and the key it wants."""
-
-    base_url: str
-    api_key: str
-    pid: int
-    host: str = "127.0.0.1"
-    port: int = 0
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    load_timeout: float = 120.0
-    health_interval: float = 2.0
-    liveness_timeout: float = 10.0
-    stop_timeout: float = 10.0
-    probe_interval: float = 0.02  # readiness polling while starting (cheap; it is start-up latency)
-
-
-class ProcessEvents:
-    """Hooks the composition root uses to record children (for reaping after a crash)."""
-
-    def spawned(self, name: str, pid: int, created: float, port: int) -> None: ...
-
-    def exited(self, name: str, pid: int) -> None: ...
-
-    def changed(self, name: str, state: ModelState) -> None:
-        """A state change, `sleeping` included (tests watch it)."""
 
 
 async def _default_spawner(spec: LaunchSpec) -> asyncio.subprocess.Process:
@@ -114,7 +62,7 @@ class ManagedModel:
         *,
         probe: Probe = http_status,
         timeouts: Timeouts = Timeouts(),
-        events: ProcessEvents | None = None,
+        events: ProcessEvents = NO_EVENTS,  # what it tells (its supervisor's for_model())
         spawner: Spawner = _default_spawner,
         port_allocator: PortAllocator = platform.free_port,
         clock: Callable[[], float] = time.monotonic,
@@ -127,14 +75,10 @@ class ManagedModel:
         self.log = log_sink
         self.timeouts = timeouts
         self._probe = probe
-        self._events = events or ProcessEvents()
+        self._events = events
         self._spawner = spawner
         self._ports = port_allocator
         self._clock = clock
-        # the owner's hooks: the process exited or hung while ready (state is already
-        # `failed`), with its uptime; and a new peak of measured memory
-        self.on_exit: Callable[[ManagedModel, float | None], None] | None = None
-        self.on_measured: Callable[[str, int], None] | None = None
         self._sleep_probe = sleep_probe
         self._prompt_cache = prompt_cache
         self._asleep = False  # the server said it sleeps (only while READY)
@@ -147,7 +91,7 @@ class ManagedModel:
         self._gone.set()
         self._spec: LaunchSpec | None = None
         self._outcome: asyncio.Future[Endpoint] | None = None  # the start under way
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks(name)
         self._start_task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -156,7 +100,6 @@ class ManagedModel:
         # set once a start attempt has a process (or has failed): lets `lalo up` start the
         # proxy while model servers load
         self.spawned = asyncio.Event()
-        self._kill_reason: str | None = None
 
         self.started_at: float | None = None  # clock() when it became ready
         self.ready_at_wall: float | None = None
@@ -167,6 +110,11 @@ class ManagedModel:
         self.spawn_count = 0
 
     # --- reading ------------------------------------------------------------------------------
+    @property
+    def events(self) -> ProcessEvents:
+        """What it tells, given at construction."""
+        return self._events
+
     @property
     def state(self) -> ModelState:
         """The lifecycle state the owner acts on: a sleeping server is `ready` (a request wakes it)."""
@@ -237,7 +185,7 @@ class ManagedModel:
             self._outcome = asyncio.get_running_loop().create_future()
             self._outcome.add_done_callback(_consume_exception)
             self._set_state(ModelState.STARTING)
-            self._start_task = self._spawn_task(self._start(self._outcome), "start")
+            self._start_task = self._tasks.spawn(self._start(self._outcome), "start")
         assert self._outcome is not None
         return await asyncio.shield(self._outcome)
 
@@ -283,10 +231,7 @@ class ManagedModel:
 
     async def close(self) -> None:
         await self.stop("lalo is shutting down")
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         self.log.close()
 
     async def _start(self, outcome: asyncio.Future[Endpoint]) -> None:
@@ -318,7 +263,7 @@ class ManagedModel:
         self._set_state(ModelState.READY)
         self.log.note(f"ready on {endpoint.base_url} (pid {endpoint.pid}) in {self.load_seconds:.2f} s")
         self._sample_memory()
-        self._health_task = self._spawn_task(self._watch(), "health")
+        self._health_task = self._tasks.spawn(self._watch(), "health")
         if not outcome.done():
             outcome.set_result(endpoint)
 
@@ -359,109 +304,57 @@ class ManagedModel:
         self.spawn_count += 1
         self._process = process
         self.spawned.set()
-        self._kill_reason = None
         created = platform.create_time(process.pid) or time.time()
-        self._events.spawned(self.name, process.pid, created, self.settings.port)
+        self._events.spawned(process.pid, created, self.settings.port)
         if process.stdout is not None:
-            self._reader_task = self._spawn_task(self._read_output(process.stdout), "output")
-        exited = asyncio.ensure_future(process.wait())
-        ready = asyncio.ensure_future(self._poll_ready(spec))
+            self._reader_task = self._tasks.spawn(child.read_output(process.stdout, self.log),
+                                                  "output")
         try:
-            done, _ = await asyncio.wait(
-                {exited, ready}, timeout=self.timeouts.load_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        except asyncio.CancelledError:
-            exited.cancel()
-            raise
-        finally:
-            ready.cancel()
-        if ready in done and not ready.cancelled() and ready.exception() is None:
-            exited.cancel()
+            code = await child.until_ready(process, spec, self.settings.api_key, self._probe,
+                                           self.timeouts)
+        except TimeoutError:
+            await self._terminate()
+            raise ModelStartError(
+                f"{self.name}: not ready within load_timeout={self.timeouts.load_timeout:g} s; "
+                "killed" + child.log_excerpt(self.log)) from None
+        if code is None:
             self.load_seconds = self._clock() - began
             return Endpoint(spec.base_url, self.settings.api_key, process.pid,
                             self.settings.host, self.settings.port)
-        if exited in done:
-            code = exited.result()
-            await self._finish_process()
-            raise ModelStartError(
-                f"{self.name}: server exited while starting ({_describe_exit(code)})"
-                + self._log_excerpt()
-            )
-        exited.cancel()
-        await self._terminate()
+        await self._finish_process()
         raise ModelStartError(
-            f"{self.name}: not ready within load_timeout={self.timeouts.load_timeout:g} s; killed"
-            + self._log_excerpt()
+            f"{self.name}: server exited while starting ({child.describe_exit(code)})"
+            + child.log_excerpt(self.log)
         )
-
-    async def _poll_ready(self, spec: LaunchSpec) -> None:
-        url = spec.base_url + spec.ready_path
-        headers = {"Authorization": f"Bearer {self.settings.api_key}"}
-        while True:
-            try:
-                if await self._probe(url, headers, 2.0) == 200:
-                    return
-            except ProbeError:
-                pass
-            await asyncio.sleep(self.timeouts.probe_interval)
 
     # --- while ready --------------------------------------------------------------------------
     async def _watch(self) -> None:
         """Race the process's exit against periodic health checks; a hang is killed.
 
-        The moment the process is gone the model is `failed` (not leasable) and the owner is
-        told; the log is drained and the reason completed afterwards.
+        The moment the process is gone the model is `failed` (not leasable) and its events
+        are told; the log is drained and the reason completed afterwards.
         """
         process = self._process
         spec = self._spec
         assert process is not None and spec is not None
-        exited = asyncio.ensure_future(process.wait())
-        last_ok = self._clock()
-        try:
-            while True:
-                done, _ = await asyncio.wait({exited}, timeout=self.timeouts.health_interval)
-                if exited in done:
-                    break
-                if await self._healthy(spec):
-                    last_ok = self._clock()
-                    await self._poll_sleep()
-                    self._sample_memory()
-                elif self._clock() - last_ok >= self.timeouts.liveness_timeout:
-                    self._kill_reason = (
-                        f"no answer to {spec.health_path} for "
-                        f"{self.timeouts.liveness_timeout:g} s (hung); killed"
-                    )
-                    self.log.note(self._kill_reason)
-                    platform.stop_signal_continue(process.pid)
-                    platform.kill_group(process.pid)
-                    await exited
-                    break
-        finally:
-            if not exited.done():
-                exited.cancel()
-        code = exited.result()
+        reason = await child.watch(
+            process, spec, self.timeouts,
+            lambda: child.healthy(spec, self.settings.api_key, self._probe, self.timeouts),
+            self._while_healthy, self._clock, self.log)
         uptime = self.uptime()
-        reason = self._kill_reason or f"server exited ({_describe_exit(code)})"
         self._drop_endpoint()
         self.last_error = reason
         self._set_state(ModelState.FAILED)
         log.warning("%s: %s", self.name, reason)
-        if self.on_exit is not None:
-            self.on_exit(self, uptime)
+        self._events.crashed(uptime)
         await self._finish_process()
-        self.last_error = reason + self._log_excerpt()
+        self.last_error = reason + child.log_excerpt(self.log)
         self.log.note(f"failed: {reason}")
         self._health_task = None
 
-    async def _healthy(self, spec: LaunchSpec) -> bool:
-        headers = {"Authorization": f"Bearer {self.settings.api_key}"} if spec.health_needs_key else {}
-        try:
-            status = await self._probe(spec.base_url + spec.health_path, headers,
-                                       min(self.timeouts.liveness_timeout, 5.0))
-        except ProbeError:
-            return False
-        return status == 200
+    async def _while_healthy(self) -> None:
+        await self._poll_sleep()
+        self._sample_memory()
 
     def _sample_memory(self) -> None:
         if self._process is None:
@@ -472,8 +365,7 @@ class ManagedModel:
         self.rss = rss
         if self.rss_peak is None or rss > self.rss_peak:
             self.rss_peak = rss
-            if self.on_measured is not None:
-                self.on_measured(self.name, rss)
+            self._events.measured(rss)
 
     # --- sleeping --------------------------------------------------------------------------------
     async def _poll_sleep(self) -> None:
@@ -508,7 +400,7 @@ class ManagedModel:
         self._asleep = asleep
         log.info("%s: %s -> %s", self.name, old, self.reported_state)
         self.log.note("sleeping: weights freed, process kept" if asleep else "awake")
-        self._events.changed(self.name, self.reported_state)
+        self._events.changed(self.reported_state)
 
 
     def _fail_outcome(self, error: Exception) -> None:
@@ -521,18 +413,7 @@ class ManagedModel:
         process = self._process
         if process is None:
             return
-        if process.returncode is None:
-            platform.stop_signal_continue(process.pid)
-            platform.terminate_group(process.pid)
-            try:
-                async with asyncio.timeout(self.timeouts.stop_timeout):
-                    await asyncio.shield(process.wait())
-            except TimeoutError:
-                self.log.note(f"no exit {self.timeouts.stop_timeout:g} s after SIGTERM; killing")
-                platform.kill_group(process.pid)
-                await process.wait()
-        # stragglers in the group (a llamafile's children) go too
-        platform.kill_group(process.pid)
+        await child.terminate(process, self.timeouts.stop_timeout, self.log)
         await self._finish_process()
 
     async def _finish_process(self) -> None:
@@ -548,8 +429,8 @@ class ManagedModel:
             self._reader_task = None
         if self._process is not process:
             return  # someone else finished it while we waited
-        self.log.note(f"pid {process.pid} exited ({_describe_exit(process.returncode)})")
-        self._events.exited(self.name, process.pid)
+        self.log.note(f"pid {process.pid} exited ({child.describe_exit(process.returncode)})")
+        self._events.reaped(process.pid)
         self._process = None
         self._drop_endpoint()
         self.started_at = None
@@ -557,40 +438,15 @@ class ManagedModel:
         self._asleep = False
         self._waking_until = None
 
-    async def _read_output(self, stream: asyncio.StreamReader) -> None:
-        while True:
-            chunk = await stream.read(65536)
-            if not chunk:
-                return
-            self.log.write(chunk)
-
-    def _log_excerpt(self) -> str:
-        lines = [line for line in self.log.last_lines(40) if not line.startswith("--- lalo:")]
-        lines = lines[-_LOG_LINES_IN_ERRORS:]
-        return ("\n" + "\n".join("  | " + line for line in lines)) if lines else ""
-
     # --- plumbing -----------------------------------------------------------------------------
     def _set_state(self, new: ModelState) -> None:
         old = self._state
         if new == old:
             return
-        if new not in _ALLOWED[old]:
-            raise AssertionError(f"{self.name}: illegal transition {old} -> {new}")
+        check_transition(self.name, old, new)
         self._state = new
         log.info("%s: %s -> %s", self.name, old, new)
-        self._events.changed(self.name, new)
-
-    def _spawn_task(self, coro: Any, label: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}:{label}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s: internal error in %s", self.name, task.get_name(),
-                      exc_info=task.exception())
+        self._events.changed(new)
 
     @staticmethod
     def _cancel(task: asyncio.Task[Any] | None) -> None:
@@ -610,19 +466,6 @@ class ManagedModel:
             "load_seconds": round(self.load_seconds, 3) if self.load_seconds is not None else None,
             "buffers": dict(self.log.buffers),
         }
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        import signal
-
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:

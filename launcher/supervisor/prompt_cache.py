@@ -91,7 +91,7 @@ class SlotStore:
         self.max_bytes = max_bytes
         self.timeout = timeout
         self._request = requester
-        self.note = note  # where it says what it did: the model's log
+        self._note = note  # where it says what it did: the model's log
         self.saved: list[SlotOutcome] = []  # the last save
         self.restored: list[SlotOutcome] = []  # the last restore
 
@@ -138,7 +138,7 @@ class SlotStore:
         self.saved = [outcome for outcome in outcomes if outcome is not None]
         if self.saved:
             total = sum(o.tokens for o in self.saved)
-            self.note(f"prompt cache: saved {total} tokens from {len(self.saved)} slot(s)")
+            self._note(f"prompt cache: saved {total} tokens from {len(self.saved)} slot(s)")
         self.enforce_bound(keep=self.directory)
         return self.saved
 
@@ -176,7 +176,7 @@ class SlotStore:
         self.restored = [outcome for outcome in outcomes if outcome is not None]
         if self.restored:
             total = sum(o.tokens for o in self.restored)
-            self.note(f"prompt cache: restored {total} tokens into {len(self.restored)} slot(s)")
+            self._note(f"prompt cache: restored {total} tokens into {len(self.restored)} slot(s)")
         return self.restored
 
     async def _restore(self, base_url: str, api_key: str, slot: int) -> SlotOutcome | None:
@@ -233,7 +233,7 @@ class SlotStore:
 
     def _warn(self, message: str) -> None:
         log.warning("%s: prompt cache: %s", self.model, message)
-        self.note(f"prompt cache: {message}")
+        self._note(f"prompt cache: {message}")
 
 
 def _sync(path: Path) -> None:

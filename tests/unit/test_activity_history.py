@@ -129,16 +129,17 @@ async def test_a_sample_per_model_from_activity_and_token_counters(tmp_path: Pat
     """One interval: requests/s and p50/p95 from the requests that ended in it, tokens/s
     from the supervisor's counter, per model; a quiet model gets zeros and no latency."""
     from launcher.proxy.history import History
+    from launcher.supervisor.events import SupervisorEvents
     from launcher.supervisor.supervisor import SupervisedModel, Supervisor
     from tests.unit.test_managed_model import make
 
+    events = SupervisorEvents()
     models = []
     for name in ("a", "b"):
-        managed = make(tmp_path / name)
-        managed.name = name
+        managed = make(tmp_path / name, name=name, events=events.for_model(name))
         models.append((SupervisedModel(name=name, aliases=(), engine="fake", estimate=1024**2,
                                        preload=False, ttl=0, path=""), managed))
-    supervisor = Supervisor(models)
+    supervisor = Supervisor(models, events=events)
     activity = Activity(ActivityConfig(size=100))
     now = [1000.0]
     history = History(supervisor, activity, interval=5.0, span=15.0, clock=lambda: now[0])

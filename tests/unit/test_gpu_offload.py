@@ -26,6 +26,7 @@ from launcher.placement.measurements import Measurements, measurement_key
 from launcher.placement.planner import Budget, make_plan
 from launcher.placement.resolve import ResolvedModel, resolve_models
 from launcher.serve.runner import ServerFactory
+from launcher.supervisor.events import SupervisorEvents
 from launcher.supervisor.instance import ChildRecords
 
 MIB = 1024**2
@@ -213,7 +214,8 @@ def test_up_argv_per_model_through_the_server_factory(tmp_path: Path, small_mode
     offload = machine_offload(loaded, models, 8 * GIB, report=lambda: report(4 * GIB, 4 * GIB),
                               env={}, engine=(True, "llama-server cuda build"))
     factory = ServerFactory(loaded, {"llama-server": LlamaServerEngine(Path("/bin/llama-server"))},
-                            ChildRecords(tmp_path), CpuShare(1, 1, 2), offload=offload)
+                            SupervisorEvents(ChildRecords(tmp_path)), CpuShare(1, 1, 2),
+                            offload=offload)
     argvs = {}
     for model in offload.apply(models):
         _, managed, _ = factory.make(model)

@@ -165,6 +165,7 @@ def test_lalo_up_builds_the_server_and_its_record_with_the_kv_cache(
     from launcher.placement.cpu_share import CpuShare
     from launcher.placement.resolve import resolve_models
     from launcher.serve.runner import ServerFactory
+    from launcher.supervisor.events import SupervisorEvents
     from launcher.supervisor.instance import ChildRecords
 
     text = f"models:\n  q: {{file: {small_model}, ctx_size: 1024, kv_cache: q4_0}}\n"
@@ -173,7 +174,7 @@ def test_lalo_up_builds_the_server_and_its_record_with_the_kv_cache(
     assert resolved.estimate is not None and resolved.facts is not None
     assert resolved.estimate == estimate_memory(resolved.facts, 1024, 1, "q4_0")
     factory = ServerFactory(loaded, {"llama-server": LlamaServerEngine(Path("/bin/llama-server"))},
-                            ChildRecords(tmp_path), CpuShare(1, 1, 2))
+                            SupervisorEvents(ChildRecords(tmp_path)), CpuShare(1, 1, 2))
     meta, managed, _ = factory.make(resolved)
     argv = list(managed.engine.launch_spec(managed.settings).argv)
     assert argv[argv.index("--cache-type-k") + 1] == argv[argv.index("--cache-type-v") + 1] == "q4_0"

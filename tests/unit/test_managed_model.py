@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import pytest
 
 from launcher.engines.base import LaunchSpec, ServerSettings, base_url
 from launcher.errors import ModelStartError, ModelStoppedError
+from launcher.supervisor.events import NO_EVENTS, ProcessEvents
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import ManagedModel, ModelState, Timeouts
@@ -32,14 +33,41 @@ class FakeEngine:
         )
 
 
-def make(tmp_path: Path, *flags: str, **timeouts: float) -> ManagedModel:
+def make(tmp_path: Path, *flags: str, name: str = "m", events: ProcessEvents = NO_EVENTS,
+         **timeouts: float) -> ManagedModel:
     settings = ServerSettings(model_path=tmp_path / "m.gguf", host="127.0.0.1", port=0,
                               api_key="", ctx_size=512, parallel=1, threads=None)
     return ManagedModel(
-        "m", FakeEngine(flags), settings, ModelLog(tmp_path / "m.log"),
+        name, FakeEngine(flags), settings, ModelLog(tmp_path / "m.log"),
         timeouts=Timeouts(**{"load_timeout": 10.0, "health_interval": 0.1,
                              "liveness_timeout": 1.0, "stop_timeout": 2.0, **timeouts}),
+        events=events,
     )
+
+
+class Heard:
+    """ProcessEvents that keep what they are told."""
+
+    def __init__(self, on_crash: Callable[[float | None], None] = lambda uptime: None) -> None:
+        self.states: list[ModelState] = []
+        self.peaks: list[int] = []
+        self.pids: list[tuple[str, int]] = []
+        self._on_crash = on_crash
+
+    def spawned(self, pid: int, created: float, port: int) -> None:
+        self.pids.append(("spawned", pid))
+
+    def changed(self, state: ModelState) -> None:
+        self.states.append(state)
+
+    def crashed(self, uptime: float | None) -> None:
+        self._on_crash(uptime)
+
+    def measured(self, rss: int) -> None:
+        self.peaks.append(rss)
+
+    def reaped(self, pid: int) -> None:
+        self.pids.append(("reaped", pid))
 
 
 async def wait_for(condition: object, limit: float = 10.0) -> None:
@@ -107,17 +135,19 @@ async def test_crash_after_ready_is_failed_at_once_and_not_restarted_by_itself(
     tmp_path: Path
 ) -> None:
     # the owner (the supervisor) decides restarts: the model only reports the exit, at once
-    model = make(tmp_path, "--exit-after", "0.6")
     exits: list[tuple[ModelState, float | None, object]] = []
-    model.on_exit = lambda m, uptime: exits.append((m.state, uptime, m.endpoint))
+    heard = Heard(lambda uptime: exits.append((model.state, uptime, model.endpoint)))
+    model = make(tmp_path, "--exit-after", "0.6", events=heard)
     try:
-        await model.start()
+        pid = (await model.start()).pid
         await wait_for(lambda: bool(exits))
         state, uptime, endpoint = exits[0]
         assert state == ModelState.FAILED and endpoint is None  # not leasable from that moment
         assert uptime is not None and uptime > 0
         await wait_for(lambda: model.pid is None)
         assert "server exited (exit code 3)" in (model.last_error or "")
+        assert heard.pids == [("spawned", pid), ("reaped", pid)]
+        assert heard.states[-2:] == [ModelState.READY, ModelState.FAILED]
         assert model.spawn_count == 1 and model.state == ModelState.FAILED
         again = await model.start()  # only when told to
         assert again.pid != 0 and model.spawn_count == 2
@@ -133,7 +163,6 @@ async def test_stop_racing_an_exit_is_not_swallowed(
     import psutil
 
     model = make(tmp_path, "--exit-after", "0.4")
-    model.on_exit = lambda m, uptime: None
     try:
         endpoint = await model.start()
         await wait_for(lambda: not psutil.pid_exists(endpoint.pid)

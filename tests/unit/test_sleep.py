@@ -14,11 +14,12 @@ from launcher.engines.base import ServerSettings
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.errors import ConfigError
 from launcher.supervisor import platform
+from launcher.supervisor.events import SupervisorEvents
 from launcher.supervisor.localhttp import LocalHttpError, request_json
 from launcher.supervisor.process import ModelState
 from launcher.supervisor.sleep import is_sleeping_in, props_sleeping
 from launcher.supervisor.supervisor import SupervisedModel, Supervisor
-from tests.unit.test_managed_model import make
+from tests.unit.test_managed_model import Heard, make
 
 
 def settings(tmp_path: Path, **changes: object) -> ServerSettings:
@@ -117,7 +118,6 @@ async def test_props_sleeping_is_none_when_nothing_answers() -> None:
 
 async def test_sleeping_is_reported_and_a_wake_is_ready_at_once(tmp_path: Path) -> None:
     said: list[bool | None] = [False]
-    seen: list[ModelState] = []
     asked = [0]
 
     async def probe(base_url: str, api_key: str, within: float) -> bool | None:
@@ -128,9 +128,10 @@ async def test_sleeping_is_reported_and_a_wake_is_ready_at_once(tmp_path: Path) 
         target = asked[0] + n
         await _until(lambda: asked[0] >= target)
 
-    model = make(tmp_path)
+    heard = Heard()
+    seen = heard.states
+    model = make(tmp_path, events=heard)
     model._sleep_probe = probe  # the constructor parameter, set after make() builds it
-    model._events.changed = lambda name, state: seen.append(state)  # type: ignore[method-assign]
     try:
         endpoint = await model.ensure_ready()
         said[0] = True
@@ -171,8 +172,9 @@ async def test_a_sleeping_model_lends_its_freed_memory_and_wakes_through_admissi
     same process wakes (no restart). (Before, it kept its full size and was evicted.)"""
     mib = 1024**2
     asleep = {"flag": False}
-    sleepy = make(tmp_path / "a")
-    other = make(tmp_path / "b")
+    events = SupervisorEvents()
+    sleepy = make(tmp_path / "a", name="a", events=events.for_model("a"))
+    other = make(tmp_path / "b", name="b", events=events.for_model("b"))
 
     async def probe(base_url: str, api_key: str, within: float) -> bool | None:
         return asleep["flag"]
@@ -183,8 +185,7 @@ async def test_a_sleeping_model_lends_its_freed_memory_and_wakes_through_admissi
         10 * mib if pid == sleepy.pid and asleep["flag"] else 60 * mib))
     meta = [SupervisedModel(name=n, aliases=(), engine="fake", estimate=60 * mib, preload=False,
                             ttl=0, path="") for n in ("a", "b")]
-    sleepy.name, other.name = "a", "b"
-    sup = Supervisor([(meta[0], sleepy), (meta[1], other)], ram_budget=100 * mib,
+    sup = Supervisor([(meta[0], sleepy), (meta[1], other)], ram_budget=100 * mib, events=events,
                      measured={"a": 60 * mib, "b": 60 * mib})
     try:
         first = await sup.load("a")

@@ -16,8 +16,7 @@ MAX_FUNCTION_LINES = 80
 MAX_LOOSE_MODULES = 8
 # Still over a limit, each to be split by meaning; the list may only shrink.
 PENDING_MODULES = {
-    "supervisor/process.py", "serve/runner.py",
-    "supervisor/supervisor.py",
+    "serve/runner.py",
 }
 PENDING_FUNCTIONS = {
     "serve/runner.py:_run", "proxy/app.py:create_app",

@@ -27,6 +27,7 @@ from launcher.errors import (
     QueueFullError,
 )
 from launcher.supervisor import platform
+from launcher.supervisor.events import SupervisorEvents
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import Endpoint, ManagedModel, ModelState, Timeouts
@@ -58,6 +59,7 @@ class Harness:
     ports: itertools.count[int] = field(default_factory=lambda: itertools.count(41000))
     port_owner: dict[int, str] = field(default_factory=dict)
     supervisor: Supervisor | None = None
+    events: SupervisorEvents = field(default_factory=SupervisorEvents)
 
     def clock(self) -> float:
         return self.now
@@ -102,7 +104,7 @@ class Harness:
             # a `sleep` is smaller than any model: its RSS must not become the measured figure
             measured={n: (sizes or {}).get(n, required) for n in names},
             available_memory=lambda: 64 * 1024**3, total_memory=lambda: 64 * 1024**3,
-            clock=self.clock, sleep=self.sleep,
+            clock=self.clock, sleep=self.sleep, events=self.events,
         )
         return self.supervisor
 
@@ -118,6 +120,7 @@ class Harness:
             port_allocator=self.allocate(name), clock=self.clock,
             timeouts=Timeouts(load_timeout=5.0, health_interval=0.05, liveness_timeout=5.0,
                               stop_timeout=2.0, probe_interval=0.01),
+            events=self.events.for_model(name, f"{name}:{ctx_size}"),
         )
         meta = SupervisedModel(name=name, aliases=(), engine="fake", estimate=required,
                                preload=False, ttl=0, path=str(settings.model_path),
@@ -357,6 +360,26 @@ async def test_unload_drains_requests_in_flight_first(harness: Harness) -> None:
     await until(lambda: later.granted)  # it brought a back
     assert later.endpoint is not None and later.endpoint.pid != running.endpoint.pid  # type: ignore[union-attr]
     await later.done()
+
+
+async def test_models_tell_their_supervisor_the_child_records_and_the_store(
+        harness: Harness, tmp_path: Path) -> None:
+    from launcher.placement.measurements import Measurements
+    from launcher.supervisor.instance import ChildRecords
+
+    children, store = ChildRecords(tmp_path), Measurements(tmp_path)
+    harness.events = SupervisorEvents(children, store)
+    sup = harness.build(("a",), budget=10 * 1024 * MIB)
+    pid = (await sup.load("a")).pid
+    assert children._records["a"]["pid"] == pid  # a lalo killed with -9 reaps it next time
+    harness.events.for_model("a", "a:512").measured(500 * MIB)  # a new peak, as sampled
+    assert sup.required("a") == 500 * MIB and store.get("a:512") == 500 * MIB
+    await sup.unload("a")
+    assert "a" not in children._records
+    # a model not built with its supervisor's events would crash unheard: refused
+    meta, model, _ = harness.make("b")
+    with pytest.raises(ValueError, match="events"):
+        Supervisor([(meta, model)])
 
 
 async def test_reconfigure_restarts_only_what_changed(harness: Harness) -> None:

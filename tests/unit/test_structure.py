@@ -20,7 +20,7 @@ PENDING_MODULES = {
     "supervisor/supervisor.py",
 }
 PENDING_FUNCTIONS = {
-    "serve/runner.py:_run", "proxy/app.py:create_app",
+    "serve/runner.py:_run",
 }
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-# Below lalo's proxy's own keep-alive (launcher.serve.runner.CLIENT_KEEPALIVE_S, 30 s).
+# Below lalo's proxy's own keep-alive (launcher.serve.proxy_server.CLIENT_KEEPALIVE_S, 30 s).
 KEEPALIVE_S = 20.0
 
 

@@ -14,7 +14,7 @@ from launcher.cli.app import app
 from launcher.cli.commands_inspect import ConfigOption, JsonOption
 from launcher.cli.up import UpRequest, run_up
 from launcher.errors import LaloError, NotRunningError
-from launcher.serve.runner import log_dir
+from launcher.serve.factory import log_dir
 from launcher.supervisor.instance import InstanceInfo, read_instance, require_instance
 from launcher.supervisor.logs import read_tail
 from launcher.units import format_size

@@ -24,8 +24,10 @@ from launcher.engines.progress import ConsoleLines
 from launcher.errors import AlreadyRunningError, StartupError
 from launcher.placement.resolve import catalog_for
 from launcher.serve.demo import demo_config, fetch_demo_config
+from launcher.serve.engine_setup import build_llama_server, llama_server_missing
 from launcher.serve.exposure import check_exposure
-from launcher.serve.runner import UpOptions, api_keys, build_llama_server, llama_server_missing, serve
+from launcher.serve.proxy_server import api_keys
+from launcher.serve.runner import UpOptions, serve
 from launcher.supervisor.instance import read_instance
 from launcher.supervisor.logs import read_tail
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from launcher.config import ApiKey
-from launcher.proxy.errors import error_body
+from launcher.proxy.errors import send_error
 
 OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico"})
 OPEN_PREFIXES = ("/static/",)
@@ -128,9 +128,5 @@ def _bearer(headers: dict[bytes, bytes]) -> bytes | None:
 
 
 async def _reject(send: Send, status: int, message: str) -> None:
-    body = error_body(status, message)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="lalo"'))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    challenge = [(b"www-authenticate", b'Bearer realm="lalo"')] if status == 401 else []
+    await send_error(send, status, message, headers=challenge)

@@ -6,6 +6,7 @@ import json
 from typing import Any, Final
 
 from starlette.responses import Response
+from starlette.types import Send
 
 # status -> (type, code)
 KINDS: Final[dict[int, tuple[str, str]]] = {
@@ -38,6 +39,18 @@ def error_response(
         error_body(status, message, code), status_code=status,
         media_type="application/json", headers=headers,
     )
+
+
+async def send_error(send: Send, status: int, message: str, code: str | None = None,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """The error answer on a raw ASGI `send`: the envelope plus `headers` (an Allow, a
+    WWW-Authenticate), for the middlewares and routes that run below Starlette."""
+    body = error_body(status, message, code)
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        *(headers or []),
+    ]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def sse_error_event(status: int, message: str, code: str | None = None) -> bytes:

@@ -37,7 +37,12 @@ from launcher.errors import (
 )
 from launcher.proxy.activity import Activity, usage_of
 from launcher.proxy.assemble import AssemblyError, EventReader, Plan, assembler, plan
-from launcher.proxy.errors import error_body, error_message, explain_context_overflow, sse_error_event
+from launcher.proxy.errors import (
+    error_message,
+    explain_context_overflow,
+    send_error,
+    sse_error_event,
+)
 from launcher.proxy.metrics import ProxyMetrics
 from launcher.proxy.params import Changes, apply_to_request
 from launcher.proxy.peers import HOP_HEADER
@@ -62,16 +67,6 @@ _HOP_BY_HOP = frozenset({
 })
 _STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the request", in metrics only
-
-
-async def send_error(send: Send, status: int, message: str, code: str | None = None,
-                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = error_body(status, message, code)
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        *(headers or []),
-    ]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class _Failure(Exception):

@@ -27,7 +27,8 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from launcher.proxy.errors import error_body
+from launcher.proxy.asgi import header
+from launcher.proxy.errors import send_error
 
 MAX_HEADER_BYTES = 64 * 1024  # all request headers together; larger gets 431
 _CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -105,7 +106,7 @@ class HostGuard:
                 origin = value.decode("latin-1")
         if size > MAX_HEADER_BYTES:
             # httptools (uvicorn's parser here) sets no limit of its own
-            await _reject(send, 431, f"request headers larger than {MAX_HEADER_BYTES} bytes")
+            await send_error(send, 431, f"request headers larger than {MAX_HEADER_BYTES} bytes")
             return
         if self.check_host and host is not None and not self.served(split_host(host)):
             await _forbid(send, f"host {host!r} is not served here (lalo listens on loopback; add "
@@ -122,17 +123,10 @@ class HostGuard:
         if not cors:
             await self.app(scope, receive, send)
             return
-        if scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method"):
+        if scope["method"] == "OPTIONS" and header(scope, b"access-control-request-method"):
             await _preflight(send, origin)
             return
         await self.app(scope, receive, _with_cors(send, origin))
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
 
 
 def _with_cors(send: Send, origin: str) -> Send:
@@ -159,12 +153,4 @@ async def _preflight(send: Send, origin: str) -> None:
 
 
 async def _forbid(send: Send, message: str) -> None:
-    await _reject(send, 403, message)
-
-
-async def _reject(send: Send, status: int, message: str) -> None:
-    body = error_body(status, message)
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-    ]})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 403, message)

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from launcher import __version__
 from launcher.errors import CapacityError, GGUFError, ModelError
 from launcher.models.gguf_file import GGUFInfo, read_gguf
+from launcher.proxy.asgi import BodyTooLarge, read_body
 from launcher.proxy.errors import error_message
 from launcher.proxy.forward import Forwarder
 from launcher.proxy.ollama_convert import (
@@ -31,7 +32,6 @@ from launcher.proxy.ollama_convert import (
     timestamp,
 )
 from launcher.proxy.ollama_stream import CapturedAnswer, StreamTranslator, send_json, whole_answer
-from launcher.proxy.routes import BodyTooLarge, read_body
 from launcher.supervisor.snapshot import ModelSnapshot
 from launcher.supervisor.supervisor import Supervisor
 from launcher.units import format_parameters

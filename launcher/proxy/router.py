@@ -37,9 +37,10 @@ class Router:
                 return remote
         return self.supervisor.lease(name)
 
-    def known(self) -> str:
-        """Every name a request may give, for the message of an unknown one."""
+    def known(self, *, peers: bool = True) -> str:
+        """Every name a request may give, for the message of an unknown one; `peers=False`:
+        only the models served here (the admin routes, the `/upstream` pass-through)."""
         names = list(self.supervisor.names)
-        if self.peers is not None:
+        if peers and self.peers is not None:
             names += self.peers.model_names()
         return ", ".join(dict.fromkeys(names)) or "(none configured)"

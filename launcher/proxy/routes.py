@@ -17,7 +17,9 @@ from typing import Any, Final, Literal
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.types import Receive, Scope, Send
 
-from launcher.proxy.forward import Forwarder, send_error
+from launcher.proxy.asgi import BodyTooLarge, header, read_body
+from launcher.proxy.errors import send_error
+from launcher.proxy.forward import Forwarder
 from launcher.proxy.peers import HOP_HEADER
 from launcher.proxy.router import Router
 
@@ -73,33 +75,8 @@ MODEL_ROUTES: Final[dict[str, ModelRoute]] = {
 _FORM_FIELD_LIMIT = 1024  # bytes: a model name, not a file
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class FormError(ValueError):
     """A multipart body that cannot be read."""
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, or BodyTooLarge as soon as it passes `limit` bytes."""
-    for key, value in scope["headers"]:
-        if key == b"content-length" and value.isdigit() and int(value) > limit:
-            raise BodyTooLarge
-    chunks = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
 
 
 def form_field(body: bytes, content_type: bytes, field: str) -> str | None:
@@ -198,7 +175,7 @@ class ModelRouter:
         stream = False
         payload: dict[str, Any] | None = None
         if route.model_in == "form":
-            content_type = _header(scope, b"content-type") or b""
+            content_type = header(scope, b"content-type") or b""
             try:
                 requested = form_field(body, content_type, "model")
             except FormError as exc:
@@ -217,7 +194,7 @@ class ModelRouter:
             return await send_error(
                 send, 400, f"missing {where}: name one of {self.router.known()}",
                 code="model_required")
-        name = self.router.resolve(requested, from_peer=_header(scope, HOP_HEADER) is not None)
+        name = self.router.resolve(requested, from_peer=header(scope, HOP_HEADER) is not None)
         if name is None:
             return await send_error(send, 404, f"unknown model {requested!r}; known: "
                                                f"{self.router.known()}")
@@ -226,13 +203,6 @@ class ModelRouter:
             query=scope.get("query_string", b"").decode("latin-1"),
             content_type=content_type.decode("latin-1"), stream=stream, payload=payload,
         )
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
 
 
 def route_list(*others: Iterable[str]) -> str:

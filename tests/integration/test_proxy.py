@@ -235,7 +235,7 @@ def test_an_idle_client_connection_outlives_clients_keep_alive(proxy: LaloUp) ->
     import time
     from urllib.parse import urlsplit
 
-    from launcher.serve.runner import CLIENT_KEEPALIVE_S
+    from launcher.serve.proxy_server import CLIENT_KEEPALIVE_S
 
     assert lalo_client.KEEPALIVE_S < CLIENT_KEEPALIVE_S
     where = urlsplit(proxy.url)

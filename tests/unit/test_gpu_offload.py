@@ -25,7 +25,7 @@ from launcher.placement.gpu_split import split_memory
 from launcher.placement.measurements import Measurements, measurement_key
 from launcher.placement.planner import Budget, make_plan
 from launcher.placement.resolve import ResolvedModel, resolve_models
-from launcher.serve.runner import ServerFactory
+from launcher.serve.factory import ServerFactory
 from launcher.supervisor.events import SupervisorEvents
 from launcher.supervisor.instance import ChildRecords
 

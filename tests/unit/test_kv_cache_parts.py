@@ -164,7 +164,7 @@ def test_lalo_up_builds_the_server_and_its_record_with_the_kv_cache(
     from launcher.config import LoadedConfig
     from launcher.placement.cpu_share import CpuShare
     from launcher.placement.resolve import resolve_models
-    from launcher.serve.runner import ServerFactory
+    from launcher.serve.factory import ServerFactory
     from launcher.supervisor.events import SupervisorEvents
     from launcher.supervisor.instance import ChildRecords
 

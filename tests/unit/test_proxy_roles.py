@@ -127,7 +127,7 @@ def test_bad_key_entries_are_refused(entries: list[object], fragment: str) -> No
 
 def test_env_keys_are_admin_keys_with_free_names(monkeypatch: pytest.MonkeyPatch) -> None:
     from launcher.config import Config
-    from launcher.serve.runner import api_keys
+    from launcher.serve.proxy_server import api_keys
 
     config = Config.model_validate({"proxy": {"api_keys": [
         "sk-a", {"key": "sk-b", "name": "env1", "role": "inference"}]}})

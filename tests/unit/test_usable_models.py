@@ -9,7 +9,7 @@ import pytest
 from launcher.config import ModelConfig
 from launcher.errors import StartupError
 from launcher.placement.resolve import ResolvedModel
-from launcher.serve.runner import usable_models
+from launcher.serve.prepare import usable_models
 
 
 def resolved(name: str, path: Path | None, error: str | None = None,

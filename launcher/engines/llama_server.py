@@ -12,6 +12,8 @@ from launcher.engines.base import LaunchSpec, ServerSettings, base_url
 class LlamaServerEngine:
     binary: Path
     kind: str = "llama-server"
+    # built by lalo with patch 0002: its threads can be changed while it runs (`POST /threads`)
+    set_threads: bool = False
 
     def launch_spec(self, settings: ServerSettings) -> LaunchSpec:
         argv = [str(self.binary), *server_args(settings), *chat_template_args(settings.chat_template),

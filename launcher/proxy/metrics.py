@@ -40,6 +40,9 @@ class _SupervisorCollector(Collector):
                                 labels=["model"])
         estimate = GaugeMetricFamily("lalo_model_ram_estimate_bytes", "Memory lalo estimated",
                                      labels=["model"])
+        threads = GaugeMetricFamily(
+            "lalo_model_threads", "Compute threads of the model's server: set from what is busy "
+            "(lalo's engine, threads: auto) or as started", labels=["model"])
         loads = CounterMetricFamily("lalo_model_loads", "Loads started by lalo", labels=["model"])
         evictions = CounterMetricFamily("lalo_model_evictions", "Unloads to make room",
                                         labels=["model"])
@@ -61,6 +64,8 @@ class _SupervisorCollector(Collector):
             ready.add_metric([name, state], 1.0 if state == "ready" else 0.0)
             rss.add_metric([name], float(model.rss or 0))
             estimate.add_metric([name], float(model.estimate))
+            if model.threads is not None:
+                threads.add_metric([name], float(model.threads))
             loads.add_metric([name], model.loads)
             evictions.add_metric([name], model.evictions)
             restarts.add_metric([name], model.restarts)
@@ -75,8 +80,8 @@ class _SupervisorCollector(Collector):
             waits.add_metric([name], buckets, sum_value=model.wait_total)
         budget = GaugeMetricFamily("lalo_ram_budget_bytes", "RAM budget for model servers")
         budget.add_metric([], float(sup.budget().bytes))
-        yield from (in_flight, queued, ready, rss, estimate, loads, evictions, restarts, tokens,
-                    swaps, waits, budget)
+        yield from (in_flight, queued, ready, rss, estimate, threads, loads, evictions, restarts,
+                    tokens, swaps, waits, budget)
 
 
 class _KeyCollector(Collector):

@@ -21,14 +21,19 @@ Announce = Callable[[str], None]
 
 
 def serving_lines(url: str, loaded: LoadedConfig, plan: Plan, share: CpuShare,
-                  offload: Offload, models: Sequence[ResolvedModel]) -> list[str]:
-    """The lines right after the proxy started: where, from what config, on what machine."""
+                  offload: Offload, models: Sequence[ResolvedModel],
+                  governed: Sequence[str] = ()) -> list[str]:
+    """The lines right after the proxy started: where, from what config, on what machine;
+    `governed`: the models whose threads follow what is busy."""
     lines = [
         f"lalo {__version__} serving {url}  (dashboard {url}/, OpenAI API {url}/v1)",
         f"config: {loaded.describe_source()}; RAM budget {format_size(plan.budget.bytes)} "
         f"({plan.budget.source})",
     ]
-    if share.oversubscribed:
+    if governed:
+        lines.append(f"cpu: threads from what is busy for {', '.join(governed)} ({share.cpus} "
+                     "CPUs: one busy alone gets all, busy ones share them; lalo's engine)")
+    if share.oversubscribed and len(governed) < len(models):
         lines.append(f"cpu: {policy_line(share)}")
     lines.extend(offload.lines())
     for model in models:

@@ -9,14 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher import paths
-from launcher.config import LoadedConfig
+from launcher.config import LoadedConfig, ModelConfig
 from launcher.engines.base import Engine, ServerSettings
-from launcher.placement.cpu_share import CpuShare, quota_threads, wait_env
+from launcher.engines.llama_server import LlamaServerEngine
+from launcher.placement.cpu_share import CpuShare, quota_threads, usable_cpus, wait_env
 from launcher.placement.estimate import MemorySettings
 from launcher.placement.gpu_offload import NO_GPU, Offload
 from launcher.placement.measurements import Measurements, measurement_key
 from launcher.placement.resolve import ResolvedModel
 from launcher.supervisor.events import SupervisorEvents
+from launcher.supervisor.governor import OtherLoad, ThreadGovernor, post_threads
 from launcher.supervisor.instance import ChildRecords
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.policy import RestartPolicy
@@ -42,12 +44,19 @@ class ServerFactory:
     # each model's -ngl / --tensor-split (launcher.placement.gpu_offload); none by default
     offload: Offload = dataclasses.field(default_factory=Offload)
 
+    @staticmethod
+    def governs(engine: Engine, cfg: ModelConfig) -> bool:
+        """Threads from what is busy: a llama-server that can change them, `threads: auto`."""
+        return isinstance(engine, LlamaServerEngine) and engine.set_threads and cfg.thread_count is None
+
     def make(self, model: ResolvedModel) -> tuple[SupervisedModel, ManagedModel, RestartPolicy]:
         sup = self.loaded.config.supervisor
         cfg = model.config
         # a model without a file (a catalog model that could not be pulled) is failed with its
         # reason; the others are served
         path = model.path if model.path is not None else Path(cfg.file or cfg.catalog or model.name)
+        engine = self.engines[cfg.engine_kind]
+        governed = self.governs(engine, cfg)
         settings = ServerSettings(
             model_path=path,
             host=self.host,
@@ -55,12 +64,14 @@ class ServerFactory:
             api_key="",
             ctx_size=cfg.ctx_size,
             parallel=cfg.parallel,
-            threads=cfg.thread_count or quota_threads(),
+            # governed: it starts with every CPU lalo may use, the governor lowers that while
+            # others are busy; the threads never exceed the CPUs, so OpenMP keeps its spin
+            threads=usable_cpus() if governed else cfg.thread_count or quota_threads(),
             embeddings=cfg.embeddings,
             chat_template=self.loaded.chat_template(model.name),
             extra_args=(*_alias_args(cfg.engine_kind, model.name), *cfg.args),
             kv_cache=cfg.kv_cache,
-            env={**wait_env(self.share, cfg.env), **cfg.env},
+            env=dict(cfg.env) if governed else {**wait_env(self.share, cfg.env), **cfg.env},
         )
         settings = self.offload.server_settings(model.name, settings)
         # sleeping when idle and the prompt cache kept across stops (llama-server only);
@@ -105,6 +116,7 @@ class ServerFactory:
             pinned=cfg.pinned,
             ctx_size=cfg.ctx_size, parallel=cfg.parallel, kv_cache=cfg.kv_cache,
             request_rules=cfg.request_rules or None,
+            governed=governed,
         )
         if model.error is not None:
             managed.mark_invalid(model.error)
@@ -126,6 +138,11 @@ def build_supervisor(
     events = SupervisorEvents(records, measurements)
     factory = ServerFactory(loaded, engines, events, share, host, offload)
     made = [factory.make(model) for model in models]
+    # one governor for the models whose threads follow what is busy (and any a reload adds)
+    governor = None
+    if any(isinstance(engine, LlamaServerEngine) and engine.set_threads for engine in engines.values()):
+        cpus = usable_cpus()
+        governor = ThreadGovernor(cpus, post_threads, others=OtherLoad(cpus))
     keys = {meta.name: meta.measurement_key for meta, _, _ in made}
     known = {name: value for name in keys if (value := measurements.get(keys[name])) is not None}
     supervisor = Supervisor(
@@ -140,6 +157,7 @@ def build_supervisor(
         policies={meta.name: policy for meta, _, policy in made},
         measured=known,
         events=events,
+        governor=governor,
     )
     return supervisor
 

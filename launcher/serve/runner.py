@@ -155,8 +155,9 @@ class Runner:
         url = f"http://{display_host(self.host)}:{self.port}"
         self._publish(url)
         prepared = self.prepared
+        governed = [name for name, meta in self.supervisor.info.items() if meta.governed]
         for line in serving_lines(url, self.loaded, prepared.plan, self.share, prepared.offload,
-                                  prepared.models):
+                                  prepared.models, governed):
             self.announce(line)
         self.supervisor.start_background()
         if self.peers:

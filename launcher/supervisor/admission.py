@@ -36,6 +36,7 @@ from launcher.errors import (
 )
 from launcher.placement.planner import Budget, compute_budget
 from launcher.placement.scheduler import Load, ModelView, Schedule, never_fits, schedule
+from launcher.supervisor.governor import ThreadGovernor
 from launcher.supervisor.lease import LeaseRequest, LocalLease
 from launcher.supervisor.records import ModelRecord, Waiter
 from launcher.supervisor.state import Endpoint, ModelState
@@ -67,6 +68,7 @@ class Admission:
     _wakeup: asyncio.TimerHandle | None
     _closing: bool
     _closed: frozenset[str]  # models draining for a starved waiter
+    governor: ThreadGovernor | None  # told when a model starts and stops being busy
 
     # --- memory -------------------------------------------------------------------------------
     def required(self, name: str) -> int:
@@ -181,6 +183,8 @@ class Admission:
         record.last_used = self._clock()
         if record.in_flight == 0:
             record.drained.set()
+            if self.governor is not None:
+                self.governor.busy(record.name, False)
         self._dispatch()
 
     def record_tokens(self, name: str, tokens: int, seconds: float) -> None:
@@ -251,6 +255,8 @@ class Admission:
 
     def _take_slot(self, record: ModelRecord, waited: float) -> None:
         record.in_flight += 1
+        if record.in_flight == 1 and self.governor is not None:
+            self.governor.busy(record.name, True)
         record.requests += 1
         record.drained.clear()
         record.waits.observe(waited)

@@ -62,6 +62,8 @@ class EventsOwner(Protocol):
 
     def record_measurement(self, name: str, rss: int) -> None: ...
 
+    def model_changed(self, name: str, state: ModelState) -> None: ...
+
 
 class SupervisorEvents:
     """The events of one supervisor's models: each model is built with `for_model(name)`,
@@ -106,7 +108,8 @@ class ModelEvents:
             self.hub.children.add(self.name, pid, created, port)
 
     def changed(self, state: ModelState) -> None:
-        pass  # the supervisor reads states when it decides; nobody needs the change itself
+        if self.hub.owner is not None:  # the supervisor decides on states when it dispatches;
+            self.hub.owner.model_changed(self.name, state)  # its thread governor needs them now
 
     def crashed(self, uptime: float | None) -> None:
         if self.hub.owner is not None:

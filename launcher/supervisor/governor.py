@@ -24,11 +24,13 @@ from collections.abc import Awaitable, Callable, Iterable
 import psutil
 
 from launcher.placement.thread_share import ThreadShare, share_threads
+from launcher.supervisor.localhttp import request_json
+from launcher.supervisor.state import Endpoint
 
 log = logging.getLogger(__name__)
 
-Post = Callable[[str, int], Awaitable[None]]
-"""(model, threads) -> sets them on its server; raises on failure."""
+Post = Callable[[Endpoint, int], Awaitable[None]]
+"""(server, threads) -> sets them on it; raises on failure."""
 
 SETTLE = 0.25  # seconds an idle server stays counted as busy
 INTERVAL = 1.0  # seconds between readings of the CPU time of other programs
@@ -70,7 +72,7 @@ class ThreadGovernor:
         self._settle = settle
         self._interval = interval
         self._others = others
-        self._servers: dict[str, int] = {}  # governed and ready: name -> pid
+        self._servers: dict[str, Endpoint] = {}  # governed and ready
         self._busy: set[str] = set()
         self._counted: set[str] = set()  # busy as the split sees it (idle ones leave late)
         self._applied: dict[str, int] = {}
@@ -80,9 +82,11 @@ class ThreadGovernor:
         self.share: ThreadShare = share_threads([], [], cpus)
 
     # --- what the supervisor reports ----------------------------------------------------------
-    def ready(self, name: str, pid: int) -> None:
-        """A governed server is up (started, restarted, woke): its count is set anew."""
-        self._servers[name] = pid
+    def ready(self, name: str, endpoint: Endpoint) -> None:
+        """A governed server is up (started, restarted): its count is set anew."""
+        if self._servers.get(name) == endpoint:
+            return
+        self._servers[name] = endpoint
         self._applied.pop(name, None)
         self._kick()
 
@@ -142,7 +146,8 @@ class ThreadGovernor:
                 async with asyncio.timeout(self._interval):
                     await self._wake.wait()
             self._wake.clear()
-            others = self._others.sample(self._servers.values()) if self._others is not None else 0.0
+            pids = [endpoint.pid for endpoint in self._servers.values()]
+            others = self._others.sample(pids) if self._others is not None else 0.0
             await self._apply(others)
 
     async def _apply(self, others: float) -> None:
@@ -154,7 +159,7 @@ class ThreadGovernor:
         self.share = share
         if not changes:
             return
-        results = await asyncio.gather(*(self._post(n, c) for n, c in changes.items()),
+        results = await asyncio.gather(*(self._post(self._servers[n], c) for n, c in changes.items()),
                                        return_exceptions=True)
         for (name, count), result in zip(changes.items(), results, strict=True):
             if isinstance(result, BaseException):
@@ -163,3 +168,12 @@ class ThreadGovernor:
                 self._applied.pop(name, None)
             elif name in self._servers:
                 self._applied[name] = count
+
+
+async def post_threads(endpoint: Endpoint, count: int) -> None:
+    """`POST /threads` (patch 0002) on a server: generation and batch threads alike."""
+    answer = await request_json("POST", f"{endpoint.base_url}/threads",
+                                {"Authorization": f"Bearer {endpoint.api_key}"}, 2.0,
+                                {"n_threads": count, "n_threads_batch": count})
+    if answer.status != 200:
+        raise RuntimeError(f"POST /threads answered {answer.status}: {answer.body!r}"[:300])

@@ -39,6 +39,9 @@ class SupervisedModel:
     kv_cache: str = "f16"
     # what the proxy does to its requests' parameters (lalo.yaml defaults/set/limits/strip)
     request_rules: RequestRules | None = None
+    # its threads follow what is busy (launcher/supervisor/governor.py): a lalo-built
+    # llama-server with `threads: auto`; else the static policy of placement/cpu_share.py
+    governed: bool = False
 
 
 @dataclass

@@ -39,6 +39,7 @@ class ModelSnapshot:
     wait_buckets: tuple[int, ...]  # the queue wait histogram (WAIT_BUCKETS)
     wait_count: int
     wait_total: float
+    threads: int | None = None  # compute threads now (governed) or as started; None: default
 
     @property
     def busy(self) -> bool:

@@ -10,8 +10,9 @@ from launcher.supervisor.records import ModelRecord
 from launcher.supervisor.snapshot import ModelSnapshot
 
 
-def snapshot_of(record: ModelRecord, required: int) -> ModelSnapshot:
-    """`record` as it is now (`required`: what admission counts it for)."""
+def snapshot_of(record: ModelRecord, required: int, threads: int | None = None) -> ModelSnapshot:
+    """`record` as it is now (`required`: what admission counts it for; `threads`: what the
+    governor set on its server)."""
     meta, model, waits = record.meta, record.model, record.waits
     return ModelSnapshot(
         name=meta.name, aliases=meta.aliases, engine=meta.engine, path=meta.path,
@@ -25,11 +26,12 @@ def snapshot_of(record: ModelRecord, required: int) -> ModelSnapshot:
         loads=record.loads, evictions=record.evictions, restarts=record.restarts,
         swaps_idle=record.swaps["idle"], swaps_max_wait=record.swaps["max_wait"],
         wait_buckets=tuple(waits.buckets), wait_count=waits.count, wait_total=waits.total,
+        threads=threads if threads is not None else record.model.settings.threads,
     )
 
 
 def status_row(record: ModelRecord, *, measured: int | None, loading: bool,
-               now: float) -> dict[str, Any]:
+               now: float, threads: int | None = None) -> dict[str, Any]:
     """One model's row (`measured`: its highest RSS seen; `now`: the supervisor's clock)."""
     meta = record.meta
     recent = [rate for at, rate in record.token_rates if time.time() - at < 300]
@@ -65,4 +67,8 @@ def status_row(record: ModelRecord, *, measured: int | None, loading: bool,
         "loads": record.loads,
         "wakes": record.wakes,
         "evictions": record.evictions,
+        # compute threads: set by the governor from what is busy, or fixed at start (None:
+        # the engine's default)
+        "threads": threads if threads is not None else record.model.settings.threads,
+        "thread_policy": "governed" if meta.governed else "static",
     }

@@ -25,6 +25,7 @@ from launcher.errors import ModelError, ModelFailedError, ModelStoppedError
 from launcher.machine import memory as machine_memory
 from launcher.supervisor.admission import Admission
 from launcher.supervisor.events import SupervisorEvents
+from launcher.supervisor.governor import ThreadGovernor
 from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import ManagedModel
 from launcher.supervisor.records import WAIT_BUCKETS, ModelRecord, SupervisedModel
@@ -53,12 +54,14 @@ class Supervisor(Admission):
         policies: Mapping[str, RestartPolicy] | None = None,
         measured: Mapping[str, int] | None = None,
         events: SupervisorEvents | None = None,  # what `models` were built with
+        governor: ThreadGovernor | None = None,  # threads of the `governed` models
         available_memory: Callable[[], int] = machine_memory.available_memory,
         total_memory: Callable[[], int] = machine_memory.total_memory,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.events = events or SupervisorEvents()
+        self.governor = governor
         self.events.attach(self)
         self._records = {}
         for meta, managed in models:
@@ -119,6 +122,21 @@ class Supervisor(Admission):
         record = self._records[name]
         return (record.loading or record.state == ModelState.STARTING
                 or record.restart_at is not None or record.restart_due)
+
+    def model_changed(self, name: str, state: ModelState) -> None:
+        """Each state change of a server: the governor follows the governed ones' endpoints."""
+        record = self._records.get(name)
+        if self.governor is None or record is None or not record.meta.governed:
+            return
+        endpoint = record.model.endpoint
+        if state in (ModelState.READY, ModelState.SLEEPING) and endpoint is not None:
+            self.governor.ready(name, endpoint)
+        elif state != ModelState.SLEEPING:
+            self.governor.gone(name)
+
+    def threads(self, name: str) -> int | None:
+        """The compute threads the governor set on `name`'s server (None: not governed)."""
+        return self.governor.threads(name) if self.governor is not None else None
 
     # --- restarts after a crash or a failed start ------------------------------------------
     def model_crashed(self, name: str, uptime: float | None) -> None:
@@ -259,6 +277,8 @@ class Supervisor(Admission):
 
     # --- background ---------------------------------------------------------------------------
     def start_background(self, ttl_interval: float = 1.0) -> None:
+        if self.governor is not None:
+            self.governor.start()
         # always: a client's keep_alive (set_idle_timeout) may give any model a ttl later
         self._tasks.spawn(self._unload_idle(ttl_interval), "idle unload")
 
@@ -290,17 +310,19 @@ class Supervisor(Admission):
             self._fail_waiters(record, ModelStoppedError(f"{record.name}: lalo is shutting down"))
             self._cancel_restart(record)
         await self._tasks.close()
+        if self.governor is not None:
+            await self.governor.stop()
         await asyncio.gather(*(r.model.close() for r in self._records.values()),
                              return_exceptions=True)
 
     # --- reporting ----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, ModelSnapshot]:
         """Every model as it is now, in config order: immutable copies, safe to keep."""
-        return {name: snapshot_of(record, self.required(name))
+        return {name: snapshot_of(record, self.required(name), self.threads(name))
                 for name, record in self._records.items()}
 
     def status(self) -> list[dict[str, Any]]:
         now = self._clock()
         return [status_row(record, measured=self._measured.get(name),
-                           loading=self.is_loading(name), now=now)
+                           loading=self.is_loading(name), now=now, threads=self.threads(name))
                 for name, record in self._records.items()]

@@ -7,6 +7,14 @@ import asyncio
 import pytest
 
 from launcher.supervisor.governor import ThreadGovernor
+from launcher.supervisor.state import Endpoint
+
+
+def at(pid: int) -> Endpoint:
+    return Endpoint(base_url=f"http://127.0.0.1:{9000 + pid}", api_key="k", pid=pid)
+
+
+NAMES = {1: "a", 2: "b"}
 
 
 class Servers:
@@ -15,8 +23,9 @@ class Servers:
         self.posts: list[tuple[str, int]] = []
         self.failing = failing or set()
 
-    async def post(self, name: str, count: int) -> None:
+    async def post(self, endpoint: Endpoint, count: int) -> None:
         await asyncio.sleep(0)
+        name = NAMES[endpoint.pid]
         self.posts.append((name, count))
         if name in self.failing:
             raise ConnectionError("no route")
@@ -33,8 +42,8 @@ async def test_busy_servers_share_and_one_alone_gets_all() -> None:
     governor = ThreadGovernor(4, servers.post, settle=0.05, interval=10)
     governor.start()
     try:
-        governor.ready("a", 1)
-        governor.ready("b", 2)
+        governor.ready("a", at(1))
+        governor.ready("b", at(2))
         await settled(governor)
         assert servers.threads == {"a": 4, "b": 4}  # nothing busy: either may take all
         governor.busy("a", True)
@@ -55,7 +64,7 @@ async def test_an_idle_gap_shorter_than_settle_changes_nothing() -> None:
     governor.start()
     try:
         for name, pid in (("a", 1), ("b", 2)):
-            governor.ready(name, pid)
+            governor.ready(name, at(pid))
             governor.busy(name, True)
         await settled(governor)
         before = len(servers.posts)
@@ -77,8 +86,8 @@ async def test_a_server_that_refuses_is_tried_again_and_a_gone_one_forgotten() -
     governor = ThreadGovernor(2, servers.post, settle=0.01, interval=10)
     governor.start()
     try:
-        governor.ready("a", 1)
-        governor.ready("b", 2)
+        governor.ready("a", at(1))
+        governor.ready("b", at(2))
         governor.busy("a", True)
         await settled(governor)
         assert governor.threads("b") is None and ("b", 1) in servers.posts

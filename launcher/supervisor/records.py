@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from launcher.config.request_params import RequestRules
+from launcher.models.capabilities import Capabilities
 from launcher.placement.scheduler import ModelView
 from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import ManagedModel
@@ -39,6 +40,8 @@ class SupervisedModel:
     kv_cache: str = "f16"
     # what the proxy does to its requests' parameters (lalo.yaml defaults/set/limits/strip)
     request_rules: RequestRules | None = None
+    # what it can serve (from its GGUF and settings): None, not known, nothing is refused
+    capabilities: Capabilities | None = None
 
 
 @dataclass

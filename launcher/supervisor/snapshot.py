@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.models.capabilities import Capabilities
 from launcher.supervisor.process import Endpoint
 
 
@@ -39,6 +40,7 @@ class ModelSnapshot:
     wait_buckets: tuple[int, ...]  # the queue wait histogram (WAIT_BUCKETS)
     wait_count: int
     wait_total: float
+    capabilities: Capabilities | None = None  # what it can serve; None: not known
 
     @property
     def busy(self) -> bool:

@@ -25,6 +25,7 @@ def snapshot_of(record: ModelRecord, required: int) -> ModelSnapshot:
         loads=record.loads, evictions=record.evictions, restarts=record.restarts,
         swaps_idle=record.swaps["idle"], swaps_max_wait=record.swaps["max_wait"],
         wait_buckets=tuple(waits.buckets), wait_count=waits.count, wait_total=waits.total,
+        capabilities=meta.capabilities,
     )
 
 

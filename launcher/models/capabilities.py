@@ -1,4 +1,4 @@
-"""What a configured model can serve, from its GGUF (architecture, pooling, chat template) and
+"""What a configured model can serve, from its GGUF (architecture, chat template) and
 its lalo settings: shown in `/v1/models`, Ollama's `/api/tags` and `/api/show`, and checked
 before a request is forwarded, so that one the model cannot serve gets a 400 naming the lalo
 setting instead of llama-server's advice about its own flags. Pure.
@@ -13,8 +13,10 @@ from launcher.models.gguf_file import GGUFInfo
 # Encoder-only architectures llama.cpp runs for embeddings and ranking: they cannot generate.
 ENCODERS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3",
                       "neo-bert", "modern-bert", "t5encoder", "gemma-embedding"})
-POOLING_RANK = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK: a reranker's classification head
+# llama-server ranks with any model given one of these (it sets the ranking pooling); only a
+# GGUF trained with a ranking head gives scores that mean something
 RERANK_FLAGS = ("--rerank", "--reranking")
+EMBEDDING_FLAGS = ("--embedding", "--embeddings")  # what `embeddings: true` passes, in args
 
 # what each model route asks of a model (launcher.proxy.routes labels)
 ROUTE_NEEDS = {
@@ -33,7 +35,7 @@ class Capabilities:
     chat: bool  # ... from messages, with a chat template
     tools: bool  # its chat template takes tool definitions
     embeddings: bool  # served at /v1/embeddings (`embeddings: true`)
-    rerank: bool  # served at /v1/rerank (a ranking head, and `--rerank` in args)
+    rerank: bool  # served at /v1/rerank (`--rerank` in args)
     vision: bool = False  # lalo runs no multimodal projector (`--mmproj` is refused): never yet
     audio: bool = False
     architecture: str = ""
@@ -65,8 +67,8 @@ class Capabilities:
             return (f"model {model} does not serve embeddings: set models.{model}.embeddings: true "
                     f"in lalo.yaml{pooling}")
         if need == "rerank":
-            return (f"model {model} does not rerank: that needs a reranking model (a GGUF with a "
-                    f"ranking head) and models.{model}.args: [--rerank] in lalo.yaml")
+            return (f"model {model} does not rerank: set models.{model}.args: [--rerank] in "
+                    "lalo.yaml (on a reranking model: a GGUF with a ranking head)")
         return f"model {model} has no audio input (lalo does not run multimodal projectors yet)"
 
 
@@ -74,19 +76,21 @@ def capabilities_of(info: GGUFInfo | None, *, embeddings: bool, args: tuple[str,
                     chat_template: str | None = None) -> Capabilities:
     """From the model's GGUF header (None: not on disk yet, assumed a chat model) and settings;
     `chat_template`: the text of the template lalo.yaml gives instead of the file's, if any."""
+    # the flags in `args` serve the route as the setting does
+    embeddings = embeddings or any(flag in args for flag in EMBEDDING_FLAGS)
+    rerank = any(flag in args for flag in RERANK_FLAGS)
     if info is None:
         return Capabilities(completion=True, chat=True, tools=False, embeddings=embeddings,
-                            rerank=False)
+                            rerank=rerank)
     generates = info.architecture not in ENCODERS
     template = chat_template if chat_template is not None else str(
         info.metadata.get("tokenizer.chat_template", "") or "")
-    pooling = info.arch_value("pooling_type")
     return Capabilities(
         completion=generates,
         # llama-server falls back to a generic template when the file has none
         chat=generates,
         tools=generates and "tools" in template,
         embeddings=embeddings,
-        rerank=pooling == POOLING_RANK and any(flag in args for flag in RERANK_FLAGS),
+        rerank=rerank,
         architecture=info.architecture,
     )

@@ -73,8 +73,10 @@ class AdminAPI:
     async def list_models(self, request: Request) -> Response:
         data: list[dict[str, Any]] = []
         for name, model in self.supervisor.snapshot().items():
-            entry = {"object": "model", "created": int(self.started), "owned_by": "lalo",
-                     "state": model.state}
+            entry: dict[str, Any] = {"object": "model", "created": int(self.started),
+                                     "owned_by": "lalo", "state": model.state}
+            if model.capabilities is not None:
+                entry["capabilities"] = model.capabilities.names()
             data.append({"id": name, **entry, "aliases": list(model.aliases)})
             data.extend({"id": alias, **entry, "parent": name} for alias in model.aliases)
         if self.peers is not None:  # models only peers serve, marked `owned_by: peer:NAME`

@@ -115,6 +115,14 @@ class OllamaAPI:
             raise OllamaError(404, f"model '{requested}' not found; known: {self._known()}")
         return name, requested
 
+    def _refuse(self, name: str, route: str) -> None:
+        """A 400 naming the lalo setting for a request `name` cannot serve, before any load
+        (`route`: a `launcher.proxy.routes` label)."""
+        capabilities = self.supervisor.capabilities.get(name)
+        refused = capabilities.refusal(route, name) if capabilities is not None else None
+        if refused is not None:
+            raise OllamaError(400, refused)
+
     def _known(self) -> str:
         return ", ".join(self.supervisor.names) or "(none configured)"
 
@@ -156,8 +164,10 @@ class OllamaAPI:
         }
         # not the file's sha256 (hashing gigabytes per listing is too slow): path, size, mtime
         digest = hashlib.sha256(f"{path}:{size}:{modified}".encode()).hexdigest()
+        capabilities = self._model(name).capabilities
         return {"name": name, "model": name, "modified_at": timestamp(modified), "size": size,
-                "digest": digest, "details": details}
+                "digest": digest, "details": details,
+                "capabilities": capabilities.ollama_names() if capabilities else ["completion"]}
 
     async def tags(self) -> dict[str, Any]:
         return {"models": [await self._entry(name) for name in self.supervisor.snapshot()]}
@@ -189,16 +199,13 @@ class OllamaAPI:
             model_info = {key: value for key, value in info.metadata.items()
                           if not isinstance(value, list | bytes) and key != "tokenizer.chat_template"}
             model_info["general.parameter_count"] = info.parameter_count
-        capabilities = ["completion"]
-        if "tools" in template:
-            capabilities.append("tools")
         return {
             "modelfile": f"FROM {self._model(name).path}\n",
             "parameters": "",
             "template": template,
             "details": entry["details"],
             "model_info": model_info,
-            "capabilities": capabilities,
+            "capabilities": entry["capabilities"],
             "modified_at": entry["modified_at"],
         }
 
@@ -225,6 +232,7 @@ class OllamaAPI:
     async def generate(self, payload: dict[str, Any], receive: Receive, send: Send, *,
                        chat: bool) -> None:
         name, requested = self._resolve(payload)
+        self._refuse(name, "chat")  # as Ollama: a model that cannot generate is not loaded either
         keep_alive = parse_keep_alive(payload.get("keep_alive"))
         stream = payload.get("stream", True) is not False
         begun = time.perf_counter()
@@ -314,6 +322,7 @@ class OllamaAPI:
     async def embed(self, payload: dict[str, Any], receive: Receive, send: Send, *,
                     legacy: bool) -> None:
         name, requested = self._resolve(payload)
+        self._refuse(name, "embeddings")
         keep_alive = parse_keep_alive(payload.get("keep_alive"))
         begun = time.perf_counter()
         if legacy:

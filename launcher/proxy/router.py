@@ -27,6 +27,13 @@ class Router:
             return requested
         return name
 
+    def refusal(self, name: str, route: str) -> str | None:
+        """Why model `name` cannot serve a request on `route` (a `launcher.proxy.routes` label):
+        a message naming the lalo setting, for a 400 before anything loads; None when it can,
+        or when it is a peer's (the peer decides). One lookup: this is the hot path."""
+        capabilities = self.supervisor.capabilities.get(name)
+        return capabilities.refusal(route, name) if capabilities is not None else None
+
     def lease(self, name: str) -> LeaseRequest:
         """A slot for one request to `name`: on a peer when one serves it instead
         (`launcher.proxy.peers.choose_route`), else here. PeerDownError when only down peers

@@ -198,6 +198,9 @@ class ModelRouter:
         if name is None:
             return await send_error(send, 404, f"unknown model {requested!r}; known: "
                                                f"{self.router.known()}")
+        refused = self.router.refusal(name, route.label)
+        if refused is not None:  # before the lease: nothing loads for it
+            return await send_error(send, 400, refused, code="model_capability")
         await self.forwarder.forward(
             receive, send, name, "POST", path, body, route=route.label,
             query=scope.get("query_string", b"").decode("latin-1"),

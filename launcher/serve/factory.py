@@ -12,6 +12,7 @@ from launcher import paths
 from launcher.config import LoadedConfig, ModelConfig
 from launcher.engines.base import Engine, ServerSettings
 from launcher.engines.llama_server import LlamaServerEngine
+from launcher.models.capabilities import capabilities_of
 from launcher.placement.cpu_share import CpuShare, quota_threads, usable_cpus, wait_env
 from launcher.placement.estimate import MemorySettings
 from launcher.placement.gpu_offload import NO_GPU, Offload
@@ -117,6 +118,8 @@ class ServerFactory:
             ctx_size=cfg.ctx_size, parallel=cfg.parallel, kv_cache=cfg.kv_cache,
             request_rules=cfg.request_rules or None,
             governed=governed,
+            capabilities=capabilities_of(model.info, embeddings=cfg.embeddings, args=tuple(cfg.args),
+                                         chat_template=_template_text(settings.chat_template)),
         )
         if model.error is not None:
             managed.mark_invalid(model.error)
@@ -160,6 +163,19 @@ def build_supervisor(
         governor=governor,
     )
     return supervisor
+
+
+def _template_text(template: str | None) -> str | None:
+    """The text of the chat template lalo.yaml sets (None: the GGUF's own). A built-in name
+    runs without Jinja, so without tools: no text to find them in."""
+    if template is None:
+        return None
+    if not Path(template).is_absolute():
+        return ""
+    try:
+        return Path(template).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def _alias_args(engine: str, name: str) -> tuple[str, ...]:

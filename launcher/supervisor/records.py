@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from launcher.config.request_params import RequestRules
+from launcher.models.capabilities import Capabilities
 from launcher.placement.scheduler import ModelView
 from launcher.supervisor.policy import RestartPolicy
 from launcher.supervisor.process import ManagedModel
@@ -42,6 +43,8 @@ class SupervisedModel:
     # its threads follow what is busy (launcher/supervisor/governor.py): a lalo-built
     # llama-server with `threads: auto`; else the static policy of placement/cpu_share.py
     governed: bool = False
+    # what it can serve (from its GGUF and settings): None, not known, nothing is refused
+    capabilities: Capabilities | None = None
 
 
 @dataclass

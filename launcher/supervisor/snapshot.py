@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.models.capabilities import Capabilities
 from launcher.supervisor.process import Endpoint
 
 
@@ -40,6 +41,7 @@ class ModelSnapshot:
     wait_count: int
     wait_total: float
     threads: int | None = None  # compute threads now (governed) or as started; None: default
+    capabilities: Capabilities | None = None  # what it can serve; None: not known
 
     @property
     def busy(self) -> bool:

@@ -27,6 +27,7 @@ def snapshot_of(record: ModelRecord, required: int, threads: int | None = None) 
         swaps_idle=record.swaps["idle"], swaps_max_wait=record.swaps["max_wait"],
         wait_buckets=tuple(waits.buckets), wait_count=waits.count, wait_total=waits.total,
         threads=threads if threads is not None else record.model.settings.threads,
+        capabilities=meta.capabilities,
     )
 
 

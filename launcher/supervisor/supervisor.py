@@ -23,6 +23,7 @@ from typing import Any
 
 from launcher.errors import ModelError, ModelFailedError, ModelStoppedError
 from launcher.machine import memory as machine_memory
+from launcher.models.capabilities import Capabilities
 from launcher.supervisor.admission import Admission
 from launcher.supervisor.events import SupervisorEvents
 from launcher.supervisor.governor import ThreadGovernor
@@ -74,6 +75,9 @@ class Supervisor(Admission):
             record.drained.set()
             self._records[meta.name] = record
         self.names: Mapping[str, str] = {}  # name or alias -> name; republished, never changed
+        # name -> what it can serve (where known), published with the names: the proxy's
+        # check before a request is forwarded is one lookup
+        self.capabilities: Mapping[str, Capabilities] = {}
         self._publish_names()
         self._measured = dict(measured or {})
         self._ram_budget = ram_budget
@@ -98,6 +102,9 @@ class Supervisor(Admission):
         # a new read-only mapping each time (config order): a reader keeps a consistent one
         self.names = MappingProxyType({alias: r.name for r in self._records.values()
                                        for alias in (r.name, *r.meta.aliases)})
+        self.capabilities = MappingProxyType({r.name: r.meta.capabilities
+                                              for r in self._records.values()
+                                              if r.meta.capabilities is not None})
 
     def resolve(self, name: str) -> str | None:
         return self.names.get(name)

@@ -42,6 +42,10 @@ def test_an_encoder_cannot_generate_and_a_reranker_needs_its_flag() -> None:
     assert "--rerank" in str(bert.refusal("rerank", "e5"))
     ranker = capabilities_of(info("bert", **{"bert.pooling_type": 4}), embeddings=False, args=("--rerank",))
     assert ranker.refusal("rerank", "e5") is None
+    # llama-server ranks with any model given the flag (the scores mean something only with a
+    # ranking head), and a flag in args serves embeddings as the setting does
+    assert capabilities_of(info("llama"), embeddings=False, args=("--reranking",)).rerank
+    assert capabilities_of(info("llama"), embeddings=False, args=("--embeddings",)).embeddings
 
 
 def test_the_configured_template_decides_tools_and_no_file_means_a_chat_model() -> None:

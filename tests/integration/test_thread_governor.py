@@ -1,0 +1,92 @@
+"""The thread governor on real servers: two models of lalo's engine with `threads: auto` get
+their threads from what is busy (one busy alone: every CPU; both busy: a share each), their
+answers stay whole and right across the changes, and a llama-server lalo did not build keeps
+the static policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from launcher.placement.cpu_share import usable_cpus
+from tests.support.lalo import LaloUp, lalo_env, wait_until, write_config
+
+pytestmark = pytest.mark.integration
+ASK = [{"role": "system", "content": "You are a helpful assistant."},
+       {"role": "user", "content": "What is the capital of France?"}]
+
+
+def threads(up: LaloUp) -> dict[str, Any]:
+    return {m["name"]: (m["thread_policy"], m["threads"]) for m in up.status()["models"]}
+
+
+def stream(up: LaloUp, model: str, out: dict[str, str], tokens: int = 400) -> threading.Thread:
+    """A streamed answer in the background, kept whole in `out[model]`."""
+    def run() -> None:
+        text = []
+        with httpx.stream("POST", up.url + "/v1/chat/completions", timeout=300, json={
+                "model": model, "stream": True, "temperature": 0, "max_tokens": tokens,
+                "ignore_eos": True, "messages": ASK}) as answer:
+            for line in answer.iter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+                    text.append(delta or "")
+        out[model] = "".join(text)
+    worker = threading.Thread(target=run)
+    worker.start()
+    return worker
+
+
+def test_threads_follow_what_is_busy(llama_server_bin: Path, smollm2: Path, tmp_path: Path) -> None:
+    cpus = usable_cpus()
+    if cpus < 2:
+        pytest.skip("sharing needs at least 2 CPUs")
+    config = write_config(tmp_path / "lalo.yaml", {
+        "a": {"file": str(smollm2), "ctx_size": 1024},
+        "b": {"file": str(smollm2), "ctx_size": 1024},
+    }, engines={"llama_server": {"path": str(llama_server_bin)}})
+    with LaloUp(config, lalo_env(tmp_path / "state", tmp_path / "config")) as up:
+        up.wait_state("a", "ready")
+        up.wait_state("b", "ready")
+        assert "cpu: threads from what is busy for a, b" in up.output()
+        # nothing busy: either may take every CPU
+        wait_until(lambda: threads(up) == {"a": ("governed", cpus), "b": ("governed", cpus)}, 10,
+                   message="every CPU for idle servers")
+        answers: dict[str, str] = {}
+        first = stream(up, "a", answers)
+        wait_until(lambda: threads(up) == {"a": ("governed", cpus), "b": ("governed", cpus // 2)},
+                   20, message="a alone busy: all; b ready to share")
+        second = stream(up, "b", answers)
+        share = cpus // 2
+        wait_until(lambda: threads(up)["a"][1] + threads(up)["b"][1] <= cpus
+                   and threads(up)["b"][1] == share, 20, message="both busy: a share each")
+        first.join(300)
+        second.join(300)
+        wait_until(lambda: threads(up)["b"] == ("governed", cpus), 20,
+                   message="b alone again after the settle time")
+        # the answers were whole and right across the changes
+        for name in ("a", "b"):
+            assert "Paris" in answers[name], answers[name]
+        metrics = httpx.get(up.url + "/metrics", timeout=10).text
+        assert 'lalo_model_threads{model="a"}' in metrics
+
+
+def test_a_llama_server_lalo_did_not_build_keeps_the_static_policy(
+        llama_server_bin: Path, smollm2: Path, tmp_path: Path) -> None:
+    own = tmp_path / "own" / "llama-server"  # the same binary, without lalo's manifest beside it
+    own.parent.mkdir()
+    shutil.copy2(llama_server_bin, own)
+    os.chmod(own, 0o755)
+    config = write_config(tmp_path / "lalo.yaml", {"a": {"file": str(smollm2), "ctx_size": 1024}},
+                          engines={"llama_server": {"path": str(own)}})
+    with LaloUp(config, lalo_env(tmp_path / "state", tmp_path / "config")) as up:
+        up.wait_state("a", "ready")
+        assert threads(up)["a"][0] == "static"
+        assert "threads from what is busy" not in up.output()

@@ -1,5 +1,6 @@
 """The Windows engine under wine: llama-server.exe cross-compiled with mingw-w64 (`lalo engine
-build --platform windows`) is static and serves the real SmolLM2 model, answering "Paris".
+build --platform windows`) is static and serves the real SmolLM2 model, answering "Paris", also
+after its thread counts are changed (patch 0002's POST /threads, on ggml's own thread pools).
 The package built on it (NAME.exe, the installer): tests/integration/test_windows_package.py.
 
 The Windows build takes about 10 minutes on 2 cores (20 on a busy machine), once: lalo caches it.
@@ -105,6 +106,14 @@ def test_exe_serves_smollm2_under_wine(windows_engine: BuiltEngine, smollm2: Pat
         )
     try:
         assert "Paris" in _ask(port, proc, log, "smol")
+        # lalo's patch 0002 on ggml's own thread pools (this build has no OpenMP): POST /threads
+        # makes new pools (more threads than at start; a batch pool apart) between decodes
+        for counts in ({"n_threads": 3, "n_threads_batch": 1}, {"n_threads": 1}):
+            changed = httpx.post(f"http://127.0.0.1:{port}/threads", json=counts, timeout=60,
+                                 trust_env=False)
+            assert changed.status_code == 200, changed.text
+            assert changed.json().items() >= counts.items(), changed.json()
+            assert "Paris" in _ask(port, proc, log, "smol")
     finally:
         proc.kill()
         proc.wait()

@@ -35,6 +35,7 @@ Post = Callable[[Endpoint, int], Awaitable[None]]
 SETTLE = 0.25  # seconds an idle server stays counted as busy
 INTERVAL = 1.0  # seconds between readings of the CPU time of other programs
 SMOOTHING = 0.5  # weight of the newest reading
+HYSTERESIS = 0.75  # CPUs a smoothed reading must move from the count in use to change it
 
 
 class OtherLoad:
@@ -141,13 +142,17 @@ class ThreadGovernor:
         self._wake.set()
 
     async def _loop(self) -> None:
+        others = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
                     await self._wake.wait()
             self._wake.clear()
-            pids = [endpoint.pid for endpoint in self._servers.values()]
-            others = self._others.sample(pids) if self._others is not None else 0.0
+            if self._others is not None:
+                reading = self._others.sample([e.pid for e in self._servers.values()])
+                # a whole CPU more or less, not a reading near a half, changes the split
+                if abs(reading - others) >= HYSTERESIS:
+                    others = float(round(reading))
             await self._apply(others)
 
     async def _apply(self, others: float) -> None:

@@ -141,6 +141,15 @@ class Supervisor(Admission):
         elif state != ModelState.SLEEPING:
             self.governor.gone(name)
 
+    def thread_share(self) -> dict[str, Any] | None:
+        """The governor's last split (None without one): CPUs, those other programs keep busy,
+        the busy models, in words too."""
+        if self.governor is None:
+            return None
+        share = self.governor.share
+        return {"cpus": share.cpus, "others_busy": share.others, "busy": list(share.busy),
+                "threads": dict(share.threads), "text": share.describe()}
+
     def threads(self, name: str) -> int | None:
         """The compute threads the governor set on `name`'s server (None: not governed)."""
         return self.governor.threads(name) if self.governor is not None else None

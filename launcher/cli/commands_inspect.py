@@ -135,6 +135,21 @@ def build_plan(loaded: LoadedConfig, gpu_sizes: list[str] | None = None
     return make_plan([m.candidate() for m in models], budget, resources.max_loaded), share, offload
 
 
+def thread_policies(loaded: LoadedConfig) -> dict[str, str]:
+    """Per model, how its threads are set: "governed" (lalo's engine, which `lalo up` uses or
+    builds, and `threads: auto`) or "static" (fixed at start: another engine, or a number)."""
+    from launcher.engines.patch_series import THREADS_ROUTE, series
+    from launcher.engines.registry import find_llama_server
+
+    engines = loaded.config.engines.llama_server
+    found = find_llama_server(engines.path, engines.variant, probe=lambda binary: None)
+    patched = THREADS_ROUTE in found.patches if found is not None else \
+        any(patch.name == THREADS_ROUTE for patch in series())  # `lalo up` builds it
+    return {name: "governed" if model.engine_kind == "llama-server" and patched
+            and model.thread_count is None else "static"
+            for name, model in loaded.config.models.items()}
+
+
 @app.command()
 def plan(config: ConfigOption = None, as_json: JsonOption = False, gpu: GpuOption = None) -> None:
     """What `lalo up` would load now, each model's memory estimate, and what does not fit;
@@ -147,7 +162,8 @@ def plan(config: ConfigOption = None, as_json: JsonOption = False, gpu: GpuOptio
             {"gpus": [{"name": g.name, "vram": g.vram} for g in offload.gpus], "models": []}
             if offload.gpus else None)
         typer.echo(json.dumps({"config": loaded.describe_source(), **result.to_json(),
-                               "cpu": cpu_json(share), "gpu": gpu_json,
+                               "cpu": {**cpu_json(share), "threads": thread_policies(loaded)},
+                               "gpu": gpu_json,
                                "offload": offload.to_json()}, indent=2))
         return
     typer.echo(f"config: {loaded.describe_source()}")
@@ -167,7 +183,13 @@ def plan(config: ConfigOption = None, as_json: JsonOption = False, gpu: GpuOptio
             typer.echo(f"  {'':<{width}}  {'':<10} {'':>10}  - {hint}")
     typer.echo(f"preload total: {format_size(result.preload_total)}, "
                f"left for on-demand models: {format_size(result.remaining)}")
-    typer.echo(f"cpu: {policy_line(share)}")
+    policies = thread_policies(loaded)
+    governed = [name for name, policy in policies.items() if policy == "governed"]
+    if governed:
+        typer.echo(f"cpu: threads from what is busy for {', '.join(governed)} (lalo's engine: "
+                   "one busy alone gets every CPU, busy ones share them)")
+    if len(governed) < len(policies):
+        typer.echo(f"cpu: {policy_line(share)}")
     if offload.lines():  # GPUs, or a model that sets gpu_layers
         print_offload(offload)
 

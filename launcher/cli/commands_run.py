@@ -128,8 +128,8 @@ def status(as_json: JsonOption = False) -> None:
     typer.echo(f"lalo {data['version']} at {data['url']}, up {_duration(data['uptime_s'])}; "
                f"RAM {format_size(ram['available'])} free of {format_size(ram['total'])}, "
                f"budget {format_size(ram['budget'])}")
-    header = ("MODEL", "ENGINE", "STATE", "PORT", "PID", "ESTIMATE", "ACTUAL", "UPTIME",
-              "RESTARTS", "REQUESTS")
+    header = ("MODEL", "ENGINE", "STATE", "PORT", "PID", "ESTIMATE", "ACTUAL", "THREADS",
+              "UPTIME", "RESTARTS", "REQUESTS")
     rows = [header]
     for m in data["models"]:
         state = m["state"]
@@ -138,6 +138,7 @@ def status(as_json: JsonOption = False) -> None:
         rows.append((
             m["name"], m["engine"], state, str(m["port"] or "-"), str(m["pid"] or "-"),
             format_size(m["ram_estimate"]), format_size(m["rss"]) if m["rss"] else "-",
+            _threads(m),
             _duration(m["uptime_s"]) if m["uptime_s"] is not None else "-",
             str(m["restarts"]), str(m["requests"]),
         ))
@@ -151,6 +152,13 @@ def status(as_json: JsonOption = False) -> None:
         models = ", ".join(peer["models"]) or "no models known"
         problem = f"; {peer['last_error']}" if peer.get("last_error") else ""
         typer.echo(f"peer {peer['name']} ({peer['url']}): {peer['state']}: {models}{problem}")
+
+
+def _threads(model: dict[str, Any]) -> str:
+    """"2 governed": set from what is busy (lalo's engine); "4" or "auto": fixed at start."""
+    count = model.get("threads")
+    text = str(count) if count is not None else "auto"
+    return f"{text} governed" if model.get("thread_policy") == "governed" else text
 
 
 def _duration(seconds: float | None) -> str:

@@ -162,7 +162,7 @@ def plan(config: ConfigOption = None, as_json: JsonOption = False, gpu: GpuOptio
             {"gpus": [{"name": g.name, "vram": g.vram} for g in offload.gpus], "models": []}
             if offload.gpus else None)
         typer.echo(json.dumps({"config": loaded.describe_source(), **result.to_json(),
-                               "cpu": {**cpu_json(share), "threads": thread_policies(loaded)},
+                               "cpu": {**cpu_json(share), "thread_policy": thread_policies(loaded)},
                                "gpu": gpu_json,
                                "offload": offload.to_json()}, indent=2))
         return

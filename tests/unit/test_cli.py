@@ -84,6 +84,11 @@ def test_plan_json_on_a_crafted_budget(tmp_path: Path, model: Path) -> None:
     # all four may run at once (no max_loaded): three with a thread per core, one with one
     cpus = len(os.sched_getaffinity(0))
     threads = 3 * (psutil.cpu_count(logical=False) or cpus) + 1
+    # governed where the llama-server lalo would use is its own (this machine's cache decides);
+    # a model with a fixed thread count never is
+    policy = plan["cpu"].pop("thread_policy")
+    assert set(policy) == {"a", "b", "big", "lazy"} and policy["lazy"] == "static"
+    assert len(set(policy.values()) - {"static"}) <= 1 and policy["a"] in ("governed", "static")
     assert plan["cpu"] == {"servers": 4, "threads": threads, "cpus": cpus,
                            "oversubscribed": threads > cpus,
                            "openmp_wait": ("GOMP_SPINCOUNT=300 OMP_WAIT_POLICY=PASSIVE"

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 import psutil
-from launcher.cpu_share import SHARED_WAIT, usable_cpus
+from launcher.placement.cpu_share import SHARED_WAIT, usable_cpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from startup import ROOT, clean_environ, free_port

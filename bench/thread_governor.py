@@ -1,0 +1,220 @@
+"""Two real models on one CPU box: lalo with its thread governor against llama.cpp's router
+and against two plain servers with the best fixed wait for sharing; writes
+docs/thread-governor.json (quoted in docs/cpu-sharing.md).
+
+SmolLM2-135M and Gemma 3 270M, all on the same llama-server binary (lalo's, with patch 0002),
+interleaved rounds, decode tokens/s as llama-server timed them (`timings`), median:
+- alone: SmolLM2 decoding while Gemma idles: lalo (governed) vs the router (`--models-max 2`);
+- both: both decoding at once: lalo vs two plain servers with `--threads` = CPUs and
+  `OMP_WAIT_POLICY=PASSIVE` (the best fixed setting for two at once, docs/cpu-sharing.md);
+- beside two busy loops: SmolLM2 alone while two other programs spin: lalo vs the router.
+
+    python bench/thread_governor.py [--rounds 5] [--tokens 128] [--server PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from launcher.placement.cpu_share import usable_cpus
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from startup import ROOT, clean_environ, free_port
+
+sys.path.insert(0, str(ROOT))  # tests.support.real_models
+
+PROMPT = "The history of the bicycle begins in"
+MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
+
+
+def wait_http(url: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer in time")
+
+
+def decode(base: str, model: str, tokens: int) -> float:
+    reply = httpx.post(f"{base}/v1/completions", timeout=900, trust_env=False, json={
+        "model": model, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True,
+        "temperature": 0, "cache_prompt": False})
+    reply.raise_for_status()
+    return float(reply.json()["timings"]["predicted_per_second"])
+
+
+def together(calls: list[Callable[[], float]]) -> list[float]:
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(call) for call in calls]]
+
+
+def spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+class Fleet:
+    """The processes of one way to serve the two models; `url(model)` answers for each."""
+
+    def __init__(self, name: str, processes: list[subprocess.Popen[bytes]],
+                 url: Callable[[str], str]) -> None:
+        self.name, self.processes, self.url = name, processes, url
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def start_lalo(server: Path, files: dict[str, Path], workdir: Path) -> Fleet:
+    config = workdir / "lalo.yaml"
+    config.write_text(yaml.safe_dump({
+        "engines": {"llama_server": {"path": str(server)}},
+        "models": {name: {"file": str(path), "ctx_size": 2048} for name, path in files.items()},
+    }))
+    state = workdir / "lalo-state"
+    shutil.rmtree(state, ignore_errors=True)
+    port = free_port()
+    env = {**clean_environ(), "LALO_STATE_DIR": str(state), "LALO_CONFIG_DIR": str(workdir / "c")}
+    process = subprocess.Popen([sys.executable, "-m", "launcher", "up", "--config", str(config),
+                                "--port", str(port)], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/health")
+    for name in files:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            rows = httpx.get(f"{base}/api/status", timeout=5, trust_env=False).json()["models"]
+            if next(r for r in rows if r["name"] == name)["state"] == "ready":
+                break
+            time.sleep(0.2)
+    return Fleet("lalo", [process], lambda model: base)
+
+
+def start_router(server: Path, files: dict[str, Path], workdir: Path) -> Fleet:
+    models_dir = workdir / "router-models"
+    shutil.rmtree(models_dir, ignore_errors=True)
+    models_dir.mkdir()
+    for name, path in files.items():
+        (models_dir / f"{name}.gguf").symlink_to(path)
+    port = free_port()
+    process = subprocess.Popen(
+        [str(server), "--models-dir", str(models_dir), "--models-max", "2", "--host",
+         "127.0.0.1", "--port", str(port), "-c", "2048", "-np", "1"],
+        env=clean_environ(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/health")
+    for name in files:  # load both
+        decode(base, name, 1)
+    return Fleet("router", [process], lambda model: base)
+
+
+def start_plain(server: Path, files: dict[str, Path], workdir: Path) -> Fleet:
+    cpus = usable_cpus()
+    processes, urls = [], {}
+    for name, path in files.items():
+        port = free_port()
+        processes.append(subprocess.Popen(
+            [str(server), "--model", str(path), "--host", "127.0.0.1", "--port", str(port),
+             "-c", "2048", "-np", "1", "--threads", str(cpus), "--alias", name],
+            env={**clean_environ(), "OMP_WAIT_POLICY": "PASSIVE"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        urls[name] = f"http://127.0.0.1:{port}"
+    for base in urls.values():
+        wait_http(f"{base}/health")
+    return Fleet("passive", processes, lambda model: urls[model])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--server", type=Path)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lalo-bench-governor"))
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "thread-governor.json")
+    args = parser.parse_args()
+    from tests.support.real_models import real_model
+
+    if args.server is None:
+        from launcher.engines.registry import require_llama_server
+
+        args.server = require_llama_server().path
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    files = {"smol": real_model(MODELS[0]), "gemma": real_model(MODELS[1])}
+    starts = {"lalo": start_lalo, "router": start_router, "passive": start_plain}
+    fleets = {name: start(args.server, files, args.workdir) for name, start in starts.items()}
+    rows: dict[str, list[float]] = {}
+
+    def note(key: str, value: float) -> None:
+        rows.setdefault(key, []).append(value)
+
+    try:
+        for _ in range(args.rounds):
+            for name in ("lalo", "router"):  # SmolLM2 alone, Gemma idle
+                fleet = fleets[name]
+                note(f"alone/{name}", decode(fleet.url("smol"), "smol", args.tokens))
+            for name in ("lalo", "passive"):  # both at once
+                fleet = fleets[name]
+                smol, gemma = together([
+                    lambda f=fleet: decode(f.url("smol"), "smol", args.tokens),
+                    lambda f=fleet: decode(f.url("gemma"), "gemma", args.tokens)])
+                note(f"both/{name}/smol", smol)
+                note(f"both/{name}/gemma", gemma)
+            for name in ("lalo", "router"):  # beside two busy programs
+                fleet = fleets[name]
+                spinners = [multiprocessing.Process(target=spin, args=(3600,)) for _ in range(2)]
+                for spinner in spinners:
+                    spinner.start()
+                try:
+                    time.sleep(2.5)  # lalo's governor reads other programs' CPU time each second
+                    note(f"busy-loops/{name}", decode(fleet.url("smol"), "smol", args.tokens))
+                finally:
+                    for spinner in spinners:
+                        spinner.terminate()
+                        spinner.join()
+                time.sleep(2.5)  # and sees them gone
+    finally:
+        for fleet in fleets.values():
+            fleet.stop()
+    medians = {key: round(statistics.median(values), 1) for key, values in rows.items()}
+    ratios = {
+        "alone: lalo / router": medians["alone/lalo"] / medians["alone/router"],
+        "both, SmolLM2: lalo / passive": medians["both/lalo/smol"] / medians["both/passive/smol"],
+        "both, Gemma: lalo / passive": medians["both/lalo/gemma"] / medians["both/passive/gemma"],
+        "beside two busy loops: lalo / router": medians["busy-loops/lalo"] / medians["busy-loops/router"],
+    }
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "cpus": usable_cpus(), "rounds": args.rounds,
+        "tokens": args.tokens, "server": str(args.server), "tokens_per_s": medians,
+        "runs": rows, "ratios": {key: round(value, 2) for key, value in ratios.items()},
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"tokens_per_s": medians, "ratios": result["ratios"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

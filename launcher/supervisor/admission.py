@@ -4,7 +4,8 @@ Every decision is taken synchronously in `_dispatch()` (no await between looking
 acting), from the pure rules in `launcher.placement.scheduler`:
 
 - first loads, on-demand loads and restarts after a crash (once their backoff is over) all
-  go through the same admission; a model whose restart is pending keeps its memory;
+  go through the same admission; a model whose restart is pending keeps its memory; one
+  whose restart can never fit (killed for memory, its need raised) is failed, not restarted;
 - a request for a model that does not fit *now* waits in line (bounded by `wait_timeout`);
   only a model that can never fit is refused (CapacityError);
 - a loaded model serves its own queue while others wait (batch by model) until the oldest
@@ -214,7 +215,15 @@ class Admission:
             plan = Schedule()  # everything wanted is loaded or loading: grants only
         self._closed = plan.closed
         for name, why in plan.refused:
-            self._fail_waiters(self._records[name], CapacityError(why))
+            refused = self._records[name]
+            if refused.restart_due:  # a crashed server that no longer fits: failed, not looped
+                refused.restart_due = False
+                refused.model.not_restarted(why)
+                log.warning("%s: not restarted: %s", name, why)
+                self._fail_waiters(refused, ModelFailedError(
+                    f"{name}: failed: {refused.model.last_error}"))
+            else:
+                self._fail_waiters(refused, CapacityError(why))
         for load in plan.loads:
             self._begin_load(load)  # marks its victims draining: granted nothing below
         for record in records:

@@ -32,6 +32,7 @@ from launcher.supervisor.snapshot import ModelSnapshot
 from launcher.supervisor.state import Endpoint, ModelState
 from launcher.supervisor.status import snapshot_of, status_row
 from launcher.supervisor.tasks import Tasks
+from launcher.units import format_size
 
 __all__ = ["WAIT_BUCKETS", "ModelRecord", "SupervisedModel", "Supervisor", "SupervisorEvents"]
 
@@ -121,6 +122,13 @@ class Supervisor(Admission):
                 or record.restart_at is not None or record.restart_due)
 
     # --- restarts after a crash or a failed start ------------------------------------------
+    def model_out_of_memory(self, name: str, rss: int) -> None:
+        """A server was killed for memory having reached `rss`: it needs at least that, so its
+        restart (`model_crashed` follows) waits until that fits, or is given up."""
+        self.record_measurement(name, rss)
+        log.info("%s: needs at least %s from now on (what it had reached when killed)",
+                 name, format_size(self.required(name)))
+
     def model_crashed(self, name: str, uptime: float | None) -> None:
         """A ready server exited or hung (its events tell): not leasable already; restart
         after backoff."""

@@ -22,6 +22,7 @@ import pytest
 from launcher.engines.base import LaunchSpec, ServerSettings, base_url
 from launcher.errors import (
     CapacityError,
+    ModelFailedError,
     ModelStartError,
     ModelStoppedError,
     QueueFullError,
@@ -452,3 +453,30 @@ async def test_a_sleeping_model_wakes_at_once_when_there_is_room(harness: Harnes
     assert not sup.models["a"].asleep and not sup.record("a").wake_admitted
     await a.done()
     assert sup.record("a").loads == 1  # the wake is no load
+
+
+async def test_a_server_killed_for_memory_is_not_restarted_into_memory_it_cannot_have(
+    harness: Harness
+) -> None:
+    sup = harness.build(budget=150 * MIB)
+    first = await sup.load("a")
+    await until(lambda: sup.models["a"].run_peak is not None)
+    sup.models["a"].run_peak = 200 * MIB  # it grew past the budget (a `sleep` cannot)
+    os.kill(first.pid, signal.SIGKILL)  # from outside: the kernel's OOM killer, say
+    await until(lambda: sup.models["a"].state == ModelState.FAILED)
+    assert sup.required("a") == 200 * MIB  # its need is what it reached, before the restart
+    waiting = Request(sup, "a")
+    harness.backoff_over.set()
+    with pytest.raises(ModelFailedError) as failed:
+        await waiting.task
+    assert str(failed.value) == (
+        "a: failed: killed, most likely for memory: it had reached 200 MiB; not restarted: "
+        "a needs 200 MiB; the RAM budget 150 MiB cannot hold it even alone")
+    row = next(row for row in sup.status() if row["name"] == "a")
+    assert row["state"] == "failed" and row["ram_measured"] == 200 * MIB
+    assert row["last_exit"] == "killed, most likely for memory: it had reached 200 MiB"
+    assert [name for name, _ in harness.spawned] == ["a"]  # never started again: no loop
+    with pytest.raises(ModelFailedError):  # until an explicit restart
+        async with sup.lease("a"):
+            pass
+    assert harness.alive("b") == [] and sup.record("a").failed_for_good

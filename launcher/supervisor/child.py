@@ -84,7 +84,8 @@ def memory_kill(reached: int | None, kills_before: OomKills | None,
                 kills_after: OomKills | None) -> str:
     """What a kill from outside is called: by the container's limit when its cgroup's count of
     out-of-memory kills rose meanwhile, else most likely for memory (the OOM killer)."""
-    figure = f": it had reached {format_size(reached)}" if reached else ""
+    # the signal is named too: someone's `kill -9` looks the same
+    figure = (f": it had reached {format_size(reached)}" if reached else "") + " (SIGKILL)"
     if (kills_before is not None and kills_after is not None
             and kills_after.count > kills_before.count):
         if kills_after.limit is not None:

@@ -239,7 +239,7 @@ async def test_a_sigkill_lalo_did_not_send_is_named_a_kill_for_memory(tmp_path: 
         from launcher.units import format_size
 
         assert model.last_exit == ("killed, most likely for memory: it had reached "
-                                   + format_size(reached))
+                                   + format_size(reached) + " (SIGKILL)")
         assert (model.last_error or "").startswith(model.last_exit)
         assert gone.is_set() and gone.reason == model.last_exit  # what its leases tell clients
         assert model.snapshot()["last_exit"] == model.last_exit

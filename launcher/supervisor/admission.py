@@ -243,6 +243,8 @@ class Admission:
             log.warning("%s: not restarted: %s", record.name, why)
             self._fail_waiters(record, ModelFailedError(
                 f"{record.name}: failed: {record.model.last_error}"))
+        elif self._ram_budget == "auto":  # say where the budget comes from: RAM short now
+            self._fail_waiters(record, CapacityError(f"{why} ({self.budget().source})"))
         else:
             self._fail_waiters(record, CapacityError(why))
 

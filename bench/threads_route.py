@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import psutil
+
 from launcher.placement.cpu_share import SHARED_WAIT, usable_cpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

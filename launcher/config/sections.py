@@ -139,6 +139,9 @@ class ResourcesConfig(Section):
     # seconds a request may wait behind other models' batches before those drain for it
     max_wait: Annotated[float, Field(ge=0, le=86_400)] = 10.0
     prompt_cache_size: int = 2 * 1024**3  # disk for saved prompt caches, all models together
+    # while the machine's available RAM stays under ram_reserve, unload idle unpinned models
+    # (off for a dedicated server, where nothing else takes RAM)
+    unload_when_ram_short: bool = True
 
     @field_validator("ram_budget", mode="before")
     @classmethod

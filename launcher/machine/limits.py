@@ -2,8 +2,9 @@
 
 Read from /proc/self/cgroup and /proc/self/mountinfo, then the cgroup files (v2: memory.max,
 memory.current, cpu.max; v1: memory.limit_in_bytes, memory.usage_in_bytes, cpu.cfs_quota_us)
-of lalo's cgroup and its ancestors, the smallest figure on the path winning. Never raises: what
-cannot be read is no limit.
+of lalo's cgroup and its ancestors, the smallest figure on the path winning; and how many of
+its processes the kernel killed for memory (`oom_kills`). Never raises: what cannot be read is
+no limit.
 """
 
 from __future__ import annotations
@@ -222,6 +223,45 @@ def _cpu(membership: dict[str, str], mounts: list[_Mount]) -> CpuLimit | None:
             if quota and period:
                 quotas.append(CpuLimit(quota / period, 2))
     return min(quotas, key=lambda limit: limit.cpus, default=None)
+
+
+@dataclass(frozen=True)
+class OomKills:
+    """How many processes of lalo's cgroup (its model servers live there too) the kernel has
+    killed for memory so far, and the memory limit over them (None: only the machine's)."""
+
+    count: int
+    limit: int | None
+
+
+def oom_kills(root_dir: Path = Path("/")) -> OomKills | None:
+    """`oom_kill` of v1's memory.oom_control or v2's memory.events in lalo's own cgroup;
+    None where there is no memory cgroup to read (then nobody can tell)."""
+    try:
+        membership = _membership(root_dir)
+        mounts = _mounts(root_dir)
+        mount = _v1_mount(mounts, membership, "memory")
+        if mount is not None:
+            directory, name = _path_dirs(mount, membership["memory"])[0], "memory.oom_control"
+        elif (mount := _v2_mount(mounts, membership)) is not None:
+            directory, name = _path_dirs(mount, membership[""])[0], "memory.events"
+        else:
+            return None
+        for line in (_read(directory / name) or "").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                limit = _memory(membership, mounts)
+                return OomKills(int(value), limit.limit if limit is not None else None)
+    except (OSError, ValueError, IndexError, UnicodeError):
+        pass
+    return None
+
+
+def current_oom_kills() -> OomKills | None:
+    """`oom_kills()` on Linux; None elsewhere."""
+    if not os.path.exists("/proc/self/cgroup"):
+        return None
+    return oom_kills()
 
 
 def current_limits() -> CgroupLimits:

@@ -73,12 +73,14 @@ class _Failure(Exception):
     """An answer lalo makes itself (status, message), raised inside one exchange."""
 
     def __init__(self, status: int, message: str, code: str | None = None,
-                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+                 headers: list[tuple[bytes, bytes]] | None = None,
+                 broken: Lease | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.headers = headers
+        self.broken = broken  # the server broke off: its lease may say why it went
 
 
 class _Retry(Exception):
@@ -212,6 +214,8 @@ class Forwarder:
                             "(%s); asking once more", name, retry.cause)
                 dead = retry.lease
             except _Failure as failure:
+                if failure.broken is not None and (why := await failure.broken.replaced()):
+                    failure.message += f" (the model server was {why})"
                 await reply.fail(failure)
                 return
 
@@ -246,8 +250,10 @@ class Forwarder:
                 if retry_allowed:
                     raise _Retry(lease, exc) from exc
                 if isinstance(exc, UpstreamUnavailable):
-                    raise _Failure(502, f"{name}: model server unreachable: {exc}") from exc
-                raise _Failure(502, f"{name}: model server broke off: {exc}") from exc
+                    raise _Failure(502, f"{name}: model server unreachable: {exc}",
+                                   broken=lease) from exc
+                raise _Failure(502, f"{name}: model server broke off: {exc}",
+                               broken=lease) from exc
             except UpstreamError as exc:
                 raise _Failure(502, f"{name}: model server broke off: {exc}") from exc
             stack.push_async_callback(upstream.aclose)
@@ -332,8 +338,10 @@ class Forwarder:
         except UpstreamClosed as exc:
             if not reply.relayed and retry_allowed:
                 raise _Retry(lease, exc) from exc
+            why = await lease.replaced()
             await reply.body(sse_error_event(
-                502, f"{name}: the model server broke off the stream ({exc})"))
+                502, f"{name}: the model server broke off the stream "
+                     + (f"(it was {why})" if why else f"({exc})")))
         except UpstreamError as exc:
             await reply.body(sse_error_event(
                 502, f"{name}: the model server broke off the stream ({exc})"))
@@ -414,7 +422,8 @@ def _reading_whole(name: str, lease: Lease, retry_allowed: bool) -> Iterator[Non
     except UpstreamClosed as exc:
         if retry_allowed:
             raise _Retry(lease, exc) from exc
-        raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
+        raise _Failure(502, f"{name}: the model server broke off its answer: {exc}",
+                       broken=lease) from exc
     except UpstreamError as exc:
         raise _Failure(502, f"{name}: the model server broke off its answer: {exc}") from exc
 

@@ -4,9 +4,11 @@ Every decision is taken synchronously in `_dispatch()` (no await between looking
 acting), from the pure rules in `launcher.placement.scheduler`:
 
 - first loads, on-demand loads and restarts after a crash (once their backoff is over) all
-  go through the same admission; a model whose restart is pending keeps its memory;
+  go through the same admission; a model whose restart is pending keeps its memory; one
+  whose restart can never fit (killed for memory, its need raised) is failed, not restarted;
 - a request for a model that does not fit *now* waits in line (bounded by `wait_timeout`);
-  only a model that can never fit is refused (CapacityError);
+  only a model that can never fit is refused (CapacityError); one that misses an `auto`
+  budget only while RAM is short waits `max_wait` for it to come back first;
 - a loaded model serves its own queue while others wait (batch by model) until the oldest
   waiter has waited `max_wait`; then the models in its way take no new requests, finish
   the ones in flight, and are evicted. A victim is marked draining before the first await,
@@ -102,7 +104,7 @@ class Admission:
             return None
         views = [self._view_of(r) for r in self._records.values()]
         why = never_fits(self._view_of(record), views, self.budget().bytes, self.max_loaded)
-        if why is not None:
+        if why is not None and not self._short_of_ram(record, self._clock()):
             return CapacityError(why)
         return None
 
@@ -217,19 +219,47 @@ class Admission:
         else:
             plan = Schedule()  # everything wanted is loaded or loading: grants only
         self._closed = plan.closed
+        waiting = list(plan.waiting)
         for name, why in plan.refused:
-            self._fail_waiters(self._records[name], CapacityError(why))
+            self._refuse(self._records[name], why, now, waiting)
         for load in plan.loads:
             self._begin_load(load)  # marks its victims draining: granted nothing below
         for record in records:
             if record.grantable and record.name not in plan.closed:
                 self._grant(record, now)
-        for name, why in plan.waiting:
+        for name, why in waiting:
             record = self._records[name]
             if record.waiting_reason != why:
                 log.info("%s: %d request(s) wait: %s", name, len(record.queue), why)
             record.waiting_reason = why
-        self._arm_wakeup(plan.waiting, now)
+        self._arm_wakeup(waiting, now)
+
+    def _refuse(self, record: ModelRecord, why: str, now: float,
+                waiting: list[tuple[str, str]]) -> None:
+        """`record` does not fit the budget even alone: while that is only RAM being short
+        now, its requests wait (max_wait) for RAM to come back; otherwise they are refused,
+        and a crashed server that no longer fits is failed, not restarted in a loop."""
+        if self._short_of_ram(record, now):
+            waiting.append((record.name, f"{why}; RAM is short: waiting for it to come back"))
+        elif record.restart_due:
+            record.restart_due = False
+            record.model.not_restarted(why)
+            log.warning("%s: not restarted: %s", record.name, why)
+            self._fail_waiters(record, ModelFailedError(
+                f"{record.name}: failed: {record.model.last_error}"))
+        elif self._ram_budget == "auto":  # say where the budget comes from: RAM short now
+            self._fail_waiters(record, CapacityError(f"{why} ({self.budget().source})"))
+        else:
+            self._fail_waiters(record, CapacityError(why))
+
+    def _short_of_ram(self, record: ModelRecord, now: float) -> bool:
+        """Whether `record` misses an `auto` budget only because RAM is short now (it would fit
+        the machine's RAM), and its oldest request has waited less than max_wait."""
+        if self._ram_budget != "auto":
+            return False
+        oldest = min((w.since for w in record.queue), default=now)
+        whole = compute_budget("auto", self._ram_reserve, self._total()).bytes
+        return self._view_of(record).required <= whole and now - oldest < self.max_wait
 
     def _grant(self, record: ModelRecord, now: float) -> None:
         endpoint = record.model.endpoint

@@ -1,17 +1,21 @@
 """A spawned model server process: readiness and health probes that race its exit, its
-output into the model's log, and its teardown (TERM, wait, KILL the group)."""
+output into the model's log, its teardown (TERM, wait, KILL the group), and why it went (an
+exit, a hang, a kill for memory)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from launcher.engines.base import LaunchSpec
+from launcher.machine.limits import OomKills
 from launcher.supervisor import platform
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.probe import Probe, ProbeError
 from launcher.supervisor.state import Timeouts
+from launcher.units import format_size
 
 _LOG_LINES_IN_ERRORS = 8
 
@@ -61,10 +65,40 @@ async def healthy(spec: LaunchSpec, api_key: str, probe: Probe, timeouts: Timeou
     return status == 200
 
 
+@dataclass(frozen=True)
+class Exit:
+    """Why a ready server is gone: `code` is its exit status when it ended (or was killed)
+    without lalo's doing; None when lalo killed it (a hang)."""
+
+    reason: str
+    code: int | None
+
+    @property
+    def killed_from_outside(self) -> bool:
+        """SIGKILL that lalo did not send (it sends one only to a hung server, or at a stop,
+        which ends the watch first): the kernel's out-of-memory killer, most likely."""
+        return self.code == -signal.SIGKILL
+
+
+def memory_kill(reached: int | None, kills_before: OomKills | None,
+                kills_after: OomKills | None) -> str:
+    """What a kill from outside is called: by the container's limit when its cgroup's count of
+    out-of-memory kills rose meanwhile, else most likely for memory (the OOM killer)."""
+    # the signal is named too: someone's `kill -9` looks the same
+    figure = (f": it had reached {format_size(reached)}" if reached else "") + " (SIGKILL)"
+    if (kills_before is not None and kills_after is not None
+            and kills_after.count > kills_before.count):
+        if kills_after.limit is not None:
+            return (f"killed by the memory limit of this container "
+                    f"({format_size(kills_after.limit)}){figure}")
+        return f"killed by the kernel's out-of-memory killer{figure}"
+    return f"killed, most likely for memory{figure}"
+
+
 async def watch(process: asyncio.subprocess.Process, spec: LaunchSpec, timeouts: Timeouts,
                 is_healthy: Callable[[], Awaitable[bool]],
                 while_healthy: Callable[[], Awaitable[None]],
-                clock: Callable[[], float], log: ModelLog) -> str:
+                clock: Callable[[], float], log: ModelLog) -> Exit:
     """Race the process's exit against periodic health checks until it is gone; one that
     does not answer for liveness_timeout is hung and killed. Returns why it is gone."""
     exited = asyncio.ensure_future(process.wait())
@@ -73,7 +107,8 @@ async def watch(process: asyncio.subprocess.Process, spec: LaunchSpec, timeouts:
         while True:
             done, _ = await asyncio.wait({exited}, timeout=timeouts.health_interval)
             if exited in done:
-                return f"server exited ({describe_exit(exited.result())})"
+                code = exited.result()
+                return Exit(f"server exited ({describe_exit(code)})", code)
             if await is_healthy():
                 last_ok = clock()
                 await while_healthy()
@@ -84,7 +119,7 @@ async def watch(process: asyncio.subprocess.Process, spec: LaunchSpec, timeouts:
                 platform.stop_signal_continue(process.pid)
                 platform.kill_group(process.pid)
                 await exited
-                return reason
+                return Exit(reason, None)
     finally:
         if not exited.done():
             exited.cancel()

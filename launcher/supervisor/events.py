@@ -34,6 +34,10 @@ class ProcessEvents(Protocol):
     def measured(self, rss: int) -> None:
         """A new peak of the server's resident memory."""
 
+    def out_of_memory(self, rss: int) -> None:
+        """The ready server was killed from outside, most likely for memory, having reached
+        `rss`; `crashed` follows at once."""
+
     def reaped(self, pid: int) -> None:
         """The process has exited and is reaped."""
 
@@ -49,6 +53,8 @@ class _NoEvents:
 
     def measured(self, rss: int) -> None: ...
 
+    def out_of_memory(self, rss: int) -> None: ...
+
     def reaped(self, pid: int) -> None: ...
 
 
@@ -63,6 +69,8 @@ class EventsOwner(Protocol):
     def record_measurement(self, name: str, rss: int) -> None: ...
 
     def model_changed(self, name: str, state: ModelState) -> None: ...
+
+    def model_out_of_memory(self, name: str, rss: int) -> None: ...
 
 
 class SupervisorEvents:
@@ -119,6 +127,12 @@ class ModelEvents:
         if self.hub.owner is not None:
             self.hub.owner.record_measurement(self.name, rss)
         if self.hub.measurements is not None:  # keeps the highest figure per key
+            self.hub.measurements.record(self.measurement_key, rss)
+
+    def out_of_memory(self, rss: int) -> None:
+        if self.hub.owner is not None:
+            self.hub.owner.model_out_of_memory(self.name, rss)
+        if self.hub.measurements is not None:  # it needs at least that: so planned next time
             self.hub.measurements.record(self.measurement_key, rss)
 
     def reaped(self, pid: int) -> None:

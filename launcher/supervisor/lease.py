@@ -17,6 +17,7 @@ import psutil
 
 from launcher.config.request_params import RequestRules
 from launcher.supervisor.process import Endpoint
+from launcher.supervisor.state import EndpointGone
 
 # a server that died is noticed by the supervisor within milliseconds: a retry waits that long
 # (at most) for the dead endpoint to be withdrawn before it leases again
@@ -57,8 +58,9 @@ class Lease(Protocol):
         """The server could not be reached or broke off (a peer fails over)."""
         ...
 
-    async def replaced(self) -> None:
-        """Returns once a new lease would not get this broken server again (bounded)."""
+    async def replaced(self) -> str | None:
+        """Returns once a new lease would not get this broken server again (bounded), with
+        why the server went when that is known (killed for memory, say), for the client."""
         ...
 
 
@@ -80,7 +82,7 @@ class LocalLease:
 
     endpoint: Endpoint
     assembles: bool
-    gone: asyncio.Event  # set by the server's owner the moment this endpoint is withdrawn
+    gone: EndpointGone  # set by the server's owner the moment this endpoint is withdrawn
     on_tokens: Callable[[int, float], None]
     tls: ssl.SSLContext | None = None
     via_peer: bool = False
@@ -92,13 +94,13 @@ class LocalLease:
     def unreachable(self, error: BaseException, *, at_once: bool) -> None:
         """The supervisor watches its own servers: nothing to do here."""
 
-    async def replaced(self) -> None:
+    async def replaced(self) -> str | None:
         """A server whose process is still there a moment later only dropped that connection:
         it is asked again at once. A killed process closes its sockets a moment before its
-        exit is seen: then wait (briefly) for the supervisor to withdraw it."""
-        if await _within(self.gone, _ALIVE_FOR) or _running(self.endpoint.pid):
-            return
-        await _within(self.gone, REPLACED_TIMEOUT - _ALIVE_FOR)
+        exit is seen: then wait (briefly) for the supervisor to withdraw it, and say why."""
+        if not await _within(self.gone, _ALIVE_FOR) and not _running(self.endpoint.pid):
+            await _within(self.gone, REPLACED_TIMEOUT - _ALIVE_FOR)
+        return self.gone.reason
 
 
 async def _within(event: asyncio.Event, limit: float) -> bool:

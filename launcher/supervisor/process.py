@@ -7,7 +7,8 @@ hangs. The states and the transitions allowed between them are `launcher.supervi
 spawning, probing and stopping a process are `launcher.supervisor.child`.
 
 `sleeping` is reported (`reported_state`), learnt from the health checks; everything else
-treats the model as ready (a request wakes it).
+treats the model as ready (a request wakes it). A server killed with a SIGKILL lalo did not
+send is reported as killed for memory, with the RSS it had reached (`child.memory_kill`).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from launcher.errors import (
     ModelStartError,
     ModelStoppedError,
 )
+from launcher.machine.limits import OomKills, current_oom_kills
 from launcher.supervisor import child, platform
 from launcher.supervisor.events import NO_EVENTS, ProcessEvents
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.probe import Probe, http_status
 from launcher.supervisor.prompt_cache import SlotStore
 from launcher.supervisor.sleep import SleepProbe
-from launcher.supervisor.state import Endpoint, ModelState, Timeouts, check_transition
+from launcher.supervisor.state import Endpoint, EndpointGone, ModelState, Timeouts, check_transition
 from launcher.supervisor.tasks import Tasks
 
 __all__ = ["Endpoint", "ManagedModel", "ModelState", "PortAllocator", "ProcessEvents", "Spawner",
@@ -68,6 +70,7 @@ class ManagedModel:
         clock: Callable[[], float] = time.monotonic,
         sleep_probe: SleepProbe | None = None,  # learns `sleeping`
         prompt_cache: SlotStore | None = None,  # slot save on stop, restore on start
+        oom_kills: Callable[[], OomKills | None] = current_oom_kills,  # lalo's cgroup's count
     ) -> None:
         self.name = name
         self.engine = engine
@@ -81,13 +84,15 @@ class ManagedModel:
         self._clock = clock
         self._sleep_probe = sleep_probe
         self._prompt_cache = prompt_cache
+        self._oom_kills = oom_kills
+        self._oom_kills_at_ready: OomKills | None = None
         self._asleep = False  # the server said it sleeps (only while READY)
         self._waking_until: float | None = None  # a wake under way (see mark_awake)
 
         self._state = ModelState.STOPPED
         self._process: asyncio.subprocess.Process | None = None
         self._endpoint: Endpoint | None = None
-        self._gone = asyncio.Event()  # set once the current endpoint is no longer served
+        self._gone = EndpointGone()  # set once the current endpoint is no longer served
         self._gone.set()
         self._spec: LaunchSpec | None = None
         self._outcome: asyncio.Future[Endpoint] | None = None  # the start under way
@@ -106,6 +111,8 @@ class ManagedModel:
         self.last_error: str | None = None
         self.rss: int | None = None
         self.rss_peak: int | None = None
+        self.run_peak: int | None = None  # the current (or last) run's highest RSS sampled
+        self.last_exit: str | None = None  # why the last ready server went without being stopped
         self.load_seconds: float | None = None
         self.spawn_count = 0
 
@@ -142,19 +149,24 @@ class ManagedModel:
         return self._endpoint if self._state == ModelState.READY else None
 
     @property
-    def gone(self) -> asyncio.Event:
-        """Set the moment the current endpoint stops being served (exit, hang, stop); a lease
-        holds the one of the endpoint it was granted."""
+    def gone(self) -> EndpointGone:
+        """Set the moment the current endpoint stops being served (exit, hang, stop), with the
+        reason of an exit; a lease holds the one of the endpoint it was granted."""
         return self._gone
 
-    def _drop_endpoint(self) -> None:
+    def _drop_endpoint(self, reason: str | None = None) -> None:
         self._endpoint = None
-        self._gone.set()
+        self._gone.withdraw(reason)
 
     def uptime(self) -> float | None:
         if self._state != ModelState.READY or self.started_at is None:
             return None
         return self._clock() - self.started_at
+
+    def not_restarted(self, why: str) -> None:
+        """The supervisor will not restart it (`why`: it cannot fit): failed, saying so."""
+        self.last_error = f"{self.last_exit or self.last_error}; not restarted: {why}"
+        self.log.note(f"not restarted: {why}")
 
     def mark_invalid(self, reason: str) -> None:
         """A model that must not be started (its file is unusable): failed until a restart."""
@@ -259,7 +271,9 @@ class ManagedModel:
         self.started_at = self._clock()
         self.ready_at_wall = time.time()
         self._endpoint = endpoint
-        self._gone = asyncio.Event()
+        self._gone = EndpointGone()
+        self.run_peak = None
+        self._oom_kills_at_ready = self._oom_kills()
         self._set_state(ModelState.READY)
         self.log.note(f"ready on {endpoint.base_url} (pid {endpoint.pid}) in {self.load_seconds:.2f} s")
         self._sample_memory()
@@ -337,15 +351,20 @@ class ManagedModel:
         process = self._process
         spec = self._spec
         assert process is not None and spec is not None
-        reason = await child.watch(
+        ended = await child.watch(
             process, spec, self.timeouts,
             lambda: child.healthy(spec, self.settings.api_key, self._probe, self.timeouts),
             self._while_healthy, self._clock, self.log)
+        reason = ended.reason
+        if ended.killed_from_outside:
+            reason = child.memory_kill(self.run_peak, self._oom_kills_at_ready, self._oom_kills())
         uptime = self.uptime()
-        self._drop_endpoint()
-        self.last_error = reason
+        self._drop_endpoint(reason)
+        self.last_error = self.last_exit = reason
         self._set_state(ModelState.FAILED)
         log.warning("%s: %s", self.name, reason)
+        if ended.killed_from_outside and self.run_peak is not None:
+            self._events.out_of_memory(self.run_peak)  # before the restart is decided
         self._events.crashed(uptime)
         await self._finish_process()
         self.last_error = reason + child.log_excerpt(self.log)
@@ -363,6 +382,7 @@ class ManagedModel:
         if rss is None:
             return
         self.rss = rss
+        self.run_peak = max(rss, self.run_peak or 0)
         if self.rss_peak is None or rss > self.rss_peak:
             self.rss_peak = rss
             self._events.measured(rss)
@@ -463,6 +483,7 @@ class ManagedModel:
             "rss_peak": self.rss_peak,
             "uptime_s": round(uptime, 1) if uptime is not None else None,
             "last_error": self.last_error,
+            "last_exit": self.last_exit,
             "load_seconds": round(self.load_seconds, 3) if self.load_seconds is not None else None,
             "buffers": dict(self.log.buffers),
         }

@@ -13,6 +13,7 @@ server decides: it freed its weights and keeps its process. It is reported, neve
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass
 
@@ -60,3 +61,17 @@ class Timeouts:
     liveness_timeout: float = 10.0
     stop_timeout: float = 10.0
     probe_interval: float = 0.02  # readiness polling while starting (cheap; it is start-up latency)
+
+
+class EndpointGone(asyncio.Event):
+    """Set once an endpoint is no longer served; `reason` says why when its server went
+    without being stopped (a crash, a kill for memory), for the requests that were on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason: str | None = None
+
+    def withdraw(self, reason: str | None = None) -> None:
+        if not self.is_set():
+            self.reason = reason
+            self.set()

@@ -4,7 +4,8 @@ Callers (the proxy, admin routes) never read a model's state and then act on it;
 call `lease()` (requests), `load()`, `unload()` or `restart()`, and the supervisor decides:
 every decision is taken in `_dispatch()` (`launcher.supervisor.admission`). This module is
 what surrounds it: construction, restarts after a crash (with backoff, through admission),
-the admin calls, reloads, the idle unload, shutdown and reporting (`status.py`).
+the admin calls, reloads, the idle unload (a ttl, or RAM short on the machine), shutdown and
+reporting (`status.py`).
 
 Each model is built with its share of the supervisor's events (`SupervisorEvents.for_model`):
 that is how a crash or a new memory peak reaches it, the moment it happens.
@@ -24,6 +25,7 @@ from typing import Any
 from launcher.errors import ModelError, ModelFailedError, ModelStoppedError
 from launcher.machine import memory as machine_memory
 from launcher.models.capabilities import Capabilities
+from launcher.placement.scheduler import victim_order
 from launcher.supervisor.admission import Admission
 from launcher.supervisor.events import SupervisorEvents
 from launcher.supervisor.governor import ThreadGovernor
@@ -34,10 +36,15 @@ from launcher.supervisor.snapshot import ModelSnapshot
 from launcher.supervisor.state import Endpoint, ModelState
 from launcher.supervisor.status import snapshot_of, status_row
 from launcher.supervisor.tasks import Tasks
+from launcher.units import format_size
 
 __all__ = ["WAIT_BUCKETS", "ModelRecord", "SupervisedModel", "Supervisor", "SupervisorEvents"]
 
 log = logging.getLogger(__name__)
+
+# checks of the periodic loop (one a second) in a row that must find RAM under the reserve
+# before an idle model is unloaded for it: a moment's spike unloads nothing
+RAM_SHORT_CHECKS = 2
 
 
 class Supervisor(Admission):
@@ -52,6 +59,7 @@ class Supervisor(Admission):
         max_wait: float = 10.0,
         wait_timeout: float | None = None,
         drain_timeout: float = 60.0,
+        unload_when_ram_short: bool = True,
         policies: Mapping[str, RestartPolicy] | None = None,
         measured: Mapping[str, int] | None = None,
         events: SupervisorEvents | None = None,  # what `models` were built with
@@ -87,6 +95,8 @@ class Supervisor(Admission):
         self._queue_size = queue_size
         self.wait_timeout = wait_timeout
         self.drain_timeout = drain_timeout
+        self.unload_when_ram_short = unload_when_ram_short
+        self._ram_short_checks = 0  # periodic checks in a row that found RAM under the reserve
         self._available = available_memory
         self._total = total_memory
         self._clock = clock
@@ -155,6 +165,13 @@ class Supervisor(Admission):
         return self.governor.threads(name) if self.governor is not None else None
 
     # --- restarts after a crash or a failed start ------------------------------------------
+    def model_out_of_memory(self, name: str, rss: int) -> None:
+        """A server was killed for memory having reached `rss`: it needs at least that, so its
+        restart (`model_crashed` follows) waits until that fits, or is given up."""
+        self.record_measurement(name, rss)
+        log.info("%s: needs at least %s from now on (what it had reached when killed)",
+                 name, format_size(self.required(name)))
+
     def model_crashed(self, name: str, uptime: float | None) -> None:
         """A ready server exited or hung (its events tell): not leasable already; restart
         after backoff."""
@@ -240,6 +257,7 @@ class Supervisor(Admission):
         max_wait: float | None = None,
         ram_budget: int | str | None = None,
         ram_reserve: int | None = None,
+        unload_when_ram_short: bool | None = None,
     ) -> None:
         """Apply a reloaded config: models in `replace` are new or changed (a changed one is
         drained and stopped first; its waiting requests move to the new server), `remove`d
@@ -254,6 +272,8 @@ class Supervisor(Admission):
             self._ram_budget = ram_budget
         if ram_reserve is not None:
             self._ram_reserve = ram_reserve
+        if unload_when_ram_short is not None:
+            self.unload_when_ram_short = unload_when_ram_short
         changed = [meta.name for meta, _, _ in replace if meta.name in self._records]
         leaving = [self._records[name] for name in (*changed, *remove)]
         await asyncio.gather(*(self._retire(r, "config reloaded") for r in leaving))
@@ -308,14 +328,38 @@ class Supervisor(Admission):
     async def _unload_idle(self, interval: float) -> None:
         while True:
             await self._sleep(interval)
-            now = self._clock()
-            for record in list(self._records.values()):
-                meta, model, ttl = record.meta, record.model, record.ttl
-                if (ttl > 0 and record.grantable and not record.busy
-                        and now - max(record.last_used, model.started_at or 0.0) >= ttl):
-                    record.idle_timeout = None  # spent: the next load starts with the ttl
-                    log.info("%s: idle for %g s (ttl), unloading", meta.name, ttl)
-                    await self.unload(meta.name, f"idle for {ttl:g} s (ttl)")
+            await self._unload_expired()
+            await self._relieve_ram()
+
+    async def _unload_expired(self) -> None:
+        now = self._clock()
+        for record in list(self._records.values()):
+            meta, model, ttl = record.meta, record.model, record.ttl
+            if (ttl > 0 and record.grantable and not record.busy
+                    and now - max(record.last_used, model.started_at or 0.0) >= ttl):
+                record.idle_timeout = None  # spent: the next load starts with the ttl
+                log.info("%s: idle for %g s (ttl), unloading", meta.name, ttl)
+                await self.unload(meta.name, f"idle for {ttl:g} s (ttl)")
+
+    async def _relieve_ram(self) -> None:
+        """While the machine's available RAM stays under the reserve (RAM_SHORT_CHECKS checks
+        in a row), unload idle unpinned models, cheapest to bring back first, one per check."""
+        if any(r.queue and not r.resident for r in self._records.values()):
+            self._dispatch()  # requests waiting for RAM to come back: decide again
+        available = self._available()
+        if not self.unload_when_ram_short or available >= self._ram_reserve:
+            self._ram_short_checks = 0
+            return
+        self._ram_short_checks += 1
+        idle = [self._view_of(r) for r in self._records.values()
+                if r.grantable and not r.busy and not r.meta.pinned and r.name not in self._closed]
+        if self._ram_short_checks < RAM_SHORT_CHECKS or not idle:
+            return
+        victim = victim_order(idle)[0]
+        why = (f"RAM short: {format_size(available)} available, under the reserve "
+               f"{format_size(self._ram_reserve)}")
+        log.warning("%s: unloading idle %s (%s)", why, victim.name, format_size(victim.required))
+        await self.unload(victim.name, why)
 
     async def close(self) -> None:
         """Refuse new work, then stop every server in parallel and wait until all have exited."""

@@ -6,7 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from launcher.machine.limits import NO_LIMITS, CgroupLimits, CpuLimit, MemoryLimit, read_limits
+from launcher.machine.limits import (
+    NO_LIMITS,
+    CgroupLimits,
+    CpuLimit,
+    MemoryLimit,
+    OomKills,
+    oom_kills,
+    read_limits,
+)
 from launcher.machine.memory import system_memory
 from launcher.placement.planner import compute_budget
 
@@ -152,6 +160,19 @@ def test_unreadable_or_odd_trees_are_no_limit(tmp_path: Path) -> None:
     assert read_limits(tmp_path) == NO_LIMITS  # no /proc at all
     root = v2_tree(tmp_path / "odd", memory_max="lots", cpu_max="")
     assert read_limits(root) == NO_LIMITS
+
+
+def test_oom_kills_of_lalos_own_cgroup_v1_and_v2(tmp_path: Path) -> None:
+    v1 = v1_tree(tmp_path / "v1", limit=str(400 * MIB), usage=100 * MIB)
+    assert oom_kills(v1) is None  # no memory.oom_control: nobody can tell
+    write(v1, {"sys/fs/cgroup/memory/pod/lalo/memory.oom_control":
+               "oom_kill_disable 0\nunder_oom 0\noom_kill 2"})
+    assert oom_kills(v1) == OomKills(2, 400 * MIB)
+    v2 = v2_tree(tmp_path / "v2", memory_max="max")
+    write(v2, {"sys/fs/cgroup/kubepods/pod1/lalo/memory.events":
+               "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\noom_group_kill 0"})
+    assert oom_kills(v2) == OomKills(1, None)  # killed, but under no container limit
+    assert oom_kills(tmp_path / "nothing") is None
 
 
 def host(total: int, available: int) -> SimpleNamespace:

@@ -12,6 +12,7 @@ import pytest
 
 from launcher.engines.base import LaunchSpec, ServerSettings, base_url
 from launcher.errors import ModelStartError, ModelStoppedError
+from launcher.machine.limits import OomKills
 from launcher.supervisor.events import NO_EVENTS, ProcessEvents
 from launcher.supervisor.logs import ModelLog
 from launcher.supervisor.policy import RestartPolicy
@@ -34,6 +35,7 @@ class FakeEngine:
 
 
 def make(tmp_path: Path, *flags: str, name: str = "m", events: ProcessEvents = NO_EVENTS,
+         oom_kills: Callable[[], OomKills | None] = lambda: None,
          **timeouts: float) -> ManagedModel:
     settings = ServerSettings(model_path=tmp_path / "m.gguf", host="127.0.0.1", port=0,
                               api_key="", ctx_size=512, parallel=1, threads=None)
@@ -41,7 +43,7 @@ def make(tmp_path: Path, *flags: str, name: str = "m", events: ProcessEvents = N
         name, FakeEngine(flags), settings, ModelLog(tmp_path / "m.log"),
         timeouts=Timeouts(**{"load_timeout": 10.0, "health_interval": 0.1,
                              "liveness_timeout": 1.0, "stop_timeout": 2.0, **timeouts}),
-        events=events,
+        events=events, oom_kills=oom_kills,
     )
 
 
@@ -51,6 +53,7 @@ class Heard:
     def __init__(self, on_crash: Callable[[float | None], None] = lambda uptime: None) -> None:
         self.states: list[ModelState] = []
         self.peaks: list[int] = []
+        self.out_of_memory_at: list[int] = []
         self.pids: list[tuple[str, int]] = []
         self._on_crash = on_crash
 
@@ -65,6 +68,9 @@ class Heard:
 
     def measured(self, rss: int) -> None:
         self.peaks.append(rss)
+
+    def out_of_memory(self, rss: int) -> None:
+        self.out_of_memory_at.append(rss)
 
     def reaped(self, pid: int) -> None:
         self.pids.append(("reaped", pid))
@@ -214,3 +220,61 @@ async def test_a_model_marked_invalid_is_failed_until_started_again(tmp_path: Pa
     await model.start()  # an explicit restart (the supervisor's) may still try
     assert model.state == ModelState.READY and model.spawn_count == 1
     await model.close()
+
+
+async def test_a_sigkill_lalo_did_not_send_is_named_a_kill_for_memory(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    heard = Heard()
+    model = make(tmp_path, events=heard)
+    try:
+        endpoint = await model.start()
+        gone = model.gone
+        await wait_for(lambda: model.run_peak is not None)
+        os.kill(endpoint.pid, signal.SIGKILL)  # as the kernel's OOM killer does
+        await wait_for(lambda: model.pid is None)
+        reached = heard.out_of_memory_at[0]
+        assert reached == model.run_peak and reached in heard.peaks
+        from launcher.units import format_size
+
+        assert model.last_exit == ("killed, most likely for memory: it had reached "
+                                   + format_size(reached) + " (SIGKILL)")
+        assert (model.last_error or "").startswith(model.last_exit)
+        assert gone.is_set() and gone.reason == model.last_exit  # what its leases tell clients
+        assert model.snapshot()["last_exit"] == model.last_exit
+        assert model.state == ModelState.FAILED
+    finally:
+        await model.close()
+
+
+async def test_a_kill_counted_by_the_cgroup_names_the_container_limit(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    counts = iter([OomKills(2, 400 * 1024**2), OomKills(3, 400 * 1024**2)])
+    model = make(tmp_path, oom_kills=lambda: next(counts))
+    try:
+        endpoint = await model.start()
+        await wait_for(lambda: model.run_peak is not None)
+        os.kill(endpoint.pid, signal.SIGKILL)
+        await wait_for(lambda: model.pid is None)
+        assert (model.last_exit or "").startswith(
+            "killed by the memory limit of this container (400 MiB): it had reached ")
+    finally:
+        await model.close()
+
+
+async def test_a_hung_server_lalo_killed_is_not_called_a_kill_for_memory(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    heard = Heard()
+    model = make(tmp_path, events=heard, liveness_timeout=0.3)
+    try:
+        endpoint = await model.start()
+        os.kill(endpoint.pid, signal.SIGSTOP)  # hangs: lalo kills it with SIGKILL itself
+        await wait_for(lambda: model.pid is None)
+        assert "(hung); killed" in (model.last_exit or "") and not heard.out_of_memory_at
+    finally:
+        await model.close()

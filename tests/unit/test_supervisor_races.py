@@ -22,6 +22,7 @@ import pytest
 from launcher.engines.base import LaunchSpec, ServerSettings, base_url
 from launcher.errors import (
     CapacityError,
+    ModelFailedError,
     ModelStartError,
     ModelStoppedError,
     QueueFullError,
@@ -452,3 +453,95 @@ async def test_a_sleeping_model_wakes_at_once_when_there_is_room(harness: Harnes
     assert not sup.models["a"].asleep and not sup.record("a").wake_admitted
     await a.done()
     assert sup.record("a").loads == 1  # the wake is no load
+
+
+async def test_a_server_killed_for_memory_is_not_restarted_into_memory_it_cannot_have(
+    harness: Harness
+) -> None:
+    sup = harness.build(budget=150 * MIB)
+    first = await sup.load("a")
+    await until(lambda: sup.models["a"].run_peak is not None)
+    sup.models["a"].run_peak = 200 * MIB  # it grew past the budget (a `sleep` cannot)
+    os.kill(first.pid, signal.SIGKILL)  # from outside: the kernel's OOM killer, say
+    await until(lambda: sup.models["a"].state == ModelState.FAILED)
+    assert sup.required("a") == 200 * MIB  # its need is what it reached, before the restart
+    waiting = Request(sup, "a")
+    harness.backoff_over.set()
+    with pytest.raises(ModelFailedError) as failed:
+        await waiting.task
+    assert str(failed.value) == (
+        "a: failed: killed, most likely for memory: it had reached 200 MiB (SIGKILL); "
+        "not restarted: "
+        "a needs 200 MiB; the RAM budget 150 MiB cannot hold it even alone")
+    row = next(row for row in sup.status() if row["name"] == "a")
+    assert row["state"] == "failed" and row["ram_measured"] == 200 * MIB
+    assert row["last_exit"] == "killed, most likely for memory: it had reached 200 MiB (SIGKILL)"
+    assert [name for name, _ in harness.spawned] == ["a"]  # never started again: no loop
+    with pytest.raises(ModelFailedError):  # until an explicit restart
+        async with sup.lease("a"):
+            pass
+    assert harness.alive("b") == [] and sup.record("a").failed_for_good
+
+
+def short_of_ram(harness: Harness, available: list[int], *, enabled: bool = True) -> Supervisor:
+    """a and b (100 MiB each) under `ram_budget: auto`, a 1 GiB reserve and the machine's
+    available RAM read from `available[0]`; the periodic loop runs every 10 ms."""
+    entries = [harness.make(name) for name in ("a", "b")]
+
+    async def tick(delay: float) -> None:
+        await asyncio.sleep(0.01)
+
+    harness.supervisor = Supervisor(
+        [(meta, model) for meta, model, _ in entries], ram_budget="auto", ram_reserve=1024 * MIB,
+        max_wait=5.0, wait_timeout=20.0, unload_when_ram_short=enabled,
+        measured={"a": 100 * MIB, "b": 100 * MIB},
+        available_memory=lambda: available[0], total_memory=lambda: 16 * 1024 * MIB,
+        clock=harness.clock, sleep=tick, events=harness.events)
+    harness.supervisor.start_background(ttl_interval=0.01)
+    return harness.supervisor
+
+
+async def test_ram_short_unloads_idle_models_and_loads_wait_for_it_to_come_back(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    available = [8 * 1024 * MIB]
+    sup = short_of_ram(harness, available)
+    await sup.load("a")
+    await sup.load("b")
+    busy = Request(sup, "b")  # b is busy: only a may go
+    await until(lambda: busy.granted)
+    caplog.set_level("WARNING")
+    available[0] = 700 * MIB  # under the reserve: something else took the RAM
+    await until(lambda: sup.models["a"].state == ModelState.STOPPED)
+    assert ("RAM short: 700 MiB available, under the reserve 1.00 GiB: unloading idle a "
+            "(100 MiB)") in caplog.text
+    await asyncio.sleep(0.05)
+    assert sup.models["b"].state == ModelState.READY  # in use: never cut
+    await busy.done()
+    await until(lambda: sup.models["b"].state == ModelState.STOPPED)
+    # a request waits (max_wait) for RAM to come back, then is refused with the figures
+    waiting = Request(sup, "a")
+    await asyncio.sleep(0.05)
+    assert not waiting.task.done() and sup.record("a").waiting_reason
+    assert "RAM is short" in (sup.record("a").waiting_reason or "")
+    harness.now += 5.0
+    sup.wake()
+    with pytest.raises(CapacityError, match="a needs 100 MiB; the RAM budget 0 B cannot hold it"):
+        await waiting.task
+    assert len(harness.spawned) == 2  # no load started into RAM that is not there
+    # RAM comes back while a request waits: the periodic check loads it
+    again = Request(sup, "a")
+    await asyncio.sleep(0.05)
+    assert not again.granted
+    available[0] = 8 * 1024 * MIB
+    await until(lambda: again.granted)
+    await again.done()
+
+
+async def test_a_dedicated_server_unloads_nothing_when_ram_is_short(harness: Harness) -> None:
+    available = [8 * 1024 * MIB]
+    sup = short_of_ram(harness, available, enabled=False)
+    await sup.load("a")
+    available[0] = 100 * MIB
+    await asyncio.sleep(0.2)  # twenty checks of the periodic loop
+    assert sup.models["a"].state == ModelState.READY

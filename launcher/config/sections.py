@@ -141,7 +141,7 @@ class ResourcesConfig(Section):
     prompt_cache_size: int = 2 * 1024**3  # disk for saved prompt caches, all models together
     # while the machine's available RAM stays under ram_reserve, unload idle unpinned models
     # (off for a dedicated server, where nothing else takes RAM)
-    unload_when_ram_short: bool = True
+    yield_memory: bool = True
 
     @field_validator("ram_budget", mode="before")
     @classmethod

@@ -152,7 +152,7 @@ def build_supervisor(
         [(meta, managed) for meta, managed, _ in made],
         ram_budget=config.resources.ram_budget,
         ram_reserve=config.resources.ram_reserve,
-        unload_when_ram_short=config.resources.unload_when_ram_short,
+        yield_memory=config.resources.yield_memory,
         max_loaded=config.resources.max_loaded,
         queue_size=config.proxy.queue_size,
         max_wait=config.resources.max_wait,

@@ -62,7 +62,7 @@ class Reloader:
                 remove=removed,
                 max_loaded=resources.max_loaded, max_wait=resources.max_wait,
                 ram_budget=resources.ram_budget, ram_reserve=resources.ram_reserve,
-                unload_when_ram_short=resources.unload_when_ram_short,
+                yield_memory=resources.yield_memory,
             )
             previous_peers = self.loaded.config.peers
             self.loaded, self.models, self.factory = loaded, new, factory

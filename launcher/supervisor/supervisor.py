@@ -59,7 +59,7 @@ class Supervisor(Admission):
         max_wait: float = 10.0,
         wait_timeout: float | None = None,
         drain_timeout: float = 60.0,
-        unload_when_ram_short: bool = True,
+        yield_memory: bool = True,
         policies: Mapping[str, RestartPolicy] | None = None,
         measured: Mapping[str, int] | None = None,
         events: SupervisorEvents | None = None,  # what `models` were built with
@@ -95,7 +95,7 @@ class Supervisor(Admission):
         self._queue_size = queue_size
         self.wait_timeout = wait_timeout
         self.drain_timeout = drain_timeout
-        self.unload_when_ram_short = unload_when_ram_short
+        self.yield_memory = yield_memory
         self._ram_short_checks = 0  # periodic checks in a row that found RAM under the reserve
         self._available = available_memory
         self._total = total_memory
@@ -257,7 +257,7 @@ class Supervisor(Admission):
         max_wait: float | None = None,
         ram_budget: int | str | None = None,
         ram_reserve: int | None = None,
-        unload_when_ram_short: bool | None = None,
+        yield_memory: bool | None = None,
     ) -> None:
         """Apply a reloaded config: models in `replace` are new or changed (a changed one is
         drained and stopped first; its waiting requests move to the new server), `remove`d
@@ -272,8 +272,8 @@ class Supervisor(Admission):
             self._ram_budget = ram_budget
         if ram_reserve is not None:
             self._ram_reserve = ram_reserve
-        if unload_when_ram_short is not None:
-            self.unload_when_ram_short = unload_when_ram_short
+        if yield_memory is not None:
+            self.yield_memory = yield_memory
         changed = [meta.name for meta, _, _ in replace if meta.name in self._records]
         leaving = [self._records[name] for name in (*changed, *remove)]
         await asyncio.gather(*(self._retire(r, "config reloaded") for r in leaving))
@@ -347,7 +347,7 @@ class Supervisor(Admission):
         if any(r.queue and not r.resident for r in self._records.values()):
             self._dispatch()  # requests waiting for RAM to come back: decide again
         available = self._available()
-        if not self.unload_when_ram_short or available >= self._ram_reserve:
+        if not self.yield_memory or available >= self._ram_reserve:
             self._ram_short_checks = 0
             return
         self._ram_short_checks += 1

@@ -493,7 +493,7 @@ def short_of_ram(harness: Harness, available: list[int], *, enabled: bool = True
 
     harness.supervisor = Supervisor(
         [(meta, model) for meta, model, _ in entries], ram_budget="auto", ram_reserve=1024 * MIB,
-        max_wait=5.0, wait_timeout=20.0, unload_when_ram_short=enabled,
+        max_wait=5.0, wait_timeout=20.0, yield_memory=enabled,
         measured={"a": 100 * MIB, "b": 100 * MIB},
         available_memory=lambda: available[0], total_memory=lambda: 16 * 1024 * MIB,
         clock=harness.clock, sleep=tick, events=harness.events)

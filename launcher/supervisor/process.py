@@ -113,6 +113,7 @@ class ManagedModel:
         self.rss_peak: int | None = None
         self.run_peak: int | None = None  # the current (or last) run's highest RSS sampled
         self.last_exit: str | None = None  # why the last ready server went without being stopped
+        self.memory_reached: int | None = None  # RSS it had reached when killed for memory
         self.load_seconds: float | None = None
         self.spawn_count = 0
 
@@ -358,6 +359,7 @@ class ManagedModel:
         reason = ended.reason
         if ended.killed_from_outside:
             reason = child.memory_kill(self.run_peak, self._oom_kills_at_ready, self._oom_kills())
+            self.memory_reached = self.run_peak
         uptime = self.uptime()
         self._drop_endpoint(reason)
         self.last_error = self.last_exit = reason
@@ -484,6 +486,7 @@ class ManagedModel:
             "uptime_s": round(uptime, 1) if uptime is not None else None,
             "last_error": self.last_error,
             "last_exit": self.last_exit,
+            "memory_reached": self.memory_reached,
             "load_seconds": round(self.load_seconds, 3) if self.load_seconds is not None else None,
             "buffers": dict(self.log.buffers),
         }

@@ -61,6 +61,7 @@ def test_a_server_killed_from_outside_mid_request_is_named_learned_and_not_loope
         assert row["state"] == "failed", row
         assert KILLED.search(row["last_exit"]) and found.group(0) in row["last_error"], row
         assert row["ram_measured"] >= reached * 0.99, row  # its need rose to what it reached
+        assert abs(row["memory_reached"] - reached) < MIB, row
         assert row["loads"] == 1 and not [c for c in up.children()
                                            if "llama-server" in c.name()], row  # no loop
         assert found.group(0) in up.output()  # lalo's own log

@@ -12,6 +12,7 @@ Writes docs/proxy-benchmark.md, docs/proxy-benchmark.json and docs/proxy-benchma
 
     python bench/proxy_overhead.py [--samples 500] [--decode-rounds 30] [--server PATH]
                                    [--upstream-clients ours,aiohttp] [--no-router]
+                                   [--baseline OTHER_CHECKOUT]
 """
 
 from __future__ import annotations
@@ -221,6 +222,9 @@ def main() -> None:
                         help="comma-separated: ours (lalo's own client), aiohttp")
     parser.add_argument("--no-router", action="store_true",
                         help="leave llama-server's router mode out (a quicker check)")
+    parser.add_argument("--baseline", type=Path,
+                        help="another lalo checkout (e.g. a worktree of the old main) run beside "
+                             "this one, interleaved, as `lalo-baseline`")
     args = parser.parse_args()
     if args.server is None:
         from launcher.engines.registry import require_llama_server
@@ -252,14 +256,17 @@ def main() -> None:
     lalos: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     router: subprocess.Popen[bytes] | None = None
     try:
-        for client in clients:
-            name = "lalo" if client == "ours" else f"lalo-{client}"
+        runs = [("lalo" if c == "ours" else f"lalo-{c}", c, ROOT) for c in clients]
+        if args.baseline is not None:
+            runs.append(("lalo-baseline", "ours", args.baseline.resolve()))
+        for name, client, checkout in runs:
             port = free_port()
-            env = {**os.environ, "LALO_STATE_DIR": str(state / name)}
+            # `python -m launcher` in a checkout runs that checkout's code
+            env = {**os.environ, "LALO_STATE_DIR": str(state / name), "PYTHONPATH": str(checkout)}
             entry = ([sys.executable, "-m", "launcher"] if client == "ours" else
                      [sys.executable, str(ROOT / "bench" / "aiohttp_upstream.py")])
             lalos[name] = (subprocess.Popen(
-                [*entry, "up", "--config", str(config), "--port", str(port)], env=env,
+                [*entry, "up", "--config", str(config), "--port", str(port)], env=env, cwd=checkout,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}")
         router_port = free_port()
         if not args.no_router:

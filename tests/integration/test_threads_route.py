@@ -230,6 +230,7 @@ def test_a_stream_that_spans_changes_is_complete_and_the_same(server: Server) ->
 
         # (tokens the client had when the change was answered, the answer)
         changed: list[tuple[int, dict[str, Any]]] = []
+        read_back: list[dict[str, Any]] = []
         seen = [0]
 
         def change(at: int, threads: int) -> None:
@@ -238,6 +239,7 @@ def test_a_stream_that_spans_changes_is_complete_and_the_same(server: Server) ->
             with server.client() as other:
                 answer = set_threads(other, n_threads=threads)
                 changed.append((seen[0], answer))
+                read_back.append(other.get("/threads").json())  # answered while a decode runs
 
         def changes() -> None:
             change(4, 1)
@@ -260,6 +262,7 @@ def test_a_stream_that_spans_changes_is_complete_and_the_same(server: Server) ->
         finally:
             changer.join(60)
     assert [answer["n_threads"] for _, answer in changed] == [1, 2]
+    assert read_back == [answer for _, answer in changed]
     # each change was made between two decodes of the stream, not after it: the stream still
     # had tokens to send when the change was answered
     assert all(at < 60 for at, _ in changed), changed

@@ -1,6 +1,7 @@
 """lalo's llama.cpp patch 0002 (GET/POST /threads) on a real llama-server with SmolLM2, started
-as lalo starts it: the route reports and changes the thread counts, behind the API key; decode
-follows the setting; a stream that spans a change is complete and the same text."""
+as lalo starts it: the route reports and changes the thread counts, behind the API key; they
+hold across the server's own sleep; decode follows the setting; a stream that spans changes is
+complete and the same text; the router forwards the route to the model named."""
 
 from __future__ import annotations
 
@@ -87,15 +88,21 @@ def running(argv: list[str], env: dict[str, str], url: str, log: Path) -> Iterat
                 proc.wait()
 
 
+@contextmanager
+def served(binary: Path, model: Path, log: Path, sleep_after: int = 0) -> Iterator[Server]:
+    """`model` on llama-server started by lalo's own launch spec (the key in its environment),
+    with `--threads 2`."""
+    spec = LlamaServerEngine(binary).launch_spec(ServerSettings(
+        model_path=model, host="127.0.0.1", port=free_port(), api_key=KEY, ctx_size=1024,
+        parallel=1, threads=2, sleep_after=sleep_after))
+    with running(list(spec.argv), dict(spec.env), spec.base_url, log) as started:
+        yield started
+
+
 @pytest.fixture
 def server(llama_server_bin: Path, smollm2: Path, tmp_path: Path) -> Iterator[Server]:
-    """SmolLM2 on llama-server started by lalo's own launch spec (the key in its environment)."""
     _skip_unless_patched(llama_server_bin)
-    spec = LlamaServerEngine(llama_server_bin).launch_spec(ServerSettings(
-        model_path=smollm2, host="127.0.0.1", port=free_port(), api_key=KEY, ctx_size=1024,
-        parallel=1, threads=2))
-    with running(list(spec.argv), dict(spec.env), spec.base_url,
-                 tmp_path / "llama-server.log") as started:
+    with served(llama_server_bin, smollm2, tmp_path / "llama-server.log") as started:
         yield started
 
 
@@ -153,6 +160,26 @@ def test_get_reports_and_post_changes_the_counts(server: Server) -> None:
     with server.client() as client:
         assert client.get("/threads").json() == {"n_threads": 3, "n_threads_batch": 2}
     assert "set n_threads = 3, n_threads_batch = 2" in server.log.read_text(errors="replace")
+
+
+def test_the_counts_hold_after_the_server_sleeps(llama_server_bin: Path, smollm2: Path,
+                                                 tmp_path: Path) -> None:
+    """llama-server's own sleep (lalo's `sleep_after`) frees the model and loads it again on
+    the next request: with the counts set before, not those it started with."""
+    _skip_unless_patched(llama_server_bin)
+    log = tmp_path / "llama-server.log"
+    with served(llama_server_bin, smollm2, log, sleep_after=1) as sleepy, sleepy.client() as client:
+        assert set_threads(client, n_threads=1, n_threads_batch=1) == \
+            {"n_threads": 1, "n_threads_batch": 1}
+        wait_until(lambda: client.get("/props").json()["is_sleeping"], timeout=30,
+                   message="the server to sleep")
+        assert client.get("/threads").json() == {"n_threads": 1, "n_threads_batch": 1}
+        assert not client.get("/props").json()["is_sleeping"]
+        assert "Paris" in client.post("/completion", json={
+            "prompt": "The capital of France is", "n_predict": 8, "temperature": 0}).json()["content"]
+    text = log.read_text(errors="replace")
+    woke = text.index("exiting sleeping state")
+    assert "llama threadpool init, n_threads = 1" in text[woke:], text[woke:][:3000]
 
 
 @dataclass

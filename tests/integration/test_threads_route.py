@@ -266,7 +266,7 @@ def test_a_stream_that_spans_changes_is_complete_and_the_same(server: Server) ->
             with server.client() as other:
                 answer = set_threads(other, n_threads=threads)
                 changed.append((seen[0], answer))
-                read_back.append(other.get("/threads").json())  # answered while a decode runs
+                read_back.append(other.get("/threads").json())  # read while the stream decodes
 
         def changes() -> None:
             change(4, 1)

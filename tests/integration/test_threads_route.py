@@ -219,12 +219,13 @@ def _machine_busy(times: Any) -> float:
     return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
+@pytest.mark.timeout(600)  # two spinning threads on a busy machine decode at 1-10 tokens/s
 def test_decode_speed_follows_the_setting(server: Server, record_property: Any) -> None:
-    """threads 1 and 2 in turns, 5 rounds of 128 tokens on this 2-CPU machine: how many of the
+    """threads 1 and 2 in turns, 5 rounds of 64 tokens on this 2-CPU machine: how many of the
     server's threads did compute work (the setting, whatever else runs), the server's own decode
     tok/s and the CPU time it used. Two threads decode faster when the machine is otherwise
     idle; when another process keeps a CPU busy, two spinning threads decode far slower than one
-    (0.1-0.3x here): that is why lalo wants to change the count, and why the direction is
+    (0.1-0.7x here): that is why lalo wants to change the count, and why the direction is
     asserted only on a quiet machine."""
     process = psutil.Process(server.proc.pid)
     runs: dict[int, list[Decode]] = {1: [], 2: []}
@@ -232,8 +233,10 @@ def test_decode_speed_follows_the_setting(server: Server, record_property: Any) 
         completion(client, 16)  # warm up
         for _ in range(5):
             for threads in (1, 2):
-                assert set_threads(client, n_threads=threads)["n_threads"] == threads
-                runs[threads].append(_decode(client, process, 128))
+                # the prompt too: its batch would otherwise keep a second thread at work
+                assert set_threads(client, n_threads=threads, n_threads_batch=threads) == \
+                    {"n_threads": threads, "n_threads_batch": threads}
+                runs[threads].append(_decode(client, process, 64))
     speed = {n: statistics.median(r.speed for r in runs[n]) for n in runs}
     cpus = {n: statistics.median(r.cpus for r in runs[n]) for n in runs}
     others = max(r.others for n in runs for r in runs[n])

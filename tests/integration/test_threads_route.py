@@ -1,6 +1,7 @@
 """lalo's llama.cpp patch 0002 (GET/POST /threads) on a real llama-server with SmolLM2, started
-as lalo starts it: the route reports and changes the thread counts, behind the API key; decode
-follows the setting; a stream that spans a change is complete and the same text."""
+as lalo starts it: the route reports and changes the thread counts, behind the API key; they
+hold across the server's own sleep; decode follows the setting; a stream that spans changes is
+complete and the same text; the router forwards the route to the model named."""
 
 from __future__ import annotations
 
@@ -87,15 +88,21 @@ def running(argv: list[str], env: dict[str, str], url: str, log: Path) -> Iterat
                 proc.wait()
 
 
+@contextmanager
+def served(binary: Path, model: Path, log: Path, sleep_after: int = 0) -> Iterator[Server]:
+    """`model` on llama-server started by lalo's own launch spec (the key in its environment),
+    with `--threads 2`."""
+    spec = LlamaServerEngine(binary).launch_spec(ServerSettings(
+        model_path=model, host="127.0.0.1", port=free_port(), api_key=KEY, ctx_size=1024,
+        parallel=1, threads=2, sleep_after=sleep_after))
+    with running(list(spec.argv), dict(spec.env), spec.base_url, log) as started:
+        yield started
+
+
 @pytest.fixture
 def server(llama_server_bin: Path, smollm2: Path, tmp_path: Path) -> Iterator[Server]:
-    """SmolLM2 on llama-server started by lalo's own launch spec (the key in its environment)."""
     _skip_unless_patched(llama_server_bin)
-    spec = LlamaServerEngine(llama_server_bin).launch_spec(ServerSettings(
-        model_path=smollm2, host="127.0.0.1", port=free_port(), api_key=KEY, ctx_size=1024,
-        parallel=1, threads=2))
-    with running(list(spec.argv), dict(spec.env), spec.base_url,
-                 tmp_path / "llama-server.log") as started:
+    with served(llama_server_bin, smollm2, tmp_path / "llama-server.log") as started:
         yield started
 
 
@@ -155,6 +162,26 @@ def test_get_reports_and_post_changes_the_counts(server: Server) -> None:
     assert "set n_threads = 3, n_threads_batch = 2" in server.log.read_text(errors="replace")
 
 
+def test_the_counts_hold_after_the_server_sleeps(llama_server_bin: Path, smollm2: Path,
+                                                 tmp_path: Path) -> None:
+    """llama-server's own sleep (lalo's `sleep_after`) frees the model and loads it again on
+    the next request: with the counts set before, not those it started with."""
+    _skip_unless_patched(llama_server_bin)
+    log = tmp_path / "llama-server.log"
+    with served(llama_server_bin, smollm2, log, sleep_after=1) as sleepy, sleepy.client() as client:
+        assert set_threads(client, n_threads=1, n_threads_batch=1) == \
+            {"n_threads": 1, "n_threads_batch": 1}
+        wait_until(lambda: client.get("/props").json()["is_sleeping"], timeout=30,
+                   message="the server to sleep")
+        assert client.get("/threads").json() == {"n_threads": 1, "n_threads_batch": 1}
+        assert not client.get("/props").json()["is_sleeping"]
+        assert "Paris" in client.post("/completion", json={
+            "prompt": "The capital of France is", "n_predict": 8, "temperature": 0}).json()["content"]
+    text = log.read_text(errors="replace")
+    woke = text.index("exiting sleeping state")
+    assert "llama threadpool init, n_threads = 1" in text[woke:], text[woke:][:3000]
+
+
 @dataclass
 class Decode:
     speed: float  # tokens/s, as the server timed its decode
@@ -192,12 +219,13 @@ def _machine_busy(times: Any) -> float:
     return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
+@pytest.mark.timeout(600)  # two spinning threads on a busy machine decode at 1-10 tokens/s
 def test_decode_speed_follows_the_setting(server: Server, record_property: Any) -> None:
-    """threads 1 and 2 in turns, 5 rounds of 128 tokens on this 2-CPU machine: how many of the
+    """threads 1 and 2 in turns, 5 rounds of 64 tokens on this 2-CPU machine: how many of the
     server's threads did compute work (the setting, whatever else runs), the server's own decode
     tok/s and the CPU time it used. Two threads decode faster when the machine is otherwise
     idle; when another process keeps a CPU busy, two spinning threads decode far slower than one
-    (0.1-0.3x here): that is why lalo wants to change the count, and why the direction is
+    (0.1-0.7x here): that is why lalo wants to change the count, and why the direction is
     asserted only on a quiet machine."""
     process = psutil.Process(server.proc.pid)
     runs: dict[int, list[Decode]] = {1: [], 2: []}
@@ -205,8 +233,10 @@ def test_decode_speed_follows_the_setting(server: Server, record_property: Any) 
         completion(client, 16)  # warm up
         for _ in range(5):
             for threads in (1, 2):
-                assert set_threads(client, n_threads=threads)["n_threads"] == threads
-                runs[threads].append(_decode(client, process, 128))
+                # the prompt too: its batch would otherwise keep a second thread at work
+                assert set_threads(client, n_threads=threads, n_threads_batch=threads) == \
+                    {"n_threads": threads, "n_threads_batch": threads}
+                runs[threads].append(_decode(client, process, 64))
     speed = {n: statistics.median(r.speed for r in runs[n]) for n in runs}
     cpus = {n: statistics.median(r.cpus for r in runs[n]) for n in runs}
     others = max(r.others for n in runs for r in runs[n])
@@ -230,6 +260,7 @@ def test_a_stream_that_spans_changes_is_complete_and_the_same(server: Server) ->
 
         # (tokens the client had when the change was answered, the answer)
         changed: list[tuple[int, dict[str, Any]]] = []
+        read_back: list[dict[str, Any]] = []
         seen = [0]
 
         def change(at: int, threads: int) -> None:
@@ -238,6 +269,7 @@ def test_a_stream_that_spans_changes_is_complete_and_the_same(server: Server) ->
             with server.client() as other:
                 answer = set_threads(other, n_threads=threads)
                 changed.append((seen[0], answer))
+                read_back.append(other.get("/threads").json())  # read while the stream decodes
 
         def changes() -> None:
             change(4, 1)
@@ -260,6 +292,7 @@ def test_a_stream_that_spans_changes_is_complete_and_the_same(server: Server) ->
         finally:
             changer.join(60)
     assert [answer["n_threads"] for _, answer in changed] == [1, 2]
+    assert read_back == [answer for _, answer in changed]
     # each change was made between two decodes of the stream, not after it: the stream still
     # had tokens to send when the change was answered
     assert all(at < 60 for at, _ in changed), changed

@@ -9,7 +9,7 @@ interleaved rounds, decode tokens/s as llama-server timed them (`timings`), medi
   `OMP_WAIT_POLICY=PASSIVE` (the best fixed setting for two at once, docs/cpu-sharing.md);
 - beside two busy loops: SmolLM2 alone while two other programs spin: lalo vs the router.
 
-    python bench/thread_governor.py [--rounds 5] [--tokens 128] [--server PATH]
+    python bench/thread_governor.py [--rounds 5] [--tokens 256] [--server PATH]
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def wait_http(url: str, timeout: float = 180.0) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer in time")
+
+
+SETTLE = 3.0  # seconds between cases: lalo's governor counts the last case's fleet as other programs
 
 
 def decode(base: str, model: str, tokens: int) -> float:
@@ -152,7 +155,7 @@ def start_plain(server: Path, files: dict[str, Path], workdir: Path) -> Fleet:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--server", type=Path)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lalo-bench-governor"))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "thread-governor.json")
@@ -176,9 +179,11 @@ def main() -> None:
         for _ in range(args.rounds):
             for name in ("lalo", "router"):  # SmolLM2 alone, Gemma idle
                 fleet = fleets[name]
+                time.sleep(SETTLE)
                 note(f"alone/{name}", decode(fleet.url("smol"), "smol", args.tokens))
             for name in ("lalo", "passive"):  # both at once
                 fleet = fleets[name]
+                time.sleep(SETTLE)
                 smol, gemma = together([
                     lambda f=fleet: decode(f.url("smol"), "smol", args.tokens),
                     lambda f=fleet: decode(f.url("gemma"), "gemma", args.tokens)])
@@ -190,13 +195,12 @@ def main() -> None:
                 for spinner in spinners:
                     spinner.start()
                 try:
-                    time.sleep(2.5)  # lalo's governor reads other programs' CPU time each second
+                    time.sleep(SETTLE)  # lalo's governor reads other programs' CPU time
                     note(f"busy-loops/{name}", decode(fleet.url("smol"), "smol", args.tokens))
                 finally:
                     for spinner in spinners:
                         spinner.terminate()
                         spinner.join()
-                time.sleep(2.5)  # and sees them gone
     finally:
         for fleet in fleets.values():
             fleet.stop()

@@ -33,8 +33,8 @@ Post = Callable[[Endpoint, int], Awaitable[None]]
 """(server, threads) -> sets them on it; raises on failure."""
 
 SETTLE = 0.25  # seconds an idle server stays counted as busy
-INTERVAL = 1.0  # seconds between readings of the CPU time of other programs
-SMOOTHING = 0.5  # weight of the newest reading
+INTERVAL = 0.5  # seconds between readings of the CPU time of other programs
+SMOOTHING = 0.6  # weight of the newest reading
 HYSTERESIS = 0.75  # CPUs a smoothed reading must move from the count in use to change it
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
-from launcher.placement.cpu_share import usable_cpus
+from launcher.placement.cpu_share import cpu_share, usable_cpus
 from tests.support.lalo import LaloUp, lalo_env, wait_until, write_config
 
 pytestmark = pytest.mark.integration
@@ -100,9 +101,23 @@ def test_a_llama_server_lalo_did_not_build_keeps_the_static_policy(
     own.parent.mkdir()
     shutil.copy2(llama_server_bin, own)
     os.chmod(own, 0o755)
-    config = write_config(tmp_path / "lalo.yaml", {"a": {"file": str(smollm2), "ctx_size": 1024}},
-                          engines={"llama_server": {"path": str(own)}})
+    config = write_config(tmp_path / "lalo.yaml", {
+        "a": {"file": str(smollm2), "ctx_size": 1024},
+        "b": {"file": str(smollm2), "ctx_size": 1024},
+        # a wait policy the user gave is never overridden
+        "c": {"file": str(smollm2), "ctx_size": 1024, "env": {"OMP_WAIT_POLICY": "ACTIVE"}},
+    }, engines={"llama_server": {"path": str(own)}})
     with LaloUp(config, lalo_env(tmp_path / "state", tmp_path / "config")) as up:
-        up.wait_state("a", "ready")
-        assert threads(up)["a"][0] == "static"
+        for name in "abc":
+            up.wait_state(name, "ready")
+        assert {name: policy for name, (policy, _) in threads(up).items()} == \
+            {"a": "static", "b": "static", "c": "static"}
         assert "threads from what is busy" not in up.output()
+        # three servers with a thread per physical core each cannot all run at once here:
+        # their OpenMP threads are told to spin briefly, then sleep, while they wait
+        assert cpu_share([None, None, None]).oversubscribed
+        pids = {m["name"]: m["pid"] for m in up.status()["models"]}
+        waits = {name: (psutil.Process(pid).environ().get("OMP_WAIT_POLICY"),
+                        psutil.Process(pid).environ().get("GOMP_SPINCOUNT"))
+                 for name, pid in pids.items()}
+        assert waits == {"a": ("PASSIVE", "300"), "b": ("PASSIVE", "300"), "c": ("ACTIVE", None)}

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.lalo import LaloUp, lalo_env, wait_until, write_config
+from tests.support.lalo import FAST_SUPERVISOR, LaloUp, lalo_env, wait_until, write_config
 
 MIB = 1024**2
 LIMIT = 400 * MIB
@@ -140,3 +140,60 @@ def test_up_inside_a_400_mib_cgroup(memory_cgroup: MemoryCgroup, tmp_path: Path,
         assert up.model("gemma")["state"] != "ready"
         assert up.model("smol")["state"] == "ready"
         print(f"\ninside the 400 MiB cgroup: {ram}\ngemma: {reply.json()['error']['message']}")
+
+
+# Takes `want` bytes in 8 MiB steps (each page written, so the cgroup is charged), says "held",
+# then holds them until its stdin closes.
+HOG = """
+import sys
+want, held = int(sys.argv[1]), []
+while sum(map(len, held)) < want:
+    held.append(bytearray(b"x") * (8 << 20))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_real_oom_kill_by_the_cgroup_limit_is_named_and_not_looped(
+        memory_cgroup: MemoryCgroup, tmp_path: Path, llama_server_bin: Path,
+        smollm2: Path) -> None:
+    """The kernel's own out-of-memory killer, not a test's `kill -9`: a program in lalo's
+    400 MiB cgroup takes the memory the model server holds, the kernel kills the server (made
+    its first choice with oom_score_adj, as a big model is), and lalo names the container's
+    limit with the RSS the server had reached, raises its need and does not restart it into
+    memory that is not there; once the program has gone, a request loads it again."""
+    config = write_config(
+        tmp_path / "lalo.yaml", {"smol": {"file": str(smollm2), "ctx_size": 2048}},
+        resources={"ram_reserve": 32 * MIB},
+        supervisor=FAST_SUPERVISOR,
+        engines={"llama_server": {"path": str(llama_server_bin)}})
+    env = lalo_env(tmp_path / "state", tmp_path / "config")
+    with LaloUp(config, env, prefix=memory_cgroup.prefix()) as up:
+        ready = up.wait_state("smol", "ready", timeout=120)
+        wait_until(lambda: up.model("smol")["ram_measured"], 30, message="a first RSS sample")
+        Path(f"/proc/{ready['pid']}/oom_score_adj").write_text("1000")
+        used = int((memory_cgroup.path / ("memory.usage_in_bytes" if memory_cgroup.version == 1
+                                          else "memory.current")).read_text())
+        # more than is left under the limit with the server there, less than without it
+        hog = subprocess.Popen(
+            [*memory_cgroup.prefix(), sys.executable, "-c", HOG, str(LIMIT - used + 64 * MIB)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert hog.stdout is not None and hog.stdout.readline().strip() == "held"
+            row = wait_until(lambda: (m := up.model("smol"))["last_exit"] and m, 30,
+                             message="lalo to see the server gone")
+            assert "killed by the memory limit of this container (400 MiB)" in row["last_exit"], row
+            assert "it had reached" in row["last_exit"] and row["memory_reached"] > 100 * MIB, row
+            assert row["ram_measured"] >= row["memory_reached"] * 0.99, row  # need raised
+            time.sleep(3)  # ten health intervals: no restart into memory that is not there
+            row = up.model("smol")
+            assert row["state"] != "ready" and row["loads"] == 1, row
+            assert not [c for c in up.children() if "llama-server" in c.name()], row
+            assert "killed by the memory limit of this container" in up.output()
+        finally:
+            hog.communicate(timeout=30)  # closes its stdin: it exits and frees its memory
+        reply = httpx.post(up.url + "/v1/chat/completions", timeout=120, json={
+            "model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert reply.status_code == 200, reply.text
+        assert up.model("smol")["loads"] == 2
+        print(f"\nthe kernel's OOM kill, as lalo names it: {row['last_exit']}")

@@ -6,9 +6,11 @@ and open file descriptors sampled) and a load (--load-streams concurrent streams
 model, through lalo and against the same llama-server directly). Writes docs/reliability.md
 and docs/reliability.json. Loopback only; every case is bounded in count and time.
 
-    python bench/faults.py                 # full: 10 kill runs, 10-minute soak, 256 streams
+    python bench/faults.py                 # full: 10 kill runs, soaks of 10 min and 1 hour, 256 streams
     python bench/faults.py --quick         # the short cases only, few runs (a few minutes)
     python bench/faults.py --quick --soak-seconds 20 --load-streams 32   # check soak and load
+    python bench/faults.py --cases mixed --soak-seconds 0 --load-streams 0 \
+        --models-soak-seconds 3600 --out /tmp/soak   # one hour over three models, max_loaded 1
     python bench/faults.py --cases power-cut-pull,power-cut-activity,power-cut-prompt-cache \
         --soak-seconds 0 --load-streams 0 --out /tmp/power-cut   # kill -9 of each writer 20 times
 """
@@ -21,12 +23,14 @@ import functools
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
@@ -188,6 +192,124 @@ def soak(stack: Stack, tiny: Path, seconds: float, streams: int = 32) -> CaseRes
     return result
 
 
+# --- soak over three models, max_loaded 1 -------------------------------------------------------
+def _server_pids(model_dir: Path) -> set[int]:
+    """llama-server processes serving a model file under `model_dir`, whoever their parent."""
+    found = set()
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "llama-server" in (proc.info["name"] or "") and any(str(model_dir) in a for a in cmdline):
+            found.add(proc.info["pid"])
+    return found
+
+
+async def _one_visit(client: httpx.AsyncClient, url: str, model: str, rng: random.Random) -> str:
+    """One request to `model`: streamed or not; about one in five clients leaves early (after
+    the first token, or at a random moment of a plain request). Returns what happened."""
+    leave = rng.random() < 0.2
+    stream = rng.random() < 0.5
+    body = {"model": model, "prompt": "Hello", "max_tokens": rng.randint(8, 48),
+            "temperature": 0, "stream": stream}
+    if not stream:
+        timeout = rng.uniform(0.05, 1.5) if leave else 300.0
+        try:
+            reply = await client.post(url + "/v1/completions", json=body, timeout=timeout)
+        except httpx.TimeoutException:
+            return "left" if leave else "timeout"
+        if reply.status_code != 200:
+            return f"HTTP {reply.status_code}: {reply.text[:120]}"
+        return "ok" if reply.json().get("model") == model else "wrong model"
+    async with client.stream("POST", url + "/v1/completions", json=body) as reply:
+        if reply.status_code != 200:
+            return f"HTTP {reply.status_code}: {(await reply.aread())[:120]!r}"
+        async for line in reply.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return "ok"
+            if '"error"' in data:
+                return f"error event: {data[:120]}"
+            if leave:
+                return "left"  # closes the connection mid-answer
+    return "stream ended without [DONE]"
+
+
+def soak_models(stack: Stack, seconds: float, clients: int = 6) -> CaseResult:
+    """Mixed traffic over three on-demand models with `max_loaded: 1` (every change of model is
+    a swap) for `seconds`, clients leaving at random; lalo's RSS and fds and the number of
+    llama-server processes sampled; after lalo stops, no llama-server of these models left."""
+    result = CaseResult(f"soak: 3 models, max_loaded 1, {clients} clients for {seconds:g} s",
+                        clients)
+    names = ("a", "b", "c")
+    models = {name: {"file": str(path), "ctx_size": 512, "preload": False}
+              for name, path in zip(names, stack.tiny, strict=True)}
+    model_dir = stack.tiny[0].parent
+    interval = max(1.0, min(10.0, seconds / 120))
+    outcomes: Counter[str] = Counter()
+    samples: list[tuple[float, int, int, int]] = []
+    with stack.lalo("soak-models", models, resources={"max_loaded": 1, "max_wait": 600},
+                    proxy={"queue_size": 64}) as up:
+        assert up.proc is not None
+        lalo = psutil.Process(up.proc.pid)
+
+        async def run() -> None:
+            stop_at = time.monotonic() + seconds
+            async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
+
+                async def worker(seed: int) -> None:
+                    rng = random.Random(seed)
+                    while time.monotonic() < stop_at:
+                        try:
+                            what = await _one_visit(client, up.url, rng.choice(names), rng)
+                        except httpx.HTTPError as exc:
+                            what = f"{type(exc).__name__}: {exc}"[:120]
+                        outcomes[what if what in ("ok", "left") else "error: " + what] += 1
+
+                async def sampler() -> None:
+                    started = time.monotonic()
+                    while time.monotonic() < stop_at:
+                        servers = len(_server_pids(model_dir))
+                        samples.append((time.monotonic() - started, lalo.memory_info().rss,
+                                        lalo.num_fds(), servers))
+                        await asyncio.sleep(interval)
+
+                await asyncio.gather(sampler(), *(worker(seed) for seed in range(clients)))
+
+        asyncio.run(run())
+        loads = {m["name"]: m["loads"] for m in up.status()["models"]}
+    time.sleep(2)
+    orphans = _server_pids(model_dir)
+    errors = {k: v for k, v in outcomes.items() if k.startswith("error: ")}
+    quarter = max(1, len(samples) // 4)
+    head, tail = samples[1:quarter + 1] or samples[:1], samples[-quarter:]
+    rss_base, rss_end = max(s[1] for s in head), max(s[1] for s in tail)
+    fds_base, fds_end = max(s[2] for s in head), max(s[2] for s in tail)
+    lost = sum(errors.values())
+    result.client_saw = (f"{outcomes['ok']} answered, {outcomes['left']} left early by the "
+                         f"client, {lost} lost" + (f" ({next(iter(errors))})" if errors else ""))
+    result.lost, result.errors, result.orphans = lost, lost, len(orphans)
+    result.timings = {"seconds": seconds, "answered": outcomes["ok"], "left": outcomes["left"],
+                      "loads": sum(loads.values()), "rss_start_mib": rss_base / 2**20,
+                      "rss_end_mib": rss_end / 2**20,
+                      "rss_max_mib": max(s[1] for s in samples) / 2**20,
+                      "fds_start": fds_base, "fds_end": fds_end,
+                      "fds_max": max(s[2] for s in samples),
+                      "servers_max": max(s[3] for s in samples)}
+    result.notes.append(f"loads per model: {loads}; outcomes: {dict(outcomes)}")
+    result.notes.append("samples (s, RSS MiB, fds, servers): " + ", ".join(
+        f"({t:.0f}, {r / 2**20:.1f}, {f}, {n})" for t, r, f, n in samples))
+    result.check("0 lost", lost == 0, lost)
+    result.check("swaps happened (loads > 3)", sum(loads.values()) > 3, sum(loads.values()))
+    result.check("0 llama-server left after lalo stopped", not orphans, sorted(orphans))
+    result.check("RSS flat: last quarter within 10 % (+4 MiB) of the first",
+                 rss_end <= rss_base * 1.10 + 4 * 2**20,
+                 f"{rss_base / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB")
+    result.check("open fds flat: last quarter within 8 of the first", fds_end <= fds_base + 8,
+                 f"{fds_base} -> {fds_end}")
+    return result
+
+
 # --- load ----------------------------------------------------------------------------------------
 def load(stack: Stack, tiny: Path, streams: int, rounds: int = 3, max_tokens: int = 32) -> CaseResult:
     """`streams` concurrent streams through lalo and against the same llama-server directly,
@@ -272,14 +394,13 @@ def report(results: list[CaseResult], args: argparse.Namespace, out: Path) -> No
     meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "revision": revision,
             "launcher_modified": bool(dirty), "mode": "quick" if args.quick else "full",
             "kill_runs": args.kill_runs, "soak_seconds": args.soak_seconds,
+            "models_soak_seconds": args.models_soak_seconds,
             "load_streams": args.load_streams, "cpus": os.cpu_count(),
             "python": platform.python_version()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "reliability.json").write_text(json.dumps(
         {"meta": meta, "cases": [r.as_dict() for r in results]}, indent=1, default=str))
-    command = "python bench/faults.py" + (" --quick" if args.quick else "") + (
-        f" --soak-seconds {args.soak_seconds:g}" if args.quick and args.soak_seconds else "") + (
-        f" --load-streams {args.load_streams}" if args.quick and args.load_streams else "")
+    command = " ".join(["python bench/faults.py", *sys.argv[1:]])
     passed = sum(r.ok for r in results)
     lines = [
         "# Reliability: the fault suite",
@@ -333,6 +454,8 @@ def main() -> int:
     parser.add_argument("--power-cut-runs", type=int,
                         help="kill -9 runs per power-cut case (default 20, quick 1)")
     parser.add_argument("--soak-seconds", type=float, help="soak length (default 600, quick 0: off)")
+    parser.add_argument("--models-soak-seconds", type=float,
+                        help="soak over three models with max_loaded 1 (default 3600, quick 0: off)")
     parser.add_argument("--load-streams", type=int, help="concurrent streams (default 256, quick 0: off)")
     parser.add_argument("--cases", help=f"comma-separated subset of {', '.join(SHORT_CASES)}")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lalo-faults")
@@ -341,6 +464,8 @@ def main() -> int:
     args.kill_runs = args.kill_runs if args.kill_runs is not None else (2 if args.quick else 10)
     if args.soak_seconds is None:
         args.soak_seconds = 0.0 if args.quick else 600.0
+    if args.models_soak_seconds is None:
+        args.models_soak_seconds = 0.0 if args.quick else 3600.0
     if args.load_streams is None:
         args.load_streams = 0 if args.quick else 256
     wanted = args.cases.split(",") if args.cases else list(SHORT_CASES)
@@ -365,6 +490,9 @@ def main() -> int:
         results.append(run_case(name, call))
     if args.soak_seconds:
         results.append(run_case("soak", lambda: soak(stack, tiny, args.soak_seconds)))
+    if args.models_soak_seconds:
+        results.append(run_case("soak-models",
+                                lambda: soak_models(stack, args.models_soak_seconds)))
     if args.load_streams:
         results.append(run_case("load", lambda: load(stack, tiny, args.load_streams)))
     report(results, args, args.out)

@@ -35,7 +35,9 @@ class FileRecord:
 
 
 class DigestCache:
-    """sha256 of files keyed by (real path, size, mtime): a second build reads nothing."""
+    """sha256 of files keyed by (real path, size, mtime, inode, ctime): a second build reads
+    nothing. The inode and ctime make a file written again at the same path with the same size
+    within one timestamp tick (an archive rebuilt, a rename into place) a different key."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -48,7 +50,7 @@ class DigestCache:
     @staticmethod
     def _key(path: Path) -> str:
         st = path.stat()
-        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
 
     def sha256(self, path: Path, progress: Progress | None = None) -> str:
         key = self._key(path)

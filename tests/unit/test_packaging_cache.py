@@ -3,9 +3,11 @@ progress), and one `lalo build` at a time using it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
+from launcher.packaging.files import DigestCache
 from launcher.packaging.frozen.freeze import prune_apps
 
 
@@ -73,3 +75,20 @@ def test_a_second_build_waits_for_the_first_and_says_so(tmp_path: Path) -> None:
     two.join(10)
     assert order == ["first in", "first out", "second in"]
     assert said == [f"waiting for another `lalo build` using {tmp_path} to finish"]
+
+
+def test_the_digest_cache_sees_a_file_written_again_with_the_same_size_and_mtime(
+        tmp_path: Path) -> None:
+    # an archive rebuilt at the same path within one timestamp tick: same path, size and mtime
+    cache = DigestCache(tmp_path / "digests.json")
+    path = tmp_path / "bundle.tar.gz"
+    path.write_bytes(b"a" * 64)
+    first = cache.sha256(path)
+    when = path.stat().st_mtime_ns
+    fresh = tmp_path / "bundle.tar.gz.tmp"
+    fresh.write_bytes(b"b" * 64)
+    os.utime(fresh, ns=(when, when))
+    fresh.replace(path)  # how the archive is written: a rename into place
+    assert path.stat().st_mtime_ns == when and path.stat().st_size == 64
+    assert cache.sha256(path) != first
+    assert cache.sha256(path) == hashlib.sha256(b"b" * 64).hexdigest()

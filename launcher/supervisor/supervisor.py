@@ -341,13 +341,23 @@ class Supervisor(Admission):
                 log.info("%s: idle for %g s (ttl), unloading", meta.name, ttl)
                 await self.unload(meta.name, f"idle for {ttl:g} s (ttl)")
 
+    def yield_floor(self) -> int:
+        """The available RAM under which idle models make room: the reserve, but with a
+        configured budget never more than the machine leaves beside that budget (in a 256 MiB
+        pod, with a budget of 160 MiB, the default 1 GiB reserve can never be free: yielding to
+        it would unload every model the moment it idles)."""
+        if isinstance(self._ram_budget, int):
+            return min(self._ram_reserve, max(self._total() - self._ram_budget, 0))
+        return self._ram_reserve
+
     async def _relieve_ram(self) -> None:
         """While the machine's available RAM stays under the reserve (RAM_SHORT_CHECKS checks
         in a row), unload idle unpinned models, cheapest to bring back first, one per check."""
         if any(r.queue and not r.resident for r in self._records.values()):
             self._dispatch()  # requests waiting for RAM to come back: decide again
         available = self._available()
-        if not self.yield_memory or available >= self._ram_reserve:
+        floor = self.yield_floor()
+        if not self.yield_memory or available >= floor:
             self._ram_short_checks = 0
             return
         self._ram_short_checks += 1
@@ -357,7 +367,7 @@ class Supervisor(Admission):
             return
         victim = victim_order(idle)[0]
         why = (f"RAM short: {format_size(available)} available, under the reserve "
-               f"{format_size(self._ram_reserve)}")
+               f"{format_size(floor)}")
         log.warning("%s: unloading idle %s (%s)", why, victim.name, format_size(victim.required))
         await self.unload(victim.name, why)
 

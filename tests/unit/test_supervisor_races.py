@@ -483,19 +483,20 @@ async def test_a_server_killed_for_memory_is_not_restarted_into_memory_it_cannot
     assert harness.alive("b") == [] and sup.record("a").failed_for_good
 
 
-def short_of_ram(harness: Harness, available: list[int], *, enabled: bool = True) -> Supervisor:
-    """a and b (100 MiB each) under `ram_budget: auto`, a 1 GiB reserve and the machine's
-    available RAM read from `available[0]`; the periodic loop runs every 10 ms."""
+def short_of_ram(harness: Harness, available: list[int], *, enabled: bool = True,
+                 budget: int | str = "auto", total: int = 16 * 1024 * MIB) -> Supervisor:
+    """a and b (100 MiB each) under `ram_budget: auto` (or `budget`), a 1 GiB reserve and the
+    machine's available RAM read from `available[0]`; the periodic loop runs every 10 ms."""
     entries = [harness.make(name) for name in ("a", "b")]
 
     async def tick(delay: float) -> None:
         await asyncio.sleep(0.01)
 
     harness.supervisor = Supervisor(
-        [(meta, model) for meta, model, _ in entries], ram_budget="auto", ram_reserve=1024 * MIB,
+        [(meta, model) for meta, model, _ in entries], ram_budget=budget, ram_reserve=1024 * MIB,
         max_wait=5.0, wait_timeout=20.0, yield_memory=enabled,
         measured={"a": 100 * MIB, "b": 100 * MIB},
-        available_memory=lambda: available[0], total_memory=lambda: 16 * 1024 * MIB,
+        available_memory=lambda: available[0], total_memory=lambda: total,
         clock=harness.clock, sleep=tick, events=harness.events)
     harness.supervisor.start_background(ttl_interval=0.01)
     return harness.supervisor
@@ -545,3 +546,20 @@ async def test_a_dedicated_server_unloads_nothing_when_ram_is_short(harness: Har
     available[0] = 100 * MIB
     await asyncio.sleep(0.2)  # twenty checks of the periodic loop
     assert sup.models["a"].state == ModelState.READY
+
+
+async def test_in_a_pod_smaller_than_the_reserve_idle_models_stay_until_others_take_its_ram(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the k8s target's pod: a 300 MiB limit, a configured budget of 200 MiB, the default 1 GiB
+    # reserve. The reserve can never be free there; yielding to it unloaded every idle model.
+    available = [150 * MIB]  # lalo and a loaded: 150 MiB of the limit left
+    sup = short_of_ram(harness, available, budget=200 * MIB, total=300 * MIB)
+    assert sup.yield_floor() == 100 * MIB  # what the limit leaves beside the budget
+    await sup.load("a")
+    await asyncio.sleep(0.2)  # twenty checks of the periodic loop
+    assert sup.models["a"].state == ModelState.READY
+    caplog.set_level("WARNING")
+    available[0] = 60 * MIB  # something else in the pod took its share: make room
+    await until(lambda: sup.models["a"].state == ModelState.STOPPED)
+    assert "RAM short: 60.0 MiB available, under the reserve 100 MiB: unloading idle a" in caplog.text

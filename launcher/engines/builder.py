@@ -26,12 +26,14 @@ from launcher.engines.cmake import (
     BuildProgress,
     BuildSession,
     CommandRunner,
+    DiskFullError,
     ProgressCallback,
     Variant,
     cmake_flags,
     configure_argv,
     configured_elsewhere,
     cpu_variant_targets,
+    require_build_room,
     run_command,
     target_platform,
 )
@@ -226,6 +228,21 @@ class EngineBuilder:
         if force or configured_elsewhere(place.host_build, place.source_dir):
             shutil.rmtree(place.host_build, ignore_errors=True)
         place.host_build.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._configure_and_compile(key, tree, variant, flags, tools, jobs, report,
+                                               nvcc, plat, root, patches, place, compiler)
+        except DiskFullError:
+            shutil.rmtree(place.host_build, ignore_errors=True)  # never resumed from half
+            raise
+
+    def _configure_and_compile(
+        self, key: str, tree: sources.LlamaCppSource, variant: str, flags: tuple[str, ...],
+        tools: dict[str, str], jobs: int | None, report: ProgressCallback, nvcc: str | None,
+        plat: str, root: BuildRoot | None, patches: Sequence[patch_series.Patch],
+        place: _Place, compiler: str,
+    ) -> BuiltEngine:
+        if not (place.host_build / "CMakeCache.txt").is_file():  # a first build: room for it
+            require_build_room(place.host_build, variant)
         flags_run = self._flags_run(flags, plat, place)
         log_path = self.cache_root / "logs" / f"engine-build-{key}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)

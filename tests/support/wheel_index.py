@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import os
 import re
+import socket
 import threading
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -51,6 +52,7 @@ class WheelIndex:
         self.root = root
         (root / "simple").mkdir(parents=True, exist_ok=True)
         self.url = ""
+        self.requests: list[str] = []  # request lines served, in order
 
     def publish(self, name: str, version: str, members: Mapping[str, bytes]) -> Path:
         return make_wheel(self.root / "simple" / normalize(name), name, version, members)
@@ -61,12 +63,58 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _CuttingHandler(_QuietHandler):
+    """Serves wheels with Range support (as PyPI's CDN does) and, once per wheel, cuts the
+    transfer halfway: the headers promise the whole body, half is sent, the socket is shut."""
+
+    cut_done: set[str]  # wheels already cut once (a class per server)
+    cut_always: bool  # every transfer breaks off, resumed ones too
+    served: list[str]  # "PATH RANGE" of every wheel request, in order
+
+    def do_GET(self) -> None:
+        path = Path(self.translate_path(self.path))
+        if not (self.path.endswith(".whl") and path.is_file()):
+            super().do_GET()
+            return
+        data = path.read_bytes()
+        start = 0
+        wanted = self.headers.get("Range", "")
+        self.served.append(f"{self.path} {wanted or '-'}")
+        if wanted.startswith("bytes=") and wanted[6:].split("-")[0].isdigit():
+            start = min(int(wanted[6:].split("-")[0]), len(data))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        if self.cut_always or self.path not in self.cut_done:
+            self.cut_done.add(self.path)
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+
 @contextmanager
-def serve_index(root: Path) -> Iterator[WheelIndex]:
+def serve_index(root: Path, *, cut_once: bool = False,
+                cut_always: bool = False) -> Iterator[WheelIndex]:
+    """The index at `root`; `cut_once`: the first transfer of each wheel breaks off halfway,
+    `cut_always`: every one does (`index.requests` lists the wheel requests and their Range
+    headers)."""
     index = WheelIndex(root)
+    kind: type[_QuietHandler] = _QuietHandler
+    if cut_once or cut_always:
+        kind = type("Cutting", (_CuttingHandler,), {"cut_done": set(), "served": index.requests,
+                                                     "cut_always": cut_always})
 
     def handler(*args: object, **kwargs: object) -> _QuietHandler:
-        return _QuietHandler(*args, directory=str(root), **kwargs)  # type: ignore[arg-type]
+        return kind(*args, directory=str(root), **kwargs)  # type: ignore[arg-type]
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # type: ignore[arg-type]
     thread = threading.Thread(target=server.serve_forever, daemon=True)

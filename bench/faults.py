@@ -84,6 +84,7 @@ SHORT_CASES: dict[str, Callable[..., CaseResult]] = {
     "power-cut-pull": power_cut.pull_kills,
     "power-cut-activity": power_cut.activity_kills,
     "power-cut-prompt-cache": power_cut.prompt_cache_kills,
+    "power-cut-build": power_cut.build_kills,
 }
 
 

@@ -19,6 +19,7 @@ from launcher.models.catalog import Catalog
 from launcher.models.hub import HubClient
 from launcher.models.licenses import LicenseDecision
 from launcher.packaging import layout
+from launcher.packaging.atomic import remove_stale
 from launcher.packaging.files import DigestCache
 from launcher.packaging.frozen.freeze import Frozen, frozen_app, packaging_dir
 from launcher.packaging.inputs import ModelInput, fetch_models, gate, model_inputs
@@ -109,6 +110,8 @@ class Packager:
         models = fetch_models(models, self.report, self.hub)
         model_parts, warnings = model_components(models, texts)
         out.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale(out):
+            self.report(f"removed {stale.name}: left by a build that was killed mid-write")
         llamafiles = bundle = exe = None
         if "llamafile" in chosen:
             llamafiles = build_llamafiles(

@@ -35,3 +35,7 @@ def test_lalo_killed_while_the_activity_store_is_written_opens_it_again(stack: S
 
 def test_lalo_killed_during_a_prompt_cache_save_restores_nothing_partial(stack: Stack) -> None:
     check(power_cut.prompt_cache_kills(stack, runs=1))
+
+
+def test_a_build_killed_mid_write_leaves_nothing_partial_in_place(stack: Stack) -> None:
+    check(power_cut.build_kills(stack, runs=1))

@@ -2,7 +2,7 @@
 then what the next start finds. Writers: `lalo models pull` (the hub stand-in, slowed down), the
 activity store of a `lalo up` serving streams, a prompt-cache save on unload. Each case returns
 a CaseResult (tests/support/faults.py); tests/integration/test_power_cut.py runs one kill of
-each, bench/faults.py twenty.
+each, bench/faults.py twenty. And `lalo build`, killed while it copies and archives.
 """
 
 from __future__ import annotations
@@ -369,4 +369,92 @@ def prompt_cache_kills(stack: Stack, runs: int = 1, seed: int = 6) -> CaseResult
     result.check("0 model servers left by the killed lalo", orphans == 0, orphans)
     result.check("a save was under way at some kills (.part on disk)",
                  any(".part" in key for key in at_kill), summary(at_kill))
+    return result
+
+
+# --- lalo build ----------------------------------------------------------------------------------
+def _tree_ok(bundle: Path) -> bool:
+    """Whether a bundle folder is whole: every file its manifest lists, with its sha256."""
+    import json
+
+    try:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        return all("link" in f or hashlib.sha256((bundle / f["path"]).read_bytes()).hexdigest()
+                   == f["sha256"] for f in manifest["files"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def build_kills(stack: Stack, runs: int = 1, seed: int = 6) -> CaseResult:
+    """`lalo build SPEC --target bundle` killed -9 at a random point (copying the engine, the
+    frozen lalo and the model, writing the archive), then the same build again into the same
+    folder. Whatever is at the outputs' names must be whole at every moment; the next build
+    removes what the killed one left and writes the same bytes as an uninterrupted build."""
+    import json
+
+    from tests.support.engine import test_engine_variant
+
+    result = CaseResult("kill -9 of `lalo build --target bundle`, then the build again", runs)
+    chance = random.Random(seed)
+    workdir = stack.workdir / "build-kills"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    spec = workdir / "tiny.yaml"
+    spec.write_text(json.dumps({
+        "name": "tiny", "targets": ["bundle"], "platforms": ["linux"],
+        "models": {"b": {"file": str(stack.tiny[1]), "license": "Apache-2.0", "ctx_size": 512}},
+        "engine": {"llama_server": {"variant": test_engine_variant()}}}))
+    env = {**os.environ, "LALO_FREEZE_IN_ROOT": os.environ.get("LALO_FREEZE_IN_ROOT", "0")}
+
+    def build(out: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "launcher", "build", str(spec), "--target",
+                               "bundle", "--out", str(out)], env=env, capture_output=True,
+                              text=True, timeout=1800, stdin=subprocess.DEVNULL, check=False)
+
+    started = time.monotonic()
+    reference = build(workdir / "reference")
+    whole_s = time.monotonic() - started
+    if reference.returncode != 0:
+        raise RuntimeError(f"the uninterrupted build failed: {reference.stderr[-600:]}")
+    want = hashlib.sha256((workdir / "reference" / "tiny-bundle.tar.gz").read_bytes()).hexdigest()
+    out = workdir / "out"
+    saw: Counter[str] = Counter()
+    corrupt = failed = left_after = 0
+    left_at_kill: list[int] = []
+    for _ in range(runs):
+        proc = subprocess.Popen([sys.executable, "-m", "launcher", "build", str(spec), "--target",
+                                 "bundle", "--out", str(out)], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        time.sleep(chance.uniform(0.5, 0.95 * whole_s))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        names = sorted(p.name for p in out.iterdir()) if out.exists() else []
+        left_at_kill.append(sum(name.startswith(".") for name in names))
+        archive, folder = out / "tiny-bundle.tar.gz", out / "tiny-bundle"
+        if archive.exists() and hashlib.sha256(archive.read_bytes()).hexdigest() != want:
+            corrupt += 1
+        if folder.exists() and not _tree_ok(folder):
+            corrupt += 1
+        again = build(out)
+        after = sorted(p.name for p in out.iterdir())
+        same = (again.returncode == 0 and archive.exists()
+                and hashlib.sha256(archive.read_bytes()).hexdigest() == want)
+        failed += not same
+        left_after += after != ["tiny-bundle", "tiny-bundle.tar.gz"]
+        removed = again.stderr.count("left by a build that was killed mid-write")
+        saw["the next build: the same bytes" + (f", removed {removed} left by the kill"
+                                                if removed else "") if same
+            else f"the next build: exit {again.returncode} {again.stderr.strip()[-160:]}"] += 1
+    result.client_saw = summary(saw)
+    result.errors = corrupt + failed + left_after
+    result.timings = {"uninterrupted_build_s": whole_s}
+    result.notes.append("partial entries in the folder at each kill: "
+                        + ", ".join(map(str, left_at_kill)))
+    result.check("nothing at an output's name is partial after a kill", corrupt == 0, corrupt)
+    result.check("the next build completes with the uninterrupted build's bytes", failed == 0,
+                 f"{runs - failed} of {runs}")
+    result.check("nothing the killed build left remains after the next", left_after == 0,
+                 left_after)
     return result

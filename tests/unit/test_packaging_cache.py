@@ -92,3 +92,37 @@ def test_the_digest_cache_sees_a_file_written_again_with_the_same_size_and_mtime
     assert path.stat().st_mtime_ns == when and path.stat().st_size == 64
     assert cache.sha256(path) != first
     assert cache.sha256(path) == hashlib.sha256(b"b" * 64).hexdigest()
+
+
+def test_what_a_killed_build_left_is_removed_and_a_running_builds_is_not(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from launcher.packaging.atomic import atomic_output, remove_stale
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(gone.stdout)  # a pid whose process has exited
+    left = [f".tiny-bundle.staging-{dead}", f".tiny-bundle.old-{dead}", f".tiny.exe-staging-{dead}",
+            f".app-0123abcd-{dead}"]
+    for name in left:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "half").write_bytes(b"x")
+    (tmp_path / f".tiny-bundle.tar.gz.{dead}.k2j4.tmp").write_bytes(b"half an archive")
+    running = [f".tiny-bundle.staging-{os.getpid()}", "tiny-bundle", "tiny-bundle.tar.gz",
+               ".hidden-but-not-ours"]
+    for name in running:
+        (tmp_path / name).mkdir()
+    removed = sorted(p.name for p in remove_stale(tmp_path))
+    assert removed == sorted([*left, f".tiny-bundle.tar.gz.{dead}.k2j4.tmp"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(running)
+    # atomic_output's temporary file carries its pid: a kill -9 leaves one remove_stale knows
+    try:
+        with atomic_output(tmp_path / "x.tar.gz", 0o644) as out:
+            out.write(b"partial")
+            (temp,) = tmp_path.glob(".x.tar.gz.*.tmp")
+            assert temp.name.startswith(f".x.tar.gz.{os.getpid()}.")
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert not list(tmp_path.glob(".x.tar.gz.*"))

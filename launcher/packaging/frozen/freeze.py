@@ -26,6 +26,7 @@ import launcher
 from launcher import paths
 from launcher.engines.registry import exe_name, platform_tag
 from launcher.errors import PackagingError
+from launcher.packaging.atomic import remove_stale
 from launcher.packaging.formats.archive import fixed_mtime
 from launcher.packaging.frozen import freeze_root
 from launcher.packaging.frozen.entry import SELF_CHECK_FLAG
@@ -180,6 +181,7 @@ def frozen_app(report: Report, *, recipes: Path | None = None, force: bool = Fal
         python, warnings = _read_report(root / REPORT)
         _mark_used(root)
         return Frozen(root / APP_NAME, python, (*warnings, *notes), 0.0, reused=True)
+    remove_stale(packaging_dir())  # frozen apps half made by a killed build
     staging = packaging_dir() / f".app-{key}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -19,6 +19,7 @@ from launcher.engines import buildroot, patch_series
 from launcher.engines import source as sources
 from launcher.engines.buildroot import BuildRoot
 from launcher.engines.cmake import (
+    BUILDING,
     TARGETS,
     TOOLCHAIN_FILE,
     WINDOWS,
@@ -33,6 +34,7 @@ from launcher.engines.cmake import (
     configure_argv,
     configured_elsewhere,
     cpu_variant_targets,
+    drop_unfinished,
     require_build_room,
     run_command,
     target_platform,
@@ -243,6 +245,13 @@ class EngineBuilder:
     ) -> BuiltEngine:
         if not (place.host_build / "CMakeCache.txt").is_file():  # a first build: room for it
             require_build_room(place.host_build, variant)
+        dropped = drop_unfinished(place.host_build)
+        if dropped:
+            report(BuildProgress("configure", f"the last build of {key} did not finish (killed, "
+                                              f"or the power went): {dropped} file(s) it was "
+                                              "writing removed, to be made again"))
+        marker = place.host_build / BUILDING
+        marker.touch()  # removed when the build ends by itself: left only by a kill
         flags_run = self._flags_run(flags, plat, place)
         log_path = self.cache_root / "logs" / f"engine-build-{key}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +268,12 @@ class EngineBuilder:
             if variant == "portable" and plat != WINDOWS and place.left_out:
                 log_file.write(f"# {compiler} cannot build the {', '.join(place.left_out)} CPU "
                                "variants: left out\n")
-            self._compile(session, tools["cmake"], place, variant, plat, jobs, report)
+            try:
+                self._compile(session, tools["cmake"], place, variant, plat, jobs, report)
+            except EngineError:  # make removed what it did not finish: the tree is sound
+                marker.unlink(missing_ok=True)
+                raise
+            marker.unlink(missing_ok=True)
         report(BuildProgress("install", f"installing into {self.engines_root / key}"))
         manifest_fields = {
             "commit": tree.commit,

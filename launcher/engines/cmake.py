@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -260,6 +261,31 @@ def require_build_room(where: Path, variant: str, free: int | None = None) -> No
             f"not enough room to build llama.cpp ({variant}) in {where}: it needs about "
             f"{format_size(needed)}, {format_size(free)} free there; free some space or set "
             "LALO_CACHE_DIR to a larger disk")
+
+
+BUILDING = ".lalo-building"  # in a build tree while a build runs; left only by a kill
+
+
+def drop_unfinished(build_dir: Path) -> int:
+    """After a build that never ended (its marker is still there: kill -9, a power cut),
+    remove every file it wrote, which may be short or empty with a new time that make would
+    trust; they are made again. Returns how many were removed."""
+    marker = build_dir / BUILDING
+    try:
+        since = marker.stat().st_mtime - 2.0  # coarse file times
+    except OSError:
+        return 0
+    removed = 0
+    for path in build_dir.rglob("*"):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if path != marker and stat.S_ISREG(info.st_mode) and info.st_mtime >= since:
+            path.unlink(missing_ok=True)
+            removed += 1
+    marker.unlink(missing_ok=True)
+    return removed
 
 
 def cpu_variant_targets(session: BuildSession, cmake: str, build_dir: Path, cwd: Path) -> list[str]:

@@ -22,6 +22,7 @@ from launcher.engines import buildroot, patch_series, root_build
 from launcher.engines import source as sources
 from launcher.engines.builder import EngineBuilder
 from launcher.engines.cmake import (
+    BUILDING,
     BuildProgress,
     DiskFullError,
     cmake_flags,
@@ -308,6 +309,33 @@ def test_a_disk_that_fills_during_the_build_is_named_and_the_half_build_removed(
     assert "free there now" in message and "needs about 256 MiB" in message, message
     assert not (cache / "build" / key).exists()  # never resumed from half-written objects
     assert [p.name for p in (cache / "engines").iterdir()] == [f".lock-{key}"]
+
+
+def test_a_build_killed_mid_write_has_what_it_wrote_made_again(cache: Path, tree: Path) -> None:
+    # what kill -9 or a power cut leaves: the marker, an object written then (short or empty,
+    # with a new time that make would trust), and an older object of an earlier, whole build
+    key = engine_key(tree_commit(tree), "native")
+    build = cache / "build" / key
+    (build / "ggml").mkdir(parents=True)
+    old = build / "ggml" / "old.o"
+    old.write_bytes(b"whole")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    (build / BUILDING).touch()
+    short = build / "ggml" / "short.o"
+    short.write_bytes(b"")
+    events: list[BuildProgress] = []
+    make_builder(cache, FakeCMake(), tree).build("native", tree, progress=events.append)
+    assert not short.exists() and old.read_bytes() == b"whole"
+    assert any("did not finish (killed, or the power went): 1 file(s) it was writing removed"
+               in e.message for e in events), [e.message for e in events]
+    assert not (build / BUILDING).exists()  # this build ended by itself
+
+
+def test_a_failed_build_leaves_no_unfinished_marker(cache: Path, tree: Path) -> None:
+    with pytest.raises(EngineError):
+        make_builder(cache, FakeCMake(fail_build=2), tree).build("native", tree)
+    key = engine_key(tree_commit(tree), "native")
+    assert not (cache / "build" / key / BUILDING).exists()  # make's tree is sound: kept
 
 
 def test_a_build_without_room_is_refused_before_it_starts(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ def atomic_output(out: Path, mode: int, *, fsync: bool = False) -> Iterator[Bina
 # `.NAME.staging-PID`, `.NAME.old-PID`, `.NAME.exe-staging-PID` folders, `.app-KEY-PID` (the
 # frozen lalo) and atomic_output's `.NAME.PID.RANDOM.tmp` files.
 _PARTIAL = re.compile(r"^\.(?:.+\.(?:staging|old|exe-staging)-|app-[0-9a-f]+-)(\d+)$"
-                      r"|^\..+\.(\d+)\.[^.]+\.tmp$")
+                      r"|^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")  # mkstemp's 8 letters
 
 
 def remove_stale(folder: Path) -> list[Path]:

@@ -108,13 +108,13 @@ def test_what_a_killed_build_left_is_removed_and_a_running_builds_is_not(tmp_pat
     for name in left:
         (tmp_path / name).mkdir()
         (tmp_path / name / "half").write_bytes(b"x")
-    (tmp_path / f".tiny-bundle.tar.gz.{dead}.k2j4.tmp").write_bytes(b"half an archive")
+    (tmp_path / f".tiny-bundle.tar.gz.{dead}.k2j4_x9a.tmp").write_bytes(b"half an archive")
     running = [f".tiny-bundle.staging-{os.getpid()}", "tiny-bundle", "tiny-bundle.tar.gz",
                ".hidden-but-not-ours"]
     for name in running:
         (tmp_path / name).mkdir()
     removed = sorted(p.name for p in remove_stale(tmp_path))
-    assert removed == sorted([*left, f".tiny-bundle.tar.gz.{dead}.k2j4.tmp"])
+    assert removed == sorted([*left, f".tiny-bundle.tar.gz.{dead}.k2j4_x9a.tmp"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(running)
     # atomic_output's temporary file carries its pid: a kill -9 leaves one remove_stale knows
     try:

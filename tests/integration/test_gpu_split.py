@@ -13,6 +13,8 @@ from launcher.models.gguf_file import read_gguf
 from launcher.models.shape import ModelFacts
 from launcher.placement.gpu_split import split_memory
 
+pytestmark = pytest.mark.integration  # the real models come from the package index
+
 DATA = Path(__file__).parents[1] / "unit" / "data" / "llama-server-kv"
 MIB = 1024**2
 

@@ -17,7 +17,8 @@ import pytest
 
 from tests.support.lalo import FAST_SUPERVISOR, LaloUp, lalo_env, wait_until, write_config
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals and /proc are Linux's")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(sys.platform != "linux", reason="signals and /proc are Linux's")]
 
 MIB = 1024**2
 KILLED = re.compile(r"killed, most likely for memory: it had reached ([0-9.]+) MiB")

@@ -19,7 +19,8 @@ import pytest
 
 from tests.support.lalo import FAST_SUPERVISOR, LaloUp, lalo_env, wait_until, write_config
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads the machine's RAM")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(sys.platform != "linux", reason="reads the machine's RAM")]
 
 GIB = 1024**3
 MARGIN = 2 * GIB  # what stays above the reserve before the helper runs

@@ -7,9 +7,12 @@ interleaved rounds, decode tokens/s as llama-server timed them (`timings`), medi
 - alone: SmolLM2 decoding while Gemma idles: lalo (governed) vs the router (`--models-max 2`);
 - both: both decoding at once: lalo vs two plain servers with `--threads` = CPUs and
   `OMP_WAIT_POLICY=PASSIVE` (the best fixed setting for two at once, docs/cpu-sharing.md);
-- beside two busy loops: SmolLM2 alone while two other programs spin: lalo vs the router.
+- beside two busy loops: SmolLM2 alone while two other programs spin: lalo vs the router;
+- three at once (`--three`): SmolLM2, Gemma 3 and a second SmolLM2 decoding together: lalo vs
+  each fixed setting of the full table that can apply (plain servers with `--threads` = CPUs
+  and PASSIVE; with 1 thread each and the default spin, what a fixed split would give).
 
-    python bench/thread_governor.py [--rounds 5] [--tokens 256] [--server PATH]
+    python bench/thread_governor.py [--rounds 5] [--tokens 256] [--server PATH] [--three]
 """
 
 from __future__ import annotations
@@ -136,20 +139,43 @@ def start_router(server: Path, files: dict[str, Path], workdir: Path) -> Fleet:
     return Fleet("router", [process], lambda model: base)
 
 
-def start_plain(server: Path, files: dict[str, Path], workdir: Path) -> Fleet:
-    cpus = usable_cpus()
+def start_plain(server: Path, files: dict[str, Path], workdir: Path, *, threads: int = 0,
+                wait: dict[str, str] | None = None, label: str = "passive") -> Fleet:
+    """Plain servers, `threads` each (0: the CPUs) and the OpenMP wait `wait` (PASSIVE)."""
+    threads = threads or usable_cpus()
+    wait = {"OMP_WAIT_POLICY": "PASSIVE"} if wait is None else wait
     processes, urls = [], {}
     for name, path in files.items():
         port = free_port()
         processes.append(subprocess.Popen(
             [str(server), "--model", str(path), "--host", "127.0.0.1", "--port", str(port),
-             "-c", "2048", "-np", "1", "--threads", str(cpus), "--alias", name],
-            env={**clean_environ(), "OMP_WAIT_POLICY": "PASSIVE"},
+             "-c", "2048", "-np", "1", "--threads", str(threads), "--alias", name],
+            env={**clean_environ(), **wait},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         urls[name] = f"http://127.0.0.1:{port}"
     for base in urls.values():
         wait_http(f"{base}/health")
-    return Fleet("passive", processes, lambda model: urls[model])
+    return Fleet(label, processes, lambda model: urls[model])
+
+
+def three_at_once(server: Path, files: dict[str, Path], workdir: Path, rounds: int,
+                  tokens: int, note: Callable[[str, float], None]) -> None:
+    """Three models decoding together: lalo (governed) against each fixed setting."""
+    fleets = {"lalo": start_lalo(server, files, workdir),
+              "passive": start_plain(server, files, workdir),
+              "spin-1-thread": start_plain(server, files, workdir, threads=1, wait={},
+                                           label="spin-1-thread")}
+    try:
+        for _ in range(rounds):
+            for name, fleet in fleets.items():
+                time.sleep(SETTLE)
+                speeds = together([lambda f=fleet, m=model: decode(f.url(m), m, tokens)
+                                   for model in files])
+                for model, speed in zip(files, speeds, strict=True):
+                    note(f"three/{name}/{model}", speed)
+    finally:
+        for fleet in fleets.values():
+            fleet.stop()
 
 
 def main() -> None:
@@ -159,6 +185,8 @@ def main() -> None:
     parser.add_argument("--server", type=Path)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lalo-bench-governor"))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "thread-governor.json")
+    parser.add_argument("--three", action="store_true",
+                        help="only the three-at-once case (SmolLM2 twice and Gemma 3)")
     args = parser.parse_args()
     from tests.support.real_models import real_model
 
@@ -168,6 +196,9 @@ def main() -> None:
         args.server = require_llama_server().path
     args.workdir.mkdir(parents=True, exist_ok=True)
     files = {"smol": real_model(MODELS[0]), "gemma": real_model(MODELS[1])}
+    if args.three:
+        three(args, {**files, "smol2": files["smol"]})
+        return
     starts = {"lalo": start_lalo, "router": start_router, "passive": start_plain}
     fleets = {name: start(args.server, files, args.workdir) for name, start in starts.items()}
     rows: dict[str, list[float]] = {}
@@ -217,6 +248,24 @@ def main() -> None:
         "runs": rows, "ratios": {key: round(value, 2) for key, value in ratios.items()},
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"tokens_per_s": medians, "ratios": result["ratios"]}, indent=2))
+
+
+def three(args: argparse.Namespace, files: dict[str, Path]) -> None:
+    rows: dict[str, list[float]] = {}
+    three_at_once(args.server, files, args.workdir, args.rounds, args.tokens,
+                  lambda key, value: rows.setdefault(key, []).append(value))
+    medians = {key: round(statistics.median(values), 1) for key, values in rows.items()}
+    ratios = {f"{model}: lalo / best fixed": medians[f"three/lalo/{model}"] / max(
+        medians[f"three/passive/{model}"], medians[f"three/spin-1-thread/{model}"])
+        for model in files}
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "cpus": usable_cpus(), "rounds": args.rounds,
+        "tokens": args.tokens, "server": str(args.server), "tokens_per_s": medians,
+        "runs": rows, "ratios": {key: round(value, 2) for key, value in ratios.items()},
+    }
+    out = args.out.with_name(args.out.stem + "-three.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"tokens_per_s": medians, "ratios": result["ratios"]}, indent=2))
 
 

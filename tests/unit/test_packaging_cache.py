@@ -7,6 +7,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import pytest
+
 from launcher.packaging.files import DigestCache
 from launcher.packaging.frozen.freeze import prune_apps
 
@@ -126,3 +128,29 @@ def test_what_a_killed_build_left_is_removed_and_a_running_builds_is_not(tmp_pat
     except KeyboardInterrupt:
         pass
     assert not list(tmp_path.glob(".x.tar.gz.*"))
+
+
+def test_the_frozen_apps_key_follows_the_metadata_it_ships(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    # lalo's own METADATA carries the README: an app frozen before a README-only change was
+    # reused by the next build while a fresh freeze shipped the new text (CI's failure)
+    from importlib import metadata
+
+    from launcher.packaging.frozen import freeze
+
+    class Dist:
+        def __init__(self, readme: str) -> None:
+            self.metadata = {"Name": "lalo-launcher"}
+            self.version = "0.1.0"
+            self.readme = readme
+
+        def read_text(self, name: str) -> str | None:
+            return f"Name: lalo-launcher\n\n{self.readme}" if name == "METADATA" else None
+
+    for name in (freeze.SPEC_FILE, freeze.ENTRY_SCRIPT):
+        (tmp_path / name).write_text("recipe")
+    keys = []
+    for readme in ("one alone 0.92x", "one alone 0.92-0.93x", "one alone 0.92x"):
+        monkeypatch.setattr(metadata, "distributions", lambda r=readme: [Dist(r)])
+        keys.append(freeze.app_key(tmp_path))
+    assert keys[0] != keys[1] and keys[0] == keys[2]

@@ -135,8 +135,9 @@ def check_pyinstaller(python: str = sys.executable) -> str:
 
 def app_key(recipes: Path, excludes: Sequence[str] = EXCLUDES, in_root: str = "") -> str:
     """Hash of everything a one-folder lalo is made of: lalo's files, the recipe, every
-    installed distribution's version, the Python and the platform (and the build root's key
-    when frozen in one)."""
+    installed distribution's version and metadata (the frozen app ships dist-info, and lalo's
+    own METADATA carries the README: a README-only change must not reuse an app holding the
+    old one), the Python and the platform (and the build root's key when frozen in one)."""
     digest = hashlib.sha256()
     package = Path(launcher.__file__).resolve().parent
     for path in sorted(package.rglob("*")):
@@ -145,8 +146,11 @@ def app_key(recipes: Path, excludes: Sequence[str] = EXCLUDES, in_root: str = ""
             digest.update(hashlib.sha256(path.read_bytes()).digest())
     for name in (SPEC_FILE, ENTRY_SCRIPT):
         digest.update(name.encode() + b"\0" + (recipes / name).read_bytes())
-    dists = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions())
-    digest.update("\n".join(dists).encode())
+    dists = sorted(metadata.distributions(), key=lambda d: (d.metadata["Name"] or "", d.version))
+    for dist in dists:
+        digest.update(f"{dist.metadata['Name']}=={dist.version}\n".encode())
+        for name in ("METADATA", "entry_points.txt"):
+            digest.update(hashlib.sha256((dist.read_text(name) or "").encode()).digest())
     digest.update(f"{sys.version}|{platform_tag()}|{','.join(excludes)}|{in_root}".encode())
     return digest.hexdigest()
 

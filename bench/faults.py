@@ -31,7 +31,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,6 +132,24 @@ def tiny_lalo(stack: Stack, tiny: Path, case: str, parallel: int,
                       proxy={"queue_size": queue})
 
 
+def check_flat(result: CaseResult, samples: Sequence[tuple[float, int, int, *tuple[int, ...]]]) -> None:
+    """lalo's RSS and open fds over a soak, from (s, RSS, fds, ...) samples: the first quarter
+    (after the first sample) against the last, as timings and two checks on `result`."""
+    quarter = max(1, len(samples) // 4)
+    head, tail = samples[1:quarter + 1] or samples[:1], samples[-quarter:]
+    rss_base, rss_end = max(s[1] for s in head), max(s[1] for s in tail)
+    fds_base, fds_end = max(s[2] for s in head), max(s[2] for s in tail)
+    result.timings.update({
+        "rss_start_mib": rss_base / 2**20, "rss_end_mib": rss_end / 2**20,
+        "rss_max_mib": max(s[1] for s in samples) / 2**20,
+        "fds_start": fds_base, "fds_end": fds_end, "fds_max": max(s[2] for s in samples)})
+    result.check("RSS flat: last quarter within 10 % (+4 MiB) of the first",
+                 rss_end <= rss_base * 1.10 + 4 * 2**20,
+                 f"{rss_base / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB")
+    result.check("open fds flat: last quarter within 8 of the first", fds_end <= fds_base + 8,
+                 f"{fds_base} -> {fds_end}")
+
+
 # --- soak ----------------------------------------------------------------------------------------
 def soak(stack: Stack, tiny: Path, seconds: float, streams: int = 32) -> CaseResult:
     """`streams` clients streaming back to back for `seconds`; lalo's RSS and fds sampled."""
@@ -171,25 +189,14 @@ def soak(stack: Stack, tiny: Path, seconds: float, streams: int = 32) -> CaseRes
                 return sum(c for c in counts if c is not None)
 
         completed = asyncio.run(run())
-    quarter = max(1, len(samples) // 4)
-    head, tail = samples[1:quarter + 1] or samples[:1], samples[-quarter:]
-    rss_base, rss_end = max(s[1] for s in head), max(s[1] for s in tail)
-    fds_base, fds_end = max(s[2] for s in head), max(s[2] for s in tail)
     result.client_saw = f"{completed} complete streams, {len(errors)} errors" + (
         f" (first: {errors[0]})" if errors else "")
     result.errors, result.lost = len(errors), len(errors)
-    result.timings = {"seconds": seconds, "streams_completed": completed,
-                      "rss_start_mib": rss_base / 2**20, "rss_end_mib": rss_end / 2**20,
-                      "rss_max_mib": max(s[1] for s in samples) / 2**20,
-                      "fds_start": fds_base, "fds_end": fds_end, "fds_max": max(s[2] for s in samples)}
+    result.timings = {"seconds": seconds, "streams_completed": completed}
     result.notes.append("samples (s, RSS MiB, fds): " + ", ".join(
         f"({t:.0f}, {r / 2**20:.1f}, {f})" for t, r, f in samples))
     result.check("0 errors", not errors, len(errors))
-    result.check("RSS flat: last quarter within 10 % (+4 MiB) of the first",
-                 rss_end <= rss_base * 1.10 + 4 * 2**20,
-                 f"{rss_base / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB")
-    result.check("open fds flat: last quarter within 8 of the first", fds_end <= fds_base + 8,
-                 f"{fds_base} -> {fds_end}")
+    check_flat(result, samples)
     return result
 
 
@@ -282,32 +289,19 @@ def soak_models(stack: Stack, seconds: float, clients: int = 6) -> CaseResult:
     time.sleep(2)
     orphans = _server_pids(model_dir)
     errors = {k: v for k, v in outcomes.items() if k.startswith("error: ")}
-    quarter = max(1, len(samples) // 4)
-    head, tail = samples[1:quarter + 1] or samples[:1], samples[-quarter:]
-    rss_base, rss_end = max(s[1] for s in head), max(s[1] for s in tail)
-    fds_base, fds_end = max(s[2] for s in head), max(s[2] for s in tail)
     lost = sum(errors.values())
     result.client_saw = (f"{outcomes['ok']} answered, {outcomes['left']} left early by the "
                          f"client, {lost} lost" + (f" ({next(iter(errors))})" if errors else ""))
     result.lost, result.errors, result.orphans = lost, lost, len(orphans)
     result.timings = {"seconds": seconds, "answered": outcomes["ok"], "left": outcomes["left"],
-                      "loads": sum(loads.values()), "rss_start_mib": rss_base / 2**20,
-                      "rss_end_mib": rss_end / 2**20,
-                      "rss_max_mib": max(s[1] for s in samples) / 2**20,
-                      "fds_start": fds_base, "fds_end": fds_end,
-                      "fds_max": max(s[2] for s in samples),
-                      "servers_max": max(s[3] for s in samples)}
+                      "loads": sum(loads.values()), "servers_max": max(s[3] for s in samples)}
     result.notes.append(f"loads per model: {loads}; outcomes: {dict(outcomes)}")
     result.notes.append("samples (s, RSS MiB, fds, servers): " + ", ".join(
         f"({t:.0f}, {r / 2**20:.1f}, {f}, {n})" for t, r, f, n in samples))
     result.check("0 lost", lost == 0, lost)
     result.check("swaps happened (loads > 3)", sum(loads.values()) > 3, sum(loads.values()))
     result.check("0 llama-server left after lalo stopped", not orphans, sorted(orphans))
-    result.check("RSS flat: last quarter within 10 % (+4 MiB) of the first",
-                 rss_end <= rss_base * 1.10 + 4 * 2**20,
-                 f"{rss_base / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB")
-    result.check("open fds flat: last quarter within 8 of the first", fds_end <= fds_base + 8,
-                 f"{fds_base} -> {fds_end}")
+    check_flat(result, samples)
     return result
 
 

@@ -108,6 +108,20 @@ def podman(*args: str, check: bool = True, timeout: float = 300) -> subprocess.C
     return done
 
 
+def wait_answering(url: str, name: str, what: str, interval: float = 0.1) -> None:
+    """Until GET `url` answers 200; the container `name` must stay running meanwhile (its log
+    is the failure message when it does not)."""
+    def answers() -> bool:
+        try:
+            return httpx.get(url, timeout=2.0, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+            assert state == "running", podman("logs", name, check=False).stderr
+            return False
+
+    wait_until(answers, START_TIMEOUT, interval=interval, message=what)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -226,15 +240,7 @@ def test_the_container_answers_a_chat_completion(built: Built, loaded: str) -> N
     podman("run", "-d", "--name", name, *RUN_FLAGS, "-p", f"127.0.0.1:{host_port}:{PORT}",
            loaded)
     try:
-        def healthy() -> bool:
-            try:
-                return httpx.get(url + "/health", timeout=2.0, trust_env=False).status_code == 200
-            except httpx.HTTPError:
-                state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
-                assert state == "running", podman("logs", name, check=False).stderr
-                return False
-
-        wait_until(healthy, START_TIMEOUT, interval=0.1, message="the container's /health")
+        wait_answering(url + "/health", name, "the container's /health")
         to_health = time.monotonic() - started
         response = httpx.post(url + "/v1/chat/completions", timeout=120.0, trust_env=False, json={
             "model": "tiny", "temperature": 0, "max_tokens": 16,
@@ -296,16 +302,8 @@ def test_the_k8s_pod_runs_this_image(built: Built, loaded: str, tmp_path: Path) 
            "-v", f"{base}:/etc/lalo:ro", "-v", f"{models}:/models:ro",
            "-p", f"127.0.0.1:{host_port}:{PORT}", loaded, *lalo["args"])
     try:
-        def ready() -> bool:
-            try:
-                path = lalo["readinessProbe"]["httpGet"]["path"]
-                return httpx.get(url + path, timeout=2.0, trust_env=False).status_code == 200
-            except httpx.HTTPError:
-                state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
-                assert state == "running", podman("logs", name, check=False).stderr
-                return False
-
-        wait_until(ready, START_TIMEOUT, interval=0.1, message="the pod's readiness probe")
+        wait_answering(url + lalo["readinessProbe"]["httpGet"]["path"], name,
+                       "the pod's readiness probe")
         liveness = podman("exec", name, *lalo["livenessProbe"]["exec"]["command"], check=False)
         assert liveness.returncode == 0, liveness.stderr
         response = httpx.post(url + "/v1/chat/completions", timeout=120.0, trust_env=False, json={
@@ -367,15 +365,7 @@ def test_podman_kube_play_of_the_rendered_base(built: Built, loaded: str,
                          infra).stdout.strip()
         url = f"http://{address}:{PORT}"
 
-        def ready() -> bool:
-            try:
-                return httpx.get(url + "/health", timeout=2.0, trust_env=False).status_code == 200
-            except httpx.HTTPError:
-                state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
-                assert state == "running", podman("logs", name, check=False).stderr
-                return False
-
-        wait_until(ready, START_TIMEOUT, interval=0.2, message="the played pod to answer")
+        wait_answering(url + "/health", name, "the played pod to answer", interval=0.2)
         pid = podman("inspect", "--format", "{{.State.Pid}}", name).stdout.strip()
         uids = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                     if line.startswith("Uid:"))

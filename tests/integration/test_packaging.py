@@ -13,6 +13,7 @@ the native engine the other tests use, named as such in the spec (a CI run stays
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from launcher.config import parse_config
 from launcher.engines.install import BuiltEngine
 from launcher.packaging.build import BuildResult, Packager, cached_engine
 from launcher.packaging.formats.payload import read_payload
+from launcher.packaging.frozen import freeze
 from launcher.packaging.frozen.freeze import frozen_app
 from launcher.packaging.spec import load_spec
 from tests.support.engine import test_engine_variant
@@ -92,16 +95,14 @@ def write_spec(folder: Path, smollm2: Path, small_model_b: Path, port: int,
     return spec
 
 
-def build(spec: Path, out: Path, targets: list[str] | None = None,
-          refreeze: bool = False) -> BuildResult:
+def build(spec: Path, out: Path, targets: list[str] | None = None) -> BuildResult:
     lines: list[str] = []
 
     def engine(variant: str, report: Callable[[str], None], platform: str | None) -> BuiltEngine:
         ENGINE_PLATFORMS.append(platform)
         return cached_engine(variant, report, platform)
 
-    packager = Packager(report=lines.append, engine_source=engine, app_source=(
-        (lambda report: frozen_app(report, force=True)) if refreeze else frozen_app))
+    packager = Packager(report=lines.append, engine_source=engine, app_source=frozen_app)
     try:
         return packager.build(load_spec(str(spec)), out, targets)  # type: ignore[arg-type]
     except Exception:
@@ -316,9 +317,35 @@ def archive_differences(first: Path, second: Path) -> list[str]:
             for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)]
 
 
-def test_two_bundle_builds_give_byte_identical_archives(built: Built, tmp_path: Path) -> None:
-    # lalo frozen again by PyInstaller, not taken from the cache: the whole chain is reproducible
-    again = build(built.spec, tmp_path / "again", ["bundle"], refreeze=True)
+def freeze_elsewhere(tmp_path: Path) -> Path:
+    """lalo frozen again by PyInstaller from a copy of its source at another path (another
+    checkout; the path once changed PyInstaller's marshalled code, see stable_marshal.py), into
+    a packaging folder of its own (the rest of the cache, build roots included, is shared)."""
+    repo = Path(__file__).resolve().parents[2]
+    source = tmp_path / "another_checkout_of_lalo"
+    for part in ("launcher", "build"):
+        shutil.copytree(repo / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    elsewhere = tmp_path / "packaging"
+    script = ("import launcher; from pathlib import Path; from launcher.packaging.frozen import freeze; "
+              f"assert launcher.__file__.startswith({str(source)!r}), launcher.__file__; "
+              f"freeze.packaging_dir = lambda: Path({str(elsewhere)!r}); "
+              "freeze.frozen_app(print, force=True)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, text=True,
+                          capture_output=True, timeout=1200,
+                          env={**os.environ, "PYTHONPATH": str(source)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return elsewhere
+
+
+def test_two_bundle_builds_give_byte_identical_archives(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # lalo frozen again from another checkout, not taken from the cache: the whole chain is
+    # reproducible
+    elsewhere = freeze_elsewhere(tmp_path)
+    monkeypatch.setattr(freeze, "packaging_dir", lambda: elsewhere)
+    assert frozen_app(lambda _: None).reused, "the app frozen elsewhere has another cache key"
+    again = build(built.spec, tmp_path / "again", ["bundle"])
     assert again.bundle is not None and built.result.bundle is not None
     first, second = built.result.bundle.archive, again.bundle.archive
     assert first != second
@@ -329,6 +356,13 @@ def test_two_bundle_builds_give_byte_identical_archives(built: Built, tmp_path: 
         names = tar.getnames()
         assert names == sorted(names) and names[0] == "tiny-bundle"
         assert {(m.uid, m.gid, m.mtime) for m in tar.getmembers()} == {(0, 0, 1577836800)}
+        # Each module in marshal format 2: a code object (b"c") without the back-reference
+        # flag (b"\xe3") that formats 3 and 4 set from the freezing process's reference counts
+        base = tar.extractfile("tiny-bundle/lalo/_internal/base_library.zip")
+        assert base is not None
+        with zipfile.ZipFile(io.BytesIO(base.read())) as modules:
+            kinds = {modules.read(name)[16:17] for name in modules.namelist()}
+        assert kinds == {b"c"}, kinds
 
 
 def test_bundle_start_script_answers_in_a_clean_environment(

@@ -151,6 +151,29 @@ def test_the_frozen_apps_key_follows_the_metadata_it_ships(monkeypatch: pytest.M
         (tmp_path / name).write_text("recipe")
     keys = []
     for readme in ("one alone 0.92x", "one alone 0.92-0.93x", "one alone 0.92x"):
-        monkeypatch.setattr(metadata, "distributions", lambda r=readme: [Dist(r)])
+        monkeypatch.setattr(metadata, "distributions", lambda r=readme, **_: [Dist(r)])
         keys.append(freeze.app_key(tmp_path))
     assert keys[0] != keys[1] and keys[0] == keys[2]
+
+
+def test_the_frozen_apps_key_ignores_metadata_that_is_not_shipped(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # pytest puts the checkout on sys.path, and `pip install -e` left lalo_launcher.egg-info in
+    # it: the key differed from that of a freeze started elsewhere, which then froze again
+    from launcher.packaging.frozen import freeze
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    for name in (freeze.SPEC_FILE, freeze.ENTRY_SCRIPT):
+        (recipes / name).write_text("recipe")
+    checkout = tmp_path / "checkout"
+    (checkout / "lalo_launcher.egg-info").mkdir(parents=True)
+    (checkout / "lalo_launcher.egg-info" / "PKG-INFO").write_text(
+        "Metadata-Version: 2.1\nName: lalo-launcher\nVersion: 0.0.1\n\nan old README\n")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    before = freeze.app_key(recipes)
+    monkeypatch.syspath_prepend(str(checkout))
+    assert freeze.app_key(recipes) == before
+    monkeypatch.setenv("PYTHONPATH", str(checkout))  # on PyInstaller's path too: shipped
+    assert freeze.app_key(recipes) != before

@@ -14,6 +14,7 @@ import importlib.metadata as metadata
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import time
@@ -146,13 +147,23 @@ def app_key(recipes: Path, excludes: Sequence[str] = EXCLUDES, in_root: str = ""
             digest.update(hashlib.sha256(path.read_bytes()).digest())
     for name in (SPEC_FILE, ENTRY_SCRIPT):
         digest.update(name.encode() + b"\0" + (recipes / name).read_bytes())
-    dists = sorted(metadata.distributions(), key=lambda d: (d.metadata["Name"] or "", d.version))
+    dists = sorted(metadata.distributions(path=freeze_path()),
+                   key=lambda d: (d.metadata["Name"] or "", d.version))
     for dist in dists:
         digest.update(f"{dist.metadata['Name']}=={dist.version}\n".encode())
         for name in ("METADATA", "entry_points.txt"):
             digest.update(hashlib.sha256((dist.read_text(name) or "").encode()).digest())
     digest.update(f"{sys.version}|{platform_tag()}|{','.join(excludes)}|{in_root}".encode())
     return digest.hexdigest()
+
+
+def freeze_path() -> list[str]:
+    """Where PyInstaller's process finds the distributions it ships: PYTHONPATH, then this
+    Python's site-packages. Not this process's whole `sys.path`: pytest and `python -m` put the
+    checkout on it, whose `*.egg-info` (left by `pip install -e`) is not shipped, and the key
+    would change with how lalo was started."""
+    extra = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    return [*extra, *site.getsitepackages()]
 
 
 def choose_root(report: Report, warnings: list[str]) -> FreezeRoot | None:

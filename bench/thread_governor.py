@@ -10,9 +10,13 @@ interleaved rounds, decode tokens/s as llama-server timed them (`timings`), medi
 - beside two busy loops: SmolLM2 alone while two other programs spin: lalo vs the router;
 - three at once (`--three`): SmolLM2, Gemma 3 and a second SmolLM2 decoding together: lalo vs
   each fixed setting of the full table that can apply (plain servers with `--threads` = CPUs
-  and PASSIVE; with 1 thread each and the default spin, what a fixed split would give).
+  and PASSIVE; with 1 thread each and the default spin, what a fixed split would give);
+- where the alone case's time goes (`--alone`): SmolLM2 decoding, Gemma idle, asked four ways
+  in turn: through lalo (which asks its server for a stream and assembles the answer,
+  launcher/proxy/assemble.py), lalo's own SmolLM2 server directly without and with a stream,
+  and the router.
 
-    python bench/thread_governor.py [--rounds 5] [--tokens 256] [--server PATH] [--three]
+    python bench/thread_governor.py [--rounds 5] [--tokens 256] [--server PATH] [--three|--alone]
 """
 
 from __future__ import annotations
@@ -59,12 +63,40 @@ def wait_http(url: str, timeout: float = 180.0) -> None:
 SETTLE = 3.0  # seconds between cases: lalo's governor counts the last case's fleet as other programs
 
 
-def decode(base: str, model: str, tokens: int) -> float:
-    reply = httpx.post(f"{base}/v1/completions", timeout=900, trust_env=False, json={
-        "model": model, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True,
-        "temperature": 0, "cache_prompt": False})
-    reply.raise_for_status()
-    return float(reply.json()["timings"]["predicted_per_second"])
+def decode(base: str, model: str, tokens: int, *, key: str = "", stream: bool = False) -> float:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True,
+            "temperature": 0, "cache_prompt": False, "stream": stream}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if not stream:
+        reply = httpx.post(f"{base}/v1/completions", timeout=900, trust_env=False, json=body,
+                           headers=headers)
+        reply.raise_for_status()
+        return float(reply.json()["timings"]["predicted_per_second"])
+    speed = None
+    with httpx.stream("POST", f"{base}/v1/completions", timeout=900, trust_env=False,
+                      json=body, headers=headers) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if line.startswith("data: {") and "timings" in (event := json.loads(line[6:])):
+                speed = float(event["timings"]["predicted_per_second"])
+    if speed is None:
+        raise RuntimeError("the stream carried no timings")
+    return speed
+
+
+def lalo_server(fleet: Fleet, alias: str) -> tuple[str, str]:
+    """(URL, API key) of the llama-server lalo started for `alias`: read from the child's
+    command line and environment (this benchmark runs as lalo's user)."""
+    import psutil
+
+    for child in psutil.Process(fleet.processes[0].pid).children(recursive=True):
+        argv = child.cmdline()
+        if "--alias" in argv and argv[argv.index("--alias") + 1] == alias:
+            environ = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
+            key = next(e.split(b"=", 1)[1].decode() for e in environ
+                       if e.startswith(b"LLAMA_API_KEY="))
+            return f"http://127.0.0.1:{argv[argv.index('--port') + 1]}", key
+    raise RuntimeError(f"lalo runs no llama-server for {alias}")
 
 
 def together(calls: list[Callable[[], float]]) -> list[float]:
@@ -187,6 +219,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "thread-governor.json")
     parser.add_argument("--three", action="store_true",
                         help="only the three-at-once case (SmolLM2 twice and Gemma 3)")
+    parser.add_argument("--alone", action="store_true",
+                        help="only the alone case, lalo's time split between server and stream")
     args = parser.parse_args()
     from tests.support.real_models import real_model
 
@@ -198,6 +232,9 @@ def main() -> None:
     files = {"smol": real_model(MODELS[0]), "gemma": real_model(MODELS[1])}
     if args.three:
         three(args, {**files, "smol2": files["smol"]})
+        return
+    if args.alone:
+        alone(args, files)
         return
     starts = {"lalo": start_lalo, "router": start_router, "passive": start_plain}
     fleets = {name: start(args.server, files, args.workdir) for name, start in starts.items()}
@@ -265,6 +302,44 @@ def three(args: argparse.Namespace, files: dict[str, Path]) -> None:
         "runs": rows, "ratios": {key: round(value, 2) for key, value in ratios.items()},
     }
     out = args.out.with_name(args.out.stem + "-three.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"tokens_per_s": medians, "ratios": result["ratios"]}, indent=2))
+
+
+def alone(args: argparse.Namespace, files: dict[str, Path]) -> None:
+    lalo = start_lalo(args.server, files, args.workdir)
+    router = start_router(args.server, files, args.workdir)
+    direct, key = lalo_server(lalo, "smol")
+    ways: dict[str, Callable[[], float]] = {
+        "lalo": lambda: decode(lalo.url("smol"), "smol", args.tokens),
+        "lalo-server-direct": lambda: decode(direct, "smol", args.tokens, key=key),
+        "lalo-server-direct-stream": lambda: decode(direct, "smol", args.tokens, key=key,
+                                                    stream=True),
+        "router": lambda: decode(router.url("smol"), "smol", args.tokens),
+    }
+    rows: dict[str, list[float]] = {name: [] for name in ways}
+    try:
+        for _ in range(args.rounds):
+            for name, way in ways.items():
+                time.sleep(SETTLE)
+                rows[name].append(way())
+    finally:
+        lalo.stop()
+        router.stop()
+    medians = {key: round(statistics.median(values), 1) for key, values in rows.items()}
+    ratios = {
+        "lalo / router": medians["lalo"] / medians["router"],
+        "lalo's server direct / router": medians["lalo-server-direct"] / medians["router"],
+        "direct stream / direct": (medians["lalo-server-direct-stream"]
+                                   / medians["lalo-server-direct"]),
+        "lalo / direct stream": medians["lalo"] / medians["lalo-server-direct-stream"],
+    }
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "cpus": usable_cpus(), "rounds": args.rounds,
+        "tokens": args.tokens, "server": str(args.server), "tokens_per_s": medians,
+        "runs": rows, "ratios": {key: round(value, 3) for key, value in ratios.items()},
+    }
+    out = args.out.with_name(args.out.stem + "-alone.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"tokens_per_s": medians, "ratios": result["ratios"]}, indent=2))
 

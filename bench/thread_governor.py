@@ -14,9 +14,14 @@ interleaved rounds, decode tokens/s as llama-server timed them (`timings`), medi
 - where the alone case's time goes (`--alone`): SmolLM2 decoding, Gemma idle, asked four ways
   in turn: through lalo (which asks its server for a stream and assembles the answer,
   launcher/proxy/assemble.py), lalo's own SmolLM2 server directly without and with a stream,
-  and the router.
+  and the router;
+- beside two busy loops against every fixed setting (`--busy`): SmolLM2 decoding, Gemma idle,
+  two other programs spinning: lalo vs plain servers with 2 threads and the default spin, 2
+  and PASSIVE, 2 and `GOMP_SPINCOUNT=300 OMP_WAIT_POLICY=PASSIVE` (lalo's static policy), and
+  1 thread with the default spin.
 
-    python bench/thread_governor.py [--rounds 5] [--tokens 256] [--server PATH] [--three|--alone]
+    python bench/thread_governor.py [--rounds 5] [--tokens 256] [--server PATH]
+                                    [--three|--alone|--busy]
 """
 
 from __future__ import annotations
@@ -127,6 +132,20 @@ class Fleet:
                 process.kill()
 
 
+def beside_busy_loops(fleet: Fleet, tokens: int, loops: int = 2) -> float:
+    """SmolLM2's decode speed on `fleet` while `loops` other programs spin."""
+    spinners = [multiprocessing.Process(target=spin, args=(3600,)) for _ in range(loops)]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        time.sleep(SETTLE)  # lalo's governor reads other programs' CPU time
+        return decode(fleet.url("smol"), "smol", tokens)
+    finally:
+        for spinner in spinners:
+            spinner.terminate()
+            spinner.join()
+
+
 def start_lalo(server: Path, files: dict[str, Path], workdir: Path) -> Fleet:
     config = workdir / "lalo.yaml"
     config.write_text(yaml.safe_dump({
@@ -221,6 +240,8 @@ def main() -> None:
                         help="only the three-at-once case (SmolLM2 twice and Gemma 3)")
     parser.add_argument("--alone", action="store_true",
                         help="only the alone case, lalo's time split between server and stream")
+    parser.add_argument("--busy", action="store_true",
+                        help="only SmolLM2 beside two busy loops, against every fixed setting")
     args = parser.parse_args()
     from tests.support.real_models import real_model
 
@@ -235,6 +256,9 @@ def main() -> None:
         return
     if args.alone:
         alone(args, files)
+        return
+    if args.busy:
+        busy(args, files)
         return
     starts = {"lalo": start_lalo, "router": start_router, "passive": start_plain}
     fleets = {name: start(args.server, files, args.workdir) for name, start in starts.items()}
@@ -258,17 +282,7 @@ def main() -> None:
                 note(f"both/{name}/smol", smol)
                 note(f"both/{name}/gemma", gemma)
             for name in ("lalo", "router"):  # beside two busy programs
-                fleet = fleets[name]
-                spinners = [multiprocessing.Process(target=spin, args=(3600,)) for _ in range(2)]
-                for spinner in spinners:
-                    spinner.start()
-                try:
-                    time.sleep(SETTLE)  # lalo's governor reads other programs' CPU time
-                    note(f"busy-loops/{name}", decode(fleet.url("smol"), "smol", args.tokens))
-                finally:
-                    for spinner in spinners:
-                        spinner.terminate()
-                        spinner.join()
+                note(f"busy-loops/{name}", beside_busy_loops(fleets[name], args.tokens))
     finally:
         for fleet in fleets.values():
             fleet.stop()
@@ -342,6 +356,44 @@ def alone(args: argparse.Namespace, files: dict[str, Path]) -> None:
     out = args.out.with_name(args.out.stem + "-alone.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"tokens_per_s": medians, "ratios": result["ratios"]}, indent=2))
+
+
+SPIN: dict[str, str] = {}
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+SHORT_SPIN = {"GOMP_SPINCOUNT": "300", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def busy(args: argparse.Namespace, files: dict[str, Path]) -> None:
+    cpus = usable_cpus()
+    fixed = {  # label: (threads, OpenMP wait)
+        f"{cpus}-threads-spin": (cpus, SPIN), f"{cpus}-threads-passive": (cpus, PASSIVE),
+        f"{cpus}-threads-spin-300-passive": (cpus, SHORT_SPIN), "1-thread-spin": (1, SPIN),
+    }
+    fleets = {"lalo": start_lalo(args.server, files, args.workdir)}
+    for label, (threads, wait) in fixed.items():
+        fleets[label] = start_plain(args.server, files, args.workdir, threads=threads,
+                                    wait=wait, label=label)
+    rows: dict[str, list[float]] = {name: [] for name in fleets}
+    try:
+        for _ in range(args.rounds):
+            for name, fleet in fleets.items():
+                rows[name].append(beside_busy_loops(fleet, args.tokens))
+    finally:
+        for fleet in fleets.values():
+            fleet.stop()
+    medians = {key: round(statistics.median(values), 1) for key, values in rows.items()}
+    best = max(fixed, key=lambda label: medians[label])
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "cpus": cpus, "rounds": args.rounds,
+        "tokens": args.tokens, "server": str(args.server), "tokens_per_s": medians,
+        "runs": rows, "best_fixed": best,
+        "ratios": {f"lalo / {label}": round(medians["lalo"] / medians[label], 2)
+                   for label in fixed},
+    }
+    out = args.out.with_name(args.out.stem + "-busy.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"tokens_per_s": medians, "best_fixed": best,
+                      "ratios": result["ratios"]}, indent=2))
 
 
 if __name__ == "__main__":

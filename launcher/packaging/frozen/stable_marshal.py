@@ -19,7 +19,8 @@ What it costs, measured on the 155 modules of `base_library.zip`:
 - the zlib-compressed PYZ is 0.5% larger;
 - loading all 155 modules takes 0.8 ms more (3.7 ms instead of 2.8 ms).
 
-`install()` is called by `build/lalo-ai.spec` inside PyInstaller's process, before the analysis.
+`install()` is called by `build/lalo-ai.spec` inside PyInstaller's process, before the analysis;
+a PyInstaller it cannot patch gives a build warning, not a failed build.
 """
 
 from __future__ import annotations
@@ -50,19 +51,22 @@ def dump(value: Any, file: IO[bytes], _version: int = VERSION, /) -> None:
     marshal.dump(value, file, VERSION)
 
 
-def install() -> None:
-    """Make PyInstaller's marshalling modules use this module as their `marshal`.
-    RuntimeError when one of them no longer marshals through a module-level `marshal`: a
-    PyInstaller release changed how it writes code, and freezes would differ again."""
+def install() -> str | None:
+    """Make PyInstaller's marshalling modules use this module as their `marshal`. None when
+    done; else the warning for the build (the freeze still works, but two freezes may differ):
+    a PyInstaller release no longer marshals through a module-level `marshal`."""
     this = sys.modules[__name__]
     for name in PYINSTALLER_MODULES:
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            module = None
         found = getattr(module, "marshal", None)
         if found is this:
             continue
-        if found is not marshal:
-            raise RuntimeError(
-                f"{name} has no module-level `marshal`: this PyInstaller release writes code "
-                "differently, and lalo's reproducible freeze (stable_marshal) must follow it"
-            )
+        if module is None or found is not marshal:
+            return (f"this PyInstaller has no module-level `marshal` in {name}: lalo could not "
+                    "make its marshalled code independent of the freezing process, so two "
+                    "freezes of the same source may differ (stable_marshal.py)")
         module.marshal = this  # type: ignore[attr-defined]
+    return None

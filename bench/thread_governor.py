@@ -229,6 +229,36 @@ def three_at_once(server: Path, files: dict[str, Path], workdir: Path, rounds: i
             fleet.stop()
 
 
+def medians_of(rows: dict[str, list[float]]) -> dict[str, float]:
+    return {key: round(statistics.median(values), 1) for key, values in rows.items()}
+
+
+def take_turns(ways: dict[str, Callable[[], float]], rounds: int,
+               settle: float = SETTLE) -> dict[str, list[float]]:
+    """Each way once per round, in turn, `settle` seconds before each: their speeds."""
+    rows: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, way in ways.items():
+            time.sleep(settle)
+            rows[name].append(way())
+    return rows
+
+
+def write_result(args: argparse.Namespace, suffix: str, rows: dict[str, list[float]],
+                 ratios: dict[str, float], digits: int = 2, **extra: Any) -> None:
+    """docs/thread-governor{suffix}.json with the runs, their medians and `ratios`; printed."""
+    medians = medians_of(rows)
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "cpus": usable_cpus(), "rounds": args.rounds,
+        "tokens": args.tokens, "server": str(args.server), "tokens_per_s": medians,
+        "runs": rows, **extra,
+        "ratios": {key: round(value, digits) for key, value in ratios.items()},
+    }
+    out = args.out.with_name(args.out.stem + suffix + ".json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"tokens_per_s": medians, **extra, "ratios": result["ratios"]}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -286,38 +316,24 @@ def main() -> None:
     finally:
         for fleet in fleets.values():
             fleet.stop()
-    medians = {key: round(statistics.median(values), 1) for key, values in rows.items()}
-    ratios = {
+    medians = medians_of(rows)
+    write_result(args, "", rows, {
         "alone: lalo / router": medians["alone/lalo"] / medians["alone/router"],
         "both, SmolLM2: lalo / passive": medians["both/lalo/smol"] / medians["both/passive/smol"],
         "both, Gemma: lalo / passive": medians["both/lalo/gemma"] / medians["both/passive/gemma"],
         "beside two busy loops: lalo / router": medians["busy-loops/lalo"] / medians["busy-loops/router"],
-    }
-    result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "cpus": usable_cpus(), "rounds": args.rounds,
-        "tokens": args.tokens, "server": str(args.server), "tokens_per_s": medians,
-        "runs": rows, "ratios": {key: round(value, 2) for key, value in ratios.items()},
-    }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"tokens_per_s": medians, "ratios": result["ratios"]}, indent=2))
+    })
 
 
 def three(args: argparse.Namespace, files: dict[str, Path]) -> None:
     rows: dict[str, list[float]] = {}
     three_at_once(args.server, files, args.workdir, args.rounds, args.tokens,
                   lambda key, value: rows.setdefault(key, []).append(value))
-    medians = {key: round(statistics.median(values), 1) for key, values in rows.items()}
-    ratios = {f"{model}: lalo / best fixed": medians[f"three/lalo/{model}"] / max(
-        medians[f"three/passive/{model}"], medians[f"three/spin-1-thread/{model}"])
-        for model in files}
-    result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "cpus": usable_cpus(), "rounds": args.rounds,
-        "tokens": args.tokens, "server": str(args.server), "tokens_per_s": medians,
-        "runs": rows, "ratios": {key: round(value, 2) for key, value in ratios.items()},
-    }
-    out = args.out.with_name(args.out.stem + "-three.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"tokens_per_s": medians, "ratios": result["ratios"]}, indent=2))
+    medians = medians_of(rows)
+    write_result(args, "-three", rows, {
+        f"{model}: lalo / best fixed": medians[f"three/lalo/{model}"] / max(
+            medians[f"three/passive/{model}"], medians[f"three/spin-1-thread/{model}"])
+        for model in files})
 
 
 def alone(args: argparse.Namespace, files: dict[str, Path]) -> None:
@@ -331,31 +347,19 @@ def alone(args: argparse.Namespace, files: dict[str, Path]) -> None:
                                                     stream=True),
         "router": lambda: decode(router.url("smol"), "smol", args.tokens),
     }
-    rows: dict[str, list[float]] = {name: [] for name in ways}
     try:
-        for _ in range(args.rounds):
-            for name, way in ways.items():
-                time.sleep(SETTLE)
-                rows[name].append(way())
+        rows = take_turns(ways, args.rounds)
     finally:
         lalo.stop()
         router.stop()
-    medians = {key: round(statistics.median(values), 1) for key, values in rows.items()}
-    ratios = {
+    medians = medians_of(rows)
+    write_result(args, "-alone", rows, {
         "lalo / router": medians["lalo"] / medians["router"],
         "lalo's server direct / router": medians["lalo-server-direct"] / medians["router"],
         "direct stream / direct": (medians["lalo-server-direct-stream"]
                                    / medians["lalo-server-direct"]),
         "lalo / direct stream": medians["lalo"] / medians["lalo-server-direct-stream"],
-    }
-    result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "cpus": usable_cpus(), "rounds": args.rounds,
-        "tokens": args.tokens, "server": str(args.server), "tokens_per_s": medians,
-        "runs": rows, "ratios": {key: round(value, 3) for key, value in ratios.items()},
-    }
-    out = args.out.with_name(args.out.stem + "-alone.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"tokens_per_s": medians, "ratios": result["ratios"]}, indent=2))
+    }, digits=3)
 
 
 SPIN: dict[str, str] = {}
@@ -373,28 +377,16 @@ def busy(args: argparse.Namespace, files: dict[str, Path]) -> None:
     for label, (threads, wait) in fixed.items():
         fleets[label] = start_plain(args.server, files, args.workdir, threads=threads,
                                     wait=wait, label=label)
-    rows: dict[str, list[float]] = {name: [] for name in fleets}
-    try:
-        for _ in range(args.rounds):
-            for name, fleet in fleets.items():
-                rows[name].append(beside_busy_loops(fleet, args.tokens))
+    try:  # beside_busy_loops settles by itself, with the loops running
+        rows = take_turns({name: lambda f=fleet: beside_busy_loops(f, args.tokens)
+                           for name, fleet in fleets.items()}, args.rounds, settle=0)
     finally:
         for fleet in fleets.values():
             fleet.stop()
-    medians = {key: round(statistics.median(values), 1) for key, values in rows.items()}
-    best = max(fixed, key=lambda label: medians[label])
-    result: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "cpus": cpus, "rounds": args.rounds,
-        "tokens": args.tokens, "server": str(args.server), "tokens_per_s": medians,
-        "runs": rows, "best_fixed": best,
-        "ratios": {f"lalo / {label}": round(medians["lalo"] / medians[label], 2)
-                   for label in fixed},
-    }
-    out = args.out.with_name(args.out.stem + "-busy.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"tokens_per_s": medians, "best_fixed": best,
-                      "ratios": result["ratios"]}, indent=2))
-
+    medians = medians_of(rows)
+    write_result(args, "-busy", rows, {f"lalo / {label}": medians["lalo"] / medians[label]
+                                       for label in fixed},
+                 best_fixed=max(fixed, key=lambda label: medians[label]))
 
 if __name__ == "__main__":
     main()

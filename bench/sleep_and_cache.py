@@ -9,15 +9,23 @@ same argv lalo uses), rounds taking turns:
 - RSS awake (after a request) and asleep;
 - a request with a ~1,500-token system prompt after a stop and a new start: time to first
   token without the slot restore, and with it (`POST /slots/0?action=restore` of the file
-  saved before the stop, as lalo does), plus what the save and the restore took.
+  saved before the stop, as lalo does), plus what the save and the restore took;
+- the same request to a server asleep after `--sleep-idle-seconds 1` (the request wakes it),
+  without and with `--sleep-save-slots` (lalo's patch 0003: the server saves its slots as it
+  falls asleep and restores them as it wakes): time to first token, and the save and restore
+  times the server logs. `--wake-only` runs only this part and keeps the other rows of
+  docs/sleep-and-cache.json.
 
     python bench/sleep_and_cache.py [--rounds 5] [--server PATH] [--smollm2 F] [--gemma3 F]
+                                    [--wake-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
 import subprocess
 import sys
@@ -33,7 +41,6 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from startup import ROOT, clean_environ, free_port
 
-MODELS_DIR = Path.home() / ".cache" / "lalo" / "test-models"
 QUESTION = "What is the capital of France? Answer with one word."
 
 
@@ -45,15 +52,16 @@ def long_system_prompt(rules: int = 60) -> str:
 
 
 class Server:
-    def __init__(self, binary: Path, model: Path, *extra: str) -> None:
+    def __init__(self, binary: Path, model: Path, *extra: str, log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-             "--ctx-size", "4096", "--parallel", "1", "--metrics", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env=clean_environ())
+        with (log.open("wb") if log else open(os.devnull, "wb")) as sink:
+            self.process = subprocess.Popen(
+                [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+                 "--ctx-size", "4096", "--parallel", "1", "--metrics", *extra],
+                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                env=clean_environ())
         self.client = httpx.Client(trust_env=False, timeout=300)
 
     def wait(self, condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
@@ -171,8 +179,46 @@ def cache_round(binary: Path, model: Path, slots: Path, rules: int, *extra: str
             "cache_n_after_restore": after.get("cache_n", -1)}
 
 
+_SLEEP_SAVE = re.compile(r"slot 0: saved (\d+) tokens \((\d+) bytes\) .* before sleeping, ([\d.]+) ms")
+_WAKE_RESTORE = re.compile(r"slot 0: restored \d+ tokens .* after sleeping, ([\d.]+) ms")
+
+
+def wake_round(binary: Path, model: Path, slots: Path, rules: int, *extra: str
+               ) -> dict[str, float]:
+    """The long-prompt request to a sleeping server, without and with `--sleep-save-slots`."""
+    system = long_system_prompt(rules)
+    figures: dict[str, float] = {}
+    for saves, label in ((False, "plain"), (True, "saved")):
+        log = slots / f"wake-{label}.log"
+        flags = ("--sleep-save-slots",) if saves else ()
+        server = Server(binary, model, "--sleep-idle-seconds", "1", "--slot-save-path", str(slots),
+                        *flags, *extra, log=log)
+        try:
+            server.ready()
+            _, timings = server.ttft(system)
+            server.wait(server.sleeping, "sleep", timeout=30)
+            wake, after = server.ttft(system)
+        finally:
+            server.stop()
+        figures[f"wake_ttft_{label}_s"] = wake
+        figures[f"prompt_n_after_wake_{label}"] = after.get("prompt_n", -1)
+        figures["prompt_tokens"] = timings.get("prompt_n", 0)
+        if saves:
+            text = log.read_text(errors="replace")
+            saved = _SLEEP_SAVE.search(text)
+            restored = _WAKE_RESTORE.search(text)
+            if saved is None or restored is None:
+                raise RuntimeError(f"{binary} did not save and restore the slot around its sleep "
+                                   "(built without lalo's patch 0003?)")
+            figures["sleep_save_s"] = float(saved.group(3)) / 1000
+            figures["slot_file_bytes"] = int(saved.group(2))
+            figures["wake_restore_s"] = float(restored.group(1)) / 1000
+        (slots / "slot-0.slot").unlink(missing_ok=True)
+    return figures
+
+
 def render(results: dict[str, dict[str, list[dict[str, float]]]], made_by: str,
-           seconds: float) -> str:
+           seconds: float, wake_made_by: str | None = None) -> str:
     """The markdown page: medians over rounds, ratios as the median of each round's ratio."""
     med = statistics.median
 
@@ -198,6 +244,8 @@ def render(results: dict[str, dict[str, list[dict[str, float]]]], made_by: str,
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in results:
+        if not results[name].get("sleep"):
+            continue
         lines.append(
             f"| {name} | {m(name, 'sleep', 'warm_ttft_s') * 1000:.0f} ms "
             f"| {m(name, 'sleep', 'wake_ttft_s') * 1000:.0f} ms "
@@ -212,6 +260,8 @@ def render(results: dict[str, dict[str, list[dict[str, float]]]], made_by: str,
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in results:
+        if not results[name].get("cache"):
+            continue
         lines.append(
             f"| {name} | {m(name, 'cache', 'prompt_tokens'):.0f} "
             f"| {m(name, 'cache', 'ttft_without_restore_s') * 1000:.0f} ms "
@@ -225,6 +275,35 @@ def render(results: dict[str, dict[str, list[dict[str, float]]]], made_by: str,
               "`--swa-full`, without which this llama-server recomputes a restored prompt "
               "(it needs context checkpoints that a slot file does not hold).",
               "", f"Whole run: {seconds:.0f} s."]
+    if any(results[name].get("wake") for name in results):
+        lines += [
+            "",
+            "## A sleep that keeps the prompt (`--sleep-save-slots`, lalo's patch 0003)",
+            "",
+            f"Made by `{wake_made_by or made_by}`: the request with the long system prompt to a "
+            "server asleep after `--sleep-idle-seconds 1` (it wakes the server), to its first "
+            "token; the same server without the flag (the woken server computes the prompt "
+            "again) and with it (saved as it fell asleep, restored as it woke); save and "
+            "restore as the server logged them.",
+            "",
+            "| model | system prompt tokens | wake TTFT, recomputed | wake TTFT, restored "
+            "| restored / recomputed | save at sleep | restore at wake | slot file "
+            "| prompt_n after wake (plain, restored) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name in results:
+            if not results[name].get("wake"):
+                continue
+            lines.append(
+                f"| {name} | {m(name, 'wake', 'prompt_tokens'):.0f} "
+                f"| {m(name, 'wake', 'wake_ttft_plain_s') * 1000:.0f} ms "
+                f"| {m(name, 'wake', 'wake_ttft_saved_s') * 1000:.0f} ms "
+                f"| {ratio(name, 'wake', 'wake_ttft_saved_s', 'wake_ttft_plain_s')} "
+                f"| {m(name, 'wake', 'sleep_save_s') * 1000:.0f} ms "
+                f"| {m(name, 'wake', 'wake_restore_s') * 1000:.0f} ms "
+                f"| {m(name, 'wake', 'slot_file_bytes') / 2**20:.1f} MiB "
+                f"| {m(name, 'wake', 'prompt_n_after_wake_plain'):.0f}, "
+                f"{m(name, 'wake', 'prompt_n_after_wake_saved'):.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,18 +311,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--server", type=Path)
-    parser.add_argument("--smollm2", type=Path, default=MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    parser.add_argument("--gemma3", type=Path, default=MODELS_DIR / "gemma-3-270m-q4_k_m.gguf")
+    parser.add_argument("--smollm2", type=Path, help="default: the catalog's, fetched once")
+    parser.add_argument("--gemma3", type=Path, help="default: the catalog's, fetched once")
     parser.add_argument("--rules", type=int, default=60,
                         help="system prompt size: about 25 SmolLM2 tokens per rule")
     parser.add_argument("--only", choices=["smollm2", "gemma3"], help="one model (smoke runs)")
     parser.add_argument("--render", type=Path, help="only re-render the page from this JSON")
+    parser.add_argument("--wake-only", action="store_true",
+                        help="only the sleep-with-saved-slots rows; keeps the others in the JSON")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.render is not None:
         saved = json.loads(args.render.read_text())
-        page = render(saved["results"], saved["made_by"], saved["seconds"])
+        page = render(saved["results"], saved["made_by"], saved["seconds"],
+                      saved.get("wake_made_by"))
         (args.out / "sleep-and-cache.md").write_text(page)
         print(page)
         return
@@ -251,25 +333,38 @@ def main() -> None:
         from launcher.engines.registry import require_llama_server
 
         args.server = require_llama_server().path
-    models = {name: path for name, path, key in (("SmolLM2-135M", args.smollm2, "smollm2"),
-                                                 ("Gemma 3 270M", args.gemma3, "gemma3"))
-              if args.only in (None, key)}
+    sys.path.insert(0, str(ROOT))  # tests.support.real_models
+    from tests.support.real_models import real_model
+
+    models = {name: path or real_model(model_id) for name, path, key, model_id in (
+        ("SmolLM2-135M", args.smollm2, "smollm2", "smollm2-135m-instruct"),
+        ("Gemma 3 270M", args.gemma3, "gemma3", "gemma-3-270m")) if args.only in (None, key)}
     started = time.monotonic()
     results: dict[str, dict[str, list[dict[str, float]]]] = {
-        name: {"sleep": [], "cache": []} for name in models}
+        name: {"sleep": [], "cache": [], "wake": []} for name in models}
     with tempfile.TemporaryDirectory() as slots:
         for _ in range(args.rounds):
             for name, model in models.items():  # models take turns: noise hits both alike
-                results[name]["sleep"].append(sleep_round(args.server, model))
                 # a sliding-window model reuses a restored slot only with a full-size SWA cache
                 extra = ("--swa-full",) if "Gemma" in name else ()
-                results[name]["cache"].append(cache_round(args.server, model, Path(slots),
-                                                          args.rules, *extra))
-    made_by = f"python bench/sleep_and_cache.py --rounds {args.rounds} --rules {args.rules}"
+                if not args.wake_only:
+                    results[name]["sleep"].append(sleep_round(args.server, model))
+                    results[name]["cache"].append(cache_round(args.server, model, Path(slots),
+                                                              args.rules, *extra))
+                results[name]["wake"].append(wake_round(args.server, model, Path(slots),
+                                                        args.rules, *extra))
+    command = f"python bench/sleep_and_cache.py --rounds {args.rounds} --rules {args.rules}"
     seconds = time.monotonic() - started
-    (args.out / "sleep-and-cache.json").write_text(json.dumps(
-        {"made_by": made_by, "seconds": seconds, "results": results}, indent=1) + "\n")
-    page = render(results, made_by, seconds)
+    record = {"made_by": command, "seconds": seconds, "results": results}
+    if args.wake_only:  # the earlier rows stay, with the command that made them
+        path = args.out / "sleep-and-cache.json"
+        record = json.loads(path.read_text()) if path.is_file() else record
+        for name, rows in results.items():
+            record["results"].setdefault(name, {"sleep": [], "cache": []})["wake"] = rows["wake"]
+        record["wake_made_by"] = command + " --wake-only"
+    (args.out / "sleep-and-cache.json").write_text(json.dumps(record, indent=1) + "\n")
+    page = render(record["results"], record["made_by"], record["seconds"],
+                  record.get("wake_made_by"))
     (args.out / "sleep-and-cache.md").write_text(page)
     print(page)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +15,28 @@ class LlamaServerEngine:
     kind: str = "llama-server"
     # built by lalo with patch 0002: its threads can be changed while it runs (`POST /threads`)
     set_threads: bool = False
+    # built by lalo with patch 0003: `--sleep-save-slots` keeps the prompt cache across a sleep
+    sleep_saves_slots: bool = False
+    # built by lalo with patch 0004: a non-streamed request notices within a second that its
+    # client left, even while other requests generate (else lalo asks for a stream instead)
+    notices_gone_clients: bool = False
+
+    @classmethod
+    def with_patches(cls, binary: Path, patches: Collection[str]) -> LlamaServerEngine:
+        """The engine at `binary`, built with lalo's patches named `patches`."""
+        from launcher.engines.patch_series import (
+            NOTICES_GONE_CLIENTS,
+            SLEEP_SAVE_SLOTS,
+            THREADS_ROUTE,
+        )
+
+        return cls(binary, set_threads=THREADS_ROUTE in patches,
+                   sleep_saves_slots=SLEEP_SAVE_SLOTS in patches,
+                   notices_gone_clients=NOTICES_GONE_CLIENTS in patches)
 
     def launch_spec(self, settings: ServerSettings) -> LaunchSpec:
         argv = [str(self.binary), *server_args(settings), *chat_template_args(settings.chat_template),
-                *sleep_and_slot_args(settings)]
+                *sleep_and_slot_args(settings, saves_slots=self.sleep_saves_slots)]
         return LaunchSpec(
             argv=tuple(argv),
             # The key goes through the environment, not argv: /proc/PID/environ is private to
@@ -86,11 +105,15 @@ def chat_template_args(template: str | None) -> list[str]:
     return ["--no-jinja", "--chat-template", template]
 
 
-def sleep_and_slot_args(settings: ServerSettings) -> list[str]:
-    """llama-server's own flags for sleeping when idle and for slot save/restore."""
+def sleep_and_slot_args(settings: ServerSettings, *, saves_slots: bool = False) -> list[str]:
+    """llama-server's own flags for sleeping when idle and for slot save/restore; with
+    `saves_slots` (lalo's patch 0003) a model with both saves its slots before it sleeps and
+    restores them when it wakes, so a sleep keeps its cached prompts."""
     args: list[str] = []
     if settings.sleep_after > 0:
         args += ["--sleep-idle-seconds", str(settings.sleep_after)]
     if settings.slot_save_path is not None:
         args += ["--slot-save-path", str(settings.slot_save_path)]
+        if saves_slots and settings.sleep_after > 0:
+            args.append("--sleep-save-slots")
     return args

@@ -27,6 +27,10 @@ _SUBJECT = re.compile(r"^Subject:\s*(?:\[PATCH[^\]]*\]\s*)?(.+)$", re.MULTILINE)
 PATCH_TIMEOUT = 60.0
 THREADS_ROUTE = "0002-server-set-threads-route.patch"
 """The patch that lets lalo change a running server's threads (the governor needs it)."""
+SLEEP_SAVE_SLOTS = "0003-server-sleep-save-slots.patch"
+"""The patch that saves a server's slots before its idle sleep and restores them on waking."""
+NOTICES_GONE_CLIENTS = "0004-server-non-stream-notices-closed-connection.patch"
+"""The patch that lets a non-streamed request notice its client left while others generate."""
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ Three things a client does not see: a model server that died before lalo sent th
 byte of its answer is asked once more after a new lease (the supervisor restarts it); a
 streamed request that waits more than a moment for its model to load gets its response head
 early and SSE comment lines while it waits, so clients and proxies in between do not time out;
-and a non-streamed generation is asked of llama-server as a stream and put back together
-(`assemble.py`), because only a stream makes llama-server stop when lalo closes the connection.
+and a non-streamed generation is asked of a llama-server lalo did not build as a stream and put
+back together (`assemble.py`), because only a stream makes such a server stop when lalo closes
+the connection (lalo's engine carries patch 0004, which makes the non-streamed request stop too).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from launcher.engines.base import Engine
 from launcher.engines.llama_cpp_python import LlamaCppPythonEngine
 from launcher.engines.llama_server import LlamaServerEngine
 from launcher.engines.llamafile import LlamafileEngine
-from launcher.engines.patch_series import THREADS_ROUTE, series
+from launcher.engines.patch_series import series
 from launcher.errors import EngineError
 from launcher.placement.resolve import ResolvedModel
 from launcher.serve.announce import Announce
@@ -42,16 +42,14 @@ def engines_for(
         found = find_llama_server(config.llama_server.path, config.llama_server.variant,
                                   probe=lambda binary: None)
         if found is not None:
-            engines["llama-server"] = LlamaServerEngine(
-                found.path, set_threads=THREADS_ROUTE in found.patches)
+            engines["llama-server"] = LlamaServerEngine.with_patches(found.path, found.patches)
         else:
             announce("no llama-server found: building it from llama.cpp source "
                      "(once; about 8 minutes on 2 cores)")
             builder = build or _build_engine
             # built now, from lalo's patch series
-            engines["llama-server"] = LlamaServerEngine(
-                builder(config.llama_server.variant, announce),
-                set_threads=any(p.name == THREADS_ROUTE for p in series()))
+            engines["llama-server"] = LlamaServerEngine.with_patches(
+                builder(config.llama_server.variant, announce), [p.name for p in series()])
     if "llamafile" in kinds:
         runtime = config.llamafile.runtime
         engines["llamafile"] = LlamafileEngine(

@@ -118,6 +118,7 @@ class ServerFactory:
             ctx_size=cfg.ctx_size, parallel=cfg.parallel, kv_cache=cfg.kv_cache,
             request_rules=cfg.request_rules or None,
             governed=governed,
+            assembles=isinstance(engine, LlamaServerEngine) and not engine.notices_gone_clients,
             capabilities=capabilities_of(model.info, embeddings=cfg.embeddings, args=tuple(cfg.args),
                                          chat_template=_template_text(settings.chat_template)),
         )

@@ -131,7 +131,7 @@ class Admission:
         endpoint = await self._wait(record, slot=True)
         # granted synchronously with the endpoint: `gone` is that endpoint's
         name = record.name
-        return LocalLease(endpoint=endpoint, assembles=record.meta.engine == "llama-server",
+        return LocalLease(endpoint=endpoint, assembles=record.meta.assembles,
                           gone=record.model.gone, request_rules=record.meta.request_rules,
                           on_tokens=lambda tokens, seconds: self.record_tokens(name, tokens, seconds))
 

@@ -422,8 +422,9 @@ class ManagedModel:
         self._asleep = asleep
         log.info("%s: %s -> %s", self.name, old, self.reported_state)
         self.log.note("sleeping: weights freed, process kept" if asleep else "awake")
+        if asleep and self._prompt_cache is not None:  # lalo's engine saved its slots
+            self._prompt_cache.saved_by_server()
         self._events.changed(self.reported_state)
-
 
     def _fail_outcome(self, error: Exception) -> None:
         if self._outcome is not None and not self._outcome.done():

@@ -93,6 +93,7 @@ class SlotStore:
         self._request = requester
         self._note = note  # where it says what it did: the model's log
         self.saved: list[SlotOutcome] = []  # the last save
+        self._seen = time.time()  # slot files written since were written by the server
         self.restored: list[SlotOutcome] = []  # the last restore
 
     def prepare(self, now: float | None = None) -> Path | None:
@@ -136,6 +137,7 @@ class SlotStore:
         outcomes = await asyncio.gather(*(self._save(base_url, api_key, slot)
                                           for slot in range(self.slots)))
         self.saved = [outcome for outcome in outcomes if outcome is not None]
+        self._seen = time.time()  # these files are lalo's
         if self.saved:
             total = sum(o.tokens for o in self.saved)
             self._note(f"prompt cache: saved {total} tokens from {len(self.saved)} slot(s)")
@@ -190,6 +192,24 @@ class SlotStore:
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: the disk bound removes it last
         return SlotOutcome(slot, tokens, _ms(answer, "restore_ms"))
+
+    def saved_by_server(self) -> list[Path]:
+        """The slot files the server wrote itself since this store last looked or saved: lalo's
+        engine, started with `--sleep-save-slots`, saves its slots as it goes to sleep (and
+        restores them when it wakes). Said in the model's log, and counted in the disk bound."""
+        since, self._seen = self._seen, time.time()
+        fresh: list[Path] = []
+        for slot in range(self.slots):
+            path = self.slot_file(slot)
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime >= since:
+                    fresh.append(path)
+        if fresh:
+            size = sum(_size(path) for path in fresh)
+            self._note(f"prompt cache: the server saved {len(fresh)} slot(s) "
+                       f"({format_size(size)}) as it went to sleep")
+            self.enforce_bound(keep=self.directory)
+        return fresh
 
     def enforce_bound(self, keep: Path | None = None) -> list[Path]:
         """Delete the least recently used slot files of all models until under `max_bytes`."""

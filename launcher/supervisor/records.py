@@ -43,6 +43,10 @@ class SupervisedModel:
     # its threads follow what is busy (launcher/supervisor/governor.py): a lalo-built
     # llama-server with `threads: auto`; else the static policy of placement/cpu_share.py
     governed: bool = False
+    # non-streamed generations are asked of its server as streams and put back together
+    # (launcher/proxy/assemble.py): a llama-server without lalo's patch 0004 notices a client
+    # that left only on a stream while other requests generate
+    assembles: bool = False
     # what it can serve (from its GGUF and settings): None, not known, nothing is refused
     capabilities: Capabilities | None = None
 

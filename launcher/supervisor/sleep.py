@@ -10,6 +10,9 @@ What llama.cpp's server does (tools/server in llama-cpp-python 0.3.36's tree):
   same parameters (the KV cache, so the cached prompt, is gone), then serves the request;
 - `/health` stays 200 while it sleeps and while it wakes (its readiness flag is set once at
   start), so lalo's liveness check never mistakes either for a hang.
+
+lalo's engine (patch 0003, `--sleep-save-slots`) saves the slots to `--slot-save-path` as it
+falls asleep and restores them as it wakes, so there the cached prompt survives the sleep.
 """
 
 from __future__ import annotations

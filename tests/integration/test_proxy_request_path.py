@@ -2,7 +2,9 @@
 
 A client that leaves cancels its request upstream at once (llama-server's `/slots` shows the
 slot idle), also a non-streamed one while another slot streams (lalo asks for a stream and puts
-the answer back together, identical to llama-server's own), a queued client that leaves frees
+the answer back together, identical to llama-server's own: the models here run behind a wrapper
+script, which lalo treats as a llama-server it did not build, without patch 0004), a queued
+client that leaves frees
 its place, HEAD and percent-encoded paths pass
 through `/upstream/...`, a model server killed before it answered is asked again, and a
 streamed request that waits for a slow load hears about it (SSE comments, then the answer or

@@ -1,4 +1,5 @@
-"""Sleep and wake of a real llama-server behind lalo, and a prompt cache kept across an unload."""
+"""Sleep and wake of a real llama-server behind lalo, and a prompt cache kept across an unload
+and (lalo's engine) across a sleep."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
+from launcher.engines.patch_series import SLEEP_SAVE_SLOTS
 from launcher.models.gguf_file import read_gguf
 from launcher.supervisor.server_options import uses_sliding_window
 from tests.support.lalo import FAST_SUPERVISOR, LaloUp, wait_until, write_config
+from tests.support.llama_server import skip_unless_patched
 
 pytestmark = pytest.mark.integration
 
@@ -99,3 +102,28 @@ def test_prompt_cache_survives_an_unload(
         log = log_lines(up)
         assert any(line.startswith("--- lalo: prompt cache: saved") for line in log)
         assert any(line.startswith("--- lalo: prompt cache: restored") for line in log)
+
+
+def test_a_sleep_keeps_the_prompt_cache(
+    tmp_path: Path, isolated: dict[str, str], llama_server_bin: Path, smollm2: Path,
+) -> None:
+    """lalo's engine (patch 0003) saves the slot as it falls asleep and restores it on waking."""
+    skip_unless_patched(llama_server_bin, SLEEP_SAVE_SLOTS)
+    cache = tmp_path / "cache"
+    config = write_config(
+        tmp_path / "lalo.yaml", {"smol": {"file": str(smollm2), "ctx_size": 4096, "sleep_after": 1}},
+        engines={"llama_server": {"path": str(llama_server_bin)}}, supervisor=FAST_SUPERVISOR)
+    system = long_system_prompt(16)
+    with LaloUp(config, {**isolated, "LALO_CACHE_DIR": str(cache)}) as up:
+        up.wait_state("smol", "ready")
+        first = chat(up, "smol", system)
+        assert first["timings"]["prompt_n"] > 300, first["timings"]
+        pid = up.model("smol")["pid"]
+        up.wait_state("smol", "sleeping", timeout=30)
+        assert list((cache / "prompt-cache" / "smol").glob("*/slot-0.slot"))
+        wait_until(lambda: any("as it went to sleep" in line for line in log_lines(up)),
+                   message="the model's log to say the server saved its slot")
+        again = chat(up, "smol", system)
+        assert again["timings"]["prompt_n"] < 64, again["timings"]  # not computed again
+        assert "Paris" in again["choices"][0]["message"]["content"]
+        assert up.model("smol")["pid"] == pid  # woken, not restarted

@@ -6,10 +6,7 @@ complete and the same text; the router forwards the route to the model named."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import statistics
-import subprocess
 import threading
 import time
 import warnings
@@ -25,67 +22,15 @@ import pytest
 
 from launcher.engines.base import ServerSettings
 from launcher.engines.llama_server import LlamaServerEngine
-from launcher.engines.registry import read_manifest
-from launcher.errors import EngineError
 from tests.support.lalo import free_port, wait_until
+from tests.support.llama_server import KEY, Server, running, skip_unless_patched
 
 pytestmark = pytest.mark.integration
 
 PATCH = "0002-server-set-threads-route.patch"
-KEY = "threads-test-key"
 PROMPT = "The history of the bicycle begins in"
-STOP_TIMEOUT = 10.0
 # CPUs the rest of the machine may use while the decode speeds are compared
 QUIET = 0.25
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def client(self, key: str | None = KEY, keepalive: bool = True) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        limits = httpx.Limits(max_keepalive_connections=None if keepalive else 0)
-        return httpx.Client(base_url=self.url, headers=headers, timeout=120, trust_env=False,
-                            limits=limits)
-
-
-def _skip_unless_patched(binary: Path) -> None:
-    """The route exists only in engines lalo built with its series (a configured or PATH
-    llama-server, or one built before the patch, has none)."""
-    try:
-        patches = read_manifest(binary.parent.parent).extra.get("patches") or []
-    except EngineError as exc:  # no manifest: not an engine lalo built
-        pytest.skip(f"{binary} is not an engine lalo built ({exc}), so it has no /threads")
-    if PATCH not in patches:
-        pytest.skip(f"{binary} was built without lalo's {PATCH}")
-
-
-@contextmanager
-def running(argv: list[str], env: dict[str, str], url: str, log: Path) -> Iterator[Server]:
-    """A llama-server in its own session, once /health answers; stopped with TERM, then KILL."""
-    with log.open("wb") as handle:
-        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        def ready() -> bool:
-            if proc.poll() is not None:  # a server that died while loading fails at once
-                raise AssertionError(f"llama-server exited with {proc.returncode}:\n"
-                                     f"{log.read_text(errors='replace')[-3000:]}")
-            return httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200
-
-        wait_until(ready, timeout=60, message="llama-server to load")
-        yield Server(url, proc, log)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @contextmanager
@@ -101,7 +46,7 @@ def served(binary: Path, model: Path, log: Path, sleep_after: int = 0) -> Iterat
 
 @pytest.fixture
 def server(llama_server_bin: Path, smollm2: Path, tmp_path: Path) -> Iterator[Server]:
-    _skip_unless_patched(llama_server_bin)
+    skip_unless_patched(llama_server_bin, PATCH)
     with served(llama_server_bin, smollm2, tmp_path / "llama-server.log") as started:
         yield started
 
@@ -166,7 +111,7 @@ def test_the_counts_hold_after_the_server_sleeps(llama_server_bin: Path, smollm2
                                                  tmp_path: Path) -> None:
     """llama-server's own sleep (lalo's `sleep_after`) frees the model and loads it again on
     the next request: with the counts set before, not those it started with."""
-    _skip_unless_patched(llama_server_bin)
+    skip_unless_patched(llama_server_bin, PATCH)
     log = tmp_path / "llama-server.log"
     with served(llama_server_bin, smollm2, log, sleep_after=1) as sleepy, sleepy.client() as client:
         assert set_threads(client, n_threads=1, n_threads_batch=1) == \
@@ -303,7 +248,7 @@ def test_a_stream_that_spans_changes_is_complete_and_the_same(server: Server) ->
 def test_the_router_forwards_to_the_model_named(llama_server_bin: Path, smollm2: Path,
                                                 tmp_path: Path) -> None:
     """Router mode (no -m): the routes go to the server of the `model` named, as /slots do."""
-    _skip_unless_patched(llama_server_bin)
+    skip_unless_patched(llama_server_bin, PATCH)
     models = tmp_path / "models"
     models.mkdir()
     (models / "smol.gguf").symlink_to(smollm2)

@@ -48,6 +48,12 @@ def test_the_shipped_series_says_why_and_where_it_stands_upstream() -> None:
         assert patch.touched and all(path.startswith(("tools/", "src/", "common/", "ggml/", "vendor/"))
                                      for path in patch.touched)
     assert patches[0].subject.startswith("httplib: share read-only regexes")
+    # the licence notice names every patch, and each has its upstream proposal
+    root = Path(__file__).resolve().parents[2]
+    notice = (root / "NOTICE").read_text()
+    for patch in patches:
+        assert patch.name in notice, patch.name
+        assert (root / "docs" / "upstream" / patch.name.replace(".patch", ".md")).is_file(), patch.name
 
 
 def test_series_id_names_the_contents_and_goes_into_the_engine_key() -> None:

@@ -115,10 +115,31 @@ async def test_save_and_restore_keep_only_slots_with_prompts(tmp_path: Path) -> 
     assert [(o.slot, o.tokens) for o in saved] == [(0, 1500), (1, 40)]
     assert store.slot_file(0).exists() and store.slot_file(1).exists()
     assert not store.slot_file(2).exists() and not list(directory.glob("*.part"))
+    assert store.saved_by_server() == []  # lalo's own files, not the server's at a sleep
     restored = await store.restore("http://x", "key")
     assert [(o.slot, o.tokens) for o in restored] == [(0, 1500)]
     assert not store.slot_file(1).exists()  # refused by the server: deleted
     assert any("slot 1 restore refused (400): invalid slot save file" in n for n in notes)
+
+
+def test_slots_the_server_saved_as_it_slept_are_noted_and_bounded(tmp_path: Path) -> None:
+    notes: list[str] = []
+    other = SlotStore("other", "k", 1, root=tmp_path)
+    other.prepare()
+    other.slot_file(0).write_bytes(b"o" * 100)
+    os.utime(other.slot_file(0), (10, 10))
+    store = SlotStore("m", "k", 3, root=tmp_path, max_bytes=200, note=notes.append)
+    store.prepare()
+    store.slot_file(0).write_bytes(b"z" * 100)  # saved by an earlier stop: not this sleep's
+    os.utime(store.slot_file(0), (1000, 1000))
+    store.slot_file(2).write_bytes(b"z" * 50)  # written by the server as it went to sleep
+    assert store.saved_by_server() == [store.slot_file(2)]
+    assert notes == ["prompt cache: the server saved 1 slot(s) (50 B) as it went to sleep"]
+    # 200 bytes at most: the other model's older file goes, this model's stay
+    assert not other.slot_file(0).exists() and store.slot_file(0).exists()
+    # the next sleep: the server saved nothing new (the files are older than the last look)
+    os.utime(store.slot_file(2), (time.time() - 5, time.time() - 5))
+    assert store.saved_by_server() == [] and len(notes) == 1
 
 
 async def test_an_unreachable_server_fails_nothing(tmp_path: Path) -> None:

@@ -37,6 +37,22 @@ def test_sleep_after_is_passed_only_when_set(tmp_path: Path) -> None:
     assert slots[slots.index("--slot-save-path") + 1] == str(tmp_path)
 
 
+def test_lalo_s_engine_keeps_its_slots_across_a_sleep(tmp_path: Path) -> None:
+    """Patch 0003's flag: only on lalo's engine, and only with both sleep and slot files."""
+    patched = LlamaServerEngine.with_patches(
+        tmp_path / "llama-server", ["0002-server-set-threads-route.patch",
+                                    "0003-server-sleep-save-slots.patch"])
+    assert patched.set_threads and patched.sleep_saves_slots
+    both = settings(tmp_path, sleep_after=30, slot_save_path=tmp_path)
+    assert "--sleep-save-slots" in patched.launch_spec(both).argv
+    assert "--sleep-save-slots" not in patched.launch_spec(settings(tmp_path, sleep_after=30)).argv
+    assert "--sleep-save-slots" not in patched.launch_spec(
+        settings(tmp_path, slot_save_path=tmp_path)).argv
+    plain = LlamaServerEngine.with_patches(tmp_path / "llama-server", [])
+    assert not plain.set_threads and not plain.sleep_saves_slots
+    assert "--sleep-save-slots" not in plain.launch_spec(both).argv  # a server without the patch
+
+
 def test_sleep_after_config() -> None:
     config = parse_config("models:\n  a: {file: a.gguf, sleep_after: 300}\n", label="t")
     assert config.models["a"].sleep_after == 300

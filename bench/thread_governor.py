@@ -11,10 +11,11 @@ interleaved rounds, decode tokens/s as llama-server timed them (`timings`), medi
 - three at once (`--three`): SmolLM2, Gemma 3 and a second SmolLM2 decoding together: lalo vs
   each fixed setting of the full table that can apply (plain servers with `--threads` = CPUs
   and PASSIVE; with 1 thread each and the default spin, what a fixed split would give);
-- where the alone case's time goes (`--alone`): SmolLM2 decoding, Gemma idle, asked four ways
-  in turn: through lalo (which asks its server for a stream and assembles the answer,
-  launcher/proxy/assemble.py), lalo's own SmolLM2 server directly without and with a stream,
-  and the router;
+- where the alone case's time goes (`--alone`): SmolLM2 decoding, Gemma idle, asked five ways
+  in turn: through lalo (not streamed: with an engine carrying patch 0004 lalo sends the
+  request as it came; to one without, it asks for a stream and assembles the answer,
+  launcher/proxy/assemble.py) and streamed through lalo, lalo's own SmolLM2 server directly
+  without and with a stream, and the router;
 - beside two busy loops against every fixed setting (`--busy`): SmolLM2 decoding, Gemma idle,
   two other programs spinning: lalo vs plain servers with 2 threads and the default spin, 2
   and PASSIVE, 2 and `GOMP_SPINCOUNT=300 OMP_WAIT_POLICY=PASSIVE` (lalo's static policy), and
@@ -342,6 +343,7 @@ def alone(args: argparse.Namespace, files: dict[str, Path]) -> None:
     direct, key = lalo_server(lalo, "smol")
     ways: dict[str, Callable[[], float]] = {
         "lalo": lambda: decode(lalo.url("smol"), "smol", args.tokens),
+        "lalo-stream": lambda: decode(lalo.url("smol"), "smol", args.tokens, stream=True),
         "lalo-server-direct": lambda: decode(direct, "smol", args.tokens, key=key),
         "lalo-server-direct-stream": lambda: decode(direct, "smol", args.tokens, key=key,
                                                     stream=True),
@@ -359,6 +361,9 @@ def alone(args: argparse.Namespace, files: dict[str, Path]) -> None:
         "direct stream / direct": (medians["lalo-server-direct-stream"]
                                    / medians["lalo-server-direct"]),
         "lalo / direct stream": medians["lalo"] / medians["lalo-server-direct-stream"],
+        "lalo / direct": medians["lalo"] / medians["lalo-server-direct"],
+        "lalo streamed / direct stream": (medians["lalo-stream"]
+                                          / medians["lalo-server-direct-stream"]),
     }, digits=3)
 
 

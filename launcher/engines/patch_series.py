@@ -1,7 +1,8 @@
 """lalo's patch series on llama.cpp (`launcher/engines/patches/NNNN-*.patch`), as Ollama keeps
 its own: one change a file, each saying why it exists and its upstream status, applied in order
-to the pinned llama.cpp source by `lalo engine build`. The series' id (a hash of the patches)
-is part of the engine's cache key and manifest, so a changed series builds a new engine.
+to the pinned llama.cpp source by `lalo engine build`. The series' id (a hash of the patches'
+names and diffs, not of their descriptions) is part of the engine's cache key and manifest, so
+a changed series builds a new engine.
 
 The pinned source in the cache stays pristine: the series is applied to a copy
 (`<sources>/llama.cpp-<commit7>-p<id>/`) whose untouched files are hard links to it.
@@ -23,6 +24,7 @@ from launcher.errors import EngineError
 
 _TOUCHED = re.compile(r"^\+\+\+ b/(\S+)", re.MULTILINE)
 _UPSTREAM = re.compile(r"^Upstream-Status:\s*(.+)$", re.MULTILINE)
+_SEPARATOR = re.compile(r"^---$\n?", re.MULTILINE)
 _SUBJECT = re.compile(r"^Subject:\s*(?:\[PATCH[^\]]*\]\s*)?(.+)$", re.MULTILINE)
 PATCH_TIMEOUT = 60.0
 THREADS_ROUTE = "0002-server-set-threads-route.patch"
@@ -49,6 +51,12 @@ class Patch:
         return match.group(1).strip() if match else "unknown"
 
     @property
+    def change(self) -> str:
+        """The diff: what follows the description's `---` line (all of it without one)."""
+        match = _SEPARATOR.search(self.text)
+        return self.text[match.end():] if match else self.text
+
+    @property
     def touched(self) -> list[str]:
         """The files the patch changes or adds, relative to the tree."""
         return sorted(set(_TOUCHED.findall(self.text)))
@@ -63,12 +71,13 @@ def series() -> list[Patch]:
 
 
 def series_id(patches: list[Patch]) -> str:
-    """8 hex digits naming the series (empty for none): names and contents, in order."""
+    """8 hex digits naming the series (empty for none): names and changes, in order. A patch's
+    description is left out: mending its words does not rebuild every engine."""
     if not patches:
         return ""
     digest = hashlib.sha256()
     for patch in patches:
-        digest.update(patch.name.encode() + b"\0" + patch.text.encode() + b"\0")
+        digest.update(patch.name.encode() + b"\0" + patch.change.encode() + b"\0")
     return digest.hexdigest()[:8]
 
 

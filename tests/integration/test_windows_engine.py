@@ -118,3 +118,42 @@ def test_exe_serves_smollm2_under_wine(windows_engine: BuiltEngine, smollm2: Pat
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_exe_keeps_its_slot_across_sleeps_under_wine(windows_engine: BuiltEngine, smollm2: Path,
+                                                     wine_env: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    """lalo's patch 0003 on Windows: the slot file is flushed (FlushFileBuffers) and renamed
+    over the one the previous sleep left, and each wake restores it."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as handle:
+        proc = subprocess.Popen(
+            ["wine", str(windows_engine.server), "-m", str(smollm2), "--host", "127.0.0.1",
+             "--port", str(port), "-c", "1024", "--alias", "smol", "-t", "1",
+             "--sleep-idle-seconds", "1", "--slot-save-path", str(slots), "--sleep-save-slots"],
+            env=wine_env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def asleep() -> bool:
+        props = httpx.get(f"{url}/props", timeout=10, trust_env=False).json()
+        return props.get("is_sleeping") is True
+
+    try:
+        saved: list[int] = []
+        for _ in range(2):  # the second sleep replaces the first one's file
+            assert "Paris" in _ask(port, proc, log, "smol")
+            wait_until(asleep, 60, message="llama-server.exe to sleep")
+            wait_until(lambda: (slots / "slot-0.slot").is_file(), 10, message="the slot file")
+            saved.append((slots / "slot-0.slot").stat().st_mtime_ns)
+        assert saved[1] > saved[0] and not list(slots.glob("*.part"))
+        assert "Paris" in _ask(port, proc, log, "smol")
+    finally:
+        proc.kill()
+        proc.wait()
+    text = log.read_text(errors="replace")
+    assert text.count("before sleeping") >= 2 and text.count("after sleeping") >= 2, text[-3000:]
+    assert "not saved" not in text and "not restored" not in text, text[-3000:]

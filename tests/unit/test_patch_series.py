@@ -61,6 +61,11 @@ def test_series_id_names_the_contents_and_goes_into_the_engine_key() -> None:
     assert series_id([]) == ""
     assert len(series_id(one)) == 8
     assert series_id(one) != series_id([Patch("0001-a.patch", PATCH + " ")])
+    assert series_id(one) != series_id([Patch("0002-a.patch", PATCH)])
+    # the description's words are not the build: mending them keeps every cached engine
+    reworded = PATCH.replace("Why: a test.", "Why: a test, said better.")
+    assert series_id(one) == series_id([Patch("0001-a.patch", reworded)])
+    assert Patch("0001-a.patch", PATCH).change.startswith("--- a/src/hello.c")
     assert engine_key("0c1e570" + "0" * 33, "native", "linux-x86_64", series_id(one)) == \
         f"llama.cpp-0c1e570-p{series_id(one)}-native-linux-x86_64"
 

@@ -133,7 +133,7 @@ def test_exe_keeps_its_slot_across_sleeps_under_wine(windows_engine: BuiltEngine
     with log.open("wb") as handle:
         proc = subprocess.Popen(
             ["wine", str(windows_engine.server), "-m", str(smollm2), "--host", "127.0.0.1",
-             "--port", str(port), "-c", "1024", "--alias", "smol", "-t", "1",
+             "--port", str(port), "-c", "1024", "--alias", "smol", "-t", "1", "-np", "1",
              "--sleep-idle-seconds", "1", "--slot-save-path", str(slots), "--sleep-save-slots"],
             env=wine_env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
         )

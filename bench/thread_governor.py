@@ -236,12 +236,14 @@ def medians_of(rows: dict[str, list[float]]) -> dict[str, float]:
 
 def take_turns(ways: dict[str, Callable[[], float]], rounds: int,
                settle: float = SETTLE) -> dict[str, list[float]]:
-    """Each way once per round, in turn, `settle` seconds before each: their speeds."""
+    """Each way once per round, in turn, `settle` seconds before each: their speeds. Each round
+    starts one way later than the last, so no way always follows the same one."""
     rows: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(rounds):
-        for name, way in ways.items():
+    names = list(ways)
+    for turn in range(rounds):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
             time.sleep(settle)
-            rows[name].append(way())
+            rows[name].append(ways[name]())
     return rows
 
 

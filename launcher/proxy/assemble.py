@@ -10,7 +10,7 @@ the non-streamed request: the same fields in the same order, made from the event
 SDKs accumulate streams.
 
 lalo's own engine carries patch 0004, which makes that wait end on time whatever else the
-server does: its requests go as they came (a stream costs a server on 2 CPUs 5-6 % of its
+server does: its requests go as they came (a stream costs a server on 2 CPUs 4-9 % of its
 decode speed), and this module serves llama-servers lalo did not build (`assembles` in the
 model's `SupervisedModel`).
 

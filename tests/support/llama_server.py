@@ -18,7 +18,7 @@ from launcher.engines.registry import read_manifest
 from launcher.errors import EngineError
 from tests.support.lalo import wait_until
 
-KEY = "threads-test-key"
+KEY = "lalo-test-server-key"
 STOP_TIMEOUT = 10.0
 
 

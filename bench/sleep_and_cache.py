@@ -221,13 +221,30 @@ def render(results: dict[str, dict[str, list[dict[str, float]]]], made_by: str,
            seconds: float, wake_made_by: str | None = None) -> str:
     """The markdown page: medians over rounds, ratios as the median of each round's ratio."""
     med = statistics.median
+    Cell = Callable[[str, str], str]  # (kind, model) -> the table cell
 
-    def m(name: str, kind: str, key: str) -> float:
+    def value(kind: str, name: str, key: str) -> float:
         return float(med(r[key] for r in results[name][kind]))
 
-    def ratio(name: str, kind: str, top: str, bottom: str) -> str:
-        values = [r[top] / r[bottom] for r in results[name][kind]]
-        return f"{med(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+    def ms(key: str) -> Cell:
+        return lambda kind, name: f"{value(kind, name, key) * 1000:.0f} ms"
+
+    def mib(key: str, digits: int) -> Cell:
+        return lambda kind, name: f"{value(kind, name, key) / 2**20:.{digits}f} MiB"
+
+    def count(key: str) -> Cell:
+        return lambda kind, name: f"{value(kind, name, key):.0f}"
+
+    def ratio(top: str, bottom: str) -> Cell:
+        def cell(kind: str, name: str) -> str:
+            values = [r[top] / r[bottom] for r in results[name][kind]]
+            return f"{med(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+        return cell
+
+    def rows(kind: str, cells: list[Cell]) -> list[str]:
+        """A row per model measured for `kind`."""
+        return [" | ".join([f"| {name}", *(cell(kind, name) for cell in cells)]) + " |"
+                for name in results if results[name].get(kind)]
 
     lines = [
         "# Sleep and the prompt cache: measured",
@@ -243,34 +260,20 @@ def render(results: dict[str, dict[str, list[dict[str, float]]]], made_by: str,
         "| wake / start | RSS awake | RSS asleep |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in results:
-        if not results[name].get("sleep"):
-            continue
-        lines.append(
-            f"| {name} | {m(name, 'sleep', 'warm_ttft_s') * 1000:.0f} ms "
-            f"| {m(name, 'sleep', 'wake_ttft_s') * 1000:.0f} ms "
-            f"| {m(name, 'sleep', 'start_to_first_token_s') * 1000:.0f} ms "
-            f"| {ratio(name, 'sleep', 'wake_ttft_s', 'start_to_first_token_s')} "
-            f"| {m(name, 'sleep', 'rss_awake') / 2**20:.0f} MiB "
-            f"| {m(name, 'sleep', 'rss_asleep') / 2**20:.0f} MiB |")
+    lines += rows("sleep", [ms("warm_ttft_s"), ms("wake_ttft_s"), ms("start_to_first_token_s"),
+                            ratio("wake_ttft_s", "start_to_first_token_s"),
+                            mib("rss_awake", 0), mib("rss_asleep", 0)])
     lines += [
         "",
         "| model | system prompt tokens | TTFT after a new start, recomputed | with the slot "
         "restored | with / without | restore | save | slot file | prompt_n after restore |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in results:
-        if not results[name].get("cache"):
-            continue
-        lines.append(
-            f"| {name} | {m(name, 'cache', 'prompt_tokens'):.0f} "
-            f"| {m(name, 'cache', 'ttft_without_restore_s') * 1000:.0f} ms "
-            f"| {m(name, 'cache', 'ttft_with_restore_s') * 1000:.0f} ms "
-            f"| {ratio(name, 'cache', 'ttft_with_restore_s', 'ttft_without_restore_s')} "
-            f"| {m(name, 'cache', 'restore_s') * 1000:.0f} ms "
-            f"| {m(name, 'cache', 'save_s') * 1000:.0f} ms "
-            f"| {m(name, 'cache', 'slot_file_bytes') / 2**20:.1f} MiB "
-            f"| {m(name, 'cache', 'prompt_n_after_restore'):.0f} |")
+    lines += rows("cache", [count("prompt_tokens"), ms("ttft_without_restore_s"),
+                            ms("ttft_with_restore_s"),
+                            ratio("ttft_with_restore_s", "ttft_without_restore_s"),
+                            ms("restore_s"), ms("save_s"), mib("slot_file_bytes", 1),
+                            count("prompt_n_after_restore")])
     lines += ["", "Gemma 3 has sliding-window attention: its prompt-cache rows run with "
               "`--swa-full`, without which this llama-server recomputes a restored prompt "
               "(it needs context checkpoints that a slot file does not hold).",
@@ -291,19 +294,13 @@ def render(results: dict[str, dict[str, list[dict[str, float]]]], made_by: str,
             "| prompt_n after wake (plain, restored) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for name in results:
-            if not results[name].get("wake"):
-                continue
-            lines.append(
-                f"| {name} | {m(name, 'wake', 'prompt_tokens'):.0f} "
-                f"| {m(name, 'wake', 'wake_ttft_plain_s') * 1000:.0f} ms "
-                f"| {m(name, 'wake', 'wake_ttft_saved_s') * 1000:.0f} ms "
-                f"| {ratio(name, 'wake', 'wake_ttft_saved_s', 'wake_ttft_plain_s')} "
-                f"| {m(name, 'wake', 'sleep_save_s') * 1000:.0f} ms "
-                f"| {m(name, 'wake', 'wake_restore_s') * 1000:.0f} ms "
-                f"| {m(name, 'wake', 'slot_file_bytes') / 2**20:.1f} MiB "
-                f"| {m(name, 'wake', 'prompt_n_after_wake_plain'):.0f}, "
-                f"{m(name, 'wake', 'prompt_n_after_wake_saved'):.0f} |")
+        lines += rows("wake", [count("prompt_tokens"), ms("wake_ttft_plain_s"),
+                               ms("wake_ttft_saved_s"),
+                               ratio("wake_ttft_saved_s", "wake_ttft_plain_s"),
+                               ms("sleep_save_s"), ms("wake_restore_s"),
+                               mib("slot_file_bytes", 1),
+                               lambda kind, name: f"{count('prompt_n_after_wake_plain')(kind, name)}, "
+                                                  f"{count('prompt_n_after_wake_saved')(kind, name)}"])
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,7 +75,10 @@ def test_a_gone_non_streamed_client_frees_its_slot_while_another_generates(
         try:
             wait_until(lambda: busy_slots(client) == 2, timeout=30,
                        message="the non-streamed request to take the second slot")
-            time.sleep(0.5)  # it generates for a while
+            # it generates while the other streams: 20 more tokens of the other's
+            seen = len(streamed)
+            wait_until(lambda: len(streamed) > seen + 20, timeout=30,
+                       message="both requests to generate")
         finally:
             sock.close()
         # the other request's tokens keep arriving all along: unpatched, they kept the server
@@ -85,8 +87,8 @@ def test_a_gone_non_streamed_client_frees_its_slot_while_another_generates(
         wait_until(lambda: busy_slots(client) == 1, timeout=15,
                    message="the abandoned request's slot to be freed")
         still_streaming = len(streamed)
-        time.sleep(0.3)
-        assert len(streamed) > still_streaming, "the other request must go on"
+        wait_until(lambda: len(streamed) > still_streaming + 5, timeout=15,
+                   message="the other request to go on after the slot was freed")
         stop.set()
         other.join(30)
         wait_until(lambda: busy_slots(client) == 0, timeout=15, message="both slots idle")
